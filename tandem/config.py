@@ -1,0 +1,122 @@
+"""Where things live and the knobs jobs share.
+
+Everything is rooted at ``TANDEM_HOME`` (default ``<repo>/var``, git-ignored) so tests point a
+whole pipeline at a temp dir by passing ``Paths(tmp_path)``. Production settings (a Spark cluster,
+Kafka, Redis, Postgres) are environment variables, documented in the README.
+
+Lake layout (all parquet unless said otherwise)::
+
+    landing/events/date=YYYY-MM-DD/hour=HH/*.jsonl   raw JSON lines, by arrival hour (Kafka landing)
+    lake/events/date=/hour=/                          validated, deduplicated events (flat columns)
+    lake/quarantine/events/date=/hour=/               rejected rows + reason + raw text
+    lake/items/  lake/users/                          catalog and profiles (contracts item/user v1)
+    lake/labels/ranking/date=/                        labelled impressions for the ranker
+    lake/negatives/{retrieval,ranking}/date=/         sampled negatives
+    lake/features/{user,item}/date=/                  time-stamped feature rows (event_timestamp)
+    models/  mlflow/  feast/  kafka/  airflow/        component state
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def tandem_home() -> Path:
+    """The root of all generated state (``TANDEM_HOME`` or ``<repo>/var``)."""
+    return Path(os.environ.get("TANDEM_HOME", REPO_ROOT / "var")).resolve()
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every dataset's location under one root; pass ``Paths(tmp_path)`` in tests."""
+
+    root: Path
+
+    @classmethod
+    def default(cls) -> Paths:
+        return cls(tandem_home())
+
+    @property
+    def landing_events(self) -> Path:
+        return self.root / "landing" / "events"
+
+    @property
+    def lake(self) -> Path:
+        return self.root / "lake"
+
+    @property
+    def events(self) -> Path:
+        return self.lake / "events"
+
+    @property
+    def quarantine_events(self) -> Path:
+        return self.lake / "quarantine" / "events"
+
+    @property
+    def items(self) -> Path:
+        return self.lake / "items"
+
+    @property
+    def users(self) -> Path:
+        return self.lake / "users"
+
+    @property
+    def ranking_labels(self) -> Path:
+        return self.lake / "labels" / "ranking"
+
+    @property
+    def retrieval_negatives(self) -> Path:
+        return self.lake / "negatives" / "retrieval"
+
+    @property
+    def ranking_negatives(self) -> Path:
+        return self.lake / "negatives" / "ranking"
+
+    @property
+    def user_features(self) -> Path:
+        return self.lake / "features" / "user"
+
+    @property
+    def item_features(self) -> Path:
+        return self.lake / "features" / "item"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def mlflow(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
+    def feast(self) -> Path:
+        return self.root / "feast"
+
+    @property
+    def kafka(self) -> Path:
+        return self.root / "kafka"
+
+    @property
+    def run(self) -> Path:
+        """pid files and logs of the processes ``make demo`` starts (``make stop`` reads them)."""
+        return self.root / "run"
+
+
+def spark_master() -> str:
+    """``SPARK_MASTER`` (e.g. ``spark://host:7077`` or ``yarn``); ``local[*]`` by default."""
+    return os.environ.get("SPARK_MASTER", "local[*]")
+
+
+def kafka_bootstrap() -> str | None:
+    """``KAFKA_BOOTSTRAP_SERVERS`` for a real cluster; None means start the embedded broker."""
+    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None
+
+
+def movielens_100k_dir() -> Path:
+    """Where MovieLens-100K is read from (``TANDEM_ML100K`` or ``../shared/data/ml-100k``)."""
+    return Path(os.environ.get("TANDEM_ML100K", SHARED_DATA / "ml-100k"))

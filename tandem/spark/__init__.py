@@ -1,0 +1,1 @@
+"""Spark-only helpers (session builder, readers, schema-derived validation). Only jobs import this."""
