@@ -1,0 +1,51 @@
+"""tandem_daily: the nightly retrain, from negative sampling to a promoted champion.
+
+negative_sampling -> ALS -> two-tower -> FAISS indexes -> ranker -> evaluate -> register the bundle
+as `challenger` -> promote to `champion` if the offline gates pass (or ``force_promotion``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from airflow.sdk import Param, dag
+
+from tandem.orchestration import python_job, spark_job
+
+
+@dag(
+    dag_id="tandem_daily",
+    schedule="@daily",
+    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    catchup=False,
+    max_active_runs=1,
+    tags=["tandem", "training"],
+    params={
+        "start": Param(None, type=["null", "string"], title="Training data start (ISO, UTC)",
+                       description="Leave empty to use the run's data interval."),
+        "end": Param(None, type=["null", "string"], title="Training data end (ISO, UTC)",
+                     description="Leave empty to use the run's data interval."),
+        "dataset": Param("movielens-100k", type="string", title="Dataset label",
+                         description="Recorded with the model version and the evaluation."),
+        "force_promotion": Param(False, type="boolean", title="Force promotion",
+                                 description="Move `champion` even if the gates refuse."),
+        "skip_two_tower": Param(False, type="boolean", title="Skip two-tower training",
+                                description="Reuse ALS only for retrieval (faster retrain)."),
+    },
+)
+def tandem_daily():
+    """Nightly retrain and gated promotion through the MLflow registry."""
+    dataset = '--dataset "{{ params.dataset }}"'
+    skip_tt = "{{ '--skip' if params.skip_two_tower else '' }}"
+    force = "{{ '--force' if params.force_promotion else '' }}"
+    (spark_job("negative_sampling")
+     >> spark_job("train_als")
+     >> python_job("train_two_tower", skip_tt)
+     >> python_job("build_index")
+     >> python_job("train_ranker")
+     >> python_job("evaluate", dataset)
+     >> python_job("register_bundle", dataset)
+     >> python_job("promote", force))
+
+
+tandem_daily()

@@ -1,0 +1,73 @@
+"""Operators the DAG files wire together, so ``dags/`` stays configuration.
+
+Every job runs out of process, the way a cluster would run it: Spark jobs through
+``spark-submit --master <spark_default connection host>`` (change the connection to run the same DAG
+on a cluster), plain-Python jobs (two-tower training, registry steps) through ``python -m``.
+Each job receives the run's interval — the data interval, or the ``start``/``end`` params a data
+engineer typed in the trigger form — so re-running a DAG run recomputes the same partitions.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from datetime import timedelta
+
+from tandem.config import REPO_ROOT
+
+# Templated once here; params override the data interval (a manual backfill of a date range).
+START = "{{ params.start or (data_interval_start or logical_date).isoformat() }}"
+END = "{{ params.end or (data_interval_end or logical_date).isoformat() }}"
+RUN_ID = "{{ (params.end or (data_interval_end or logical_date).isoformat())[:10] | replace('-', '') }}"
+SPARK_MASTER = "{{ conn.spark_default.host if conn.spark_default else 'local[2]' }}"
+
+
+def job_env() -> dict[str, str]:
+    """Environment every job sees: repo on PYTHONPATH, one BLAS thread, state root."""
+    env = {
+        "PYTHONPATH": str(REPO_ROOT),
+        "OPENBLAS_NUM_THREADS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
+    for key in ("TANDEM_HOME", "MLFLOW_TRACKING_URI", "TANDEM_ML100K", "JAVA_HOME"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def _operator(task_id: str, command: str, timeout_min: int, retries: int):
+    from airflow.providers.standard.operators.bash import BashOperator
+
+    return BashOperator(
+        task_id=task_id,
+        bash_command=command,
+        env=job_env(),
+        append_env=True,
+        cwd=str(REPO_ROOT),
+        retries=retries,
+        retry_delay=timedelta(seconds=30),
+        retry_exponential_backoff=True,
+        execution_timeout=timedelta(minutes=timeout_min),
+    )
+
+
+def interval_args(extra: str = "") -> str:
+    return f'--start "{START}" --end "{END}" --run-id "{RUN_ID}" {extra}'.strip()
+
+
+def spark_job(module: str, extra: str = "", timeout_min: int = 30, retries: int = 2):
+    """A ``jobs/<module>.py`` run through spark-submit against the ``spark_default`` connection."""
+    submit = shlex.quote(str(REPO_ROOT / ".venv" / "bin" / "spark-submit"))
+    script = shlex.quote(str(REPO_ROOT / "jobs" / f"{module}.py"))
+    cmd = (f"{submit} --master \"{SPARK_MASTER}\" --conf spark.ui.enabled=false "
+           f"{script} --master \"{SPARK_MASTER}\" {interval_args(extra)}")
+    return _operator(module, cmd, timeout_min, retries)
+
+
+def python_job(module: str, extra: str = "", timeout_min: int = 30, retries: int = 1):
+    """A ``jobs/<module>.py`` that needs no Spark (torch training, registry steps)."""
+    cmd = f"{shlex.quote(sys.executable)} -m jobs.{module} {interval_args(extra)}"
+    return _operator(module, cmd, timeout_min, retries)
