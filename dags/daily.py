@@ -6,7 +6,7 @@ as `challenger` -> promote to `champion` if the offline gates pass (or ``force_p
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from airflow.sdk import Param, dag
 
@@ -16,7 +16,7 @@ from tandem.orchestration import python_job, spark_job
 @dag(
     dag_id="tandem_daily",
     schedule="@daily",
-    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
     tags=["tandem", "training"],

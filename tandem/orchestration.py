@@ -19,7 +19,8 @@ from tandem.config import REPO_ROOT
 # Templated once here; params override the data interval (a manual backfill of a date range).
 START = "{{ params.start or (data_interval_start or logical_date).isoformat() }}"
 END = "{{ params.end or (data_interval_end or logical_date).isoformat() }}"
-RUN_ID = "{{ (params.end or (data_interval_end or logical_date).isoformat())[:10] | replace('-', '') }}"
+RUN_ID = ("{{ (params.end or (data_interval_end or logical_date).isoformat())[:10]"
+          " | replace('-', '') }}")
 SPARK_MASTER = "{{ conn.spark_default.host if conn.spark_default else 'local[2]' }}"
 
 

@@ -40,7 +40,7 @@ class ContractError(ValueError):
 
 
 def _reason(err: Any) -> str:
-    """``<check>:<field>``, e.g. ``required:user_id``, ``enum:event_type``, ``maxLength:item_id``."""
+    """``<check>:<field>``: ``required:user_id``, ``enum:event_type``, ``maxLength:item_id``."""
     if err.validator == "required":
         missing = err.message.split("'")[1] if "'" in err.message else "?"
         return f"required:{missing}"

@@ -1,1 +1,1 @@
-"""Spark-only helpers (session builder, readers, schema-derived validation). Only jobs import this."""
+"""Spark-only helpers (session, readers, schema-derived validation); only jobs import this."""

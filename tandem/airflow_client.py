@@ -1,0 +1,136 @@
+"""Run Airflow for the embedded default and drive it through its REST API (v2).
+
+``make demo`` uses this to start ``airflow standalone`` (SQLite metadata, LocalExecutor), then
+unpauses and triggers the Tandem DAGs exactly as a data engineer's "Trigger" button would.
+Auth: the SimpleAuthManager user ``admin`` from airflow.cfg; its generated password is read from
+``$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandem import processes
+from tandem.config import REPO_ROOT, Paths
+
+TERMINAL = {"success", "failed"}
+
+
+def airflow_env(paths: Paths, port: int = 8080) -> dict[str, str]:
+    """Environment for every Airflow process (standalone, CLI, dag.test) of this state root."""
+    home = paths.root / "airflow"
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW_CONFIG": str(REPO_ROOT / "airflow.cfg"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW_CONN_SPARK_DEFAULT": os.environ.get(
+            "AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": "local[2]"})),
+        "TANDEM_HOME": str(paths.root),
+        "PYTHONPATH": str(REPO_ROOT),
+        "OPENBLAS_NUM_THREADS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
+def start_standalone(paths: Paths, port: int = 8080, extra_env: dict[str, str] | None = None,
+                     timeout_s: float = 180) -> AirflowClient:
+    """Start (or reuse) ``airflow standalone`` and wait until its API answers."""
+    env = {**airflow_env(paths, port), **(extra_env or {})}
+    airflow_bin = str(Path(sys.executable).parent / "airflow")
+    processes.start(paths.run, "airflow", [airflow_bin, "standalone"], env=env)
+    client = AirflowClient(f"http://127.0.0.1:{port}", Path(env["AIRFLOW_HOME"]))
+    client.wait_healthy(timeout_s)
+    return client
+
+
+@dataclass
+class AirflowClient:
+    base_url: str
+    home: Path
+    username: str = "admin"
+    _token: str | None = None
+
+    def password(self) -> str:
+        data = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())
+        return data[self.username]
+
+    def _request(self, method: str, path: str, body: dict | None = None, auth: bool = True):
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = f"Bearer {self.token()}"
+        req = urllib.request.Request(self.base_url + path, method=method, headers=headers,
+                                     data=json.dumps(body).encode() if body is not None else None)
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def token(self) -> str:
+        if self._token is None:
+            self._token = self._request("POST", "/auth/token", {
+                "username": self.username, "password": self.password()}, auth=False)[
+                "access_token"]
+        return self._token
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                health = self._request("GET", "/api/v2/monitor/health", auth=False)
+                pw_file = self.home / "simple_auth_manager_passwords.json.generated"
+                if health["scheduler"]["status"] == "healthy" and pw_file.exists():
+                    return
+            except (urllib.error.URLError, ConnectionError, KeyError, TimeoutError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"Airflow at {self.base_url} not healthy after {timeout_s}s")
+
+    def wait_dag_parsed(self, dag_id: str, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self._request("GET", f"/api/v2/dags/{dag_id}")
+                return
+            except urllib.error.HTTPError as err:
+                if err.code != 404:
+                    raise
+            time.sleep(2)
+        raise TimeoutError(f"DAG {dag_id} not parsed after {timeout_s}s")
+
+    def trigger(self, dag_id: str, conf: dict) -> str:
+        """Unpause ``dag_id`` and start a run with ``conf`` (the trigger form's params)."""
+        self.wait_dag_parsed(dag_id)
+        self._request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+        run = self._request("POST", f"/api/v2/dags/{dag_id}/dagRuns",
+                            {"logical_date": None, "conf": conf})
+        return run["dag_run_id"]
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        run_path = urllib.request.quote(run_id, safe="")
+        return self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_path}")["state"]
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        run_path = urllib.request.quote(run_id, safe="")
+        data = self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_path}/taskInstances")
+        return {t["task_id"]: t["state"] for t in data["task_instances"]}
+
+    def wait_run(self, dag_id: str, run_id: str, timeout_s: float, on_poll=None) -> str:
+        deadline = time.monotonic() + timeout_s
+        state = "queued"
+        while time.monotonic() < deadline:
+            state = self.run_state(dag_id, run_id)
+            if on_poll:
+                on_poll(self.task_states(dag_id, run_id))
+            if state in TERMINAL:
+                return state
+            time.sleep(3)
+        raise TimeoutError(f"{dag_id} run {run_id} still {state} after {timeout_s}s")
