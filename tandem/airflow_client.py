@@ -23,8 +23,13 @@ from tandem.config import REPO_ROOT, Paths
 TERMINAL = {"success", "failed"}
 
 
-def airflow_env(paths: Paths, port: int = 8080) -> dict[str, str]:
-    """Environment for every Airflow process (standalone, CLI, dag.test) of this state root."""
+def airflow_env(paths: Paths, port: int = 8080, log_ports: tuple[int, int] = (8793, 8794)
+                ) -> dict[str, str]:
+    """Environment for every Airflow process (standalone, CLI, dag.test) of this state root.
+
+    ``port`` is the API/UI port; ``log_ports`` the worker and triggerer log servers (tests pick
+    free ones so two Airflows never collide).
+    """
     home = paths.root / "airflow"
     home.mkdir(parents=True, exist_ok=True)
     return {
@@ -33,6 +38,8 @@ def airflow_env(paths: Paths, port: int = 8080) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_ports[0]),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(log_ports[1]),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW_CONN_SPARK_DEFAULT": os.environ.get(
             "AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": "local[2]"})),
@@ -43,10 +50,11 @@ def airflow_env(paths: Paths, port: int = 8080) -> dict[str, str]:
     }
 
 
-def start_standalone(paths: Paths, port: int = 8080, extra_env: dict[str, str] | None = None,
-                     timeout_s: float = 180) -> AirflowClient:
+def start_standalone(paths: Paths, port: int = 8080, log_ports: tuple[int, int] = (8793, 8794),
+                     extra_env: dict[str, str] | None = None, timeout_s: float = 300
+                     ) -> AirflowClient:
     """Start (or reuse) ``airflow standalone`` and wait until its API answers."""
-    env = {**airflow_env(paths, port), **(extra_env or {})}
+    env = {**airflow_env(paths, port, log_ports), **(extra_env or {})}
     airflow_bin = str(Path(sys.executable).parent / "airflow")
     processes.start(paths.run, "airflow", [airflow_bin, "standalone"], env=env)
     client = AirflowClient(f"http://127.0.0.1:{port}", Path(env["AIRFLOW_HOME"]))
