@@ -36,7 +36,7 @@ system-deps:
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then echo "installing:$$missing"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null) \
 	      || echo "WARNING: could not install$$missing; tests that need them will skip"; \
 	  else echo "WARNING: not root, cannot install$$missing; tests that need them will skip"; fi; fi
 
