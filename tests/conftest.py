@@ -52,3 +52,50 @@ def ml100k_dir() -> Path:
     if not (d / "u.data").exists():
         pytest.skip(f"MovieLens-100K not found at {d} (set TANDEM_ML100K to its folder)")
     return d
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory):
+    """One embedded tansu broker (memory storage) on a free loopback port for the whole run.
+
+    Yields the :class:`tandem.streaming.broker.Broker`; use ``.bootstrap`` (``host:port``).
+    Tests share it, so each should use its own topic and consumer group.
+    """
+    from tandem.streaming.broker import start_broker
+
+    broker = start_broker(log_path=tmp_path_factory.mktemp("kafka") / "tansu.log")
+    yield broker
+    broker.stop()
+
+
+def start_mlflow_server(root: Path):
+    """A real ``mlflow server`` under ``root`` on a free loopback port (stop it with ``.stop()``).
+
+    While the server boots, the first MLflow client call's one-off cost is paid in parallel:
+    MLflow loads every ``mlflow.request_header_provider`` plugin, and Feast registers one, which
+    imports all of Feast (~9 s of CPU) in the test process.
+    """
+    import importlib
+    import threading
+
+    from tandem.mlflow_server import start_server
+
+    warm = threading.Thread(target=importlib.import_module,
+                            args=("mlflow.tracking.request_header.registry",), daemon=True)
+    warm.start()
+    server = start_server(root, free_port())
+    warm.join()
+    return server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One MLflow server (SQLite backend, proxied local artifacts) for the whole run.
+
+    Yields :class:`tandem.mlflow_server.MlflowServer`; use ``.url`` as tracking URI (e.g.
+    ``monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)``). Tests share its registry,
+    so never assume which version numbers or aliases other tests left behind.
+    """
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()

@@ -1,0 +1,63 @@
+"""Register the nightly run's bundle in MLflow as ONE model version with alias ``challenger``.
+
+extract: the run's bundle folder ``<models>/<run_id>`` (``tandem.catalog.run_bundle_dir``) and its
+``manifest.json`` (parts, dataset, the evaluation metrics the ``evaluate`` job recorded).
+load: ``tandem.registry.log_bundle`` — one run (params, metrics, manifest) and one model version
+of ``tandem-recommender`` holding the whole folder; ``challenger`` moves to it.
+
+Not idempotent by nature (each call creates a new version); a re-run registers the same files again
+under a new number, which is harmless: serving follows aliases, never "the latest".
+
+    MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python -m jobs.register_bundle \
+        --start 2026-01-01T00:00:00 --end 2026-02-01T00:00:00
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tandem.bundle import BundleManifest
+from tandem.catalog import run_bundle_dir
+from tandem.config import Paths
+from tandem.registry import MODEL_NAME, log_bundle
+
+
+def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any] | None = None,
+        run_id: str | None = None) -> dict[str, Any]:
+    """Log ``<models>/<run_id>`` as a new model version; returns its number and file count.
+
+    ``spark`` is unused (common job signature). ``cfg`` keys: ``dataset`` (recorded as a param;
+    the manifest's dataset otherwise), ``tracking_uri`` (default ``MLFLOW_TRACKING_URI``).
+    """
+    cfg = cfg or {}
+    bundle_dir = run_bundle_dir(paths, end, run_id)
+    manifest = BundleManifest.load(bundle_dir)
+    params = {**manifest.params, "start": start.isoformat(), "end": end.isoformat(),
+              "run_id": bundle_dir.name, "dataset": cfg.get("dataset") or manifest.dataset}
+    version = log_bundle(bundle_dir, manifest, params=params,
+                         tracking_uri=cfg.get("tracking_uri"))
+    n_files = sum(1 for p in bundle_dir.rglob("*") if p.is_file())
+    return {"model": MODEL_NAME, "version": version, "files": n_files}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--start", required=True, type=datetime.fromisoformat)
+    ap.add_argument("--end", required=True, type=datetime.fromisoformat)
+    ap.add_argument("--home", type=Path, default=None, help="state root (default TANDEM_HOME)")
+    ap.add_argument("--master", default=None, help="accepted for uniformity; no Spark is used")
+    ap.add_argument("--run-id", default=None, help="bundle directory name (default: end date)")
+    ap.add_argument("--dataset", default=None, help="dataset label recorded with the version")
+    ap.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
+    args = ap.parse_args(argv)
+    paths = Paths(args.home) if args.home else Paths.default()
+    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (args.start, args.end))
+    print(run(None, paths, start, end, {"dataset": args.dataset,
+                                        "tracking_uri": args.tracking_uri}, run_id=args.run_id))
+
+
+if __name__ == "__main__":
+    main()
