@@ -12,7 +12,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup java system-deps proto test demo eval bench stop lint clean
+.PHONY: setup java system-deps proto test demo eval bench bench-generator stop lint clean
 
 setup: java $(STAMP) proto
 
@@ -54,6 +54,9 @@ eval: setup
 
 bench: setup
 	$(BIN)/python bench/serving.py $(BENCH_ARGS)
+
+bench-generator: setup
+	$(BIN)/python bench/generator.py $(GEN_ARGS)
 
 stop:
 	@test -x $(BIN)/python && $(BIN)/python -m tandem.cli stop || echo "nothing to stop"

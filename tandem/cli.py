@@ -100,6 +100,17 @@ def evaluate(args: argparse.Namespace) -> None:
     raise SystemExit(subprocess.call(cmd, env=job_env(Paths.default()), cwd=REPO_ROOT))
 
 
+def world(args: argparse.Namespace) -> None:
+    """Generate a synthetic world and land it (JSONL by arrival hour, or parquet for big ones)."""
+    from tandem.world import World, WorldConfig
+
+    cfg = WorldConfig(n_users=args.users, n_items=args.items, n_events_target=args.events,
+                      days=args.days, seed=args.seed)
+    t0 = time.monotonic()
+    counts = World.generate(cfg).write(Paths.default(), events_parquet=args.parquet)
+    console.print(f"world written in {time.monotonic() - t0:.1f}s: {counts}")
+
+
 def stop(_: argparse.Namespace) -> None:
     stopped = processes.stop_all(Paths.default().run)
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
@@ -114,6 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("eval", help="offline evaluation -> reports/eval.json")
     p.add_argument("--data", default=str(movielens_100k_dir()))
     p.set_defaults(func=evaluate)
+    p = sub.add_parser("world", help="generate a synthetic world into TANDEM_HOME")
+    p.add_argument("--users", type=int, default=10_000)
+    p.add_argument("--items", type=int, default=2_000)
+    p.add_argument("--events", type=int, default=500_000)
+    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parquet", type=Path, default=None, help="write events as parquet here")
+    p.set_defaults(func=world)
     sub.add_parser("stop", help="stop what demo started").set_defaults(func=stop)
     args = parser.parse_args(argv)
     args.func(args)
