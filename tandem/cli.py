@@ -30,11 +30,15 @@ def job_env(paths: Paths) -> dict[str, str]:
 
 
 def run_job(paths: Paths, module: str, *args: str) -> dict:
-    """Run ``python -m jobs.<module> --home ... args``; return the JSON its last line prints."""
+    """Run ``python -m <module> ... --home <root> args`` (``jobs.`` prefixed when the name has
+    no package); return the JSON object its last stdout line prints."""
     t0 = time.monotonic()
     console.print(f"[bold cyan]>[/] {module} {' '.join(args)}")
-    proc = subprocess.run([sys.executable, "-m", f"jobs.{module}", "--home", str(paths.root),
-                           *args], env=job_env(paths), cwd=REPO_ROOT, text=True,
+    argv = [sys.executable, "-m", module if "." in module else f"jobs.{module}"]
+    if argv[-1] == "tandem.feature_store":
+        argv, args = argv + [args[0]], args[1:]
+    proc = subprocess.run([*argv, "--home", str(paths.root), *args], env=job_env(paths),
+                          cwd=REPO_ROOT, text=True,
                           capture_output=True)
     if proc.returncode != 0:
         console.print(proc.stdout[-4000:], proc.stderr[-4000:], markup=False)
@@ -89,6 +93,9 @@ def demo(args: argparse.Namespace) -> None:
     counts = {}
     for module in ("ingest_events", "build_labels", "negative_sampling", "build_features"):
         counts[module] = run_job(paths, module, "--start", start, "--end", end)
+    counts["feast_apply"] = run_job(paths, "tandem.feature_store", "apply")
+    counts["feast_materialize"] = run_job(paths, "tandem.feature_store", "materialize",
+                                          "--start", start, "--end", end)
     console.rule("[bold]Summary")
     for module, result in counts.items():
         console.print(f"{module:>18}: {json.dumps(result)}")

@@ -81,3 +81,61 @@ SESSION_START_TS: Final = "session_start_ts"  # Int64, epoch ms
 SESSION_LAST_TS: Final = "last_event_ts"  # Int64, epoch ms
 SESSION_COUNT_PREFIX: Final = "cnt_"  # Int64 cnt_<event_type> per event type, current session
 SESSION_GAP_MS: Final = 30 * 60 * 1000  # inactivity that ends a session
+
+# Feast feature store names. feature_repo/definitions.py builds its objects from these and
+# tandem/features.py adds defaults and transforms. dtype strings: int64, float32, string,
+# string_list, float32_list. All are features of an entity (join key user_id or item_id).
+USER_ENTITY: Final = "user"
+ITEM_ENTITY: Final = "item"
+USER_PROFILE_VIEW: Final = "user_profile"
+USER_ACTIVITY_VIEW: Final = "user_activity"
+ITEM_CONTENT_VIEW: Final = "item_content"
+ITEM_POPULARITY_VIEW: Final = "item_popularity"
+USER_SOURCE: Final = "user_features_source"
+ITEM_SOURCE: Final = "item_features_source"
+SESSION_BATCH_SOURCE: Final = "user_session_batch"
+RANKER_SERVICE: Final = "ranker_v1"  # every view below: training (user_id, item_id, time)
+RANKER_USER_SERVICE: Final = "ranker_user_v1"  # serving, per request: profile, activity, session
+RANKER_ITEM_SERVICE: Final = "ranker_item_v1"  # serving, at model load: item content, popularity
+USER_PROFILE_FIELDS: Final = (
+    ("user_age_bucket", "string"),
+    ("user_gender", "string"),
+    ("user_signup_ts", "int64"),  # epoch ms
+    ("user_avg_rating", "float32"),  # smoothed toward the prior
+    ("user_ratings_total", "int64"),
+    ("user_genre_affinity", "float32_list"),  # share of positives per genre, features.GENRE_VOCAB
+)
+USER_ACTIVITY_FIELDS: Final = (
+    ("user_events_1h", "int64"),  # engagements (not impressions) in the window before the row
+    ("user_events_24h", "int64"),
+    ("user_events_7d", "int64"),
+    ("user_events_total", "int64"),  # over the job's lookback
+    ("user_positives_7d", "int64"),
+    ("user_last_event_ts", "int64"),  # epoch ms; 0 = never
+)
+ITEM_CONTENT_FIELDS: Final = (
+    ("item_genres", "string_list"),
+    ("item_release_year", "int64"),  # 0 = unknown
+    ("item_duration_s", "int64"),  # 0 = unknown
+    ("item_created_at", "int64"),  # epoch ms
+)
+ITEM_POPULARITY_FIELDS: Final = (
+    ("item_pop_1h", "int64"),  # engagements (not impressions) in the window before the row
+    ("item_pop_24h", "int64"),
+    ("item_pop_7d", "int64"),
+    ("item_pop_total", "int64"),
+    ("item_impressions_7d", "int64"),
+    ("item_clicks_7d", "int64"),
+    ("item_ctr", "float32"),  # (clicks_7d + a) / (impressions_7d + a + b)
+    ("item_avg_rating", "float32"),  # smoothed toward the prior
+    ("item_ratings_total", "int64"),
+    ("item_last_event_ts", "int64"),  # epoch ms; 0 = never
+)
+SESSION_FIELDS: Final = (
+    (SESSION_RECENT_ITEMS, "string_list"),
+    (SESSION_RECENT_GENRES, "string_list"),
+    (SESSION_LENGTH, "int64"),
+    (SESSION_START_TS, "int64"),
+    (SESSION_LAST_TS, "int64"),
+    *((SESSION_COUNT_PREFIX + t, "int64") for t in EVENT_TYPES),
+)

@@ -6,7 +6,9 @@ skipped when every output is newer than its .proto.
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,20 +22,26 @@ def build(force: bool = False) -> list[Path]:
 
     compiled = []
     for proto in sorted(SCHEMAS.glob("*.proto")):
-        target = OUT / f"{proto.stem}_pb2.py"
+        # protoc turns dots in a file name into packages (recommender.v1.proto ->
+        # recommender/v1_pb2.py); compile a flat-named copy instead (recommender_v1_pb2.py).
+        stem = proto.stem.replace(".", "_")
+        target = OUT / f"{stem}_pb2.py"
         if not force and target.exists() and target.stat().st_mtime >= proto.stat().st_mtime:
             continue
-        args = [
-            "protoc",
-            f"-I{SCHEMAS}",
-            f"--python_out={OUT}",
-            f"--pyi_out={OUT}",
-            f"--grpc_python_out={OUT}",
-            str(proto),
-        ]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed for {proto}")
-        _fix_imports(OUT / f"{proto.stem}_pb2_grpc.py", proto.stem)
+        with tempfile.TemporaryDirectory() as tmp:
+            flat = Path(tmp) / f"{stem}.proto"
+            shutil.copyfile(proto, flat)
+            args = [
+                "protoc",
+                f"-I{tmp}",
+                f"--python_out={OUT}",
+                f"--pyi_out={OUT}",
+                f"--grpc_python_out={OUT}",
+                str(flat),
+            ]
+            if protoc.main(args) != 0:
+                raise RuntimeError(f"protoc failed for {proto}")
+        _fix_imports(OUT / f"{stem}_pb2_grpc.py", stem)
         compiled.append(proto)
     return compiled
 

@@ -1,0 +1,383 @@
+"""Serving benchmark (``make bench``): Tandem vs the naive design on one synthetic world.
+
+1. Builds (once, cached under ``var/bench``) a synthetic bundle of ``--items`` items and
+   ``--users`` users (tandem.synthetic_bundle) and a Feast repo (SQLite online store) holding the
+   online rows of ``--stored-users`` users and ``--stored-items`` items.
+2. Starts the Tandem server (``python -m serving.server``) as its own process, drives it with a
+   gRPC load generator at a fixed rate (open loop: latency counts from the scheduled send time,
+   so queueing is not hidden) and then in closed loop, ``--duration`` seconds each.
+3. Starts the naive server (bench/naive_server.py: Feast for the user and every candidate, exact
+   ALS, stock LightGBM) on the same data and drives it at the same fixed rate.
+4. Writes ``reports/bench_serving.json``, ``reports/bench_serving_latency.png`` and prints a
+   summary. Per-stage p99s come from the server's Prometheus histograms (bucket-interpolated).
+
+Request mix: 90 % users with online rows (known), 10 % ids drawn from all ``--users`` (most
+unknown to the store; those with ALS factors are warm, the rest cold start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from tandem import schema as s  # noqa: E402
+from tandem import synthetic_bundle as S  # noqa: E402
+from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
+from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+# ------------------------------------------------------------------------------------ prepare
+
+def prepare(work: Path, items: int, users: int, stored_users: int, stored_items: int,
+            trees: int, leaves: int) -> dict:
+    """Synthetic bundle + Feast online store, cached by scale under ``work``."""
+    world = work / f"synthetic-{items}-{users}-{trees}x{leaves}"
+    if not (world / "bundle" / "manifest.json").exists():
+        t0 = time.perf_counter()
+        spec = S.SyntheticSpec(n_items=items, n_users=users,
+                               n_als_users=min(users, 1_000_000), dim=64, als_dim=64,
+                               n_clusters=max(40, items // 500), n_trees=trees,
+                               num_leaves=leaves, n_train_groups=800, group_size=50)
+        S.build(world, spec)
+        print(f"built synthetic bundle in {time.perf_counter() - t0:.0f} s: {world}")
+    rng = np.random.default_rng(1)
+    user_rows = np.sort(rng.choice(users, size=min(stored_users, users), replace=False))
+    feast_home = world / f"feast-{stored_users}-{stored_items}"
+    if not (feast_home / "ready").exists():
+        _fill_feast(feast_home, world, S.user_id(user_rows), stored_items, items)
+    return {"world": world, "bundle": world / "bundle", "features": world /
+            "item_features.parquet", "feast_home": feast_home, "stored_users": user_rows}
+
+
+def _fill_feast(home: Path, world: Path, user_ids: np.ndarray, stored_items: int,
+                n_items: int) -> None:
+    """Apply the repo and write user, session and item rows straight to the online store."""
+    from tandem import feature_store as FS
+    from tandem.config import Paths
+
+    t0 = time.perf_counter()
+    store = FS.apply(Paths(home))
+    now = pd.Timestamp.now(tz="UTC")
+    rows = [S.user_rows(u, n_items) for u in user_ids]
+    users = pd.DataFrame([r[0] for r in rows]).assign(**{s.USER_ID: user_ids,
+                                                        s.EVENT_TIMESTAMP: now})
+    for view, fields in ((s.USER_PROFILE_VIEW, s.USER_PROFILE_FIELDS),
+                         (s.USER_ACTIVITY_VIEW, s.USER_ACTIVITY_FIELDS)):
+        store.write_to_online_store(view, users[[s.USER_ID, s.EVENT_TIMESTAMP]
+                                                + [n for n, _ in fields]])
+    items = pd.read_parquet(world / "item_features.parquet")
+    items = items.iloc[np.linspace(0, len(items) - 1, min(stored_items, len(items))).astype(int)]
+    items = items.assign(**{s.EVENT_TIMESTAMP: now})
+    for view, fields in ((s.ITEM_CONTENT_VIEW, s.ITEM_CONTENT_FIELDS),
+                         (s.ITEM_POPULARITY_VIEW, s.ITEM_POPULARITY_FIELDS)):
+        store.write_to_online_store(view, items[[s.ITEM_ID, s.EVENT_TIMESTAMP]
+                                                + [n for n, _ in fields]])
+    (home / "ready").write_text(now.isoformat())
+    print(f"filled Feast online store in {time.perf_counter() - t0:.0f} s: {home}")
+
+
+def _refresh_sessions(home: Path, user_ids: np.ndarray, n_items: int) -> None:
+    """Session rows expire after 2 h (their TTL): write them fresh before every run."""
+    from tandem import feature_store as FS
+    from tandem.config import Paths
+
+    store = FS.open_store(Paths(home))
+    now = pd.Timestamp.now(tz="UTC")
+    rows = [(u, S.user_rows(u, n_items)[1]) for u in user_ids]
+    frame = FS.session_frame([{**r, s.USER_ID: u, s.EVENT_TIMESTAMP: now}
+                              for u, r in rows if r is not None])
+    store.write_to_online_store(s.SESSION_FEATURE_VIEW, frame)
+
+
+# ------------------------------------------------------------------------------- server procs
+
+def start_server(script: list[str], bundle: Path, features: Path, feast_home: Path,
+                 backend: str, log_path: Path) -> tuple[subprocess.Popen, int, int]:
+    port, metrics_port = free_port(), free_port()
+    cmd = [sys.executable, *script, "--bundle-dir", str(bundle), "--item-features",
+           str(features), "--feast-home", str(feast_home), "--port", str(port),
+           "--metrics-port", str(metrics_port), "--ranker-backend", backend]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.time() + 1800
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}); see {log_path}")
+        try:
+            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                break
+        except grpc.RpcError:
+            time.sleep(1)
+    channel.close()
+    return proc, port, metrics_port
+
+
+def rss_mb(proc: subprocess.Popen) -> float:
+    import psutil
+
+    return psutil.Process(proc.pid).memory_info().rss / 2**20
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# ------------------------------------------------------------------------------- load drivers
+
+def make_requests(n: int, stored: np.ndarray, users: int, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    known = rng.random(n) < 0.9
+    rows = np.where(known, stored[rng.integers(0, len(stored), n)], rng.integers(0, users, n))
+    ids = S.user_id(rows)
+    devices = np.array(["web", "ios", "android", "tv"], dtype=object)[rng.integers(0, 4, n)]
+    return [pb.RecommendRequest(user_id=u, k=20, context=pb.Context(
+        device=d, country="DE", surface="home", ts=S.NOW_MS)) for u, d in zip(ids, devices,
+                                                                          strict=True)]
+
+
+def fixed_rate(port: int, requests: list, qps: float, duration: float,
+               timeout_s: float = 2.0) -> dict:
+    """Open loop: request i is sent at t0 + i/qps; latency = completion - scheduled time."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.RecommenderStub(channel)
+    n = int(qps * duration)
+    lat = np.full(n, np.nan)
+    errors = [0]
+    done = threading.Semaphore(0)
+    t0 = time.perf_counter() + 0.5
+
+    def on_done(i: int, scheduled: float):
+        def callback(fut):
+            if fut.exception() is not None:
+                errors[0] += 1
+            else:
+                lat[i] = time.perf_counter() - scheduled
+            done.release()
+        return callback
+
+    for i in range(n):
+        scheduled = t0 + i / qps
+        wait = scheduled - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        fut = stub.Recommend.future(requests[i % len(requests)], timeout=timeout_s)
+        fut.add_done_callback(on_done(i, scheduled))
+    for _ in range(n):
+        done.acquire()
+    elapsed = time.perf_counter() - t0
+    channel.close()
+    ok = lat[~np.isnan(lat)] * 1000.0
+    q = np.percentile(ok, [50, 95, 99, 99.9]) if len(ok) else [np.nan] * 4
+    return {"target_qps": qps, "achieved_qps": round(len(ok) / elapsed, 2),
+            "p50_ms": round(q[0], 2), "p95_ms": round(q[1], 2), "p99_ms": round(q[2], 2),
+            "p999_ms": round(q[3], 2), "errors": int(errors[0]), "requests": n,
+            "_latencies_ms": ok}
+
+
+def closed_loop(port: int, requests: list, concurrency: int, duration: float) -> dict:
+    """``concurrency`` clients, each sending its next request when the last one returns."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.RecommenderStub(channel)
+    lats: list[list[float]] = [[] for _ in range(concurrency)]
+    errors = [0] * concurrency
+    end = time.perf_counter() + duration
+
+    def client(c: int):
+        i = c
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            try:
+                stub.Recommend(requests[i % len(requests)], timeout=5)
+                lats[c].append(time.perf_counter() - t)
+            except grpc.RpcError:
+                errors[c] += 1
+            i += concurrency
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    channel.close()
+    all_lat = np.concatenate([np.array(x) for x in lats]) * 1000.0
+    return {"concurrency": concurrency, "achieved_qps": round(len(all_lat) / elapsed, 2),
+            "p50_ms": round(float(np.percentile(all_lat, 50)), 2),
+            "p99_ms": round(float(np.percentile(all_lat, 99)), 2), "errors": int(sum(errors))}
+
+
+# ------------------------------------------------------------------------------- stage metrics
+
+def stage_p99(metrics_port: int) -> dict[str, float]:
+    """p99 per stage from ``tandem_stage_seconds`` buckets (linear within a bucket)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "tandem_stage_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.setdefault(sample.labels["stage"], []).append(
+                    (float(sample.labels["le"]), sample.value))
+    out = {}
+    for stage, pairs in buckets.items():
+        pairs.sort()
+        total = pairs[-1][1]
+        if total == 0:
+            continue
+        target, prev_le, prev_c = 0.99 * total, 0.0, 0.0
+        for le, count in pairs:
+            if count >= target:
+                hi = le if np.isfinite(le) else prev_le
+                frac = (target - prev_c) / max(count - prev_c, 1e-9)
+                out[stage] = round((prev_le + (hi - prev_le) * frac) * 1000.0, 3)
+                break
+            prev_le, prev_c = le, count
+    return out
+
+
+# ------------------------------------------------------------------------------------- main
+
+def plot(path: Path, tandem_ms: np.ndarray, naive_ms: np.ndarray, qps: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    top = max(np.percentile(naive_ms, 99.9) if len(naive_ms) else 1.0,
+              np.percentile(tandem_ms, 99.9))
+    bins = np.logspace(np.log10(max(0.5, min(tandem_ms.min(), top) * 0.9)), np.log10(top * 1.1),
+                       80)
+    ax.hist(tandem_ms, bins=bins, alpha=0.7, label="Tandem")
+    if len(naive_ms):
+        ax.hist(naive_ms, bins=bins, alpha=0.7, label="naive (Feast per candidate, exact ALS)")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms, log scale)")
+    ax.set_ylabel("requests")
+    ax.set_title(f"Recommend latency at a fixed {qps:g} QPS")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=5_000_000)
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--qps", type=float, default=100.0)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--stored-users", type=int, default=10_000)
+    parser.add_argument("--stored-items", type=int, default=100_000)
+    parser.add_argument("--trees", type=int, default=150)
+    parser.add_argument("--leaves", type=int, default=15)
+    parser.add_argument("--smaller", action="store_true",
+                        help="100k items, 500k users, 20 s runs (a quick check)")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--work", type=Path, default=REPO / "var" / "bench")
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench_serving.json")
+    args = parser.parse_args(argv)
+    if args.smaller:
+        args.items, args.users, args.duration = 100_000, 500_000, 20.0
+        args.stored_items = min(args.stored_items, 20_000)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    w = prepare(args.work, args.items, args.users, args.stored_users, args.stored_items,
+                args.trees, args.leaves)
+    stored_ids = S.user_id(w["stored_users"])
+    _refresh_sessions(w["feast_home"], stored_ids, args.items)
+    requests = make_requests(20_000, w["stored_users"], args.users)
+    report: dict = {"scale": {"items": args.items, "users": args.users,
+                              "stored_online_users": len(stored_ids),
+                              "stored_online_items_for_naive": min(args.stored_items,
+                                                                   args.items)}}
+
+    t0 = time.perf_counter()
+    proc, port, mport = start_server(["-m", "serving.server"], w["bundle"], w["features"],
+                                     w["feast_home"], "auto", args.work / "tandem_server.log")
+    report["server_start_s"] = round(time.perf_counter() - t0, 1)
+    try:
+        closed_loop(port, requests[:200], 2, 5.0)  # warm-up
+        fixed = fixed_rate(port, requests, args.qps, args.duration)
+        report["stages_p99_ms"] = stage_p99(mport)
+        report["fixed_rate"] = {k: v for k, v in fixed.items() if not k.startswith("_")}
+        report["closed_loop"] = closed_loop(port, requests, args.concurrency, args.duration)
+        report["server_rss_mb"] = round(rss_mb(proc), 1)
+    finally:
+        stop_server(proc)
+
+    naive_lat = np.zeros(0)
+    if not args.skip_naive:
+        proc, port, mport = start_server(["-m", "bench.naive_server"], w["bundle"], w["features"],
+                                         w["feast_home"], "lightgbm",
+                                         args.work / "naive_server.log")
+        try:
+            closed_loop(port, requests[:50], 1, 3.0)
+            naive = fixed_rate(port, requests, args.qps, args.duration)
+            naive_lat = naive.pop("_latencies_ms")
+            report["naive"] = naive
+            report["naive"]["stages_p99_ms"] = stage_p99(mport)
+            report["naive"]["server_rss_mb"] = round(rss_mb(proc), 1)
+        finally:
+            stop_server(proc)
+        report["naive_over_tandem_p99"] = round(report["naive"]["p99_ms"]
+                                                / report["fixed_rate"]["p99_ms"], 2)
+    args.out.write_text(json.dumps(report, indent=2))
+    png = args.out.with_name("bench_serving_latency.png")
+    plot(png, fixed["_latencies_ms"], naive_lat, args.qps)
+    _summary(report, args.out, png)
+    return report
+
+
+def _summary(r: dict, out: Path, png: Path) -> None:
+    f, c = r["fixed_rate"], r["closed_loop"]
+    print(f"\nTandem serving benchmark: {r['scale']['items']:,} items, "
+          f"{r['scale']['users']:,} users")
+    print(f"  fixed rate {f['target_qps']:g} QPS: achieved {f['achieved_qps']}, p50 {f['p50_ms']}"
+          f" ms, p95 {f['p95_ms']}, p99 {f['p99_ms']}, p99.9 {f['p999_ms']}, errors "
+          f"{f['errors']}")
+    print(f"  closed loop x{c['concurrency']}: {c['achieved_qps']} QPS (ceiling), "
+          f"p99 {c['p99_ms']} ms")
+    print("  stage p99 (ms): " + ", ".join(f"{k} {v}" for k, v in r["stages_p99_ms"].items()))
+    print(f"  server RSS {r['server_rss_mb']} MB")
+    if "naive" in r:
+        n = r["naive"]
+        print(f"  naive at {n['target_qps']:g} QPS: achieved {n['achieved_qps']}, p50 "
+              f"{n['p50_ms']} ms, p99 {n['p99_ms']} ms, errors {n['errors']}  ->  naive/Tandem "
+              f"p99 = {r['naive_over_tandem_p99']}")
+    print(f"  wrote {out} and {png}")
+
+
+if __name__ == "__main__":
+    main()

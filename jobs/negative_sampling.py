@@ -1,0 +1,126 @@
+"""Negatives for training: popularity-smoothed samples for retrieval, shown-not-engaged for ranking.
+
+Retrieval (``lake/negatives/retrieval/date=``): for every positive engagement event with
+``start <= ts < end`` (``tandem.spark.events.is_positive``), ``ratio`` items sampled with
+probability proportional to ``popularity ** alpha`` (popularity = engagement events per item in
+``[start - lookback, end)``), excluding every item the user engaged positively with in that window
+(``tandem.spark.sampling``: seeded by hashing, so re-runs give the same rows).
+
+Ranking (``lake/negatives/ranking/date=``), from ``lake/labels/ranking`` of the same days
+(run ``jobs.build_labels`` first): every label-0 row (``source`` "impressed": shown but not
+engaged; "rated": a rating below POSITIVE_RATING), plus ``ratio`` sampled items per label-1 row
+("sampled", same sampler, another salt).
+
+Rows carry the positive's (or the shown row's) ``event_id``, ``ts`` and ``event_timestamp`` and
+go to that day's partition. The interval must be whole UTC days; its partitions are replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from tandem import schema as s
+from tandem.config import Paths
+from tandem.spark.entry import job_main
+from tandem.spark.events import day_of, event_timestamp, is_positive, read_events
+from tandem.spark.io import day_starts, epoch_ms, overwrite_interval, read_table, utc
+from tandem.spark.sampling import sample_negatives
+from tandem.spark.tables import (
+    DRAW,
+    POS_ITEM_ID,
+    SOURCE,
+    negatives_schema,
+    ranking_labels_schema,
+)
+
+log = logging.getLogger(__name__)
+SAMPLED, IMPRESSED, RATED = "sampled", "impressed", "rated"
+
+
+@dataclass(frozen=True)
+class NegativesConfig:
+    """Knobs of :func:`run`.
+
+    Attributes
+    ----------
+    ratio : sampled negatives per positive (retrieval and ranking).
+    alpha : popularity smoothing exponent (0.75 as in word2vec).
+    seed : sampling seed; same seed and inputs -> same negatives.
+    lookback : window before ``start`` for popularity and for the user's positives.
+    dwell_threshold_ms : a play at least this long is a positive.
+    lateness : how much later than its ``ts`` an event may arrive.
+    oversample : draws per kept negative, to survive exclusions.
+    """
+
+    ratio: int = 4
+    alpha: float = 0.75
+    seed: int = 17
+    lookback: timedelta = timedelta(days=28)
+    dwell_threshold_ms: int = 30_000
+    lateness: timedelta = timedelta(hours=1)
+    oversample: int = 4
+
+
+def _sampled(anchors: DataFrame, exclude: DataFrame, counts, cfg: NegativesConfig,
+             salt: str) -> DataFrame:
+    """Negatives for ``anchors`` (event_id, user_id, item_id, ts), in the negatives schema."""
+    neg = sample_negatives(anchors, s.EVENT_ID, exclude, counts, cfg.ratio, cfg.alpha,
+                           cfg.seed, salt, cfg.oversample)
+    pos = anchors.select(s.EVENT_ID, F.col(s.ITEM_ID).alias(POS_ITEM_ID), s.TS)
+    return neg.join(pos, s.EVENT_ID).select(
+        s.EVENT_ID, s.USER_ID, s.ITEM_ID, POS_ITEM_ID, F.lit(SAMPLED).alias(SOURCE), DRAW, s.TS,
+        event_timestamp(), day_of())
+
+
+def run(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
+        cfg: NegativesConfig = NegativesConfig()) -> dict[str, int]:
+    """Write retrieval and ranking negatives for the whole UTC days ``[start, end)``."""
+    start, end = utc(start), utc(end)
+    day_starts(start, end)  # validates the interval
+    window = read_events(spark, paths, start - cfg.lookback, end, cfg.lateness)
+    engagements = window.where(F.col(s.EVENT_TYPE) != s.IMPRESSION).cache()
+    counts = engagements.groupBy(s.ITEM_ID).count().toPandas()
+    positive = engagements.where(is_positive(cfg.dwell_threshold_ms))
+    exclude = positive.select(s.USER_ID, s.ITEM_ID).distinct().cache()
+
+    anchors = positive.where(F.col(s.TS) >= epoch_ms(start)).select(
+        s.EVENT_ID, s.USER_ID, s.ITEM_ID, s.TS)
+    retrieval = _sampled(anchors, exclude, counts, cfg, "retrieval").select(
+        *negatives_schema().names).cache()
+
+    labels = read_table(spark, paths.ranking_labels, ranking_labels_schema(), start, end,
+                        hourly=False)
+    shown = labels.where(F.col(s.LABEL) == 0).select(
+        s.EVENT_ID, s.USER_ID, s.ITEM_ID, F.lit(None).cast("string").alias(POS_ITEM_ID),
+        F.when(F.col(s.REQUEST_ID).isNotNull(), IMPRESSED).otherwise(RATED).alias(SOURCE),
+        F.lit(None).cast("int").alias(DRAW), s.TS, s.EVENT_TIMESTAMP, s.DATE)
+    ranking_pos = labels.where(F.col(s.LABEL) == 1).select(s.EVENT_ID, s.USER_ID, s.ITEM_ID, s.TS)
+    ranking = shown.unionByName(_sampled(ranking_pos, exclude, counts, cfg, "ranking")).select(
+        *negatives_schema().names).cache()
+
+    per_source = {r[SOURCE]: r["count"] for r in ranking.groupBy(SOURCE).count().collect()}
+    result = {"positives": anchors.count(), "retrieval": retrieval.count(),
+              "ranking_impressed": per_source.get(IMPRESSED, 0),
+              "ranking_rated": per_source.get(RATED, 0),
+              "ranking_sampled": per_source.get(SAMPLED, 0)}
+    order = [s.TS, s.EVENT_ID, SOURCE, DRAW, s.ITEM_ID]
+    overwrite_interval(retrieval, paths.retrieval_negatives, start, end, hourly=False,
+                       sort_by=order)
+    overwrite_interval(ranking, paths.ranking_negatives, start, end, hourly=False, sort_by=order)
+    for df in (engagements, exclude, retrieval, ranking):
+        df.unpersist()
+    log.info("negative_sampling [%s, %s): %s", start.isoformat(), end.isoformat(), result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    return job_main("negative_sampling", run, NegativesConfig(), argv)
+
+
+if __name__ == "__main__":
+    main()

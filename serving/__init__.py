@@ -1,0 +1,1 @@
+"""Tandem's gRPC serving process: ``python -m serving.server`` (see serving/server.py)."""

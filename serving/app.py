@@ -1,0 +1,753 @@
+"""The serving application: immutable ``Engine`` snapshots of a bundle, swapped atomically.
+
+``App`` holds one ``Engine`` per registry alias that the A/B experiment serves. A request reads
+``app.engines`` ONCE and keeps that snapshot to the end, so a hot reload (a background poller
+builds the new engine, then replaces the dict in one assignment) never disturbs in-flight
+requests and never fails one.
+
+Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)::
+
+    online_store  user + session rows from the online store, under a deadline
+    user_tower    profile + recent items -> user vector (numpy)
+    ann           FAISS top-N over item vectors (user and session queries in one call)
+                  + FAISS top-N over ALS item factors
+    merge         + fresh + popular; union, dedupe, drop seen/excluded  (tandem.retrieval)
+    features      one matrix for all candidates (tandem.ranking_features, as in training)
+    ranker        one LightGBM (or lleaves-compiled) call
+    mmr           MMR over the top of the ranked list (tandem.diversify)
+
+Any failing or slow part degrades the answer instead of failing it: no user features -> the
+retrieval sources that do not need them; no ranker -> retrieval order; and each such case is
+named in ``fallbacks`` and counted. Unknown users with no history take the cold path:
+popularity + onboarding-genre content, with epsilon-greedy / Thompson exploration over fresh
+items and a propensity for every shown item.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from serving import metrics as m
+from serving.validation import RecommendQuery
+from tandem import bundle as B
+from tandem import features as F
+from tandem import ranking_features as RF
+from tandem import schema as s
+from tandem.ab import Experiment, Variant
+from tandem.ann import AnnIndex
+from tandem.diversify import mmr
+from tandem.exploration import epsilon_greedy, thompson
+from tandem.impressions import Feed, ImpressionSink, NullSink
+from tandem.retrieval import SOURCE_BITS, SOURCES, CandidatePool, merge, source_names
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+# online-store reads run here so a slow store can be abandoned at its deadline (shared by all
+# engines: a hot reload must not leak threads)
+_STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="online-store")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Knobs of the request path; an A/B variant may override any of them.
+
+    Candidate counts per source, MMR (``mmr_lambda`` in [0, 1], over the top ``mmr_pool`` of the
+    ranked list), cold-start exploration (``exploration`` = ``epsilon_greedy`` | ``thompson``),
+    and the per-stage deadlines in milliseconds: the online store read is abandoned after
+    ``online_store_timeout_ms``; if retrieval ends later than ``rank_deadline_ms`` into the
+    request, ranking is skipped and retrieval order is served.
+    """
+
+    max_k: int = 100
+    n_two_tower: int = 500
+    n_als: int = 200
+    n_session: int = 100
+    n_fresh: int = 50
+    n_popular: int = 100
+    fresh_days: float = 14.0
+    mmr_lambda: float = 0.7
+    mmr_pool: int = 100
+    exploration: str = "epsilon_greedy"
+    epsilon: float = 0.1
+    n_cold_exploit: int = 200
+    n_cold_explore: int = 200
+    online_store_timeout_ms: float = 20.0
+    rank_deadline_ms: float = 60.0
+    ranker_backend: str = "auto"  # auto (lleaves when installed) | lleaves | lightgbm
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> ServingConfig:
+        return replace(self, **dict(overrides)) if overrides else self
+
+
+# ------------------------------------------------------------------------------ online store
+
+@dataclass(frozen=True)
+class UserRows:
+    """Raw feature rows of one user (``tandem.features`` field names); None = not stored."""
+
+    user: Mapping[str, Any] | None = None
+    session: Mapping[str, Any] | None = None
+
+
+class OnlineStore(Protocol):
+    """Per-request user/session lookup; may raise or be slow (the engine guards it)."""
+
+    def fetch(self, user_id: str) -> UserRows: ...
+
+
+class NoStore:
+    """No online store: every user reads as unknown (features take their defaults)."""
+
+    def fetch(self, user_id: str) -> UserRows:
+        return UserRows()
+
+
+class FeastStore:
+    """The Feast online store: one ``get_online_features`` call for the user's profile,
+    activity and session rows (``tandem.feature_store.USER_REFS``); never per candidate."""
+
+    def __init__(self, feature_store):
+        from tandem.feature_store import USER_REFS
+
+        self.store, self.refs = feature_store, list(USER_REFS)
+        self.session_fields = {f.name for f in F.SESSION_FIELDS}
+
+    def fetch(self, user_id: str) -> UserRows:
+        cols = self.store.get_online_features(features=self.refs,
+                                              entity_rows=[{s.USER_ID: user_id}]).to_dict()
+        values = {k: v[0] for k, v in cols.items() if k != s.USER_ID and v[0] is not None}
+        user = {k: v for k, v in values.items() if k not in self.session_fields}
+        session = {k: v for k, v in values.items() if k in self.session_fields}
+        return UserRows(user or None, session or None)
+
+
+class MemoryStore:
+    """Rows held in dicts (tests, the benchmark's fast path): ``{user_id: row}``."""
+
+    def __init__(self, users: Mapping[str, Mapping[str, Any]],
+                 sessions: Mapping[str, Mapping[str, Any]] | None = None):
+        self.users, self.sessions = users, sessions or {}
+
+    def fetch(self, user_id: str) -> UserRows:
+        return UserRows(self.users.get(user_id), self.sessions.get(user_id))
+
+
+# ------------------------------------------------------------------------------------- parts
+
+class Ranker:
+    """The bundle's LightGBM model, compiled with lleaves when available (same scores)."""
+
+    def __init__(self, model_file: Path, backend: str = "auto", cache_dir: Path | None = None):
+        import lightgbm as lgb
+
+        self.booster = lgb.Booster(model_file=str(model_file))
+        self.n_features = self.booster.num_feature()
+        self.compiled = None
+        if backend in ("auto", "lleaves"):
+            try:
+                self.compiled = _compile_lleaves(Path(model_file), cache_dir)
+            except ImportError:
+                if backend == "lleaves":
+                    raise
+        self.backend = "lleaves" if self.compiled is not None else "lightgbm"
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Scores [n] float64 for features [n, n_features]."""
+        if self.compiled is not None:
+            return self.compiled.predict(np.ascontiguousarray(x, dtype=np.float64), n_jobs=1)
+        return self.booster.predict(x, num_threads=1)
+
+
+def _compile_lleaves(model_file: Path, cache_dir: Path | None):
+    """lleaves model compiled once per model text (cached as ``<sha256>.so``)."""
+    import lleaves
+
+    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()[:24]
+    cache = Path(cache_dir or Path.home() / ".cache" / "tandem" / "lleaves")
+    cache.mkdir(parents=True, exist_ok=True)
+    compiled = lleaves.Model(model_file=str(model_file))
+    compiled.compile(cache=str(cache / f"{digest}.so"), fblocksize=34)
+    return compiled
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """Item feature rows in catalog order, held in memory (the fast path).
+
+    Attributes
+    ----------
+    static : float32 [n_items, len(F.ITEM_FEATURES)], time columns filled per request
+    last_event_ts, created_at : float64 [n_items] epoch ms (0 = unknown)
+    """
+
+    static: np.ndarray
+    last_event_ts: np.ndarray
+    created_at: np.ndarray
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, item_ids: pd.Index) -> ItemFeatures:
+        """Raw ``F.ITEM_FIELDS`` rows keyed by ``item_id``; catalog items without a row get
+        defaults (a new item reads like the feature store's default row)."""
+        frame = frame.drop_duplicates(s.ITEM_ID, keep="last").set_index(s.ITEM_ID)
+        aligned = frame.reindex(item_ids)
+        static, last_ts, created = F.item_static_matrix(
+            {c: aligned[c].to_numpy(object) for c in aligned.columns})
+        return cls(static, last_ts, created)
+
+    def take(self, rows: np.ndarray, now_ms: int) -> np.ndarray:
+        """Feature rows [len(rows), n_item_features] relative to ``now_ms``."""
+        return F.fill_item_times(self.static[rows].copy(), self.last_event_ts[rows],
+                                 self.created_at[rows], now_ms)
+
+
+class ItemTable(Protocol):
+    """Item features in catalog order: ``static`` [n, n_item_features] and ``take(rows, now)``
+    (``ItemFeatures`` here, or ``tandem.feature_store.ItemFeatureTable`` over Feast)."""
+
+    @property
+    def static(self) -> np.ndarray: ...
+
+    def take(self, rows: np.ndarray, now_ms: int) -> np.ndarray: ...
+
+
+ItemTableFactory = Callable[[np.ndarray], ItemTable]  # catalog item ids -> aligned table
+
+
+@dataclass
+class Result:
+    """One answered request (engine side; the servicer turns it into a reply)."""
+
+    request_id: str
+    model_version: str
+    item_ids: list[str]
+    scores: np.ndarray
+    source_masks: np.ndarray
+    propensities: np.ndarray
+    explanations: list[str]
+    cold_start: bool = False
+    fallbacks: list[str] = field(default_factory=list)
+    experiment: str = ""
+    variant: str = ""
+    stages_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _Clock:
+    """Per-request stage timer: records into metrics and ``stages_ms``."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.stages[name] = self.stages.get(name, 0.0) + seconds * 1000.0
+            m.STAGE_SECONDS.labels(name).observe(seconds)
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1000.0
+
+
+def _fallback(result_fallbacks: list[str], reason: str) -> None:
+    result_fallbacks.append(reason)
+    m.FALLBACKS.labels(reason).inc()
+
+
+# ------------------------------------------------------------------------------------ engine
+
+class Engine:
+    """Everything one bundle version needs to answer requests; read-only after ``load``.
+
+    Attributes
+    ----------
+    version : registry version (or ``local``) reported as ``model_version``
+    item_ids : object array [n_items] in catalog order; ``item_index`` maps id -> row
+    popularity, created_at : [n_items] from ``items.parquet``
+    item_vectors : float32 [n_items, d] two-tower vectors; ``main_index`` searches them
+    als_items : float32 [n_items, f]; ``als_users`` [n_users, f] rows of ``user_index``;
+        ``als_index`` searches item factors (inner product, possibly via the L2 transform)
+    tower : numpy user tower; ranker : :class:`Ranker`; space : ranking_features.ItemSpace
+    item_features : :class:`ItemFeatures` aligned to the catalog
+    """
+
+    def __init__(self, bundle_dir: Path, version: str, item_features: ItemTableFactory | None,
+                 cfg: ServingConfig, cache_dir: Path | None = None):
+        from tandem.user_tower import UserTower
+
+        root = Path(bundle_dir)
+        self.bundle_dir, self.version = root, str(version)
+        self.manifest = B.BundleManifest.load(root)
+        items = pd.read_parquet(root / B.ITEMS)
+        self.item_ids = items[s.ITEM_ID].astype(str).to_numpy(object)
+        self.item_index = pd.Index(self.item_ids)
+        self.n_items = len(self.item_ids)
+        self.popularity = items["popularity"].to_numpy(np.float32)
+        self.created_at = items[s.CREATED_AT].to_numpy(np.int64)
+        users = pd.read_parquet(root / B.USERS) if (root / B.USERS).exists() else None
+        self.user_index = pd.Index(users[s.USER_ID].astype(str) if users is not None else [])
+        self.item_vectors = np.load(root / B.TT_ITEM_VECTORS, mmap_mode=None)
+        self.als_items = np.load(root / B.ALS_ITEM_FACTORS)
+        self.als_users = np.load(root / B.ALS_USER_FACTORS)
+        self.main_index = AnnIndex.load(root / B.INDEX_MAIN)
+        self.als_index = AnnIndex.load(root / B.INDEX_ALS)
+        self.tower = UserTower.load(root / B.TT_USER_TOWER, self.item_vectors)
+        self.ranker = Ranker(root / B.RANKER_MODEL, cfg.ranker_backend, cache_dir)
+        if self.ranker.n_features != len(RF.FEATURE_NAMES):
+            raise ValueError(f"ranker expects {self.ranker.n_features} features, "
+                             f"ranking_features builds {len(RF.FEATURE_NAMES)}")
+        self.space = RF.ItemSpace(RF.unit_rows(self.als_items), _load_cooc(root, self.n_items))
+        self.item_features = (item_features(self.item_ids) if item_features is not None
+                              else ItemFeatures.from_frame(pd.DataFrame(
+                                  {s.ITEM_ID: self.item_ids, "item_created_at": self.created_at}),
+                                  self.item_index))
+        # precomputed source lists (catalog rows, best first)
+        self.popular = np.argsort(-self.popularity, kind="stable")[: max(cfg.n_popular,
+                                                                        cfg.n_cold_exploit)]
+        self.newest = np.argsort(-self.created_at, kind="stable")[: max(cfg.n_fresh,
+                                                                       cfg.n_cold_explore)]
+        genres = self.item_features.static[:, F.ITEM_GENRE_SLICE] > 0  # [n_items, N_GENRES]
+        by_pop = np.argsort(-self.popularity, kind="stable")
+        self.genre_top = {g: by_pop[genres[by_pop, j]][: cfg.n_cold_exploit]
+                          for j, g in enumerate(F.GENRE_VOCAB)}
+
+    # --------------------------------------------------------------------------- helpers
+    def rows_of(self, item_ids) -> np.ndarray:
+        """Catalog rows of ``item_ids`` (unknown ids dropped), order kept."""
+        if len(item_ids) == 0:
+            return np.zeros(0, dtype=np.int64)
+        rows = self.item_index.get_indexer(list(item_ids))
+        return rows[rows >= 0].astype(np.int64)
+
+    def _fetch(self, store: OnlineStore, user_id: str, cfg: ServingConfig,
+               fallbacks: list[str]) -> UserRows:
+        future = _STORE_POOL.submit(store.fetch, user_id)
+        try:
+            return future.result(timeout=cfg.online_store_timeout_ms / 1000.0)
+        except FutureTimeout:
+            future.cancel()
+            _fallback(fallbacks, "online_store_timeout")
+        except Exception:  # noqa: BLE001 - any store failure degrades, never fails the request
+            log.exception("online store failed")
+            _fallback(fallbacks, "online_store_error")
+        return UserRows()
+
+    def _tower_feats(self, user_raw: Mapping[str, Any]) -> np.ndarray | None:
+        """Tower profile input from raw online fields (``age_bucket`` <- ``user_age_bucket``)."""
+        spec = self.tower.user_spec
+        if spec is None or self.tower.user_feat_dim == 0:
+            return None
+        values = tuple(user_raw.get(name, user_raw.get(f"user_{name}")) for name, _ in spec.fields)
+        return self._encode_profile(values)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one engine per bundle, few profiles
+    def _encode_profile(self, values: tuple) -> np.ndarray:
+        """``user_spec.encode`` of one profile: a pure function of a few categorical values."""
+        spec = self.tower.user_spec
+        out = spec.encode({name: [v] for (name, _), v in zip(spec.fields, values, strict=True)})[0]
+        out.setflags(write=False)  # shared by every request with this profile
+        return out
+
+    def _search(self, index: AnnIndex, queries: np.ndarray, k: int) -> np.ndarray:
+        """Catalog rows [n_queries, k] (-1 padded) nearest by inner product."""
+        return index.search(queries, k)[1]
+
+    def _item_matrix(self, rows: np.ndarray, now_ms: int) -> np.ndarray:
+        """Ranker item features of catalog ``rows`` at ``now_ms`` (in-memory fast path)."""
+        return self.item_features.take(rows, now_ms)
+
+    # --------------------------------------------------------------------------- recommend
+    def recommend(self, q: RecommendQuery, cfg: ServingConfig, store: OnlineStore) -> Result:
+        clock = _Clock()
+        fallbacks: list[str] = []
+        now_ms = q.ts or int(time.time() * 1000)
+        with clock.stage("online_store"):
+            rows = self._fetch(store, q.user_id, cfg, fallbacks)
+        session = rows.session or {}
+        recent_ids = list(q.session_item_ids) + list(session.get(s.SESSION_RECENT_ITEMS) or [])
+        history = pd.unique(self.rows_of(recent_ids))  # newest first, deduplicated
+        exclude = np.concatenate([history, self.rows_of(q.exclude_item_ids)])
+        user_row = int(self.user_index.get_indexer([q.user_id])[0]) if len(self.user_index) \
+            else -1
+        if rows.user is None and user_row < 0 and len(history) == 0:
+            if "online_store_timeout" in fallbacks or "online_store_error" in fallbacks:
+                result = self._degraded(q, exclude, clock)  # unknown because the store failed
+            else:
+                result = self._cold(q, cfg, exclude, now_ms, clock)
+        else:
+            result = self._warm(q, cfg, rows, history, exclude, user_row, now_ms, clock,
+                                fallbacks)
+        result.fallbacks = fallbacks + result.fallbacks
+        result.stages_ms = clock.stages
+        return result
+
+    def _warm(self, q: RecommendQuery, cfg: ServingConfig, rows: UserRows, history: np.ndarray,
+              exclude: np.ndarray, user_row: int, now_ms: int, clock: _Clock,
+              fallbacks: list[str]) -> Result:
+        lists: list[tuple[str, np.ndarray, np.ndarray]] = []
+        user_raw = dict(rows.user or {})
+        with clock.stage("user_tower"):
+            try:
+                user_vec = self.tower.encode(self._tower_feats(user_raw), history[:20])
+            except Exception:  # noqa: BLE001
+                log.exception("user tower failed")
+                _fallback(fallbacks, "user_tower_error")
+                user_vec = None
+        with clock.stage("ann"):
+            try:
+                lists += self._two_tower_lists(user_vec, history, cfg)
+            except Exception:  # noqa: BLE001
+                log.exception("two-tower retrieval failed")
+                _fallback(fallbacks, "two_tower_error")
+            try:
+                lists += self._als_list(user_row, history, cfg)
+            except Exception:  # noqa: BLE001
+                log.exception("ALS retrieval failed")
+                _fallback(fallbacks, "als_error")
+        with clock.stage("merge"):
+            fresh = self.newest[self.created_at[self.newest] >= now_ms - cfg.fresh_days * DAY_MS]
+            fresh = fresh[: cfg.n_fresh]
+            popular = self.popular[: cfg.n_popular]
+            lists.append(("fresh", fresh, self.created_at[fresh].astype(np.float32)))
+            lists.append(("popularity", popular, self.popularity[popular]))
+            pool = merge(lists, exclude, self.n_items)
+            for name, count in pool.count_by_source().items():
+                if count:
+                    m.CANDIDATES.labels(name).inc(count)
+            m.POOL_SIZE.observe(len(pool))
+        scores = None
+        if clock.elapsed_ms() > cfg.rank_deadline_ms:
+            _fallback(fallbacks, "rank_deadline")
+        elif len(pool):
+            try:
+                with clock.stage("features"):
+                    x = self._features(pool, lists, user_raw, rows.session, history, q, now_ms)
+                with clock.stage("ranker"):
+                    scores = self.ranker.predict(x)
+            except Exception:  # noqa: BLE001
+                log.exception("ranking failed")
+                _fallback(fallbacks, "ranker_error")
+        if scores is None:
+            scores = _retrieval_order(pool)
+        with clock.stage("mmr"):
+            top = np.argsort(-scores, kind="stable")[: cfg.mmr_pool]
+            order = top[mmr(scores[top], self.item_vectors[pool.rows[top]], q.k, cfg.mmr_lambda)]
+        picked = pool.take(order)
+        return Result(_request_id(), self.version, list(self.item_ids[picked.rows]),
+                      scores[order], picked.source_mask, np.ones(len(order)),
+                      [_explain(int(mk)) for mk in picked.source_mask])
+
+    def _two_tower_lists(self, user_vec: np.ndarray | None, history: np.ndarray,
+                         cfg: ServingConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """User-vector and session-centroid neighbours, in ONE index call."""
+        queries, names = [], []
+        if user_vec is not None:
+            queries.append(user_vec)
+            names.append(("two_tower", cfg.n_two_tower))
+        if len(history):
+            queries.append(self.item_vectors[history[:5]].mean(axis=0))
+            names.append(("session", cfg.n_session))
+        if not queries:
+            return []
+        found = self._search(self.main_index, np.vstack(queries), max(n for _, n in names))
+        out = []
+        for (name, n), qv, hits in zip(names, queries, found, strict=True):
+            hits = hits[:n]
+            hits = hits[hits >= 0]
+            out.append((name, hits, self.item_vectors[hits] @ qv))
+        return out
+
+    def _als_list(self, user_row: int, history: np.ndarray,
+                  cfg: ServingConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """ALS neighbours of the user's factors (or of the recent items' mean factor)."""
+        if user_row >= 0:
+            query = self.als_users[user_row]
+        elif len(history):
+            query = self.als_items[history].mean(axis=0)
+        else:
+            return []
+        hits = self._search(self.als_index, query[None], cfg.n_als)[0]
+        hits = hits[hits >= 0]
+        return [("als", hits, self.als_items[hits] @ query)]
+
+    def _features(self, pool: CandidatePool, lists, user_raw: Mapping[str, Any],
+                  session_raw: Mapping[str, Any] | None, history: np.ndarray,
+                  q: RecommendQuery, now_ms: int) -> np.ndarray:
+        """The ranker matrix through ``tandem.ranking_features`` (the training code path)."""
+        n = len(pool)
+        sources = {}
+        for name, hits, scores in lists:
+            if name not in RF.SOURCES:
+                continue
+            pos = np.searchsorted(pool.rows, hits)
+            ok = (pos < n) & (pool.rows[np.minimum(pos, n - 1)] == hits)
+            score = np.full(n, np.nan, dtype=np.float32)
+            rank = np.full(n, np.nan, dtype=np.float32)
+            score[pos[ok]] = np.asarray(scores, dtype=np.float32)[ok]
+            rank[pos[ok]] = np.flatnonzero(ok) + 1.0
+            sources[f"{name}_score"], sources[f"{name}_rank"] = score, rank
+        user_m = F.user_matrix(_one(user_raw), now_ms)
+        session_m = F.session_matrix(_one(session_raw or {}), now_ms)
+        recent = np.full((1, RF.N_RECENT), RF.PAD, dtype=np.int64)
+        recent[0, : min(len(history), RF.N_RECENT)] = history[: RF.N_RECENT]
+        hour = np.array([(now_ms // 3_600_000) % 24], dtype=np.float32)
+        device = _device_code(q.device)
+        return RF.build_features(np.zeros(n, dtype=np.int64), pool.rows, sources, user_m,
+                                 self._item_matrix(pool.rows, now_ms), session_m, hour,
+                                 device, recent, self.space)
+
+    def _degraded(self, q: RecommendQuery, exclude: np.ndarray, clock: _Clock) -> Result:
+        """Popularity only (the online store failed and nothing else identifies the user)."""
+        with clock.stage("merge"):
+            rows = self.popular[~np.isin(self.popular, exclude)][: q.k]
+        mask = np.full(len(rows), SOURCE_BITS["popularity"], dtype=np.int64)
+        return Result(_request_id(), self.version, list(self.item_ids[rows]),
+                      self.popularity[rows].astype(np.float64), mask, np.ones(len(rows)),
+                      [_explain(SOURCE_BITS["popularity"])] * len(rows))
+
+    def _cold(self, q: RecommendQuery, cfg: ServingConfig, exclude: np.ndarray, now_ms: int,
+              clock: _Clock) -> Result:
+        """Popularity + onboarding-genre content, exploring fresh items; propensities logged."""
+        with clock.stage("cold_start"):
+            content = [self.genre_top[g] for g in q.onboarding_genres if g in self.genre_top]
+            lists = [("content", r, self.popularity[r]) for r in content]
+            lists.append(("popularity", self.popular[: cfg.n_cold_exploit],
+                          self.popularity[self.popular[: cfg.n_cold_exploit]]))
+            fresh = self.newest[self.created_at[self.newest] >= now_ms - cfg.fresh_days * DAY_MS]
+            fresh = fresh[: cfg.n_cold_explore]
+            exploit = merge(lists, np.concatenate([exclude, fresh]), self.n_items)
+            # content matches first, then by popularity
+            has_content = (exploit.source_mask & SOURCE_BITS["content"]) > 0
+            order = np.lexsort((-self.popularity[exploit.rows], ~has_content))
+            exploit = exploit.take(order)
+            explore = fresh[~np.isin(fresh, exclude)]
+            rng = np.random.default_rng()
+            # one array over both pools: exploit rows first, then explore rows
+            pool_rows = np.concatenate([exploit.rows, explore])
+            masks = np.concatenate([exploit.source_mask,
+                                    np.full(len(explore), SOURCE_BITS["fresh"])])
+            if cfg.exploration == "thompson":
+                clicks, imps = self._ctr_counts(pool_rows)
+                slate = thompson(clicks, imps, q.k, rng)
+                picks = slate.picks
+            else:
+                slate = epsilon_greedy(self.popularity[exploit.rows], len(explore), q.k,
+                                       cfg.epsilon, rng)
+                picks = np.where(slate.explored, len(exploit) + slate.picks, slate.picks)
+            rows, mask = pool_rows[picks], masks[picks]
+        m.COLD_START.inc()
+        return Result(_request_id(), self.version, list(self.item_ids[rows]), slate.score,
+                      mask.astype(np.int64), slate.propensity,
+                      [_explain(int(mk), explored=bool(x))
+                       for mk, x in zip(mask, slate.explored, strict=True)], cold_start=True)
+
+    def _ctr_counts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(clicks, impressions) over 7 days per row, from the item feature matrix (log1p)."""
+        cols = F.ITEM_FEATURES
+        imps = np.expm1(self.item_features.static[rows, cols.index("item_log_impressions_7d")])
+        ctr = self.item_features.static[rows, cols.index("item_ctr")]
+        return ctr * imps, imps
+
+    # --------------------------------------------------------------------------- similar
+    def similar(self, item_id: str, k: int) -> Result | None:
+        """``k`` nearest items to ``item_id`` in two-tower space; None for an unknown item."""
+        clock = _Clock()
+        row = int(self.item_index.get_indexer([item_id])[0])
+        if row < 0:
+            return None
+        with clock.stage("similar"):
+            vec = self.item_vectors[row]
+            hits = self._search(self.main_index, vec[None], k + 1)[0]
+            hits = hits[(hits >= 0) & (hits != row)][:k]
+            scores = self.item_vectors[hits] @ vec
+        mask = np.full(len(hits), SOURCE_BITS["similar"], dtype=np.int64)
+        return Result(_request_id(), self.version, list(self.item_ids[hits]),
+                      scores.astype(np.float64), mask, np.ones(len(hits)),
+                      ["close in the two-tower space"] * len(hits), stages_ms=clock.stages)
+
+
+def _load_cooc(root: Path, n_items: int):
+    """The ranker's co-occurrence matrix if the bundle ships one, else an empty one."""
+    import scipy.sparse as sp
+
+    path = root / getattr(B, "RANKER_COOC", "ranker/cooc.npz")
+    if path.exists():
+        return sp.load_npz(path).tocsr().astype(np.float32)
+    return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_code(device: str) -> np.ndarray:
+    """``ranking_features.device_codes`` of one device string ([1] float32), memoised."""
+    out = RF.device_codes(np.array([device], dtype=object))
+    out.setflags(write=False)
+    return out
+
+
+def _one(row: Mapping[str, Any]) -> dict[str, list]:
+    return {k: [v] for k, v in row.items()} if row else {s.USER_ID: [None]}
+
+
+def _retrieval_order(pool: CandidatePool) -> np.ndarray:
+    """Scores when the ranker is skipped: ALS order, then two-tower, then popularity.
+
+    Returns minus the position in that order, so higher is better like a ranker score.
+    """
+    cols = [pool.scores[:, SOURCES.index(name)] for name in ("popularity", "two_tower", "als")]
+    keys = [np.nan_to_num(-c, nan=np.inf) for c in cols]  # lexsort: last key is primary
+    order = np.lexsort(keys)
+    scores = np.empty(len(pool))
+    scores[order] = -np.arange(len(pool), dtype=np.float64)
+    return scores
+
+
+_EXPLAIN = {
+    "two_tower": "matches your taste profile", "als": "liked by people with similar history",
+    "session": "related to what you just watched", "fresh": "new on the catalog",
+    "popularity": "popular right now", "content": "in a genre you picked",
+    "similar": "similar item",
+}
+
+
+def _explain(mask: int, explored: bool = False) -> str:
+    """Short reason from the sources (first source leads, others are mentioned)."""
+    names = source_names(mask)
+    if not names:
+        return ""
+    text = _EXPLAIN[names[0]]
+    if len(names) > 1:
+        text += " (also: " + ", ".join(names[1:]) + ")"
+    return text + ("; exploring" if explored else "")
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex
+
+
+# ---------------------------------------------------------------------------------- the app
+
+BundleSource = Callable[[str], tuple[Path, str]]  # alias -> (bundle dir, version)
+VersionProbe = Callable[[str], str | None]  # alias -> current version (cheap)
+
+
+class App:
+    """Engines per alias, A/B assignment, hot reload and the impression hook.
+
+    Parameters
+    ----------
+    fetch_bundle : alias -> (local bundle dir, version); called on start and on each change
+    probe_version : alias -> version the alias points at now (None: unknown, keep serving)
+    experiment : the A/B split; its variants' aliases are loaded
+    store : per-request online store; sink : impression hook (default drops)
+    engine_cls : the Engine class (the benchmark's naive baseline subclasses it)
+    item_features : catalog ids -> item feature table (the fast path); default: item rows
+        from the bundle only (created_at), everything else at its default
+    """
+
+    def __init__(self, fetch_bundle: BundleSource, probe_version: VersionProbe,
+                 experiment: Experiment | None = None, cfg: ServingConfig | None = None,
+                 store: OnlineStore | None = None, sink: ImpressionSink | None = None,
+                 item_features: ItemTableFactory | None = None,
+                 cache_dir: Path | None = None, engine_cls: type[Engine] = Engine):
+        self.fetch_bundle, self.probe_version = fetch_bundle, probe_version
+        self.experiment = experiment or Experiment.single()
+        self.cfg = cfg or ServingConfig()
+        self.store = store or NoStore()
+        self.sink = sink or NullSink()
+        self.item_features = item_features
+        self.cache_dir = cache_dir
+        self.engine_cls = engine_cls
+        self.engines: dict[str, Engine] = {}
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        for alias in self.experiment.aliases:
+            self.engines = {**self.engines, alias: self._build(alias)}
+
+    def _build(self, alias: str) -> Engine:
+        bundle_dir, version = self.fetch_bundle(alias)
+        t0 = time.perf_counter()
+        engine = self.engine_cls(bundle_dir, version, self.item_features, self.cfg,
+                                 self.cache_dir)
+        m.MODEL_VERSION.labels(alias).set(float(version) if str(version).isdigit() else -1)
+        m.RELOADS.labels(alias, "loaded").inc()
+        log.info("alias %s: loaded version %s from %s in %.1f s (ranker %s)", alias, version,
+                 bundle_dir, time.perf_counter() - t0, engine.ranker.backend)
+        return engine
+
+    # ------------------------------------------------------------------------- requests
+    def recommend(self, q: RecommendQuery) -> Result:
+        variant = self.experiment.assign(q.user_id)
+        engines = self.engines  # one snapshot for the whole request
+        cfg = self.cfg.with_overrides(variant.overrides)
+        result = engines[variant.alias].recommend(q, cfg, self.store)
+        result.experiment, result.variant = self.experiment.name, variant.name
+        m.VARIANTS.labels(self.experiment.name, variant.name).inc()
+        self._log(q, result)
+        return result
+
+    def similar(self, item_id: str, k: int) -> Result | None:
+        return self.engines[self.experiment.variants[0].alias].similar(item_id, k)
+
+    def _log(self, q: RecommendQuery, result: Result) -> None:
+        try:
+            self.sink.log(Feed(result.request_id, q.user_id, q.ts or int(time.time() * 1000),
+                               result.item_ids, [float(p) for p in result.propensities],
+                               result.model_version, result.experiment, result.variant,
+                               q.device or None, q.country or None, q.surface or None))
+        except Exception:  # noqa: BLE001 - logging never fails a request
+            log.exception("impression sink failed")
+
+    def variant_of(self, user_id: str) -> Variant:
+        return self.experiment.assign(user_id)
+
+    # ------------------------------------------------------------------------- hot reload
+    def poll_once(self) -> list[str]:
+        """Reload every alias whose version moved; returns the aliases swapped."""
+        swapped = []
+        for alias in self.experiment.aliases:
+            try:
+                version = self.probe_version(alias)
+                current = self.engines.get(alias)
+                if version is None or (current is not None and current.version == str(version)):
+                    continue
+                engine = self._build(alias)
+            except Exception:  # noqa: BLE001 - a bad new bundle keeps the old one serving
+                log.exception("reload of alias %s failed; still serving the old bundle", alias)
+                m.RELOADS.labels(alias, "failed").inc()
+                continue
+            self.engines = {**self.engines, alias: engine}  # atomic swap
+            swapped.append(alias)
+        return swapped
+
+    def start_polling(self, interval_s: float) -> None:
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                self.poll_once()
+
+        self._poller = threading.Thread(target=loop, name="registry-poller", daemon=True)
+        self._poller.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=5)
+        self.sink.close()

@@ -1,0 +1,34 @@
+"""Prometheus metrics of the serving process (one set per process, shared by all engines).
+
+Scrape ``http://<host>:<metrics-port>/metrics``. Stage names match ``Engine`` stages
+(``online_store``, ``user_tower``, ``ann``, ``merge``, ``features``, ``ranker``, ``mmr``,
+``cold_start``, ``similar``); fallback reasons match the response's ``fallbacks`` field.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_MS_BUCKETS = tuple(x / 1000.0 for x in (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 25, 35,
+                                         50, 75, 100, 250, 500, 1000))
+
+REQUEST_SECONDS = Histogram("tandem_request_seconds", "RPC latency inside the servicer",
+                            ["method"], buckets=_MS_BUCKETS)
+STAGE_SECONDS = Histogram("tandem_stage_seconds", "Latency of one request stage", ["stage"],
+                          buckets=_MS_BUCKETS)
+REQUESTS = Counter("tandem_requests_total", "RPCs answered, by status code", ["method", "code"])
+CANDIDATES = Counter("tandem_candidates_total", "Retrieved candidates, by source", ["source"])
+POOL_SIZE = Histogram("tandem_candidate_pool_size", "Deduplicated candidates ranked per request",
+                      buckets=(0, 50, 100, 200, 400, 600, 800, 1000, 1500))
+FALLBACKS = Counter("tandem_fallbacks_total", "Degraded answers, by reason", ["reason"])
+VARIANTS = Counter("tandem_variant_requests_total", "Recommend requests per A/B variant",
+                   ["experiment", "variant"])
+MODEL_VERSION = Gauge("tandem_model_version", "Registry version served per alias", ["alias"])
+RELOADS = Counter("tandem_reloads_total", "Bundle (re)loads, by outcome", ["alias", "outcome"])
+COLD_START = Counter("tandem_cold_start_total", "Recommend requests served by the cold path")
+
+
+def serve(port: int, addr: str = "127.0.0.1") -> int:
+    """Start the ``/metrics`` HTTP endpoint in a daemon thread; returns the port."""
+    start_http_server(port, addr=addr)
+    return port

@@ -1,0 +1,86 @@
+"""The gRPC servicer: validate, call the app, build the reply. No decisions are made here.
+
+Bad input becomes ``INVALID_ARGUMENT`` (serving.validation), an unknown item for SimilarItems
+``NOT_FOUND``; any other error is ``INTERNAL`` with a generic message, logged with its traceback,
+so the process never crashes on input.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from serving import metrics as m
+from serving.app import App, Result
+from serving.validation import InvalidRequest, parse_recommend, parse_similar
+from tandem.contracts import recommender_v1_pb2 as pb
+from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
+from tandem.retrieval import SOURCES
+
+log = logging.getLogger(__name__)
+
+# tandem.retrieval source name -> proto enum value (CANDIDATE_SOURCE_<NAME>)
+_SOURCE_ENUM = {name: pb.CandidateSource.Value(f"CANDIDATE_SOURCE_{name.upper()}")
+                for name in SOURCES}
+
+
+def _items(result: Result) -> list[pb.ScoredItem]:
+    return [
+        pb.ScoredItem(item_id=item_id, score=float(score), explanation=why,
+                      propensity=float(prop), position=pos,
+                      sources=[_SOURCE_ENUM[n] for i, n in enumerate(SOURCES) if mask >> i & 1])
+        for pos, (item_id, score, mask, prop, why) in enumerate(zip(
+            result.item_ids, result.scores.tolist(), result.source_masks.tolist(),
+            result.propensities.tolist(), result.explanations, strict=True))
+    ]
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """Translates ``tandem.serving.v1.Recommender`` RPCs to :class:`serving.app.App` calls."""
+
+    def __init__(self, app: App):
+        self.app = app
+
+    def Recommend(self, request, context):  # noqa: N802 - gRPC method name
+        t0 = time.perf_counter()
+        try:
+            query = parse_recommend(request, self.app.cfg.max_k)
+            result = self.app.recommend(query)
+        except InvalidRequest as exc:
+            _done("Recommend", "INVALID_ARGUMENT", t0)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception:  # noqa: BLE001 - never leak an exception to the transport
+            log.exception("Recommend failed")
+            _done("Recommend", "INTERNAL", t0)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        _done("Recommend", "OK", t0)
+        return pb.RecommendResponse(
+            request_id=result.request_id, model_version=result.model_version,
+            experiment=result.experiment, variant=result.variant, items=_items(result),
+            cold_start=result.cold_start, fallbacks=result.fallbacks)
+
+    def SimilarItems(self, request, context):  # noqa: N802 - gRPC method name
+        t0 = time.perf_counter()
+        try:
+            item_id, k = parse_similar(request, self.app.cfg.max_k)
+            result = self.app.similar(item_id, k)
+        except InvalidRequest as exc:
+            _done("SimilarItems", "INVALID_ARGUMENT", t0)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception:  # noqa: BLE001
+            log.exception("SimilarItems failed")
+            _done("SimilarItems", "INTERNAL", t0)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        if result is None:
+            _done("SimilarItems", "NOT_FOUND", t0)
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown item_id {item_id!r}")
+        _done("SimilarItems", "OK", t0)
+        return pb.SimilarItemsResponse(request_id=result.request_id,
+                                       model_version=result.model_version, items=_items(result))
+
+
+def _done(method: str, code: str, t0: float) -> None:
+    m.REQUESTS.labels(method, code).inc()
+    m.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - t0)

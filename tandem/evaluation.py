@@ -1,0 +1,528 @@
+"""The offline evaluation protocol: temporal holdout, retrieval sources, two-stage ranking.
+
+Protocol (issue 4):
+
+- **split**: per user, events sorted by time form a sequence; the last ``floor(0.2 * n)`` are the
+  test set, the rest training. Ties in time are broken by a fixed hash of ``event_id`` (MovieLens
+  users rate many films in the same second; sorting ties by item id would put high ids, i.e.
+  newer and rarer films, into the test set and bias every model).
+- **relevant**: :func:`tandem.dataset.positives` (rating >= 4 for explicit data, any positive
+  engagement otherwise); items seen in training are never recommended; metrics average over users
+  with at least one relevant test item.
+- **models**, all fit on the same training data: popularity, ALS alone, two-tower alone, and the
+  two-stage system (union of ALS top-``als_k``, two-tower top-``two_tower_k`` and popular fill,
+  re-ranked by LightGBM).
+- **ranker labels** come from an INNER temporal split of the training data (same rule): sources
+  are fit on the inner training part, their candidates for each user are labelled with that
+  user's inner-holdout positives, and the ranker learns on them. The sources are then refit on
+  the full training data for the test pass (quality probe in ``../shared/notes``).
+
+Entity features are computed point-in-time at each user's request time (the time of the user's
+first held-out event) with the :mod:`tandem.features` transforms, from raw rows that
+:func:`user_rows` / :func:`item_rows_at` / :func:`session_rows` derive from the history; the
+feature store's historical path serves the same raw fields to ``jobs/train_ranker.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+
+from tandem import als as A
+from tandem import features as F
+from tandem import metrics as M
+from tandem import ranker as R
+from tandem import ranking_features as RF
+from tandem import schema as S
+from tandem.dataset import Dataset, positives
+
+EVAL_CONFIG: dict[str, Any] = {
+    "test_fraction": 0.2,
+    "k": 10,
+    "retrieval_k": 500,  # recall@retrieval_k per source
+    "als_k": 200,
+    "two_tower_k": 500,
+    "popular_k": 50,
+    "play_dwell_ms": 30_000,  # a play this long counts as positive (non-explicit data)
+    "als": A.ALS_CONFIG,
+    "ranker": R.RANKER_CONFIG,
+    "ranker_negative_rate": 0.3,  # share of negative candidates kept for ranker training
+    # TwoTowerConfig overrides; None disables the source. One thread: deterministic, and
+    # OpenMP spinning made 2 threads ~10x slower on a busy 2-core machine.
+    "two_tower": {"num_threads": 1},
+}
+MODELS = ("popularity", "als", "two_tower", "two_stage")
+SESSION_RECENT_MAX = 20  # items a user_session row keeps (tandem.schema)
+WINDOWS_MS = {"1h": 3_600_000, "24h": 86_400_000, "7d": 7 * 86_400_000}
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    """Default progress callback: say nothing."""
+
+
+# ------------------------------------------------------------------------------------ the split
+
+def temporal_split(events: pd.DataFrame, test_fraction: float = 0.2
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, test): each user's last ``floor(test_fraction * n)`` events by time are test.
+
+    Ties in ``ts`` are ordered by a fixed (seedless, platform-independent) hash of ``event_id``.
+    Both frames keep the input columns and are sorted by (user, ts).
+    """
+    tie = pd.util.hash_pandas_object(events[S.EVENT_ID], index=False).to_numpy()
+    order = np.lexsort((tie, events[S.TS].to_numpy(), events[S.USER_ID].to_numpy()))
+    ordered = events.iloc[order].reset_index(drop=True)
+    users = ordered[S.USER_ID]
+    pos = ordered.groupby(users, sort=False).cumcount().to_numpy()
+    n = users.map(users.value_counts()).to_numpy()
+    n_test = np.floor(test_fraction * n + 1e-9).astype(np.int64)
+    is_test = pos >= n - n_test
+    return ordered[~is_test].reset_index(drop=True), ordered[is_test].reset_index(drop=True)
+
+
+def relevant_pairs(test: pd.DataFrame, play_dwell_ms: int | None) -> pd.DataFrame:
+    """Distinct (user_id, item_id) of the positive test events."""
+    rel = test.loc[positives(test, play_dwell_ms), [S.USER_ID, S.ITEM_ID]]
+    return rel.drop_duplicates().reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- index and sources
+
+@dataclass
+class Catalog:
+    """Dense indices: items in catalog order, users in id order; genres aligned to items."""
+
+    user_ids: pd.Index
+    item_ids: pd.Index
+    items: pd.DataFrame  # catalog rows, item_ids order
+    users: pd.DataFrame  # profile rows, user_ids order (missing users get null rows)
+
+    def genre_lists(self) -> pa.ListArray:
+        """Each catalog item's genres as a pyarrow list array (null where unknown)."""
+        return pa.array([list(g) if isinstance(g, (list, tuple, np.ndarray)) else None
+                         for g in self.items[S.GENRES]], type=pa.list_(pa.string()))
+
+    @classmethod
+    def of(cls, data: Dataset) -> Catalog:
+        item_ids = pd.Index(data.items[S.ITEM_ID].astype(str))
+        extra = pd.Index(pd.unique(data.events[S.ITEM_ID])).difference(item_ids)
+        items = pd.concat([data.items, pd.DataFrame({S.ITEM_ID: extra})], ignore_index=True)
+        ids = pd.Index(pd.unique(pd.concat([data.events[S.USER_ID], data.users[S.USER_ID]])))
+        user_ids = pd.Index(sorted(ids, key=lambda u: (len(u), u)))
+        users = data.users.set_index(S.USER_ID).reindex(user_ids).reset_index()
+        return cls(user_ids, item_ids.append(extra), items.reset_index(drop=True), users)
+
+
+@dataclass
+class Fitted:
+    """The retrieval sources fit on one history, plus what ranking features need from it.
+
+    Attributes
+    ----------
+    seen : float32 CSR [n_users, n_items], 1 where the user interacted in the history
+    popularity : float64 [n_items], distinct users per item in the history
+    als : ALS factors over the catalog's user/item order
+    tower : two-tower model (or None when disabled/unavailable)
+    space : ALS unit vectors and co-occurrence for the recency features
+    """
+
+    history: pd.DataFrame
+    seen: sp.csr_matrix
+    popularity: np.ndarray
+    als: A.AlsFactors
+    tower: Any
+    space: RF.ItemSpace
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _indexed(events: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:
+    """Events with int ``user_idx``/``item_idx`` columns added."""
+    return events.assign(user_idx=catalog.user_ids.get_indexer(events[S.USER_ID]),
+                         item_idx=catalog.item_ids.get_indexer(events[S.ITEM_ID]))
+
+
+def fit_sources(history: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any] = EVAL_CONFIG,
+                progress: Progress = _quiet) -> Fitted:
+    """Fit popularity, ALS and (when configured) the two-tower model on ``history``."""
+    timings = {}
+    hist = _indexed(history, catalog)
+    shape = (len(catalog.user_ids), len(catalog.item_ids))
+    seen = sp.csr_matrix((np.ones(len(hist), np.float32), (hist["user_idx"], hist["item_idx"])),
+                         shape=shape)
+    seen.data[:] = 1.0
+    popularity = np.asarray(seen.sum(axis=0), dtype=np.float64).ravel()
+    progress("fitting ALS")
+    t0 = time.perf_counter()
+    pairs = A.pair_confidence(history, cfg["als"])
+    matrix = A.confidence_matrix(pairs, catalog.user_ids, catalog.item_ids)
+    als = A.fit_als(matrix, catalog.user_ids, catalog.item_ids, cfg["als"])
+    timings["als_fit_s"] = time.perf_counter() - t0
+    tower = None
+    if cfg.get("two_tower") is not None:
+        progress("fitting two-tower")
+        t0 = time.perf_counter()
+        tower = _fit_tower(hist, catalog, cfg)
+        timings["two_tower_fit_s"] = time.perf_counter() - t0
+    space = RF.ItemSpace(RF.unit_rows(als.item_factors), RF.cooccurrence(seen))
+    return Fitted(history, seen, popularity, als, tower, space, timings)
+
+
+def _fit_tower(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
+    """Two-tower on the history's positive interactions (``tandem.two_tower``)."""
+    from tandem.tower_features import ItemContentSpec
+    from tandem.two_tower import TwoTowerConfig, train_two_tower
+
+    spec = ItemContentSpec.fit(catalog.items[S.GENRES].tolist())
+    content = spec.encode(catalog.items[S.GENRES].tolist(),
+                          catalog.items[S.RELEASE_YEAR].tolist())
+    train = hist.loc[positives(hist, cfg["play_dwell_ms"]), ["user_idx", "item_idx", S.TS]]
+    tt_cfg = TwoTowerConfig(**cfg["two_tower"])
+    return train_two_tower(train, content, cfg=tt_cfg, n_users=len(catalog.user_ids),
+                           item_spec=spec)
+
+
+def source_scores(fitted: Fitted, user_rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Exact scores [len(user_rows), n_items] per source (float32)."""
+    n_items = fitted.seen.shape[1]
+    out = {"popularity": np.broadcast_to(fitted.popularity.astype(np.float32),
+                                         (len(user_rows), n_items)),
+           "als": fitted.als.scores(user_rows)}
+    if fitted.tower is not None:
+        out["two_tower"] = (fitted.tower.user_vectors()[user_rows]
+                            @ fitted.tower.item_vectors().T).astype(np.float32)
+    return out
+
+
+def top_lists(scores: np.ndarray, k: int, seen: sp.csr_matrix, user_rows: np.ndarray
+              ) -> pd.DataFrame:
+    """(user_row, item, score, rank) of each user's top-``k`` unseen items."""
+    idx, val = A.top_k_items(scores, k, exclude=seen[user_rows])
+    kk = idx.shape[1]
+    frame = pd.DataFrame({"user_row": np.repeat(user_rows, kk), "item": idx.ravel(),
+                          "score": val.ravel(), "rank": np.tile(np.arange(1, kk + 1),
+                                                                len(user_rows))})
+    return frame[np.isfinite(frame["score"])]
+
+
+def candidates(fitted: Fitted, user_rows: np.ndarray, cfg: dict[str, Any],
+               scores: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Union of the sources' top lists: (user_row, item, <src>_score, <src>_rank), NaN if absent.
+
+    Sorted by (user_row, item) so rows of one user are contiguous (one ranker group).
+    """
+    scores = scores if scores is not None else source_scores(fitted, user_rows)
+    depth = {"als": cfg["als_k"], "two_tower": cfg["two_tower_k"], "popularity": cfg["popular_k"]}
+    frames = []
+    for src, s in scores.items():
+        top = top_lists(s, depth[src], fitted.seen, user_rows)
+        frames.append(top.rename(columns={"score": f"{src}_score", "rank": f"{src}_rank"})
+                      .set_index(["user_row", "item"]))
+    union = pd.concat(frames, axis=1).sort_index().reset_index()
+    return union
+
+
+# ------------------------------------------------------------------ raw entity rows (in-process)
+
+def _window_counts(keys: np.ndarray, ts: np.ndarray, weights: np.ndarray | None,
+                   q_keys: np.ndarray, q_ts: np.ndarray, window_ms: float | None
+                   ) -> np.ndarray:
+    """Per query, sum of ``weights`` (or count) of events with the same key and ts in
+    [q_ts - window, q_ts). Events must be sorted by (key, ts); keys are ints < 2**21."""
+    comp = keys.astype(np.int64) * (1 << 42) + ts.astype(np.int64)
+    hi = np.searchsorted(comp, q_keys.astype(np.int64) * (1 << 42) + q_ts, side="left")
+    lo_ts = q_ts - (window_ms if window_ms is not None else (1 << 42))
+    lo = np.searchsorted(comp, q_keys.astype(np.int64) * (1 << 42) + np.maximum(lo_ts, 0),
+                         side="left")
+    if weights is None:
+        return (hi - lo).astype(np.float64)
+    cum = np.r_[0.0, np.cumsum(weights, dtype=np.float64)]
+    return cum[hi] - cum[lo]
+
+
+def user_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray, now_ms: np.ndarray,
+              play_dwell_ms: int | None) -> pd.DataFrame:
+    """Raw user feature rows (``features.USER_FIELDS``) for user ``rows`` as of ``now_ms``."""
+    hist = _indexed(history, catalog)
+    hist = hist[hist[S.EVENT_TYPE] != S.IMPRESSION]
+    hist = hist.sort_values(["user_idx", S.TS], kind="stable")
+    keys, ts = hist["user_idx"].to_numpy(), hist[S.TS].to_numpy(np.int64)
+    pos = positives(hist, play_dwell_ms).astype(np.float64)
+    is_rating = (hist[S.EVENT_TYPE] == S.RATING).to_numpy()
+    value = np.where(is_rating, pd.to_numeric(hist[S.VALUE], errors="coerce").fillna(0.0), 0.0)
+    out = {f"user_events_{w}": _window_counts(keys, ts, None, rows, now_ms, ms)
+           for w, ms in WINDOWS_MS.items()}
+    out["user_events_total"] = _window_counts(keys, ts, None, rows, now_ms, None)
+    out["user_positives_7d"] = _window_counts(keys, ts, pos, rows, now_ms, WINDOWS_MS["7d"])
+    n_ratings = _window_counts(keys, ts, is_rating.astype(float), rows, now_ms, None)
+    sum_ratings = _window_counts(keys, ts, value, rows, now_ms, None)
+    out["user_ratings_total"] = n_ratings
+    out["user_avg_rating"] = ((sum_ratings + F.RATING_PRIOR_WEIGHT * F.DEFAULT_RATING)
+                              / (n_ratings + F.RATING_PRIOR_WEIGHT))
+    last = pd.Series(ts).groupby(keys).max()
+    out["user_last_event_ts"] = last.reindex(rows).fillna(0).to_numpy()
+    profile = catalog.users.iloc[rows]
+    out["user_signup_ts"] = pd.to_numeric(profile[S.SIGNUP_TS], errors="coerce").fillna(0)
+    out["user_age_bucket"] = profile[S.AGE_BUCKET].to_numpy(object)
+    out["user_gender"] = profile[S.GENDER].to_numpy(object)
+    # share of the user's positives per genre (GENRE_VOCAB order)
+    positive = hist[pos > 0]
+    pos_matrix = sp.csr_matrix(
+        (np.ones(len(positive), np.float32), (positive["user_idx"], positive["item_idx"])),
+        shape=(len(catalog.user_ids), len(catalog.item_ids)))
+    genre_counts = np.asarray(pos_matrix[rows] @ F.genre_multi_hot(catalog.items[S.GENRES]))
+    share = genre_counts / np.maximum(genre_counts.sum(axis=1, keepdims=True), 1.0)
+    out["user_genre_affinity"] = list(share.astype(np.float32))
+    return pd.DataFrame({k: (list(v) if k == "user_genre_affinity" else np.asarray(v))
+                         for k, v in out.items()})
+
+
+def item_rows_at(history: pd.DataFrame, catalog: Catalog, items: np.ndarray,
+                 now_ms: np.ndarray) -> dict[str, Any]:
+    """Raw item feature columns (``features.ITEM_FIELDS``), one row per (item, now) query.
+
+    Returned as a column mapping (genres as a pyarrow list array, no per-row Python objects).
+
+    Popularity windows, rating mean and last-event time are point-in-time: only history events
+    strictly before the query's ``now_ms`` count.
+    """
+    hist = _indexed(history, catalog).sort_values(["item_idx", S.TS], kind="stable")
+    keys, ts = hist["item_idx"].to_numpy(), hist[S.TS].to_numpy(np.int64)
+    etype = hist[S.EVENT_TYPE].to_numpy()
+    engaged = (etype != S.IMPRESSION).astype(np.float64)
+    is_rating = (etype == S.RATING).astype(np.float64)
+    value = np.where(is_rating > 0, pd.to_numeric(hist[S.VALUE], errors="coerce").fillna(0.0),
+                     0.0)
+    out = {f"item_pop_{w}": _window_counts(keys, ts, engaged, items, now_ms, ms)
+           for w, ms in WINDOWS_MS.items()}
+    out["item_pop_total"] = _window_counts(keys, ts, engaged, items, now_ms, None)
+    week = WINDOWS_MS["7d"]
+    imps = _window_counts(keys, ts, (etype == S.IMPRESSION).astype(float), items, now_ms, week)
+    clicks = _window_counts(keys, ts, (etype == S.CLICK).astype(float), items, now_ms, week)
+    out["item_impressions_7d"], out["item_clicks_7d"] = imps, clicks
+    out["item_ctr"] = (clicks + F.CTR_PRIOR_A) / (imps + F.CTR_PRIOR_A + F.CTR_PRIOR_B)
+    n_ratings = _window_counts(keys, ts, is_rating, items, now_ms, None)
+    sums = _window_counts(keys, ts, value, items, now_ms, None)
+    out["item_ratings_total"] = n_ratings
+    out["item_avg_rating"] = ((sums + F.RATING_PRIOR_WEIGHT * F.DEFAULT_RATING)
+                              / (n_ratings + F.RATING_PRIOR_WEIGHT))
+    comp = keys.astype(np.int64) * (1 << 42) + ts
+    before = np.searchsorted(comp, items.astype(np.int64) * (1 << 42) + now_ms, side="left") - 1
+    has = (before >= 0) & (keys[np.maximum(before, 0)] == items) if len(keys) else before >= 0
+    out["item_last_event_ts"] = np.where(has, ts[np.maximum(before, 0)] if len(ts) else 0, 0)
+    content = catalog.items.iloc[items]
+    out["item_genres"] = catalog.genre_lists().take(pa.array(items))
+    out["item_release_year"] = pd.to_numeric(content[S.RELEASE_YEAR], errors="coerce").fillna(0)
+    out["item_duration_s"] = pd.to_numeric(content[S.DURATION_S], errors="coerce").fillna(0)
+    out["item_created_at"] = pd.to_numeric(content[S.CREATED_AT], errors="coerce").fillna(0)
+    return {k: v if k == "item_genres" else np.asarray(v, dtype=np.float64)
+            for k, v in out.items()}
+
+
+def session_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray,
+                 n_recent: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Raw ``user_session`` rows (the user's last session in the history) and recent items.
+
+    Returns
+    -------
+    raw : DataFrame of ``features.SESSION_FIELDS`` for ``rows``
+    recent : int [len(rows), n_recent] the user's last items overall, newest first, PAD-filled
+    """
+    hist = _indexed(history, catalog)
+    hist = hist[hist["user_idx"].isin(rows) & (hist[S.EVENT_TYPE] != S.IMPRESSION)]
+    tie = pd.util.hash_pandas_object(hist[S.EVENT_ID], index=False).to_numpy()
+    hist = hist.iloc[np.lexsort((tie, hist[S.TS].to_numpy(), hist["user_idx"].to_numpy()))]
+    u, ts = hist["user_idx"].to_numpy(), hist[S.TS].to_numpy(np.int64)
+    new_session = np.r_[True, (u[1:] != u[:-1]) | (np.diff(ts) >= S.SESSION_GAP_MS)]
+    session_no = np.cumsum(new_session)
+    last_session = pd.Series(session_no).groupby(u).transform("max").to_numpy()
+    sess = hist[session_no == last_session]
+    # newest first within each user
+    rev = sess.iloc[::-1]
+    rank = rev.groupby("user_idx", sort=False).cumcount().to_numpy()
+    items_by_user = rev[rank < SESSION_RECENT_MAX].groupby("user_idx")[S.ITEM_ID].agg(list)
+    genre_of = pd.Series(catalog.items[S.GENRES].to_numpy(), index=catalog.item_ids)
+    genres = rev[["user_idx", S.ITEM_ID]].assign(g=rev[S.ITEM_ID].map(genre_of)).explode("g")
+    genres = genres.dropna().drop_duplicates(["user_idx", "g"])
+    genres_by_user = genres.groupby("user_idx")["g"].agg(lambda g: list(g)[:5])
+    agg = sess.groupby("user_idx").agg(start=(S.TS, "min"), last=(S.TS, "max"),
+                                       length=(S.TS, "size"))
+    counts = pd.crosstab(sess["user_idx"], sess[S.EVENT_TYPE])
+    raw = pd.DataFrame({
+        S.SESSION_RECENT_ITEMS: items_by_user.reindex(rows).tolist(),
+        S.SESSION_RECENT_GENRES: genres_by_user.reindex(rows).tolist(),
+        S.SESSION_LENGTH: agg["length"].reindex(rows).fillna(0).to_numpy(),
+        S.SESSION_START_TS: agg["start"].reindex(rows).fillna(0).to_numpy(),
+        S.SESSION_LAST_TS: agg["last"].reindex(rows).fillna(0).to_numpy(),
+    })
+    for t in S.EVENT_TYPES:
+        col = counts[t] if t in counts.columns else pd.Series(dtype=float)
+        raw[S.SESSION_COUNT_PREFIX + t] = col.reindex(rows).fillna(0).to_numpy()
+    raw[S.SESSION_RECENT_ITEMS] = [v if isinstance(v, list) else None
+                                   for v in raw[S.SESSION_RECENT_ITEMS]]
+    raw[S.SESSION_RECENT_GENRES] = [v if isinstance(v, list) else None
+                                    for v in raw[S.SESSION_RECENT_GENRES]]
+    # recent items over the whole history (not only the last session), newest first
+    hrank = hist.iloc[::-1].groupby("user_idx", sort=False).cumcount().to_numpy()[::-1]
+    last_n = hist[hrank < n_recent]
+    recent = np.full((len(rows), n_recent), RF.PAD, dtype=np.int64)
+    where = pd.Index(rows).get_indexer(last_n["user_idx"])
+    recent[where, hrank[hrank < n_recent]] = last_n["item_idx"].to_numpy()
+    return raw, recent
+
+
+@dataclass
+class Requests:
+    """Who is ranked and when: one request per user row."""
+
+    user_rows: np.ndarray  # int [m]
+    now_ms: np.ndarray  # int64 [m], the request time (the user's first held-out event)
+    device: np.ndarray  # object [m], ctx_device of that event
+
+
+def requests_from(heldout: pd.DataFrame, catalog: Catalog, users: pd.Index) -> Requests:
+    """One request per user in ``users``, at the time of their first held-out event."""
+    first = heldout.sort_values(S.TS, kind="stable").drop_duplicates(S.USER_ID)
+    first = first.set_index(S.USER_ID).reindex(users)
+    return Requests(catalog.user_ids.get_indexer(users), first[S.TS].to_numpy(np.int64),
+                    first[S.CTX_DEVICE].to_numpy(object))
+
+
+def feature_matrix(fitted: Fitted, catalog: Catalog, req: Requests, cands: pd.DataFrame,
+                   cfg: dict[str, Any]) -> np.ndarray:
+    """:func:`ranking_features.build_features` for ``cands`` of the requests' users."""
+    local = pd.Index(req.user_rows).get_indexer(cands["user_row"])
+    urows = user_rows(fitted.history, catalog, req.user_rows, req.now_ms, cfg["play_dwell_ms"])
+    user_mat = F.user_matrix(urows, req.now_ms)
+    items = cands["item"].to_numpy()
+    irows = item_rows_at(fitted.history, catalog, items, req.now_ms[local])
+    item_mat = F.item_matrix(irows, req.now_ms[local])
+    sess, recent = session_rows(fitted.history, catalog, req.user_rows, RF.N_RECENT)
+    session_mat = F.session_matrix(sess, req.now_ms)
+    hour = ((req.now_ms // 3_600_000) % 24).astype(np.float32)
+    sources = {c: cands[c].to_numpy(np.float32) for c in cands.columns
+               if c.endswith(("_score", "_rank"))}
+    return RF.build_features(local, items, sources, user_mat, item_mat, session_mat, hour,
+                             RF.device_codes(req.device), recent, fitted.space)
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+def _pred_frame(catalog: Catalog, user_rows: np.ndarray, items: np.ndarray,
+                scores: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({M.USER: catalog.user_ids[user_rows], M.ITEM: catalog.item_ids[items],
+                         M.PREDICTION: scores})
+
+
+def score_models(pred: pd.DataFrame, rel: pd.DataFrame, train: pd.DataFrame, catalog: Catalog,
+                 k: int) -> dict[str, float]:
+    """Every metric of ``tandem.metrics`` at ``k`` for one model's predictions."""
+    out = {name.replace("_at_k", f"@{k}"): fn(rel, pred, k=k) for name, fn in M.METRICS.items()}
+    vectors = pd.DataFrame(F.genre_multi_hot(catalog.items[S.GENRES]), index=catalog.item_ids)
+    out[f"coverage@{k}"] = M.catalog_coverage(pred, len(catalog.item_ids), k)
+    out[f"diversity@{k}"] = M.intra_list_diversity(pred, vectors, k)
+    out[f"novelty@{k}"] = M.novelty(pred, train, k)
+    return out
+
+
+def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
+                    progress: Progress = _quiet):
+    """Ranker from the inner temporal split of ``train``: (model, n rows, n groups)."""
+    inner_train, inner_val = temporal_split(train, cfg["test_fraction"])
+    fitted = fit_sources(inner_train, catalog, cfg, progress)
+    rel = relevant_pairs(inner_val, cfg["play_dwell_ms"])
+    users = pd.Index(pd.unique(rel[S.USER_ID]))
+    req = requests_from(inner_val, catalog, users)
+    progress("ranker candidates")
+    cands = candidates(fitted, req.user_rows, cfg)
+    label_keys = pd.MultiIndex.from_arrays([catalog.user_ids.get_indexer(rel[S.USER_ID]),
+                                            catalog.item_ids.get_indexer(rel[S.ITEM_ID])])
+    labels = pd.MultiIndex.from_arrays([cands["user_row"], cands["item"]]).isin(label_keys)
+    has_pos = pd.Series(labels).groupby(cands["user_row"].to_numpy()).transform("any").to_numpy()
+    keep = has_pos & R.sample_negatives(labels, cfg["ranker_negative_rate"],
+                                        cfg["ranker"]["random_state"])
+    cands, labels = cands[keep].reset_index(drop=True), labels[keep]
+    progress("ranker features")
+    X = feature_matrix(fitted, catalog, req, cands, cfg)
+    progress("ranker training")
+    model = R.train_ranker(X, labels.astype(np.int32), cands["user_row"].to_numpy(),
+                           cfg["ranker"])
+    return model, len(cands), int(cands["user_row"].nunique())
+
+
+def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
+             progress: Progress = _quiet) -> dict[str, Any]:
+    """Run the whole protocol on one dataset; returns the report dict (see jobs/evaluate.py)."""
+    t_start = time.perf_counter()
+    k = cfg["k"]
+    catalog = Catalog.of(data)
+    progress("temporal split")
+    train, test = temporal_split(data.events, cfg["test_fraction"])
+    rel = relevant_pairs(test, cfg["play_dwell_ms"])
+    users = pd.Index(pd.unique(rel[S.USER_ID]))
+    rows = catalog.user_ids.get_indexer(users)
+
+    t0 = time.perf_counter()
+    ranker, n_rows, n_groups = train_two_stage(train, catalog, cfg, progress)
+    t_ranker = time.perf_counter() - t0
+    progress("refitting sources on the full training data")
+    fitted = fit_sources(train, catalog, cfg, progress)
+    scores = source_scores(fitted, rows)
+
+    preds, retrieval = {}, {}
+    for src, s in scores.items():
+        top = top_lists(s, cfg["retrieval_k"], fitted.seen, rows)
+        retrieval[src] = M.recall_at_k(rel, _pred_frame(catalog, top["user_row"].to_numpy(),
+                                                        top["item"].to_numpy(), -top["rank"]),
+                                       k=cfg["retrieval_k"])
+        head = top[top["rank"] <= k]
+        preds[src] = _pred_frame(catalog, head["user_row"].to_numpy(), head["item"].to_numpy(),
+                                 -head["rank"].to_numpy(float))
+    progress("two-stage: candidates, features, ranking")
+    t0 = time.perf_counter()
+    req = requests_from(test, catalog, users)
+    cands = candidates(fitted, rows, cfg, scores)
+    X = feature_matrix(fitted, catalog, req, cands, cfg)
+    ranked = R.predict(ranker, X)
+    t_rank = time.perf_counter() - t0
+    union = _pred_frame(catalog, cands["user_row"].to_numpy(), cands["item"].to_numpy(),
+                        np.zeros(len(cands)))
+    retrieval["combined"] = M.recall_at_k(rel, union, k=len(catalog.item_ids))
+    preds["two_stage"] = _pred_frame(catalog, cands["user_row"].to_numpy(),
+                                     cands["item"].to_numpy(), ranked)
+
+    progress("metrics")
+    models = {name: score_models(preds[name], rel, train, catalog, k)
+              for name in MODELS if name in preds}
+    if "two_tower" not in preds:
+        models["two_tower"] = {"missing": "two-tower source disabled or unavailable"}
+    return {
+        "dataset": data.name,
+        "protocol": {
+            "split": f"per-user temporal holdout, last {cfg['test_fraction']:.0%} of each "
+                     "user's events by time (ties by event_id hash) are test",
+            "relevant": "rating >= 4 for explicit data, any positive engagement otherwise",
+            "filter": "items seen in training are excluded",
+            "users": "averaged over users with >= 1 relevant test item",
+            "k": k, "n_users": int(len(users)), "n_test_relevant": int(len(rel)),
+            "n_train_events": int(len(train)), "n_test_events": int(len(test)),
+            "ranker": "LightGBM lambdarank on retrieval candidates, labels from an inner "
+                      "temporal split of training data; sources refit on full training data",
+        },
+        "models": models,
+        "retrieval": {f"recall@{cfg['retrieval_k']}": {k_: v for k_, v in retrieval.items()
+                                                        if k_ != "combined"},
+                      "recall_combined": retrieval["combined"],
+                      "candidates_per_user": float(len(cands) / max(len(users), 1))},
+        "timings_s": {"ranker_train_total": t_ranker, **fitted.timings,
+                      "two_stage_test_pass": t_rank,
+                      "total": time.perf_counter() - t_start},
+        "ranker": {"rows": n_rows, "groups": n_groups},
+    }

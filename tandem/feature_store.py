@@ -1,0 +1,320 @@
+"""The Feast repo as callable steps, and the ranker's fast online path.
+
+Steps (the DAGs and ``make demo`` call these; each is idempotent):
+
+- :func:`render` places ``feature_repo/{feature_store.yaml,definitions.py}`` in the state's
+  ``feast/`` folder (``Paths.feast``), so tests and the demo never write into the source repo.
+  The profile is the embedded default (SQLite online store) or ``redis``
+  (``TANDEM_FEAST_ONLINE=redis``, connection in ``TANDEM_FEAST_REDIS``).
+- :func:`apply` registers the objects of ``definitions.py``.
+- :func:`materialize` loads the rows with ``event_timestamp`` in ``[start, end]`` into the online
+  store (incremental: a DAG run passes its own data interval; earlier rows stay online).
+
+Serving never calls Feast per candidate: :class:`ItemFeatureTable` holds the catalog's item
+features as columnar numpy arrays loaded from the online store at model load (``refresh()`` after
+each materialization), and :func:`fetch_user_features` reads only the user's rows (profile,
+activity, session) with a deadline, falling back to defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tandem import features as F
+from tandem import schema as s
+from tandem.config import REPO_ROOT, Paths
+
+FEATURE_REPO = REPO_ROOT / "feature_repo"
+PROFILES = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yaml"}
+REDIS_PLACEHOLDER = "${TANDEM_FEAST_REDIS}"
+USER_REFS = tuple(
+    [f"{s.USER_PROFILE_VIEW}:{n}" for n, _ in s.USER_PROFILE_FIELDS]
+    + [f"{s.USER_ACTIVITY_VIEW}:{n}" for n, _ in s.USER_ACTIVITY_FIELDS]
+    + [f"{s.SESSION_FEATURE_VIEW}:{n}" for n, _ in s.SESSION_FIELDS])
+ITEM_REFS = tuple(
+    [f"{s.ITEM_CONTENT_VIEW}:{n}" for n, _ in s.ITEM_CONTENT_FIELDS]
+    + [f"{s.ITEM_POPULARITY_VIEW}:{n}" for n, _ in s.ITEM_POPULARITY_FIELDS])
+_ARROW = {"int64": pa.int64(), "float32": pa.float32(), "string": pa.string(),
+          "string_list": pa.list_(pa.string()), "float32_list": pa.list_(pa.float32())}
+_ROW = "_tandem_row"
+_USER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tandem-user-features")
+
+
+def session_source_path(paths: Paths) -> Path:
+    """The parquet folder behind the session push source (the training copy of pushed rows).
+
+    The folder must match ``feature_repo/definitions.py`` (``lake/features/session/*.parquet``).
+    """
+    return paths.lake / "features" / "session"
+
+
+def session_arrow_schema() -> pa.Schema:
+    """Column order of the session batch source (offline pushes must match it exactly)."""
+    return pa.schema([(s.USER_ID, pa.string()), (s.EVENT_TIMESTAMP, pa.timestamp("us", "UTC"))]
+                     + [(n, _ARROW[t]) for n, t in s.SESSION_FIELDS])
+
+
+def render(paths: Paths, profile: str | None = None, redis: str | None = None) -> Path:
+    """Write the Feast repo into ``paths.feast`` and return that folder.
+
+    Parameters
+    ----------
+    profile : "sqlite" (default, or ``TANDEM_FEAST_ONLINE``) or "redis".
+    redis : "host:port" for the redis profile; None leaves ``${TANDEM_FEAST_REDIS}`` for Feast
+        to expand from the environment when it loads the yaml.
+    """
+    profile = profile or os.environ.get("TANDEM_FEAST_ONLINE", "sqlite")
+    repo = paths.feast
+    repo.mkdir(parents=True, exist_ok=True)
+    text = (FEATURE_REPO / PROFILES[profile]).read_text()
+    if redis is not None:
+        text = text.replace(REDIS_PLACEHOLDER, redis)
+    (repo / "feature_store.yaml").write_text(text)
+    for name in ("definitions.py", ".feastignore"):
+        shutil.copyfile(FEATURE_REPO / name, repo / name)
+    return repo
+
+
+def open_store(paths: Paths):
+    """A FeatureStore over the rendered repo in ``paths.feast`` (render/apply first)."""
+    from feast import FeatureStore
+
+    return FeatureStore(repo_path=str(paths.feast))
+
+
+def _definitions(paths: Paths) -> list:
+    """The Feast objects of ``feature_repo/definitions.py`` with sources in ``paths.lake``.
+
+    The file is loaded by path (not imported) with ``TANDEM_HOME`` set to ``paths.root`` for the
+    duration, which is how it finds its lake; the variable is restored afterwards.
+    """
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
+    spec = importlib.util.spec_from_file_location("tandem_feast_definitions",
+                                                  FEATURE_REPO / "definitions.py")
+    module = importlib.util.module_from_spec(spec)
+    before = os.environ.get("TANDEM_HOME")
+    os.environ["TANDEM_HOME"] = str(paths.root.resolve())
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if before is None:
+            os.environ.pop("TANDEM_HOME")
+        else:
+            os.environ["TANDEM_HOME"] = before
+    kinds = (Entity, DataSource, FeatureView, FeatureService)
+    return [v for v in vars(module).values() if isinstance(v, kinds)]
+
+
+def apply(paths: Paths, profile: str | None = None, redis: str | None = None):
+    """Render the repo, register every object in it, and return the FeatureStore."""
+    render(paths, profile, redis)
+    store = open_store(paths)
+    store.apply(_definitions(paths))
+    return store
+
+
+def materialize(paths: Paths, start: datetime, end: datetime, store=None) -> dict:
+    """Load feature rows with ``start <= event_timestamp <= end`` into the online store.
+
+    Incremental by construction: each call moves only its interval; a row outside it that is
+    already online stays. Returns the interval and the views moved (for the DAG's log).
+    """
+    store = store or open_store(paths)
+    views = [s.USER_PROFILE_VIEW, s.USER_ACTIVITY_VIEW, s.ITEM_CONTENT_VIEW,
+             s.ITEM_POPULARITY_VIEW]
+    store.materialize(start_date=start, end_date=end, feature_views=views)
+    return {"start": start.isoformat(), "end": end.isoformat(), "views": len(views)}
+
+
+def session_frame(rows: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
+    """Session rows in the push source's exact column order, missing fields at defaults."""
+    frame = pd.DataFrame(rows)
+    for field in F.SESSION_FIELDS:
+        if field.name not in frame:
+            frame[field.name] = [F.default_row([field])[field.name]] * len(frame)
+    frame[s.EVENT_TIMESTAMP] = pd.to_datetime(frame[s.EVENT_TIMESTAMP], utc=True)
+    return frame[[f.name for f in session_arrow_schema()]]
+
+
+def push_session(store, rows: pd.DataFrame | Sequence[dict],
+                 offline_dir: Path | None = None) -> None:
+    """Push current-session rows (``user_id``, ``event_timestamp``, SESSION_* columns) online.
+
+    With ``offline_dir`` (:func:`session_source_path`) the same rows are also written there as
+    one new parquet file, so ranker training joins exactly the session values serving saw (no
+    stream/training drift). Feast's own ONLINE_AND_OFFLINE mode is not used: its file store
+    rewrites the whole file per push and then cannot read its own list columns back (0.67).
+    """
+    from feast.data_source import PushMode
+
+    frame = session_frame(rows)
+    store.push(s.SESSION_PUSH_SOURCE, frame, to=PushMode.ONLINE)
+    if offline_dir is not None and len(frame):
+        table = pa.Table.from_pandas(frame, schema=session_arrow_schema(), preserve_index=False)
+        Path(offline_dir).mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, Path(offline_dir) / f"part-{uuid.uuid4().hex}.parquet")
+
+
+def _has_rows(view) -> bool:
+    """Whether a view's parquet glob matches a file (DuckDB fails on an empty glob)."""
+    pattern = Path(view.batch_source.path)
+    anchor = next(i for i, part in enumerate(pattern.parts) if "*" in part)
+    root = Path(*pattern.parts[:anchor])
+    return any(root.glob(str(Path(*pattern.parts[anchor:]))))
+
+
+def training_frame(store, entity_df: pd.DataFrame) -> pd.DataFrame:
+    """Point-in-time joined raw features for ``entity_df`` (user_id, item_id, event_timestamp).
+
+    Every feature row joined to a label has ``event_timestamp <=`` the label's and lies within
+    its view's TTL; anything else comes back missing and turns into the default in the matrices.
+    Returns one row per ``entity_df`` row, in its order: each view of the ``ranker_v1`` service
+    is joined on its own and left-joined back on a row key, so a view without rows (the session
+    source before any push) or an offline store that drops unmatched rows (Feast's file/dask
+    store does, 0.67) leaves that view's columns missing instead of losing the row.
+    """
+    keyed = entity_df.reset_index(drop=True).assign(**{_ROW: np.arange(len(entity_df))})
+    out = keyed
+    for projection in store.get_feature_service(s.RANKER_SERVICE).feature_view_projections:
+        view = store.get_feature_view(projection.name)
+        refs = [f"{view.name}:{f.name}" for f in view.features]
+        if not _has_rows(view):
+            continue
+        joined = store.get_historical_features(entity_df=keyed, features=refs).to_df()
+        values = joined.drop(columns=list(entity_df.columns)).set_index(_ROW)
+        out = out.join(values, on=_ROW)
+    return out.drop(columns=_ROW)
+
+
+def training_matrices(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """User [n, U], item [n, I] and session [n, S] features of a :func:`training_frame`.
+
+    Each row is featurised at its own ``event_timestamp`` (the label time).
+    """
+    now = F.to_epoch_ms(frame[s.EVENT_TIMESTAMP])
+    return F.user_matrix(frame, now), F.item_matrix(frame, now), F.session_matrix(frame, now)
+
+
+def _online_columns(store, refs: Sequence[str], key: str, ids: Sequence[str]) -> dict:
+    rows = [{key: i} for i in ids]
+    return store.get_online_features(features=list(refs), entity_rows=rows).to_dict()
+
+
+class ItemFeatureTable:
+    """The catalog's item features as columnar arrays, indexed by catalog row.
+
+    Parameters
+    ----------
+    store : FeatureStore
+    item_ids : [N] item ids in catalog order (row ``i`` of every array is ``item_ids[i]``)
+    batch_size : ids per online read when loading
+
+    Attributes
+    ----------
+    static : [N, len(ITEM_FEATURES)] float32, the time columns left at 0
+    last_event_ts, created_at : [N] float64 epoch ms, for the time columns at ``take`` time
+    """
+
+    def __init__(self, store, item_ids: Sequence[str], batch_size: int = 5000):
+        self._store = store
+        self.item_ids = np.asarray(item_ids, dtype=object)
+        self._batch = batch_size
+        self._lock = threading.Lock()
+        self.refresh()
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def refresh(self) -> None:
+        """Reload every item's row from the online store (after each materialization).
+
+        The new arrays replace the old ones in one assignment, so concurrent ``take`` calls see
+        either the old table or the new one, never a mix.
+        """
+        parts = [_online_columns(self._store, ITEM_REFS, s.ITEM_ID,
+                                 list(self.item_ids[i:i + self._batch]))
+                 for i in range(0, len(self.item_ids), self._batch)]
+        cols = {f.name: [v for p in parts for v in p[f.name]] for f in F.ITEM_FIELDS}
+        with self._lock:
+            self._arrays = F.item_static_matrix(cols)
+
+    @property
+    def static(self) -> np.ndarray:
+        return self._arrays[0]
+
+    def take(self, idx: np.ndarray, now_ms) -> np.ndarray:
+        """Item features [len(idx), len(ITEM_FEATURES)] float32 of catalog rows ``idx`` at now."""
+        static, last_ts, created = self._arrays
+        return F.fill_item_times(static[idx], last_ts[idx], created[idx], now_ms)
+
+
+def _read_user(store, user_id: str) -> dict:
+    cols = _online_columns(store, USER_REFS, s.USER_ID, [user_id])
+    return {k: v[0] for k, v in cols.items()}
+
+
+def fetch_user_features(store, user_id: str,
+                        deadline_s: float | None = 0.025) -> tuple[dict, bool]:
+    """One user's raw profile, activity and session row, or defaults.
+
+    Parameters
+    ----------
+    deadline_s : the read runs on a worker thread and is abandoned after this long; None reads
+        in the calling thread (no thread hop, no deadline; for stores with their own timeouts,
+        e.g. Redis ``socket_timeout``).
+
+    Returns
+    -------
+    values : {field name: value} for ``USER_FIELDS + SESSION_FIELDS``; a missing user or value
+        holds its default (``tandem.features``), ready for ``user_vector`` / ``session_vector``.
+    ok : False when the store failed or missed ``deadline_s`` (values are then all defaults).
+    """
+    try:
+        if deadline_s is None:
+            row = _read_user(store, user_id)
+        else:
+            row = _USER_POOL.submit(_read_user, store, user_id).result(timeout=deadline_s)
+        ok = True
+    except (FutureTimeout, Exception):  # serving degrades to defaults; the caller counts ok
+        row, ok = {}, False
+    values = F.default_row(F.USER_FIELDS + F.SESSION_FIELDS)
+    values.update({k: v for k, v in row.items() if k in values and v is not None})
+    return values, ok
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m tandem.feature_store apply|materialize [--start ISO --end ISO] [--home DIR]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["apply", "materialize"])
+    parser.add_argument("--start", type=datetime.fromisoformat)
+    parser.add_argument("--end", type=datetime.fromisoformat)
+    parser.add_argument("--home", type=Path)
+    args = parser.parse_args(argv)
+    paths = Paths(args.home.resolve()) if args.home else Paths.default()
+    if args.step == "apply":
+        apply(paths)
+        print(json.dumps({"applied": str(paths.feast)}))
+    else:
+        print(json.dumps(materialize(paths, args.start, args.end)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The ranker's per-candidate feature matrix: one function for training and serving.
+
+A candidate is a (user, item) pair that retrieval returned. Its row concatenates, in
+:data:`FEATURE_NAMES` order:
+
+1. retrieval: each source's score and 1-based rank (NaN where that source did not return the
+   item; LightGBM treats NaN as missing), and how many sources returned it;
+2. entity features from :mod:`tandem.features` (user profile/activity, item content/popularity/
+   CTR/age, current session), exactly as the feature store's rows transform them;
+3. crosses and context: user x item genre affinity, request hour (UTC) and device code;
+4. recency: max / mean / newest cosine between the candidate and the user's last
+   :data:`N_RECENT` items in ALS item-factor space, and max / mean co-occurrence with them
+   normalised by popularity (cosine of the binary item columns). The quality probe found these
+   to carry most of the signal under a temporal split.
+
+Training (``tandem.evaluation``, ``jobs/train_ranker.py``) and serving call
+:func:`build_features` with the same arrays; nothing here loops over candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from tandem import features as F
+
+SOURCES: tuple[str, ...] = ("als", "two_tower", "popularity")
+N_RECENT = 5
+PAD = -1  # empty slot in a recent-items row
+DEVICES: tuple[str, ...] = ("web", "ios", "android", "tv")  # code 1..4; other 5; missing 0
+
+SOURCE_FEATURES: tuple[str, ...] = (
+    *(f"{src}_{kind}" for src in SOURCES for kind in ("score", "rank")), "n_sources")
+CONTEXT_FEATURES: tuple[str, ...] = ("genre_affinity_cross", "ctx_hour", "ctx_device_code")
+RECENCY_FEATURES: tuple[str, ...] = (
+    "recent_cos_max", "recent_cos_mean", "recent_cos_newest", "recent_cooc_max",
+    "recent_cooc_mean")
+FEATURE_NAMES: tuple[str, ...] = (
+    *SOURCE_FEATURES, *F.USER_FEATURES, *F.ITEM_FEATURES, *F.SESSION_FEATURES,
+    *CONTEXT_FEATURES, *RECENCY_FEATURES)
+
+
+@dataclass
+class ItemSpace:
+    """Item-item artifacts the recency features need (shipped with the ranker).
+
+    Attributes
+    ----------
+    unit_vectors : float32 [n_items, f], L2-normalised ALS item factors (zero rows allowed)
+    cooc : float32 CSR [n_items, n_items], co-occurrence / sqrt(pop_i * pop_j), zero diagonal
+    """
+
+    unit_vectors: np.ndarray
+    cooc: sp.csr_matrix
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), float32."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors, dtype=np.float32),
+                     where=norms > 0).astype(np.float32)
+
+
+def cooccurrence(interactions: sp.csr_matrix) -> sp.csr_matrix:
+    """Popularity-normalised item co-occurrence from a users x items matrix (binarised).
+
+    cooc[i, j] = |users with i and j| / sqrt(|users with i| * |users with j|), in [0, 1];
+    the diagonal is 0 so an item is not "similar" to itself.
+    """
+    binary = (interactions > 0).astype(np.float32).tocsc()
+    counts = binary.T @ binary
+    pop = np.asarray(binary.sum(axis=0)).ravel()
+    inv = sp.diags(np.where(pop > 0, 1.0 / np.sqrt(np.maximum(pop, 1.0)), 0.0).astype(np.float32))
+    cooc = (inv @ counts @ inv).tocsr()
+    cooc.setdiag(0.0)
+    cooc.eliminate_zeros()
+    return cooc.astype(np.float32)
+
+
+def recency_features(items: np.ndarray, recent: np.ndarray, space: ItemSpace) -> np.ndarray:
+    """[n, len(RECENCY_FEATURES)] float32 for candidate ``items`` [n] and their users' ``recent``.
+
+    ``recent`` is [n, R] item indices, newest first, ``PAD`` for empty slots. A row without
+    recent items gets NaN (missing) everywhere.
+    """
+    n, r = recent.shape
+    valid = recent >= 0
+    safe = np.where(valid, recent, 0)
+    cand = space.unit_vectors[items]  # [n, f]
+    cos = np.einsum("nf,nrf->nr", cand, space.unit_vectors[safe])
+    cooc = np.asarray(space.cooc[np.repeat(items, r), safe.ravel()]).reshape(n, r)
+    has = valid.any(axis=1)
+    count = np.maximum(valid.sum(axis=1), 1)
+    out = np.full((n, len(RECENCY_FEATURES)), np.nan, dtype=np.float32)
+    out[has, 0] = np.where(valid, cos, -np.inf).max(axis=1)[has]
+    out[has, 1] = (np.where(valid, cos, 0.0).sum(axis=1) / count)[has]
+    out[has, 2] = np.where(valid[:, 0], cos[:, 0], np.nan)[has]
+    out[has, 3] = np.where(valid, cooc, 0.0).max(axis=1)[has]
+    out[has, 4] = (np.where(valid, cooc, 0.0).sum(axis=1) / count)[has]
+    return out
+
+
+def device_codes(devices: np.ndarray) -> np.ndarray:
+    """1-based code in :data:`DEVICES`; 0 when missing/empty; ``len(DEVICES) + 1`` otherwise."""
+    values = pd.Series(devices, dtype=object).fillna("").to_numpy(object)
+    codes = pd.Categorical(values, categories=list(DEVICES)).codes.astype(np.float32) + 1.0
+    return np.where(codes > 0, codes, np.where(values == "", 0.0, len(DEVICES) + 1.0))
+
+
+def build_features(user_rows: np.ndarray, items: np.ndarray, sources: dict[str, np.ndarray],
+                   user_matrix: np.ndarray, item_matrix: np.ndarray,
+                   session_matrix: np.ndarray, hour: np.ndarray, device: np.ndarray,
+                   recent: np.ndarray, space: ItemSpace) -> np.ndarray:
+    """The ranker's input [n, len(FEATURE_NAMES)] float32 for n candidates.
+
+    Parameters
+    ----------
+    user_rows : int [n], each candidate's row in the per-user arrays below
+    items : int [n], each candidate's item index (catalog order, rows of ``space``)
+    sources : ``{"<source>_score": [n], "<source>_rank": [n]}`` float arrays, NaN where the
+        source did not return the candidate; absent keys are all-NaN
+    user_matrix : [n_users, len(F.USER_FEATURES)] from ``features.user_matrix`` at request time
+    item_matrix : [n, len(F.ITEM_FEATURES)] from ``features.item_matrix``, one row per
+        candidate (item features are relative to the candidate's request time)
+    session_matrix : [n_users, len(F.SESSION_FEATURES)] from ``features.session_matrix``
+    hour : [n_users] request hour 0-23 (UTC); device : [n_users] ``device_codes`` values
+    recent : [n_users, R] the user's last items (indices), newest first, ``PAD``-filled
+    space : ALS unit vectors and co-occurrence, see :class:`ItemSpace`
+    """
+    n = len(items)
+    src = np.column_stack(
+        [np.asarray(sources.get(name, np.full(n, np.nan)), dtype=np.float32)
+         for name in SOURCE_FEATURES[:-1]]) if n else np.zeros((0, len(SOURCE_FEATURES) - 1))
+    n_sources = (~np.isnan(src[:, 0::2])).sum(axis=1, dtype=np.float32)[:, None]
+    users = user_matrix[user_rows]
+    cross = F.genre_affinity_cross(users[:, F.USER_AFFINITY_SLICE],
+                                   item_matrix[:, F.ITEM_GENRE_SLICE])
+    blocks = [
+        src, n_sources, users, item_matrix, session_matrix[user_rows],
+        cross[:, None], hour[user_rows, None], device[user_rows, None],
+        recency_features(items, recent[user_rows], space),
+    ]
+    return np.hstack(blocks).astype(np.float32)

@@ -1,0 +1,144 @@
+"""What both stream consumers share: client settings, durable writes, stop signals, stats.
+
+Client settings follow the broker notes (../shared/notes/stack-feasibility.md, section 7): a
+6 s session timeout with 1 s heartbeats (tansu holds a JoinGroup for about half the session
+timeout, so kafka-python's 45 s default means a 23 s join), manual commits only, and a short fetch
+wait so a quiet topic does not add 500 ms to freshness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from prometheus_client import Histogram
+
+from tandem.streaming.codec import now_ms
+
+SESSION_TIMEOUT_MS = 6000
+HEARTBEAT_MS = 1000
+FRESHNESS = Histogram(
+    "tandem_stream_freshness_seconds",
+    "Produce time -> visible downstream (landing file durable / online store pushed)",
+    ["consumer"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+
+
+def make_consumer(bootstrap: str, group: str, topic: str,
+                  listener: ConsumerRebalanceListener | None = None,
+                  max_poll_records: int = 5000) -> KafkaConsumer:
+    """A group member of ``topic`` with manual commits, starting from the earliest offset."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, client_id=f"{group}-{os.getpid()}",
+        enable_auto_commit=False, auto_offset_reset="earliest",
+        session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_MS,
+        fetch_max_wait_ms=50, max_poll_records=max_poll_records,
+        max_partition_fetch_bytes=4 * 1024 * 1024)
+    if listener is None:
+        consumer.subscribe([topic])
+    else:
+        consumer.subscribe([topic], listener=listener)
+    return consumer
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(path: Path, data: bytes) -> None:
+    """Write ``path`` so that after a crash it is either absent or complete.
+
+    Temp file in the same folder (a dot name, ignored by ``*.jsonl`` readers), fsync, rename over
+    the target (atomic on POSIX), then fsync the folder so the rename itself survives a crash.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT so a consumer finishes its batch, commits and exits."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, *_: object) -> None:
+        self.event.set()
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+
+class StreamStats:
+    """Counters and a freshness sample window, written as JSON for benches and ``make demo``.
+
+    ``freshness_ms`` percentiles are over the last ``window`` events (a ring buffer), so a bench
+    can read p50/p99 at steady state. The file is replaced atomically at most every ``every_s``.
+    """
+
+    def __init__(self, consumer: str, path: Path | None, window: int = 200_000,
+                 every_s: float = 1.0) -> None:
+        self.consumer = consumer
+        self.path = path
+        self.counts: dict[str, int] = {"records": 0}
+        self.first_ms: int | None = None
+        self.last_ms: int | None = None
+        self._ring = np.zeros(window, dtype=np.float64)
+        self._n = 0
+        self._every_s = every_s
+        self._written = 0.0
+        self._hist = FRESHNESS.labels(consumer)
+
+    def add(self, name: str, n: int) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def processed(self, produce_ms: np.ndarray, visible_ms: int) -> None:
+        """``produce_ms`` (records,) record timestamps made visible at ``visible_ms``."""
+        if produce_ms.size == 0:
+            return
+        lag_s = (visible_ms - produce_ms) / 1000.0
+        for v in lag_s:
+            self._hist.observe(v)
+        idx = (self._n + np.arange(lag_s.size)) % self._ring.size
+        self._ring[idx] = lag_s * 1000.0
+        self._n += lag_s.size
+        self.counts["records"] += int(produce_ms.size)
+        self.first_ms = self.first_ms or visible_ms
+        self.last_ms = visible_ms
+        self.maybe_write()
+
+    def snapshot(self) -> dict[str, Any]:
+        window = self._ring[: min(self._n, self._ring.size)]
+        p50, p99, pmax = (np.percentile(window, [50, 99, 100]).round(1).tolist()
+                          if window.size else (None, None, None))
+        return {"consumer": self.consumer, "pid": os.getpid(), "written_ms": now_ms(),
+                "counts": self.counts, "first_visible_ms": self.first_ms,
+                "last_visible_ms": self.last_ms,
+                "freshness_ms": {"n": int(window.size), "p50": p50, "p99": p99, "max": pmax}}
+
+    def maybe_write(self, force: bool = False) -> None:
+        if self.path is None or (not force and time.monotonic() - self._written < self._every_s):
+            return
+        self._written = time.monotonic()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.parent / f".{self.path.name}.tmp"
+        tmp.write_text(json.dumps(self.snapshot()))
+        os.replace(tmp, self.path)

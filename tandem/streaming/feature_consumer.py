@@ -1,0 +1,224 @@
+"""Real-time session features from the event stream (group ``tandem-features``).
+
+For every poll: decode and validate the records (rejects go to the dead-letter topic), fold each
+event into its user's :class:`~tandem.streaming.session_state.SessionState`, then push one row per
+changed user to the Feast push source ``user_session_push`` (online store) in a single call.
+Freshness is measured per event as *push returned* minus the record's produce timestamp.
+
+Restart after ``kill -9`` converges to the same state, because state and offsets are saved
+together: every ``snapshot_ms`` (and on rebalance or shutdown) each owned partition's states and
+its next offset are written to one file, ``<home>/kafka/state/<group>/<topic>-<partition>.json``,
+atomically (temp, fsync, rename). On assignment the consumer loads that file and seeks to its
+offset (offset 0 without one), ignoring the group's committed offset, so it replays exactly the
+events after the snapshot. The fold is deterministic and pushes are upserts keyed by user, so the
+replay re-pushes the same rows and the online store ends where an uninterrupted run would. Users
+live in one partition (records are keyed by user_id), so a partition's file is self-contained and
+the partition can move to another group member. Offsets are committed to Kafka after each snapshot
+too, for lag tools only.
+
+Run: ``python -m tandem.streaming.feature_consumer --home DIR --bootstrap HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from kafka import TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.structs import OffsetAndMetadata
+
+from tandem import schema as s
+from tandem.config import Paths, kafka_bootstrap
+from tandem.streaming.codec import decode_event
+from tandem.streaming.consumer import (
+    StopFlag,
+    StreamStats,
+    durable_write,
+    make_consumer,
+    now_ms,
+)
+from tandem.streaming.dead_letter import DeadLetterWriter
+from tandem.streaming.session_state import SessionState, apply_event, session_frame
+from tandem.streaming.topics import DLQ_TOPIC, EVENTS_TOPIC, ensure_topics
+from tandem.validation import ContractError
+
+log = logging.getLogger(__name__)
+
+GROUP = "tandem-features"
+Sink = Callable[[pd.DataFrame], None]
+
+
+def load_item_genres(paths: Paths) -> dict[str, list[str]]:
+    """item_id -> genres from the lake catalog (empty when there is no catalog yet)."""
+    if not paths.items.exists() or not any(paths.items.rglob("*.parquet")):
+        return {}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(paths.items, columns=[s.ITEM_ID, s.GENRES])
+    return {i: list(g or ()) for i, g in zip(table[s.ITEM_ID].to_pylist(),
+                                            table[s.GENRES].to_pylist(), strict=True)}
+
+
+def feast_sink(paths: Paths) -> Sink:
+    """Push rows to ``SESSION_PUSH_SOURCE``'s online store in the Feast repo of ``paths``
+    (applied beforehand by ``tandem.feature_store.apply``)."""
+    from tandem.feature_store import open_store, push_session
+
+    # importing Feast takes seconds: overlap it with the consumer-group join
+    store = ThreadPoolExecutor(1, thread_name_prefix="feast-open").submit(open_store, paths)
+
+    def push(frame: pd.DataFrame) -> None:
+        push_session(store.result(), frame)
+
+    return push
+
+
+def state_dir(paths: Paths, group: str) -> Path:
+    return paths.kafka / "state" / group
+
+
+class FeatureConsumer(ConsumerRebalanceListener):
+    """Maintain per-user session state per owned partition and push changed rows online.
+
+    Parameters
+    ----------
+    paths : state root (snapshots under ``paths.kafka``; the catalog for item genres).
+    bootstrap : broker address.
+    sink : called with one DataFrame of changed users' rows per poll (Feast push by default).
+    snapshot_ms : how often state + offsets are saved (bounds the replay after a crash).
+    """
+
+    def __init__(self, paths: Paths, bootstrap: str, sink: Sink, topic: str = EVENTS_TOPIC,
+                 group: str = GROUP, snapshot_ms: int = 5000, max_poll: int = 5000,
+                 stats_path: Path | None = None) -> None:
+        self.sink = sink
+        self.snapshot_ms = snapshot_ms
+        self.max_poll = max_poll
+        self.dir = state_dir(paths, group)
+        self.item_genres = load_item_genres(paths)
+        self.states: dict[TopicPartition, dict[str, SessionState]] = {}
+        self.next_offset: dict[TopicPartition, int] = {}
+        self.last_snapshot_ms = now_ms()
+        self.stats = StreamStats(group, stats_path)
+        self.dlq = DeadLetterWriter(bootstrap, group)
+        self.consumer = make_consumer(bootstrap, group, topic, listener=self,
+                                      max_poll_records=max_poll)
+
+    def _file(self, tp: TopicPartition) -> Path:
+        return self.dir / f"{tp.topic}-{tp.partition}.json"
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned:
+            path = self._file(tp)
+            if path.exists():
+                snap = json.loads(path.read_text())
+                self.states[tp] = {u: SessionState.from_json(v)
+                                   for u, v in snap["users"].items()}
+                self.next_offset[tp] = snap["offset"]
+            else:
+                self.states[tp], self.next_offset[tp] = {}, 0
+            self.consumer.seek(tp, self.next_offset[tp])
+        log.info("assigned %s at %s", sorted(tp.partition for tp in assigned),
+                 {tp.partition: self.next_offset[tp] for tp in assigned})
+
+    # Listener callbacks run on kafka-python's IO thread: no blocking client calls (commit) here.
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        try:
+            self.snapshot(revoked, commit=False)
+        except Exception:  # the next owner replays from the last good snapshot
+            log.exception("snapshot on revoke failed")
+        for tp in revoked:
+            self.states.pop(tp, None)
+            self.next_offset.pop(tp, None)
+
+    def snapshot(self, tps: set[TopicPartition] | None = None, commit: bool = True) -> None:
+        """Save state + next offset of ``tps`` (all owned by default), then commit the offsets."""
+        tps = set(self.states) if tps is None else tps & set(self.states)
+        for tp in tps:
+            users = {u: st.to_json() for u, st in self.states[tp].items()}
+            data = json.dumps({"offset": self.next_offset[tp], "users": users})
+            durable_write(self._file(tp), data.encode())
+        self.last_snapshot_ms = now_ms()
+        if tps and commit:
+            try:
+                self.consumer.commit({tp: OffsetAndMetadata(self.next_offset[tp], "", -1)
+                                      for tp in tps})
+            except Exception:  # informational only; the snapshot is the source of truth
+                log.warning("offset commit failed", exc_info=True)
+
+    def process(self, polled: Mapping[TopicPartition, list]) -> None:
+        """Fold one poll's records into state and push the changed users' rows."""
+        changed: dict[str, SessionState] = {}
+        produce_ms = []
+        rejected = 0
+        for tp, records in polled.items():
+            states = self.states.get(tp)
+            if states is None:  # revoked during this poll
+                continue
+            for rec in records:
+                produce_ms.append(rec.timestamp)
+                try:
+                    ev = decode_event(rec.value)
+                except ContractError as err:
+                    self.dlq.send(rec, err.reason)
+                    rejected += 1
+                    continue
+                uid = ev[s.USER_ID]
+                changed[uid] = states[uid] = apply_event(states.get(uid), ev, self.item_genres)
+            self.next_offset[tp] = records[-1].offset + 1
+        if changed:
+            self.sink(session_frame(changed))
+        if rejected:
+            self.dlq.flush()
+        self.stats.add("pushed_rows", len(changed))
+        self.stats.add("dead_letters", rejected)
+        self.stats.processed(np.asarray(produce_ms, dtype=np.int64), now_ms())
+
+    def run(self, stop: StopFlag | None = None) -> None:
+        """Poll and process until ``stop`` is set; snapshot every ``snapshot_ms`` and at exit."""
+        stop = stop or StopFlag()
+        try:
+            while not stop:
+                polled = self.consumer.poll(timeout_ms=100, max_records=self.max_poll)
+                if polled:
+                    self.process(polled)
+                if now_ms() - self.last_snapshot_ms >= self.snapshot_ms:
+                    self.snapshot()
+                self.stats.maybe_write()
+            self.snapshot()
+        finally:
+            self.stats.maybe_write(force=True)
+            self.consumer.close(autocommit=False)
+            self.dlq.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Session features from tandem.events.v1 to Feast.")
+    ap.add_argument("--home", type=Path, default=None, help="state root (TANDEM_HOME)")
+    ap.add_argument("--bootstrap", default=None, help="broker (KAFKA_BOOTSTRAP_SERVERS)")
+    ap.add_argument("--topic", default=EVENTS_TOPIC)
+    ap.add_argument("--group", default=GROUP)
+    ap.add_argument("--snapshot-ms", type=int, default=5000)
+    ap.add_argument("--stats", type=Path, default=None, help="write counts/freshness JSON here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    paths = Paths(args.home.resolve()) if args.home else Paths.default()
+    bootstrap = args.bootstrap or kafka_bootstrap()
+    if not bootstrap:
+        ap.error("--bootstrap or KAFKA_BOOTSTRAP_SERVERS is required")
+    ensure_topics(bootstrap, names=(args.topic, DLQ_TOPIC))
+    stop = StopFlag()
+    FeatureConsumer(paths, bootstrap, feast_sink(paths), args.topic, args.group,
+                    args.snapshot_ms, stats_path=args.stats).run(stop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Land the event stream in the lake's raw area as JSON-lines micro-batches (group ``tandem-lake``).
+
+Each flush writes one file per partition::
+
+    landing/events/date=YYYY-MM-DD/hour=HH/<topic>-<partition>-<first>-<last>.jsonl
+
+where date/hour are the batch's *arrival* time (UTC, when the consumer landed it) and first/last
+are the Kafka offsets it covers. A batch is flushed at ``batch_max`` records or ``batch_ms`` after
+its first record, whichever comes first.
+
+Delivery is at-least-once with exactly-once results in the lake: a file is made durable (temp
+file, fsync, rename, folder fsync) and only *then* are its offsets committed. A crash between the
+two leaves a complete file whose records are read again after the restart and land a second time
+(same name if the batch boundaries match, else another file); ``jobs.ingest_events`` deduplicates
+by ``event_id``, so the lake ends with each event once. Records that cannot be decoded or violate
+the contract go to the dead-letter topic with the reason (flushed before the commit) and are not
+landed; the consumer keeps going.
+
+Run: ``python -m tandem.streaming.landing_consumer --home DIR --bootstrap HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from kafka import TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError
+from kafka.structs import OffsetAndMetadata
+
+from tandem.config import Paths, kafka_bootstrap
+from tandem.streaming.codec import decode_event, encode_event
+from tandem.streaming.consumer import (
+    StopFlag,
+    StreamStats,
+    durable_write,
+    fsync_dir,
+    make_consumer,
+    now_ms,
+)
+from tandem.streaming.dead_letter import DeadLetterWriter
+from tandem.streaming.topics import DLQ_TOPIC, EVENTS_TOPIC, ensure_topics
+from tandem.validation import ContractError
+
+log = logging.getLogger(__name__)
+
+GROUP = "tandem-lake"
+
+
+def landing_file(root: Path, arrival: datetime, tp: TopicPartition, first: int,
+                 last: int) -> Path:
+    """Where a batch of ``tp``'s offsets ``first..last`` that arrived at ``arrival`` lands."""
+    return (root / f"date={arrival:%Y-%m-%d}" / f"hour={arrival:%H}"
+            / f"{tp.topic}-{tp.partition}-{first}-{last}.jsonl")
+
+
+class LandingConsumer(ConsumerRebalanceListener):
+    """Consume ``topic`` and land micro-batches under ``paths.landing_events``.
+
+    Parameters
+    ----------
+    paths : state root; files go to ``paths.landing_events``.
+    bootstrap : broker address.
+    batch_max : records per flush at most (also the poll size).
+    batch_ms : a batch is flushed at most this long after its first record arrived.
+    stats_path : optional JSON file with counts and freshness (file durable - produce time).
+    """
+
+    def __init__(self, paths: Paths, bootstrap: str, topic: str = EVENTS_TOPIC,
+                 group: str = GROUP, batch_max: int = 5000, batch_ms: int = 500,
+                 stats_path: Path | None = None, crash_after_files: int | None = None) -> None:
+        self.root = paths.landing_events
+        self.batch_max = batch_max
+        self.batch_ms = batch_ms
+        self.buffers: dict[TopicPartition, list[ConsumerRecord]] = defaultdict(list)
+        self.buffered = 0
+        self.first_buffered_ms = 0
+        self.rewind: dict[TopicPartition, int] = {}
+        self.crash_after_files = crash_after_files
+        self.files = 0
+        self.stats = StreamStats(group, stats_path)
+        self.dlq = DeadLetterWriter(bootstrap, group)
+        self.consumer = make_consumer(bootstrap, group, topic, listener=self,
+                                      max_poll_records=batch_max)
+
+    # Listener callbacks run on kafka-python's IO thread, where a blocking commit is refused; so
+    # a rebalance drops the unflushed buffer instead of landing it. Whoever owns a partition next
+    # re-reads it: another member from the last commit, this one from the first dropped offset
+    # (kafka-python keeps the position of a partition that stays assigned, so we seek back).
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.rewind = {tp: recs[0].offset for tp, recs in self.buffers.items() if recs}
+        if self.buffered:
+            log.info("rebalance: dropping %d unflushed records (re-read later)", self.buffered)
+        self.buffers.clear()
+        self.buffered = 0
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned & set(self.rewind):
+            self.consumer.seek(tp, self.rewind[tp])
+        self.rewind = {}
+        log.info("assigned %s", sorted(tp.partition for tp in assigned))
+
+    def run(self, stop: StopFlag | None = None) -> None:
+        """Poll, buffer and flush until ``stop`` is set; then flush, commit and close."""
+        stop = stop or StopFlag()
+        try:
+            while not stop:
+                polled = self.consumer.poll(timeout_ms=100, max_records=self.batch_max)
+                for tp, records in polled.items():
+                    if not self.buffered:
+                        self.first_buffered_ms = now_ms()
+                    self.buffers[tp].extend(records)
+                    self.buffered += len(records)
+                if self.buffered and (self.buffered >= self.batch_max
+                                      or now_ms() - self.first_buffered_ms >= self.batch_ms):
+                    self.flush()
+                self.stats.maybe_write()
+            self.flush()
+        finally:
+            self.stats.maybe_write(force=True)
+            self.consumer.close(autocommit=False)
+            self.dlq.close()
+
+    def flush(self) -> None:
+        """Land every buffered partition durably, dead-letter the rejects, then commit."""
+        if not self.buffered:
+            return
+        arrival = datetime.now(UTC)
+        ref_ms = now_ms()
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        produce_ms: list[np.ndarray] = []
+        new_dirs: set[Path] = set()
+        rejected = 0
+        for tp, records in self.buffers.items():
+            lines = []
+            for rec in records:
+                try:
+                    lines.append(encode_event(decode_event(rec.value, ref_ms)))
+                except ContractError as err:
+                    self.dlq.send(rec, err.reason)
+                    rejected += 1
+            first, last = records[0].offset, records[-1].offset
+            if lines:
+                path = landing_file(self.root, arrival, tp, first, last)
+                if not path.parent.exists():
+                    new_dirs.add(path.parent)
+                durable_write(path, b"\n".join(lines) + b"\n")
+                self.files += 1
+                if self.files == self.crash_after_files:  # failpoint: landed, not committed
+                    os._exit(137)
+            offsets[tp] = OffsetAndMetadata(last + 1, "", -1)
+            produce_ms.append(np.fromiter((r.timestamp for r in records), np.int64,
+                                          len(records)))
+            self.stats.add("landed", len(lines))
+        for d in new_dirs:  # a new hour folder's entry in its date folder must survive too
+            fsync_dir(d.parent)
+            fsync_dir(d.parent.parent)
+        if rejected:
+            self.dlq.flush()
+        try:
+            self.consumer.commit(offsets)
+        except CommitFailedError:  # rebalanced meanwhile: the files stay, a re-read dedups
+            log.warning("commit failed after landing offsets %s", offsets, exc_info=True)
+        self.stats.add("dead_letters", rejected)
+        self.stats.processed(np.concatenate(produce_ms), now_ms())
+        self.buffers.clear()
+        self.buffered = 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Land tandem.events.v1 in the raw landing area.")
+    ap.add_argument("--home", type=Path, default=None, help="state root (TANDEM_HOME)")
+    ap.add_argument("--bootstrap", default=None, help="broker (KAFKA_BOOTSTRAP_SERVERS)")
+    ap.add_argument("--topic", default=EVENTS_TOPIC)
+    ap.add_argument("--group", default=GROUP)
+    ap.add_argument("--batch-max", type=int, default=5000)
+    ap.add_argument("--batch-ms", type=int, default=500)
+    ap.add_argument("--stats", type=Path, default=None, help="write counts/freshness JSON here")
+    ap.add_argument("--crash-after-files", type=int, default=None,
+                    help="testing: die (exit 137, no cleanup) right after landing the N-th file, "
+                         "before its offsets are committed: a kill -9 at the worst moment")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    paths = Paths(args.home.resolve()) if args.home else Paths.default()
+    bootstrap = args.bootstrap or kafka_bootstrap()
+    if not bootstrap:
+        ap.error("--bootstrap or KAFKA_BOOTSTRAP_SERVERS is required")
+    ensure_topics(bootstrap, names=(args.topic, DLQ_TOPIC))
+    stop = StopFlag()
+    LandingConsumer(paths, bootstrap, args.topic, args.group, args.batch_max, args.batch_ms,
+                    args.stats, args.crash_after_files).run(stop)
+
+
+if __name__ == "__main__":
+    main()

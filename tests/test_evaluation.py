@@ -1,0 +1,128 @@
+"""The evaluation protocol on tiny frames, and (slow) the ml-100k quality bar."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tandem import evaluation as E
+from tandem import schema as S
+from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform
+
+
+def _ratings(rows):
+    """rows: (user, item, stars, ts_ms) -> contract rating events."""
+    frame = pd.DataFrame(rows, columns=[S.USER_ID, S.ITEM_ID, S.VALUE, S.TS])
+    frame[S.EVENT_TYPE] = S.RATING
+    frame[S.EVENT_ID] = [f"e-{u}-{i}-{t}" for u, i, _, t in rows]
+    return conform(frame, EVENT_COLUMNS)
+
+
+def test_temporal_split_takes_each_users_last_fifth():
+    # user a: 5 events -> last 1 is test; user b: 10 events -> last 2; user c: 4 -> none
+    rows = ([("a", f"i{t}", 5, t) for t in range(5)]
+            + [("b", f"i{t}", 3, 100 + t) for t in range(10)]
+            + [("c", f"i{t}", 4, t) for t in range(4)])
+    shuffled = _ratings(rows).sample(frac=1.0, random_state=0)
+    train, test = E.temporal_split(shuffled, 0.2)
+    pairs = sorted(zip(test[S.USER_ID], test[S.ITEM_ID], strict=True))
+    assert pairs == [("a", "i4"), ("b", "i8"), ("b", "i9")]
+    assert len(train) == 19 - 3
+    # every training event of a user is no later than their first test event
+    last_train = train.groupby(S.USER_ID)[S.TS].max()
+    first_test = test.groupby(S.USER_ID)[S.TS].min()
+    assert (last_train.reindex(first_test.index) <= first_test).all()
+
+
+def test_temporal_split_ties_are_deterministic_whatever_the_input_order():
+    rows = [("a", f"i{k}", 4, 1000) for k in range(10)]  # all at the same second
+    events = _ratings(rows)
+    _, t1 = E.temporal_split(events, 0.2)
+    _, t2 = E.temporal_split(events.iloc[::-1], 0.2)
+    assert len(t1) == 2 and sorted(t1[S.ITEM_ID]) == sorted(t2[S.ITEM_ID])
+
+
+def test_relevant_pairs_are_ratings_of_four_and_up():
+    test = _ratings([("a", "x", 4, 1), ("a", "y", 3.5, 2), ("b", "x", 5, 3), ("b", "x", 5, 4)])
+    rel = E.relevant_pairs(test, None)
+    assert sorted(map(tuple, rel.values.tolist())) == [("a", "x"), ("b", "x")]
+
+
+def _world(n_users=60, n_items=30, seed=0):
+    """Two taste groups with drifting interest: enough structure for every stage to run."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        group = u % 2
+        pool = np.arange(group * 15, group * 15 + 15)
+        for t, i in enumerate(rng.choice(pool, size=12, replace=False)):
+            rows.append((f"u{u}", f"m{i}", float(rng.choice([3, 4, 5])), 1_000_000 * (t + 1) + u))
+    events = _ratings(rows)
+    items = conform(pd.DataFrame({
+        S.ITEM_ID: [f"m{i}" for i in range(n_items)], S.TITLE: [f"M{i}" for i in range(n_items)],
+        S.GENRES: [["Action"] if i < 15 else ["Drama"] for i in range(n_items)],
+        S.CREATED_AT: 0}), ITEM_COLUMNS)
+    users = conform(pd.DataFrame({S.USER_ID: [f"u{u}" for u in range(n_users)],
+                                  S.SIGNUP_TS: 0}), USER_COLUMNS)
+    return Dataset(events, items, users, "tiny")
+
+
+def test_evaluate_end_to_end_on_a_tiny_world():
+    cfg = {**E.EVAL_CONFIG, "two_tower": None, "als_k": 10, "popular_k": 5, "retrieval_k": 20,
+           "als": {**E.EVAL_CONFIG["als"], "factors": 4, "iterations": 5},
+           "ranker": {**E.EVAL_CONFIG["ranker"], "n_estimators": 10, "min_child_samples": 5}}
+    report = E.evaluate(_world(), cfg)
+    assert report["dataset"] == "tiny"
+    assert set(report["models"]) == {"popularity", "als", "two_tower", "two_stage"}
+    assert "missing" in report["models"]["two_tower"]
+    for name in ("popularity", "als", "two_stage"):
+        values = report["models"][name]
+        assert {"ndcg@10", "recall@10", "precision@10", "map@10", "mrr@10", "hit_rate@10",
+                "coverage@10", "diversity@10", "novelty@10"} <= set(values)
+        assert all(0.0 <= v <= 1.0 for m, v in values.items() if m != "novelty@10")
+    # a user's candidates never include items they saw, so recall of a group-blind
+    # popularity list is bounded by the group's 15 items; ALS must find the group
+    assert report["models"]["als"]["ndcg@10"] > report["models"]["popularity"]["ndcg@10"]
+    assert report["protocol"]["n_users"] > 0
+
+
+@pytest.mark.slow
+def test_ml100k_quality_bar(ml100k_dir, tmp_path):
+    """Issue 4's bar: two-stage NDCG@10 >= 1.10 x best single stage; ALS within 0.17 +-15%."""
+    from jobs.evaluate import quality_bar, write_reports
+    from tandem.movielens import load_movielens
+
+    report = E.evaluate(load_movielens(ml100k_dir))
+    bar = quality_bar(report)
+    paths = write_reports({**report, "quality_bar": bar}, tmp_path)
+    assert all(p.exists() for p in paths.values())
+    assert 0.1445 <= bar["als_ndcg@10"] <= 0.1955, bar
+    assert bar["lift_ok"], bar
+
+
+def _fake_report(two_stage_ndcg):
+    metrics = lambda v: {"ndcg@10": v, "recall@10": v / 2}  # noqa: E731
+    return {"dataset": "fake",
+            "protocol": {"split": "s", "relevant": "r", "filter": "f", "users": "u",
+                         "n_users": 3},
+            "models": {"popularity": metrics(0.1), "als": metrics(0.17),
+                       "two_tower": metrics(0.16), "two_stage": metrics(two_stage_ndcg)},
+            "retrieval": {"recall@500": {"als": 0.8}, "recall_combined": 0.9,
+                          "candidates_per_user": 500.0},
+            "timings_s": {"total": 1.0}}
+
+
+def test_quality_bar_and_reports(tmp_path):
+    import json
+
+    from jobs.evaluate import quality_bar, write_reports
+
+    bar = quality_bar(_fake_report(0.1875))  # 0.1875 / 0.17 = 1.103
+    assert bar["best_single_stage"] == "als" and bar["lift"] == pytest.approx(0.1875 / 0.17)
+    assert bar["lift_ok"] and bar["als_ok"]
+    assert not quality_bar(_fake_report(0.18))["lift_ok"]
+    report = {**_fake_report(0.2), "quality_bar": quality_bar(_fake_report(0.2))}
+    paths = write_reports(report, tmp_path)
+    assert json.loads(paths["json"].read_text())["models"]["two_stage"]["ndcg@10"] == 0.2
+    table = paths["md"].read_text()
+    assert "| two_stage | 0.2000 | 0.1000 |" in table and "-> met" in table
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,99 @@
+"""The ranker's feature matrix: layout, missing sources, recency and co-occurrence values."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from tandem import features as F
+from tandem import ranking_features as RF
+
+
+def _space():
+    # items 0, 1 point the same way; item 2 is orthogonal; item 3 has a zero vector
+    vectors = np.array([[1, 0], [2, 0], [0, 3], [0, 0]], dtype=np.float32)
+    # users: u0 took items 0, 1; u1 took 0, 2; u2 took 2
+    inter = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 1, 0]], np.float32))
+    return RF.ItemSpace(RF.unit_rows(vectors), RF.cooccurrence(inter))
+
+
+def test_cooccurrence_is_popularity_normalised_with_zero_diagonal():
+    c = _space().cooc.toarray()
+    # pop = [2, 1, 2, 0]; co(0,1) = 1 -> 1/sqrt(2*1); co(0,2) = 1 -> 1/sqrt(2*2); co(1,2) = 0
+    assert c[0, 1] == pytest.approx(1 / np.sqrt(2))
+    assert c[0, 2] == pytest.approx(0.5)
+    assert c[1, 2] == 0.0
+    assert np.diag(c).tolist() == [0.0] * 4
+    np.testing.assert_allclose(c, c.T)
+
+
+def test_recency_features_values_and_empty_history():
+    space = _space()
+    recent = np.array([[1, 2, RF.PAD], [RF.PAD, RF.PAD, RF.PAD]])
+    out = RF.recency_features(np.array([0, 0]), recent, space)
+    # candidate 0 vs recent [1 (cos 1, cooc 0.7071), 2 (cos 0, cooc 0.5)]
+    np.testing.assert_allclose(out[0], [1.0, 0.5, 1.0, 1 / np.sqrt(2), (1 / np.sqrt(2) + 0.5) / 2],
+                               rtol=1e-6)
+    assert np.isnan(out[1]).all()
+
+
+def test_device_codes():
+    codes = RF.device_codes(np.array(["web", None, "tv", "fridge", ""], dtype=object))
+    assert codes.tolist() == [1.0, 0.0, 4.0, 5.0, 0.0]
+
+
+def _build(sources):
+    n_users = 2
+    user_rows = np.array([0, 0, 1])
+    items = np.array([0, 2, 1])
+    users = F.user_matrix(pd.DataFrame({"user_id": ["a", "b"]}), 0)
+    users[:, F.USER_AFFINITY_SLICE] = 0.0
+    users[0, F.USER_AFFINITY_SLICE.start + F.GENRE_VOCAB.index("Action")] = 1.0
+    item_rows = pd.DataFrame({"item_genres": [["Action"], ["Drama"], ["Action", "Drama"]]})
+    items_mat = F.item_matrix(item_rows, 0)
+    session = F.session_matrix(pd.DataFrame({"user_id": ["a", "b"]}), 0)
+    recent = np.array([[1, RF.PAD], [RF.PAD, RF.PAD]])
+    return RF.build_features(user_rows, items, sources, users, items_mat, session,
+                             np.array([13.0, 2.0]), np.array([1.0, 0.0]), recent, _space()), \
+        n_users
+
+
+def test_build_features_layout_and_missing_sources():
+    sources = {"als_score": np.array([0.5, np.nan, 0.1]), "als_rank": np.array([1, np.nan, 2]),
+               "two_tower_score": np.array([np.nan, 0.3, 0.2]),
+               "two_tower_rank": np.array([np.nan, 1, 2])}
+    X, _ = _build(sources)
+    names = list(RF.FEATURE_NAMES)
+    assert X.shape == (3, len(names)) and X.dtype == np.float32
+    col = {n: X[:, names.index(n)] for n in names}
+    np.testing.assert_allclose(col["als_score"], [0.5, np.nan, 0.1])
+    assert np.isnan(col["popularity_score"]).all()  # source not given at all
+    assert col["n_sources"].tolist() == [1.0, 1.0, 2.0]
+    # user a likes Action only: item 0 (Action) 1.0, item 2 (Drama) 0; user b has no affinity
+    assert col["genre_affinity_cross"].tolist() == [1.0, 0.0, 0.0]
+    assert col["ctx_hour"].tolist() == [13.0, 13.0, 2.0]
+    assert col["ctx_device_code"].tolist() == [1.0, 1.0, 0.0]
+    # user a's recent item is 1: same direction as item 0 (cos 1), orthogonal to item 2
+    np.testing.assert_allclose(col["recent_cos_max"][:2], [1.0, 0.0], atol=1e-6)
+    assert np.isnan(col["recent_cos_max"][2])  # user b has no recent items
+
+
+def test_build_features_is_row_independent():
+    """Serving ranks one user's candidates alone; rows must not depend on other rows."""
+    sources = {"als_score": np.array([0.5, 0.2, 0.1]), "als_rank": np.array([1.0, 2.0, 3.0])}
+    X, _ = _build(sources)
+    sub = RF.build_features(np.array([0]), np.array([2]),
+                            {"als_score": np.array([0.2]), "als_rank": np.array([2.0])},
+                            *_build_inputs())
+    np.testing.assert_array_equal(sub[0], X[1])
+
+
+def _build_inputs():
+    users = F.user_matrix(pd.DataFrame({"user_id": ["a", "b"]}), 0)
+    users[:, F.USER_AFFINITY_SLICE] = 0.0
+    users[0, F.USER_AFFINITY_SLICE.start + F.GENRE_VOCAB.index("Action")] = 1.0
+    items_mat = F.item_matrix(pd.DataFrame({"item_genres": [["Drama"]]}), 0)
+    session = F.session_matrix(pd.DataFrame({"user_id": ["a", "b"]}), 0)
+    recent = np.array([[1, RF.PAD], [RF.PAD, RF.PAD]])
+    return (users, items_mat, session, np.array([13.0, 2.0]), np.array([1.0, 0.0]), recent,
+            _space())

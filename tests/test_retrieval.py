@@ -1,0 +1,23 @@
+"""Candidate merge: union, dedupe, per-source scores and bits, exclusions, FAISS padding."""
+
+import numpy as np
+
+from tandem.retrieval import SOURCE_BITS, merge, source_names
+
+
+def test_merge_dedupes_and_keeps_every_source():
+    pool = merge([("two_tower", np.array([5, 3, -1, 9]), np.array([0.9, 0.8, 0.0, 0.1])),
+                  ("als", np.array([3, 7]), np.array([2.0, 1.0])),
+                  ("popularity", np.array([9, 10]), np.array([1.0, 1.0]))],
+                 exclude=np.array([7]), n_items=10)
+    assert pool.rows.tolist() == [3, 5, 9]  # -1 padding, excluded 7 and out-of-range 10 dropped
+    assert source_names(int(pool.source_mask[0])) == ["two_tower", "als"]
+    assert pool.source_mask[2] == SOURCE_BITS["two_tower"] | SOURCE_BITS["popularity"]
+    assert pool.scores[0, 1] == 2.0 and np.isnan(pool.scores[1, 1])
+    assert pool.count_by_source()["two_tower"] == 3
+    assert pool.take(np.array([1])).rows.tolist() == [5]
+
+
+def test_merge_empty():
+    pool = merge([], np.zeros(0, dtype=np.int64), 10)
+    assert len(pool) == 0 and pool.scores.shape == (0, len(SOURCE_BITS))
