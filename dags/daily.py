@@ -38,8 +38,8 @@ def tandem_daily():
     dataset = '--dataset "{{ params.dataset }}"'
     skip_tt = "{{ '--skip' if params.skip_two_tower else '' }}"
     force = "{{ '--force' if params.force_promotion else '' }}"
-    (spark_job("negative_sampling")
-     >> spark_job("train_als")
+    (spark_job("negative_sampling", run_id=True)
+     >> spark_job("train_als", run_id=True)
      >> python_job("train_two_tower", skip_tt)
      >> python_job("build_index")
      >> python_job("train_ranker")

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from airflow.sdk import Param, dag
 
-from tandem.orchestration import python_job, spark_job
+from tandem.orchestration import materialize_features, spark_job
 
 
 @dag(
@@ -30,7 +30,7 @@ from tandem.orchestration import python_job, spark_job
 def tandem_hourly():
     """Hourly data pipeline: ingest_events -> build_labels -> build_features -> materialize."""
     (spark_job("ingest_events") >> spark_job("build_labels") >> spark_job("build_features")
-     >> python_job("materialize"))
+     >> materialize_features())
 
 
 tandem_hourly()

@@ -142,3 +142,24 @@ class AirflowClient:
                 return state
             time.sleep(3)
         raise TimeoutError(f"{dag_id} run {run_id} still {state} after {timeout_s}s")
+
+
+def dag_test(dag_id: str, conf: dict) -> str:
+    """Run one DAG in-process with ``dag.test()`` (no scheduler); return the run's final state.
+
+    Needs the Airflow environment (:func:`airflow_env`) in ``os.environ`` before Airflow is
+    imported, so call it in a fresh process: ``python -m tandem.airflow_client DAG_ID CONF_JSON``.
+    """
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
+    if bag.import_errors:
+        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
+    run = bag.dags[dag_id].test(run_conf=conf)
+    return str(run.state)
+
+
+if __name__ == "__main__":
+    state = dag_test(sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
+    print(json.dumps({"dag_id": sys.argv[1], "state": state}))
+    raise SystemExit(0 if state == "success" else 1)

@@ -86,10 +86,15 @@ def load_movielens_into_lake(paths: Paths, folder: Path) -> tuple[str, str]:
 
 
 def demo(args: argparse.Namespace) -> None:
+    from tandem.demo import run_demo
+
+    run_demo(Path(args.data), rerun=args.rerun)
+
+
+def data_jobs(args: argparse.Namespace) -> None:
+    """The hourly data jobs run directly (no Airflow): MovieLens -> lake -> features -> Feast."""
     paths = Paths.default()
-    folder = Path(args.data)
-    console.rule("[bold]Tandem demo: MovieLens-100K through the pipeline")
-    start, end = load_movielens_into_lake(paths, folder)
+    start, end = load_movielens_into_lake(paths, Path(args.data))
     counts = {}
     for module in ("ingest_events", "build_labels", "negative_sampling", "build_features"):
         counts[module] = run_job(paths, module, "--start", start, "--end", end)
@@ -99,7 +104,6 @@ def demo(args: argparse.Namespace) -> None:
     console.rule("[bold]Summary")
     for module, result in counts.items():
         console.print(f"{module:>18}: {json.dumps(result)}")
-    console.print(f"state root: {paths.root}")
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -128,7 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the pipeline on MovieLens-100K and serve recommendations")
     p.add_argument("--data", default=str(movielens_100k_dir()), help="MovieLens folder")
+    p.add_argument("--rerun", action="store_true", help="run the pipeline even if a champion "
+                   "exists")
     p.set_defaults(func=demo)
+    p = sub.add_parser("data-jobs", help="run the hourly data jobs directly, without Airflow")
+    p.add_argument("--data", default=str(movielens_100k_dir()), help="MovieLens folder")
+    p.set_defaults(func=data_jobs)
     p = sub.add_parser("eval", help="offline evaluation -> reports/eval.json")
     p.add_argument("--data", default=str(movielens_100k_dir()))
     p.set_defaults(func=evaluate)

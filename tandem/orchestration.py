@@ -39,7 +39,12 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def _operator(task_id: str, command: str, timeout_min: int, retries: int):
+def default_retries() -> int:
+    """Task retries (``TANDEM_TASK_RETRIES``, default 2); tests set 0 to fail fast."""
+    return int(os.environ.get("TANDEM_TASK_RETRIES", "2"))
+
+
+def _operator(task_id: str, command: str, timeout_min: int, retries: int | None):
     from airflow.providers.standard.operators.bash import BashOperator
 
     return BashOperator(
@@ -48,27 +53,43 @@ def _operator(task_id: str, command: str, timeout_min: int, retries: int):
         env=job_env(),
         append_env=True,
         cwd=str(REPO_ROOT),
-        retries=retries,
+        retries=default_retries() if retries is None else retries,
         retry_delay=timedelta(seconds=30),
         retry_exponential_backoff=True,
         execution_timeout=timedelta(minutes=timeout_min),
     )
 
 
-def interval_args(extra: str = "") -> str:
-    return f'--start "{START}" --end "{END}" --run-id "{RUN_ID}" {extra}'.strip()
+def interval_args(extra: str = "", run_id: bool = False) -> str:
+    """``--start/--end`` (and, for the nightly jobs that write one bundle, ``--run-id``)."""
+    args = f'--start "{START}" --end "{END}"'
+    if run_id:
+        args += f' --run-id "{RUN_ID}"'
+    return f"{args} {extra}".strip()
 
 
-def spark_job(module: str, extra: str = "", timeout_min: int = 30, retries: int = 2):
+def spark_job(module: str, extra: str = "", run_id: bool = False, timeout_min: int = 30,
+              retries: int | None = None):
     """A ``jobs/<module>.py`` run through spark-submit against the ``spark_default`` connection."""
     submit = shlex.quote(str(REPO_ROOT / ".venv" / "bin" / "spark-submit"))
     script = shlex.quote(str(REPO_ROOT / "jobs" / f"{module}.py"))
     cmd = (f"{submit} --master \"{SPARK_MASTER}\" --conf spark.ui.enabled=false "
-           f"{script} --master \"{SPARK_MASTER}\" {interval_args(extra)}")
+           f"{script} --master \"{SPARK_MASTER}\" {interval_args(extra, run_id)}")
     return _operator(module, cmd, timeout_min, retries)
 
 
-def python_job(module: str, extra: str = "", timeout_min: int = 30, retries: int = 1):
-    """A ``jobs/<module>.py`` that needs no Spark (torch training, registry steps)."""
-    cmd = f"{shlex.quote(sys.executable)} -m jobs.{module} {interval_args(extra)}"
-    return _operator(module, cmd, timeout_min, retries)
+def python_job(module: str, extra: str = "", run_id: bool = True, timeout_min: int = 30,
+               retries: int | None = None, task_id: str | None = None):
+    """A job that needs no Spark (torch training, registry steps): ``python -m <module>``,
+    where a bare name means ``jobs.<name>``."""
+    target = module if "." in module else f"jobs.{module}"
+    cmd = f"{shlex.quote(sys.executable)} -m {target} {interval_args(extra, run_id)}"
+    return _operator(task_id or module, cmd, timeout_min, retries)
+
+
+def materialize_features(timeout_min: int = 30):
+    """Apply the Feast repo (idempotent) and materialize the interval into the online store."""
+    python = shlex.quote(sys.executable)
+    cmd = (f"{python} -m tandem.feature_store apply && "
+           f"{python} -m tandem.feature_store materialize {interval_args()}")
+    return _operator("materialize", cmd, timeout_min, None)

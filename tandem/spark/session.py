@@ -30,6 +30,10 @@ def get_spark(app_name: str = "tandem", master: str | None = None,
         .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "2g"))
         .config("spark.sql.parquet.compression.codec", "snappy")
     )
+    if (master or spark_master()).startswith("local"):
+        # local mode talks only to itself: keep the driver on loopback, not the host's address
+        builder = (builder.config("spark.driver.host", "127.0.0.1")
+                   .config("spark.driver.bindAddress", "127.0.0.1"))
     if local_dir is not None:
         builder = builder.config("spark.local.dir", str(local_dir))
     spark = builder.getOrCreate()

@@ -174,3 +174,14 @@ class ImpressionLogger:
         self._thread.join(timeout)
         self._producer.flush(timeout)
         self._producer.close(timeout)
+
+
+def impression_logger_from_env() -> ImpressionLogger:
+    """Serving's ``--impression-sink tandem.streaming.producer:impression_logger_from_env``:
+    an :class:`ImpressionLogger` to ``KAFKA_BOOTSTRAP_SERVERS``."""
+    from tandem.config import kafka_bootstrap
+
+    bootstrap = kafka_bootstrap()
+    if not bootstrap:
+        raise RuntimeError("KAFKA_BOOTSTRAP_SERVERS is not set")
+    return ImpressionLogger(EventProducer(bootstrap, client_id="tandem-serving"))

@@ -1,0 +1,283 @@
+"""``make demo``: the whole pipeline on MovieLens-100K through the real stack, then a live feed.
+
+1. land MovieLens-100K as raw events (the landing area the Kafka landing consumer writes) plus the
+   catalog and user profiles;
+2. start the embedded stack, each service by pid file (``make stop`` stops them): the Kafka-protocol
+   broker (tansu), the MLflow server, the two stream consumers, Airflow standalone;
+3. trigger ``tandem_hourly`` and then ``tandem_daily`` through Airflow's REST API (exactly what the
+   UI's Trigger button does) and follow their tasks;
+4. start the gRPC server on the promoted ``champion``, print recommendations for a few users;
+5. send a burst of events for one user through Kafka and show the feed reacting to it.
+
+A second ``make demo`` reuses what is there: running services stay up, and the pipeline is skipped
+when a champion already exists (``--rerun`` forces it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tandem import processes
+from tandem.config import REPO_ROOT, Paths, kafka_bootstrap
+
+console = Console(highlight=False)
+
+AIRFLOW_PORT, MLFLOW_PORT, KAFKA_PORT, GRPC_PORT, METRICS_PORT = 8080, 5000, 9092, 50051, 9108
+
+
+@dataclass(frozen=True)
+class Stack:
+    paths: Paths
+    bootstrap: str
+    tracking_uri: str
+
+    def env(self) -> dict[str, str]:
+        return {"TANDEM_HOME": str(self.paths.root), "PYTHONPATH": str(REPO_ROOT),
+                "MLFLOW_TRACKING_URI": self.tracking_uri,
+                "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "OPENBLAS_NUM_THREADS": "1",
+                "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def _wait_port(port: int, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not open port {port} within {timeout_s:.0f}s")
+
+
+def _step(text: str) -> float:
+    console.print(f"[bold cyan]>[/] {text}")
+    return time.monotonic()
+
+
+def _done(t0: float, extra: str = "") -> None:
+    console.print(f"  [green]done[/] in {time.monotonic() - t0:.1f}s {extra}")
+
+
+def start_stack(paths: Paths) -> Stack:
+    """Broker, MLflow, the two consumers; each reused when already running."""
+    py = sys.executable
+    bootstrap = kafka_bootstrap()
+    if not bootstrap:
+        t0 = _step(f"Kafka-protocol broker (tansu) on 127.0.0.1:{KAFKA_PORT}")
+        processes.start(paths.run, "kafka", [py, "-m", "tandem.streaming.broker", "--port",
+                                             str(KAFKA_PORT)])
+        _wait_port(KAFKA_PORT, 30, "the broker")
+        bootstrap = f"127.0.0.1:{KAFKA_PORT}"
+        _done(t0)
+    from tandem.streaming.topics import ensure_topics
+
+    ensure_topics(bootstrap)
+    t0 = _step(f"MLflow server on 127.0.0.1:{MLFLOW_PORT} (SQLite registry, local artifacts)")
+    from tandem.mlflow_server import server_command, server_env
+
+    paths.mlflow.mkdir(parents=True, exist_ok=True)
+    processes.start(paths.run, "mlflow", server_command(paths.mlflow, MLFLOW_PORT),
+                    env=server_env())
+    _wait_port(MLFLOW_PORT, 180, "MLflow")
+    _done(t0)
+    stack = Stack(paths, bootstrap, f"http://127.0.0.1:{MLFLOW_PORT}")
+    for name, module in (("landing-consumer", "landing_consumer"),
+                         ("feature-consumer", "feature_consumer")):
+        processes.start(paths.run, name, [
+            py, "-m", f"tandem.streaming.{module}", "--home", str(paths.root), "--bootstrap",
+            bootstrap, "--stats", str(paths.run / f"{name}.stats.json")], env=stack.env())
+    console.print("  stream consumers started (groups tandem-lake, tandem-features)")
+    return stack
+
+
+def _progress(states: dict[str, str], seen: dict[str, str]) -> None:
+    for task, state in states.items():
+        if state and seen.get(task) != state:
+            seen[task] = state
+            colour = {"success": "green", "failed": "red"}.get(state, "yellow")
+            console.print(f"    {task:<20} [{colour}]{state}[/]")
+
+
+def run_pipeline(stack: Stack, start: str, end: str) -> None:
+    """Trigger tandem_hourly then tandem_daily in Airflow and wait for both."""
+    from tandem.airflow_client import start_standalone
+
+    t0 = _step(f"Airflow standalone on http://127.0.0.1:{AIRFLOW_PORT} (SQLite metadata)")
+    client = start_standalone(stack.paths, port=AIRFLOW_PORT, extra_env=stack.env())
+    _done(t0)
+    for dag_id, conf in (("tandem_hourly", {"start": start, "end": end}),
+                         ("tandem_daily", {"start": start, "end": end,
+                                           "dataset": "movielens-100k"})):
+        t0 = _step(f"trigger {dag_id} {json.dumps(conf)}")
+        run_id = client.trigger(dag_id, conf)
+        seen: dict[str, str] = {}
+        state = client.wait_run(dag_id, run_id, timeout_s=3600,
+                                on_poll=lambda st, seen=seen: _progress(st, seen))
+        if state != "success":
+            raise SystemExit(f"{dag_id} run {run_id} ended {state}; see the Airflow UI "
+                             f"(logs under {stack.paths.root / 'airflow' / 'logs'})")
+        _done(t0, f"({dag_id} {state})")
+
+
+def start_serving(stack: Stack) -> None:
+    t0 = _step(f"gRPC server on 127.0.0.1:{GRPC_PORT} serving alias champion")
+    processes.start(stack.paths.run, "serving", [
+        sys.executable, "-m", "serving.server", "--alias", "champion", "--tracking-uri",
+        stack.tracking_uri, "--port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
+        "--feast-home", str(stack.paths.root), "--poll-s", "30",
+        "--cache-dir", str(stack.paths.root / "serving-cache"),
+        "--impression-sink", "tandem.streaming.producer:impression_logger_from_env"],
+        env=stack.env())
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + 300
+    channel = grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}")
+    health = health_pb2_grpc.HealthStub(channel)
+    while True:
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                break
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("the gRPC server did not become SERVING; see var/run/serving.log")
+        time.sleep(1)
+    _done(t0)
+
+
+def _stub():
+    import grpc
+
+    from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
+
+    return pb_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}"))
+
+
+def recommend(user_id: str, k: int = 10):
+    from tandem.contracts import recommender_v1_pb2 as pb
+
+    return _stub().Recommend(pb.RecommendRequest(
+        user_id=user_id, k=k, context=pb.Context(device="tv", country="US", surface="home")),
+        timeout=5)
+
+
+def _titles(paths: Paths) -> dict[str, tuple[str, list[str]]]:
+    import pyarrow.parquet as pq
+
+    items = pq.read_table(paths.items, columns=["item_id", "title", "genres"]).to_pylist()
+    return {r["item_id"]: (r["title"], r["genres"] or []) for r in items}
+
+
+def print_feed(paths: Paths, user_id: str, reply, titles) -> None:
+    table = Table(title=f"user {user_id} - model v{reply.model_version} variant "
+                        f"{reply.variant or '-'}{' (cold start)' if reply.cold_start else ''}",
+                  title_justify="left")
+    for col in ("#", "title", "genres", "score", "sources"):
+        table.add_column(col)
+    from tandem.contracts import recommender_v1_pb2 as pb
+
+    for item in reply.items:
+        title, genres = titles.get(item.item_id, (item.item_id, []))
+        sources = ",".join(pb.CandidateSource.Name(s).removeprefix("CANDIDATE_SOURCE_").lower()
+                           for s in item.sources)
+        table.add_row(str(item.position + 1), title, "|".join(genres[:3]),
+                      f"{item.score:.3f}", sources)
+    console.print(table)
+
+
+def burst(stack: Stack, user_id: str, titles) -> None:
+    """Send 12 engagements with one genre for ``user_id`` through Kafka; show the feed change."""
+    from tandem.streaming.producer import EventProducer
+
+    before = recommend(user_id)
+    genre = "Horror"
+    liked = [i for i, (_, g) in titles.items() if genre in g][:12]
+    now = int(time.time() * 1000)
+    session = f"demo-{uuid.uuid4().hex[:8]}"
+    events = [{"event_id": f"{session}-{n}", "event_type": etype, "user_id": user_id,
+               "item_id": item, "ts": now - (len(liked) - n) * 1000, "session_id": session,
+               "context": {"device": "tv", "country": "US", "surface": "home"}}
+              for n, item in enumerate(liked) for etype in ("click", "like")]
+    t0 = _step(f"burst: {len(events)} click/like events on {genre} films for user {user_id} "
+               "through Kafka")
+    producer = EventProducer(stack.bootstrap, client_id="tandem-demo")
+    producer.send_many(events)
+    producer.flush(10)
+    producer.close()
+    deadline = time.monotonic() + 30
+    after = before
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        after = recommend(user_id)
+        if [i.item_id for i in after.items] != [i.item_id for i in before.items]:
+            break
+    _done(t0)
+
+    def share(reply) -> str:
+        n = sum(genre in titles.get(i.item_id, ("", []))[1] for i in reply.items)
+        return f"{n}/{len(reply.items)}"
+
+    console.print(f"  {genre} films in the feed: before {share(before)}, after {share(after)}")
+    print_feed(stack.paths, user_id, after, titles)
+
+
+def _has_champion(tracking_uri: str) -> bool:
+    from tandem.registry import client_for, resolve_alias
+
+    try:
+        return resolve_alias("champion", client=client_for(tracking_uri)) is not None
+    except Exception:  # noqa: BLE001 - a fresh registry may not know the model yet
+        return False
+
+
+def run_demo(folder: Path, rerun: bool = False) -> None:
+    from tandem.cli import load_movielens_into_lake
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    t_all = time.monotonic()
+    paths = Paths.default()
+    console.rule("[bold]Tandem demo: MovieLens-100K through Kafka, Spark, Feast, MLflow, Airflow")
+    start, end = load_movielens_into_lake(paths, folder)
+    stack = start_stack(paths)
+    if rerun or not _has_champion(stack.tracking_uri):
+        run_pipeline(stack, start, end)
+    else:
+        console.print("[bold cyan]>[/] a champion exists already: pipeline skipped "
+                      "(python -m tandem.cli demo --rerun to run it again)")
+        from tandem.airflow_client import start_standalone
+
+        start_standalone(paths, port=AIRFLOW_PORT, extra_env=stack.env())
+    start_serving(stack)
+    titles = _titles(paths)
+    console.rule("[bold]Recommendations")
+    for user in ("1", "42", "500"):
+        print_feed(paths, user, recommend(user), titles)
+    print_feed(paths, "new-user-7", recommend("new-user-7"), titles)
+    burst(stack, "42", titles)
+    _print_access(paths, time.monotonic() - t_all)
+
+
+def _print_access(paths: Paths, elapsed: float) -> None:
+    pw_file = paths.root / "airflow" / "simple_auth_manager_passwords.json.generated"
+    password = json.loads(pw_file.read_text()).get("admin", "?") if pw_file.exists() else "?"
+    console.rule(f"[bold]Ready in {elapsed / 60:.1f} min")
+    console.print(f"Airflow UI   http://127.0.0.1:{AIRFLOW_PORT}   user admin / password "
+                  f"{password}")
+    console.print(f"MLflow UI    http://127.0.0.1:{MLFLOW_PORT}   (model tandem-recommender)")
+    console.print(f"gRPC         127.0.0.1:{GRPC_PORT}  tandem.serving.v1.Recommender "
+                  "(health + reflection on)")
+    console.print(f"Prometheus   http://127.0.0.1:{METRICS_PORT}/metrics")
+    console.print(f"Kafka        127.0.0.1:{KAFKA_PORT}  topic tandem.events.v1")
+    console.print("Stop everything with: make stop")
