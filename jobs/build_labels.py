@@ -16,7 +16,7 @@ Ratings mode (data without impressions, e.g. MovieLens): one row per rating even
 the interval has any, else ratings.
 
 Every row is stamped with its impression (or rating) time: ``ts`` and ``event_timestamp``, and
-goes to ``lake/labels/ranking/date=`` of that time. The interval must be whole UTC days; the run
+goes to ``lake/labels/ranking/date=`` of that time. An interval is widened to the whole UTC days it touches; the run
 replaces those days' partitions. Run it once the next day's first ``attribution_window +
 lateness`` of events has been ingested, or late engagements are missed (a re-run then adds them).
 """
@@ -34,7 +34,7 @@ from tandem import schema as s
 from tandem.config import Paths
 from tandem.spark.entry import job_main
 from tandem.spark.events import day_of, event_timestamp, is_positive, read_events
-from tandem.spark.io import day_starts, overwrite_interval, utc
+from tandem.spark.io import covering_days, overwrite_interval
 from tandem.spark.tables import CLICKED, LABEL_CARRIED, LIKED, PLAYED, ranking_labels_schema
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ def rating_labels(events: DataFrame, end_ms: int) -> DataFrame:
 def run(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
         cfg: LabelsConfig = LabelsConfig()) -> dict[str, int | str]:
     """Label the impressions (or ratings) of the whole UTC days ``[start, end)``."""
-    start, end = utc(start), utc(end)
-    day_starts(start, end)  # validates the interval
+    start, end = covering_days(start, end)
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
     end_ms = int(end.timestamp() * 1000)

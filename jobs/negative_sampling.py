@@ -12,7 +12,7 @@ engaged; "rated": a rating below POSITIVE_RATING), plus ``ratio`` sampled items 
 ("sampled", same sampler, another salt).
 
 Rows carry the positive's (or the shown row's) ``event_id``, ``ts`` and ``event_timestamp`` and
-go to that day's partition. The interval must be whole UTC days; its partitions are replaced.
+go to that day's partition. An interval is widened to the whole UTC days it touches; their partitions are replaced.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tandem import schema as s
 from tandem.config import Paths
 from tandem.spark.entry import job_main
 from tandem.spark.events import day_of, event_timestamp, is_positive, read_events
-from tandem.spark.io import day_starts, epoch_ms, overwrite_interval, read_table, utc
+from tandem.spark.io import covering_days, epoch_ms, overwrite_interval, read_table
 from tandem.spark.sampling import sample_negatives
 from tandem.spark.tables import (
     DRAW,
@@ -80,8 +80,7 @@ def _sampled(anchors: DataFrame, exclude: DataFrame, counts, cfg: NegativesConfi
 def run(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
         cfg: NegativesConfig = NegativesConfig()) -> dict[str, int]:
     """Write retrieval and ranking negatives for the whole UTC days ``[start, end)``."""
-    start, end = utc(start), utc(end)
-    day_starts(start, end)  # validates the interval
+    start, end = covering_days(start, end)
     window = read_events(spark, paths, start - cfg.lookback, end, cfg.lateness)
     engagements = window.where(F.col(s.EVENT_TYPE) != s.IMPRESSION).cache()
     counts = engagements.groupBy(s.ITEM_ID).count().toPandas()

@@ -133,6 +133,7 @@ def test_empty_interval_writes_nothing(spark, paths):
                                          "files": 0}
 
 
+@pytest.mark.slow
 def test_world_generator_data_end_to_end(spark, paths):
     """A tiny synthetic world with re-delivered events: ingest, label and sample it."""
     import pyarrow as pa

@@ -1,4 +1,5 @@
-"""The command line every Spark job shares: ``--start ISO --end ISO [--home DIR] [--master URL]``.
+"""The command line every Spark job shares: ``--start ISO --end ISO [--home DIR] [--master URL]
+[--run-id ID]`` (the DAG passes ``--run-id`` to every job; interval jobs ignore it).
 
 ``python -m jobs.<name> ...`` and ``spark-submit jobs/<name>.py ...`` both end here: parse the
 interval, build the session, call the job's ``run`` and print its counts as one JSON line.
@@ -31,6 +32,8 @@ def job_main(name: str, run: Callable[..., dict[str, Any]], cfg: Any,
     parser.add_argument("--end", type=_iso, required=True, help="interval end (exclusive)")
     parser.add_argument("--home", type=Path, default=None, help="state root (TANDEM_HOME)")
     parser.add_argument("--master", default=None, help="Spark master (SPARK_MASTER, local[*])")
+    parser.add_argument("--run-id", default=None,
+                        help="the DAG run's id; accepted so every job shares one command line")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     paths = Paths(args.home.resolve()) if args.home else Paths.default()

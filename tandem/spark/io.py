@@ -53,6 +53,17 @@ def day_starts(start: datetime, end: datetime) -> list[datetime]:
     return hour_starts(start, end)[::24]
 
 
+def covering_days(start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """The whole UTC days ``[start, end)`` touches: an hourly run of a daily job recomputes (and
+    overwrites) its day so far, which keeps it idempotent."""
+    start, end = utc(start), utc(end)
+    day_start = start.replace(hour=0, minute=0, second=0, microsecond=0)
+    day_end = end.replace(hour=0, minute=0, second=0, microsecond=0)
+    if day_end < end:
+        day_end += 24 * HOUR
+    return day_start, max(day_end, day_start + 24 * HOUR)
+
+
 def with_partitions(schema: StructType, hourly: bool = True) -> StructType:
     """``schema`` plus the partition columns (date string, hour int)."""
     extra = [StructField(s.DATE, StringType())]

@@ -49,6 +49,8 @@ FLAT_PREFIX = {s.CONTEXT: "ctx_"}
 _REPLACEMENT_CHAR = "\ufffd"
 _SPARK_TYPE = {"string": StringType(), "integer": LongType(), "number": DoubleType()}
 _NUMERIC = ("BIGINT", "DOUBLE", "DECIMAL")
+_NUMBER_CHECKS = {"minimum", "maximum"}
+_STRING_CHECKS = {"enum", "minLength", "maxLength"}
 PARSED = "_event"  # the parsed line (VARIANT) that with_reason adds
 
 
@@ -121,9 +123,12 @@ def _helper_columns(value: Column, nodes: list[tuple[tuple[str, ...], dict]]) ->
     cols = []
     for path, node in nodes:
         sub = F.try_variant_get(value, ".".join(("$", *path)), "variant")
-        cols += [F.schema_of_variant(sub).alias(_helper("kind", path)),
-                 F.try_variant_get(sub, "$", "double").alias(_helper("num", path)),
-                 F.try_variant_get(sub, "$", "string").alias(_helper("str", path))]
+        cols.append(F.schema_of_variant(sub).alias(_helper("kind", path)))
+        types = node.get("type", [])
+        if "integer" in types or _NUMBER_CHECKS & node.keys():  # only what a check reads
+            cols.append(F.try_variant_get(sub, "$", "double").alias(_helper("num", path)))
+        if _STRING_CHECKS & node.keys():
+            cols.append(F.try_variant_get(sub, "$", "string").alias(_helper("str", path)))
         if "properties" in node:
             cols.append(F.json_object_keys(F.to_json(sub)).alias(_helper("keys", path)))
     return cols
