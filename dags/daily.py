@@ -25,6 +25,9 @@ from tandem.orchestration import python_job, spark_job
                        description="Leave empty to use the run's data interval."),
         "end": Param(None, type=["null", "string"], title="Training data end (ISO, UTC)",
                      description="Leave empty to use the run's data interval."),
+        "window_days": Param(28, type="integer", minimum=1, title="Training window (days)",
+                             description="Train on the days before the interval end "
+                                         "(ignored when start is set)."),
         "dataset": Param("movielens-100k", type="string", title="Dataset label",
                          description="Recorded with the model version and the evaluation."),
         "force_promotion": Param(False, type="boolean", title="Force promotion",

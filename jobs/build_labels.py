@@ -15,10 +15,11 @@ Ratings mode (data without impressions, e.g. MovieLens): one row per rating even
 ``label = value >= POSITIVE_RATING``, the per-type columns 0. ``mode="auto"`` picks impressions when
 the interval has any, else ratings.
 
-Every row is stamped with its impression (or rating) time: ``ts`` and ``event_timestamp``, and
-goes to ``lake/labels/ranking/date=`` of that time. An interval is widened to the whole UTC days it touches; the run
-replaces those days' partitions. Run it once the next day's first ``attribution_window +
-lateness`` of events has been ingested, or late engagements are missed (a re-run then adds them).
+Every row is stamped with its impression (or rating) time: ``ts`` and ``event_timestamp``, and goes
+to ``lake/labels/ranking/date=`` of that time. An interval is widened to the whole UTC days it
+touches (an hourly run recomputes its day so far); the run replaces those days' partitions. Run it
+once the next day's first ``attribution_window + lateness`` of events has been ingested, or late
+engagements are missed (a re-run then adds them).
 """
 
 from __future__ import annotations

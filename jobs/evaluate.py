@@ -1,7 +1,7 @@
-"""The offline evaluation job: the issue-4 protocol end to end on a MovieLens folder.
+"""The offline evaluation job: the issue-4 protocol end to end, on a MovieLens folder or the lake.
 
-``python -m jobs.evaluate --data ../shared/data/ml-100k`` (``make eval DATA=...``) loads either
-MovieLens format with :func:`tandem.movielens.load_movielens`, runs
+Dataset mode -- ``python -m jobs.evaluate --data ../shared/data/ml-100k`` (``make eval DATA=...``)
+loads either MovieLens format with :func:`tandem.movielens.load_movielens`, runs
 :func:`tandem.evaluation.evaluate` (popularity, ALS-only, two-tower-only and the two-stage system,
 side by side in one run), and writes
 
@@ -9,8 +9,17 @@ side by side in one run), and writes
 - ``reports/eval.md``: the same numbers as a table, plus the quality bar verdict
 - ``reports/eval.png``: a bar chart of the headline metrics
 
-Unlike the lake jobs this one reads a dataset folder, not an interval of the lake, so it has no
-``--start/--end``; it is still a pure function of its inputs and config (fixed seeds).
+Lake mode, the nightly chain's step -- ``python -m jobs.evaluate --start ISO --end ISO --run-id
+YYYYMMDD --dataset NAME`` runs the SAME protocol on the lake's window (``tandem.lake``: events of
+[start, end), items created before ``end``, profiles) and writes the run's bundle
+``manifest.json`` (``tandem.bundle.BundleManifest``): the parts present, the dataset label, the
+metrics (two-stage under plain names such as ``ndcg@10``, ``coverage@10``, ``diversity@10`` --
+the names the promotion gates read -- and every model's as ``<model>.<metric>``) and params, plus
+the full report as ``eval.json`` beside it. The protocol refits its sources on its own temporal
+split of the window, mirroring the bundle's parts (no two-tower part -> no two-tower source), so
+the numbers describe how this configuration ranks on this window, not the stored arrays.
+
+Both are pure functions of their inputs and config (fixed seeds).
 """
 
 from __future__ import annotations
@@ -18,10 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tandem.config import REPO_ROOT, movielens_100k_dir
+from tandem import bundle as B
+from tandem.catalog import run_bundle_dir
+from tandem.config import REPO_ROOT, Paths, movielens_100k_dir
 
 HEADLINE = ("ndcg@10", "recall@10", "precision@10", "map@10", "mrr@10", "hit_rate@10")
 BAR_LIFT = 1.10  # two-stage NDCG@10 >= 1.10 x the best single-stage model
@@ -109,8 +121,8 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def run(data_dir: Path, out_dir: Path, cfg: dict[str, Any] | None = None,
-        show_progress: bool = True) -> dict[str, Any]:
+def run_dataset(data_dir: Path, out_dir: Path, cfg: dict[str, Any] | None = None,
+                show_progress: bool = True) -> dict[str, Any]:
     """Load ``data_dir``, run the protocol, write the reports; returns the report dict."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -138,15 +150,83 @@ def run(data_dir: Path, out_dir: Path, cfg: dict[str, Any] | None = None,
     return report
 
 
+# the bundle files a manifest lists as parts (manifest.json itself is not a part)
+PARTS = (B.ITEMS, B.USERS, B.ALS_USER_FACTORS, B.ALS_ITEM_FACTORS, B.TT_ITEM_VECTORS,
+         B.TT_USER_TOWER, B.INDEX_MAIN, B.INDEX_ALS, B.RANKER_MODEL, B.RANKER_COOC, B.FEATURE_SPEC)
+REPORT = "eval.json"  # the full lake-mode report, beside the manifest
+
+
+def manifest_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """Flat metrics of a report: two-stage under plain names, every model as ``<model>.<name>``,
+    retrieval recall as ``retrieval.<source>.recall@N`` and ``retrieval.combined_recall``."""
+    out: dict[str, float] = {}
+    for model, values in report["models"].items():
+        numbers = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+        out.update({f"{model}.{k}": v for k, v in numbers.items()})
+        if model == "two_stage":
+            out.update(numbers)
+    ret = report["retrieval"]
+    depth = next(k for k in ret if k.startswith("recall@"))
+    out.update({f"retrieval.{src}.{depth}": float(v) for src, v in ret[depth].items()})
+    out["retrieval.combined_recall"] = float(ret["recall_combined"])
+    return out
+
+
+def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any] | None = None,
+        run_id: str | None = None, dataset: str = "lake") -> dict[str, Any]:
+    """Lake mode: evaluate the window and write the bundle's ``manifest.json`` + ``eval.json``.
+
+    ``spark`` is unused (common job signature; the window is read with pyarrow). ``cfg``
+    overrides :data:`tandem.evaluation.EVAL_CONFIG`. Returns the manifest's metrics.
+    """
+    from tandem import evaluation as E
+    from tandem.lake import read_window
+
+    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
+    bundle_dir = run_bundle_dir(paths, end, run_id)
+    cfg = {**E.EVAL_CONFIG, **(cfg or {})}
+    if not (bundle_dir / B.TT_ITEM_VECTORS).exists():
+        cfg["two_tower"] = None  # the bundle serves without two-tower: evaluate it that way
+    report = E.evaluate(read_window(paths, start, end, dataset), cfg)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    (bundle_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    protocol = report["protocol"]
+    params = {"eval_start": start.isoformat(), "eval_end": end.isoformat(), "eval_k": cfg["k"],
+              "eval_test_fraction": cfg["test_fraction"], "eval_users": protocol["n_users"],
+              "eval_train_events": protocol["n_train_events"],
+              "eval_test_events": protocol["n_test_events"],
+              "two_tower": cfg["two_tower"] is not None,
+              "als_factors": cfg["als"]["factors"], "ranker_trees": cfg["ranker"]["n_estimators"]}
+    manifest = B.BundleManifest(dataset=dataset, parts=[p for p in PARTS
+                                                        if (bundle_dir / p).exists()],
+                                metrics=manifest_metrics(report), params=params)
+    manifest.save(bundle_dir)
+    return manifest.metrics
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=movielens_100k_dir(),
-                        help="a MovieLens folder (100K files or a CSV release)")
+                        help="dataset mode: a MovieLens folder (100K files or a CSV release)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--start", type=datetime.fromisoformat, default=None,
+                        help="lake mode: window start (ISO, UTC); needs --end")
+    parser.add_argument("--end", type=datetime.fromisoformat, default=None)
+    parser.add_argument("--run-id", default=None, help="lake mode: bundle directory name")
+    parser.add_argument("--dataset", default="lake", help="lake mode: dataset label")
+    parser.add_argument("--home", type=Path, default=None, help="state root (TANDEM_HOME)")
+    parser.add_argument("--master", default=None, help="accepted for uniformity; no Spark is used")
     args = parser.parse_args(argv)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    run(args.data, args.out, show_progress=not args.quiet)
+    if (args.start is None) != (args.end is None):
+        parser.error("lake mode needs both --start and --end")
+    if args.start is None:
+        run_dataset(args.data, args.out, show_progress=not args.quiet)
+        return
+    paths = Paths(args.home.resolve()) if args.home else Paths.default()
+    print(json.dumps(run(None, paths, args.start, args.end, run_id=args.run_id,
+                         dataset=args.dataset)))
 
 
 if __name__ == "__main__":

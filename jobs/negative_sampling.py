@@ -12,7 +12,8 @@ engaged; "rated": a rating below POSITIVE_RATING), plus ``ratio`` sampled items 
 ("sampled", same sampler, another salt).
 
 Rows carry the positive's (or the shown row's) ``event_id``, ``ts`` and ``event_timestamp`` and
-go to that day's partition. An interval is widened to the whole UTC days it touches; their partitions are replaced.
+go to that day's partition. An interval is widened to the whole UTC days it touches; their
+partitions are replaced.
 """
 
 from __future__ import annotations

@@ -1,12 +1,17 @@
 """Train the LightGBM lambdarank ranker on the candidates retrieval really produces.
 
-For the interval [start, end) with ``cut = end - label_days``:
+For the interval [start, end) with ``cut = end - label window`` (``label_days`` when set, else
+``label_fraction`` of the interval):
 
-extract: lake events with ``start <= ts < end``, the catalog (lake/items) and profiles
-    (lake/users), as pandas (they go to a single-machine learner anyway).
+extract: the window of ``tandem.lake.read_window`` (events of [start, end), items created
+    before ``end``, profiles) with pyarrow -- it all goes to a single-machine learner anyway, so
+    ``spark`` is unused (kept for the common job signature).
 transform:
     1. the retrieval sources (ALS, two-tower, popularity; ``tandem.evaluation.fit_sources``) are
-       fit on the events before ``cut``;
+       fit on the events before ``cut`` -- two-tower only when the bundle has a two-tower part,
+       so the ranker never learns from a source serving will not have. The bundle's own
+       ALS/two-tower parts are NOT reused here: they were trained on the whole window, label
+       period included, so their scores would leak the labels into the features;
     2. each user with a positive event in [cut, end) gets the union of the sources' top lists
        (``tandem.evaluation.candidates``: ALS top-200, two-tower top-500, popular fill), labelled
        1 when the user engaged positively with the item after ``cut``;
@@ -16,54 +21,58 @@ transform:
        matrices of ``tandem.features``; retrieval, context and recency features are added by
        ``tandem.ranking_features.build_features`` -- the function serving calls.
        ``feature_source="history"`` computes the same raw rows from the events in-process (the
-       offline evaluation's path) for a lake without a Feast repo.
-load: ``<models>/<run>/ranker/``: ``model.txt`` (LightGBM), ``feature_names.json``,
-    ``cooc.npz`` (item co-occurrence for the recency features, bundle path ``ranker/cooc.npz``),
-    ``item_ids.json`` (its row order) and ``meta.json``.
+       offline evaluation's path). The default ``"feast"`` falls back to ``"history"`` with a
+       warning when no Feast repo has been applied under ``TANDEM_HOME/feast``.
+load, into the run's bundle ``<models>/<run_id>`` (``tandem.catalog.run_bundle_dir``):
+    ``ranker/model.txt`` (LightGBM), ``ranker/cooc.npz`` (item co-occurrence over the whole
+    window for the recency features, rows/columns in the bundle's catalog order of
+    ``items.parquet``; serving rebuilds the ALS unit vectors from the bundle's ALS factors),
+    ``features.json`` (ordered feature names + raw feature defaults) and ``ranker/meta.json``.
+
+    python -m jobs.train_ranker --start 2026-01-01T00:00:00 --end 2026-01-02T00:00:00 \
+        --run-id 20260102
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime, timedelta
+import logging
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from tandem import evaluation as E
+from tandem import features as FT
 from tandem import ranker as R
 from tandem import ranking_features as RF
 from tandem import schema as S
+from tandem.bundle import FEATURE_SPEC, RANKER_COOC, RANKER_MODEL, TT_ITEM_VECTORS
+from tandem.catalog import load_or_write, run_bundle_dir
 from tandem.config import Paths
-from tandem.dataset import EVENT_COLUMNS, Dataset, conform, positives
-from tandem.spark.session import get_spark
+from tandem.dataset import Dataset, positives
+from tandem.lake import epoch_ms, read_window
 
-CONFIG: dict[str, Any] = {**E.EVAL_CONFIG, "label_days": 7, "feature_source": "feast"}
+log = logging.getLogger(__name__)
 
-
-def _ms(t: datetime) -> int:
-    """Epoch ms of ``t`` (naive datetimes are UTC)."""
-    stamp = pd.Timestamp(t)
-    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp
-    return stamp.value // 1_000_000
+CONFIG: dict[str, Any] = {**E.EVAL_CONFIG, "label_days": None, "label_fraction": 0.2,
+                          "feature_source": "feast"}
 
 
-def extract(spark: SparkSession, paths: Paths, start: datetime, end: datetime) -> Dataset:
-    """Events of [start, end) plus the catalog and profiles, as a :class:`Dataset`."""
-    day_lo, day_hi = (pd.Timestamp(t).strftime("%Y-%m-%d") for t in (start, end))
-    events = (spark.read.parquet(str(paths.events))
-              .where((F.col(S.DATE) >= day_lo) & (F.col(S.DATE) <= day_hi))
-              .where((F.col(S.TS) >= _ms(start)) & (F.col(S.TS) < _ms(end)))
-              .drop(S.DATE, S.HOUR).toPandas())
-    items = spark.read.parquet(str(paths.items)).toPandas().sort_values(S.ITEM_ID)
-    users = spark.read.parquet(str(paths.users)).toPandas()
-    return Dataset(conform(events, EVENT_COLUMNS), items.reset_index(drop=True), users, "lake")
+def label_cut(start: datetime, end: datetime, cfg: dict[str, Any]) -> datetime:
+    """The request time: labels come from [cut, end), sources are fit on [start, cut)."""
+    window = (timedelta(days=cfg["label_days"]) if cfg.get("label_days")
+              else (end - start) * cfg["label_fraction"])
+    return end - window
+
+
+def feast_applied(paths: Paths) -> bool:
+    """Whether ``tandem.feature_store.apply`` has registered a repo under ``paths.feast``."""
+    return (paths.feast / "feature_store.yaml").exists() and (paths.feast / "registry.db").exists()
 
 
 def training_set(data: Dataset, cut_ms: int, cfg: dict[str, Any], store=None
@@ -110,41 +119,81 @@ def _features_from_store(store, fitted: E.Fitted, catalog: E.Catalog, req: E.Req
                              fitted.space)
 
 
-def load(model, fitted: E.Fitted, out_dir: Path, counts: dict[str, Any]) -> None:
-    """Write the model and the artifacts serving needs next to it (overwrites).
+def bundle_cooc(events: pd.DataFrame, catalog: pd.DataFrame, user_order: pd.DataFrame
+                ) -> sp.csr_matrix:
+    """``ranking_features.cooccurrence`` of the whole window, in the bundle's catalog order.
 
-    ``cooc.npz`` (scipy sparse) is the bundle's ``ranker/cooc.npz`` that serving loads for the
-    recency features; its rows/columns follow ``item_ids.json``. Serving rebuilds the ALS unit
-    vectors from the bundle's own ALS factors.
+    Built from every event (impressions included), exactly as ``evaluation.fit_sources`` builds
+    the training-time matrix; events of items outside the catalog are dropped.
     """
-    R.save(model, out_dir / "model.txt")
-    (out_dir / "feature_names.json").write_text(json.dumps(list(RF.FEATURE_NAMES)))
-    sp.save_npz(out_dir / "cooc.npz", fitted.space.cooc.tocsr())
-    (out_dir / "item_ids.json").write_text(json.dumps([str(i) for i in fitted.als.item_ids]))
-    (out_dir / "meta.json").write_text(json.dumps(counts, indent=2))
+    item_ids = pd.Index(catalog[S.ITEM_ID].astype(str))
+    user_ids = pd.Index(user_order[S.USER_ID].astype(str))
+    rows = user_ids.get_indexer(events[S.USER_ID].astype(str))
+    cols = item_ids.get_indexer(events[S.ITEM_ID].astype(str))
+    keep = (rows >= 0) & (cols >= 0)
+    seen = sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (rows[keep], cols[keep])),
+                         shape=(len(user_ids), len(item_ids)))
+    return RF.cooccurrence(seen)
 
 
-def run(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
-        cfg: dict[str, Any] | None = None, store=None) -> dict[str, Any]:
-    """Train on [start, end) (labels from the last ``label_days``); returns counts."""
+def feature_spec() -> dict[str, Any]:
+    """``features.json``: the ranker's input columns in order and the raw fields' defaults."""
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in FT.DEFAULTS.items()}
+    return {"names": list(RF.FEATURE_NAMES), "defaults": defaults}
+
+
+def load(model, cooc: sp.csr_matrix, bundle_dir: Path, counts: dict[str, Any]) -> None:
+    """Write the model, the co-occurrence matrix, the feature spec and counts (overwrites)."""
+    R.save(model, bundle_dir / RANKER_MODEL)
+    sp.save_npz(bundle_dir / RANKER_COOC, cooc.tocsr())
+    (bundle_dir / FEATURE_SPEC).write_text(json.dumps(feature_spec(), indent=2))
+    (bundle_dir / RANKER_MODEL).with_name("meta.json").write_text(json.dumps(counts, indent=2))
+
+
+def _store_for(paths: Paths, cfg: dict[str, Any], store):
+    """(feature source actually used, store): ``feast`` needs an applied repo, else history."""
+    if cfg["feature_source"] != "feast" or store is not None:
+        return cfg["feature_source"], store
+    if not feast_applied(paths):
+        log.warning("no Feast repo applied under %s: ranker features come from the event "
+                    "history instead (feature_source=history)", paths.feast)
+        return "history", None
+    from tandem.feature_store import open_store
+
+    return "feast", open_store(paths)
+
+
+def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any] | None = None,
+        store=None, run_id: str | None = None) -> dict[str, Any]:
+    """Train on [start, end) (labels from the window's tail) into the run's bundle.
+
+    ``spark`` is unused (common job signature). Returns row/group/label counts and the feature
+    source used. Deterministic for a given lake, interval and ``cfg``; re-runs overwrite.
+    """
     cfg = {**CONFIG, **(cfg or {})}
-    run_name = cfg.get("run") or pd.Timestamp(end).strftime("%Y%m%dT%H%M%S")
-    cut_ms = _ms(end - timedelta(days=cfg["label_days"]))
-    data = extract(spark, paths, start, end)
-    if cfg["feature_source"] == "feast" and store is None:
-        from tandem.feature_store import open_store
-        store = open_store(paths)
+    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
+    source, store = _store_for(paths, cfg, store)
+    cfg["feature_source"] = source
+    cut_ms = epoch_ms(label_cut(start, end, cfg))
+    data = read_window(paths, start, end)
+    bundle_dir = run_bundle_dir(paths, end, run_id)
+    catalog, user_order = load_or_write(bundle_dir, data.items, data.users, data.events)
+    if not (bundle_dir / TT_ITEM_VECTORS).exists():
+        cfg["two_tower"] = None  # serve-time features must match: no two-tower, no such source
     X, y, groups, fitted = training_set(data, cut_ms, cfg, store)
     keep = pd.Series(y).groupby(groups).transform("max").to_numpy() > 0
     keep &= R.sample_negatives(y, cfg["ranker_negative_rate"], cfg["ranker"]["random_state"])
+    if not keep.any():
+        raise ValueError(f"no positive labels in [{pd.Timestamp(cut_ms, unit='ms')}, {end}): "
+                         "the ranker has nothing to learn from")
     model = R.train_ranker(X[keep], y[keep], groups[keep], cfg["ranker"])
+    after = data.events[data.events[S.TS] >= cut_ms]
     counts = {"rows": int(keep.sum()), "groups": int(len(np.unique(groups[keep]))),
               "positives": int(y[keep].sum()), "history_events": int(len(fitted.history)),
-              "label_events": int((data.events[S.TS] >= cut_ms).sum()),
-              "positive_label_events": int(positives(data.events[data.events[S.TS] >= cut_ms],
-                                                     cfg["play_dwell_ms"]).sum()),
-              "feature_source": cfg["feature_source"]}
-    load(model, fitted, paths.models / run_name / "ranker", counts)
+              "label_events": int(len(after)),
+              "positive_label_events": int(positives(after, cfg["play_dwell_ms"]).sum()),
+              "feature_source": source, "bundle_dir": str(bundle_dir)}
+    load(model, bundle_cooc(data.events, catalog, user_order), bundle_dir, counts)
     return counts
 
 
@@ -153,17 +202,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start", required=True, type=datetime.fromisoformat)
     parser.add_argument("--end", required=True, type=datetime.fromisoformat)
     parser.add_argument("--home", type=Path, default=None)
-    parser.add_argument("--master", default=None)
-    parser.add_argument("--run", default=None, help="model folder name (default: interval end)")
+    parser.add_argument("--master", default=None, help="accepted for uniformity; no Spark is used")
+    parser.add_argument("--run-id", "--run", dest="run_id", default=None,
+                        help="bundle directory name under models/ (default: end date, YYYYMMDD)")
     parser.add_argument("--feature-source", choices=("feast", "history"), default="feast")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     paths = Paths(args.home.resolve()) if args.home else Paths.default()
-    spark = get_spark("tandem-train-ranker", master=args.master)
-    try:
-        print(json.dumps(run(spark, paths, args.start, args.end,
-                             {"run": args.run, "feature_source": args.feature_source})))
-    finally:
-        spark.stop()
+    print(json.dumps(run(None, paths, args.start, args.end,
+                         {"feature_source": args.feature_source}, run_id=args.run_id)))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 
 from tandem import schema as s
+from tandem.bundle import INDEX_MAIN, TT_ITEM_VECTORS
 from tandem.catalog import load_or_write, run_bundle_dir
 from tandem.config import Paths
 from tandem.dataset import positives
@@ -112,6 +113,17 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
             "bundle_dir": str(bundle_dir)}
 
 
+def skip(paths: Paths, end: datetime, run_id: str | None = None) -> dict[str, Any]:
+    """No two-tower for this run: remove any two-tower part an earlier attempt of the same run
+    left in its bundle (vectors, tower, main index), so the bundle is consistently ALS-only."""
+    bundle_dir = run_bundle_dir(paths, end, run_id)
+    removed = [p for p in (bundle_dir / TT_ITEM_VECTORS).parent.glob("*") if p.is_file()]
+    removed += [p for p in (bundle_dir / INDEX_MAIN).parent.glob(Path(INDEX_MAIN).name + "*")]
+    for path in removed:
+        path.unlink()
+    return {"skipped": 1, "removed": len(removed), "bundle_dir": str(bundle_dir)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--start", required=True, type=datetime.fromisoformat)
@@ -119,13 +131,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--home", type=Path, default=None, help="state root (default TANDEM_HOME)")
     ap.add_argument("--master", default=None, help="accepted for uniformity; no Spark is used")
     ap.add_argument("--run-id", default=None, help="bundle directory name (default: end date)")
-    ap.add_argument("--skip", action="store_true", help="do nothing (DAG param skip_two_tower)")
+    ap.add_argument("--skip", action="store_true",
+                    help="train nothing; the bundle serves ALS-only (DAG param skip_two_tower)")
     args = ap.parse_args(argv)
-    if args.skip:
-        print({"skipped": 1})
-        return
     paths = Paths(args.home) if args.home else Paths.default()
     start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (args.start, args.end))
+    if args.skip:
+        print(skip(paths, end, args.run_id))
+        return
     print(run(None, paths, start, end, run_id=args.run_id))
 
 

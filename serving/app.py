@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -61,6 +61,7 @@ DAY_MS = 86_400_000
 # online-store reads run here so a slow store can be abandoned at its deadline (shared by all
 # engines: a hot reload must not leak threads)
 _STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="online-store")
+_NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ class ItemFeatures:
 
     def take(self, rows: np.ndarray, now_ms: int) -> np.ndarray:
         """Feature rows [len(rows), n_item_features] relative to ``now_ms``."""
-        return F.fill_item_times(self.static[rows].copy(), self.last_event_ts[rows],
+        return F.fill_item_times(self.static[rows], self.last_event_ts[rows],  # a copy
                                  self.created_at[rows], now_ms)
 
 
@@ -262,10 +263,21 @@ class _Clock:
         finally:
             seconds = time.perf_counter() - start
             self.stages[name] = self.stages.get(name, 0.0) + seconds * 1000.0
-            m.STAGE_SECONDS.labels(name).observe(seconds)
+            _stage_histogram(name).observe(seconds)
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1000.0
+
+
+@functools.lru_cache(maxsize=64)
+def _stage_histogram(name: str):
+    """The ``tandem_stage_seconds`` child of one stage (``labels()`` locks; look it up once)."""
+    return m.STAGE_SECONDS.labels(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates_counter(source: str):
+    return m.CANDIDATES.labels(source)
 
 
 def _fallback(result_fallbacks: list[str], reason: str) -> None:
@@ -288,6 +300,10 @@ class Engine:
         ``als_index`` searches item factors (inner product, possibly via the L2 transform)
     tower : numpy user tower; ranker : :class:`Ranker`; space : ranking_features.ItemSpace
     item_features : :class:`ItemFeatures` aligned to the catalog
+
+    The two-tower parts are optional (the nightly DAG's ``skip_two_tower``): without them
+    ``tower`` and ``main_index`` are None, ``item_vectors`` are the unit ALS item factors (MMR),
+    similar-items searches the ALS index, and retrieval is ALS + fresh + popular.
     """
 
     def __init__(self, bundle_dir: Path, version: str, item_features: ItemTableFactory | None,
@@ -305,17 +321,22 @@ class Engine:
         self.created_at = items[s.CREATED_AT].to_numpy(np.int64)
         users = pd.read_parquet(root / B.USERS) if (root / B.USERS).exists() else None
         self.user_index = pd.Index(users[s.USER_ID].astype(str) if users is not None else [])
-        self.item_vectors = np.load(root / B.TT_ITEM_VECTORS, mmap_mode=None)
         self.als_items = np.load(root / B.ALS_ITEM_FACTORS)
         self.als_users = np.load(root / B.ALS_USER_FACTORS)
-        self.main_index = AnnIndex.load(root / B.INDEX_MAIN)
         self.als_index = AnnIndex.load(root / B.INDEX_ALS)
-        self.tower = UserTower.load(root / B.TT_USER_TOWER, self.item_vectors)
+        if (root / B.TT_ITEM_VECTORS).exists():
+            self.item_vectors = np.load(root / B.TT_ITEM_VECTORS, mmap_mode=None)
+            self.main_index = AnnIndex.load(root / B.INDEX_MAIN)
+            self.tower = UserTower.load(root / B.TT_USER_TOWER, self.item_vectors)
+        else:  # an ALS-only bundle
+            self.item_vectors = RF.unit_rows(self.als_items)
+            self.main_index, self.tower = None, None
         self.ranker = Ranker(root / B.RANKER_MODEL, cfg.ranker_backend, cache_dir)
         if self.ranker.n_features != len(RF.FEATURE_NAMES):
             raise ValueError(f"ranker expects {self.ranker.n_features} features, "
                              f"ranking_features builds {len(RF.FEATURE_NAMES)}")
         self.space = RF.ItemSpace(RF.unit_rows(self.als_items), _load_cooc(root, self.n_items))
+        self.space.cooc_columns()  # column form for recency lookups, built before requests
         self.item_features = (item_features(self.item_ids) if item_features is not None
                               else ItemFeatures.from_frame(pd.DataFrame(
                                   {s.ITEM_ID: self.item_ids, "item_created_at": self.created_at}),
@@ -338,11 +359,18 @@ class Engine:
         rows = self.item_index.get_indexer(list(item_ids))
         return rows[rows >= 0].astype(np.int64)
 
-    def _fetch(self, store: OnlineStore, user_id: str, cfg: ServingConfig,
-               fallbacks: list[str]) -> UserRows:
-        future = _STORE_POOL.submit(store.fetch, user_id)
+    def _start_fetch(self, store: OnlineStore, user_id: str) -> tuple[Future, float]:
+        """The store read, started on ``_STORE_POOL`` (and when), so work can overlap it."""
+        return _STORE_POOL.submit(store.fetch, user_id), time.perf_counter()
+
+    def _finish_fetch(self, pending: tuple[Future, float], cfg: ServingConfig,
+                      fallbacks: list[str]) -> UserRows:
+        """The read's rows, or empty rows once ``online_store_timeout_ms`` has passed since
+        it started (or it failed)."""
+        future, started = pending
+        left = cfg.online_store_timeout_ms / 1000.0 - (time.perf_counter() - started)
         try:
-            return future.result(timeout=cfg.online_store_timeout_ms / 1000.0)
+            return future.result(timeout=max(left, 0.0))
         except FutureTimeout:
             future.cancel()
             _fallback(fallbacks, "online_store_timeout")
@@ -380,14 +408,19 @@ class Engine:
         clock = _Clock()
         fallbacks: list[str] = []
         now_ms = q.ts or int(time.time() * 1000)
+        user_row = _row_of(self.user_index, q.user_id)
         with clock.stage("online_store"):
-            rows = self._fetch(store, q.user_id, cfg, fallbacks)
+            pending = self._start_fetch(store, q.user_id)
+        als = None
+        if user_row >= 0:  # the ALS query needs nothing from the store: search while it reads
+            with clock.stage("ann"):
+                als = self._als_guarded(user_row, _NO_ROWS, cfg, fallbacks)
+        with clock.stage("online_store"):
+            rows = self._finish_fetch(pending, cfg, fallbacks)
         session = rows.session or {}
         recent_ids = list(q.session_item_ids) + list(session.get(s.SESSION_RECENT_ITEMS) or [])
         history = pd.unique(self.rows_of(recent_ids))  # newest first, deduplicated
         exclude = np.concatenate([history, self.rows_of(q.exclude_item_ids)])
-        user_row = int(self.user_index.get_indexer([q.user_id])[0]) if len(self.user_index) \
-            else -1
         if rows.user is None and user_row < 0 and len(history) == 0:
             if "online_store_timeout" in fallbacks or "online_store_error" in fallbacks:
                 result = self._degraded(q, exclude, clock)  # unknown because the store failed
@@ -395,19 +428,22 @@ class Engine:
                 result = self._cold(q, cfg, exclude, now_ms, clock)
         else:
             result = self._warm(q, cfg, rows, history, exclude, user_row, now_ms, clock,
-                                fallbacks)
+                                fallbacks, als)
         result.fallbacks = fallbacks + result.fallbacks
         result.stages_ms = clock.stages
         return result
 
     def _warm(self, q: RecommendQuery, cfg: ServingConfig, rows: UserRows, history: np.ndarray,
               exclude: np.ndarray, user_row: int, now_ms: int, clock: _Clock,
-              fallbacks: list[str]) -> Result:
+              fallbacks: list[str], als: list | None = None) -> Result:
+        """Retrieve, rank and diversify; ``als`` is the ALS list when :meth:`recommend`
+        already searched it (a user with ALS factors)."""
         lists: list[tuple[str, np.ndarray, np.ndarray]] = []
         user_raw = dict(rows.user or {})
         with clock.stage("user_tower"):
             try:
-                user_vec = self.tower.encode(self._tower_feats(user_raw), history[:20])
+                user_vec = (None if self.tower is None
+                            else self.tower.encode(self._tower_feats(user_raw), history[:20]))
             except Exception:  # noqa: BLE001
                 log.exception("user tower failed")
                 _fallback(fallbacks, "user_tower_error")
@@ -418,11 +454,8 @@ class Engine:
             except Exception:  # noqa: BLE001
                 log.exception("two-tower retrieval failed")
                 _fallback(fallbacks, "two_tower_error")
-            try:
-                lists += self._als_list(user_row, history, cfg)
-            except Exception:  # noqa: BLE001
-                log.exception("ALS retrieval failed")
-                _fallback(fallbacks, "als_error")
+            lists += als if als is not None else self._als_guarded(user_row, history, cfg,
+                                                                   fallbacks)
         with clock.stage("merge"):
             fresh = self.newest[self.created_at[self.newest] >= now_ms - cfg.fresh_days * DAY_MS]
             fresh = fresh[: cfg.n_fresh]
@@ -432,7 +465,7 @@ class Engine:
             pool = merge(lists, exclude, self.n_items)
             for name, count in pool.count_by_source().items():
                 if count:
-                    m.CANDIDATES.labels(name).inc(count)
+                    _candidates_counter(name).inc(count)
             m.POOL_SIZE.observe(len(pool))
         scores = None
         if clock.elapsed_ms() > cfg.rank_deadline_ms:
@@ -460,6 +493,8 @@ class Engine:
                          cfg: ServingConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """User-vector and session-centroid neighbours, in ONE index call."""
         queries, names = [], []
+        if self.main_index is None:
+            return []
         if user_vec is not None:
             queries.append(user_vec)
             names.append(("two_tower", cfg.n_two_tower))
@@ -488,6 +523,16 @@ class Engine:
         hits = self._search(self.als_index, query[None], cfg.n_als)[0]
         hits = hits[hits >= 0]
         return [("als", hits, self.als_items[hits] @ query)]
+
+    def _als_guarded(self, user_row: int, history: np.ndarray, cfg: ServingConfig,
+                     fallbacks: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """:meth:`_als_list`, degrading to no ALS candidates on any error."""
+        try:
+            return self._als_list(user_row, history, cfg)
+        except Exception:  # noqa: BLE001
+            log.exception("ALS retrieval failed")
+            _fallback(fallbacks, "als_error")
+            return []
 
     def _features(self, pool: CandidatePool, lists, user_raw: Mapping[str, Any],
                   session_raw: Mapping[str, Any] | None, history: np.ndarray,
@@ -569,16 +614,19 @@ class Engine:
 
     # --------------------------------------------------------------------------- similar
     def similar(self, item_id: str, k: int) -> Result | None:
-        """``k`` nearest items to ``item_id`` in two-tower space; None for an unknown item."""
+        """``k`` nearest items to ``item_id`` in two-tower space (ALS space in an ALS-only
+        bundle); None for an unknown item."""
         clock = _Clock()
         row = int(self.item_index.get_indexer([item_id])[0])
         if row < 0:
             return None
+        index, vectors = ((self.main_index, self.item_vectors) if self.main_index is not None
+                          else (self.als_index, self.als_items))
         with clock.stage("similar"):
-            vec = self.item_vectors[row]
-            hits = self._search(self.main_index, vec[None], k + 1)[0]
+            vec = vectors[row]
+            hits = self._search(index, vec[None], k + 1)[0]
             hits = hits[(hits >= 0) & (hits != row)][:k]
-            scores = self.item_vectors[hits] @ vec
+            scores = vectors[hits] @ vec
         mask = np.full(len(hits), SOURCE_BITS["similar"], dtype=np.int64)
         return Result(_request_id(), self.version, list(self.item_ids[hits]),
                       scores.astype(np.float64), mask, np.ones(len(hits)),
@@ -601,6 +649,15 @@ def _device_code(device: str) -> np.ndarray:
     out = RF.device_codes(np.array([device], dtype=object))
     out.setflags(write=False)
     return out
+
+
+def _row_of(index: pd.Index, key: str) -> int:
+    """Position of ``key`` in a unique ``index``, -1 when absent (one hash lookup)."""
+    try:
+        loc = index.get_loc(key)
+    except KeyError:
+        return -1
+    return int(loc) if isinstance(loc, (int, np.integer)) else -1
 
 
 def _one(row: Mapping[str, Any]) -> dict[str, list]:

@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
                         help="module:factory of a tandem.impressions.ImpressionSink (e.g. Kafka)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # one core per search; requests run side by side
 
     app = build_app(args, engine_cls)
     if args.metrics_port:

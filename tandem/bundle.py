@@ -14,6 +14,7 @@ indexed by the bundle's own catalog order: row ``i`` of every item array is ``it
     index/main.faiss              ANN over two_tower/item_vectors (ids = catalog row)
     index/als.faiss               ANN over ALS item factors (inner-product -> L2 transform)
     ranker/model.txt              LightGBM text model
+    ranker/cooc.npz               scipy CSR [n_items, n_items] item co-occurrence (recency features)
     features.json                 the ranker's ordered feature names + defaults (tandem.features)
 """
 
@@ -36,6 +37,7 @@ TT_USER_TOWER = "two_tower/user_tower.npz"
 INDEX_MAIN = "index/main.faiss"
 INDEX_ALS = "index/als.faiss"
 RANKER_MODEL = "ranker/model.txt"
+RANKER_COOC = "ranker/cooc.npz"
 FEATURE_SPEC = "features.json"
 
 

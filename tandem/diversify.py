@@ -41,14 +41,15 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7) ->
     norms = np.linalg.norm(v, axis=1, keepdims=True)
     v = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
     sim = v @ v.T  # [n, n] cosine
+    base = lam * rel  # the gain before anything is picked (no penalty yet)
+    gain = base.copy()
     picked = np.empty(k, dtype=np.int64)
-    max_sim = np.full(n, -np.inf)  # similarity to the closest picked item
-    free = np.ones(n, dtype=bool)
     for t in range(k):
-        penalty = np.where(np.isfinite(max_sim), max_sim, 0.0)
-        gain = np.where(free, lam * rel - (1.0 - lam) * penalty, -np.inf)
         best = int(np.argmax(gain))
         picked[t] = best
-        free[best] = False
-        max_sim = np.maximum(max_sim, sim[best])
+        # the penalty is the max similarity to any picked item, so each pick can only lower
+        # a gain: take the min with this pick's term instead of recomputing from scratch
+        after = base - (1.0 - lam) * sim[best]
+        gain = after if t == 0 else np.minimum(gain, after)
+        gain[best] = -np.inf  # earlier picks stay -inf through the min
     return picked

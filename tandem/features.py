@@ -127,16 +127,31 @@ def to_epoch_ms(ts) -> np.ndarray:
     return (stamps.astype("datetime64[ms, UTC]").astype("int64")).to_numpy(np.int64)
 
 
+def _is_missing(value: object) -> bool:
+    """What ``pd.isna`` says of a scalar: None, NaN, ``pd.NA`` or ``pd.NaT``."""
+    return (value is None or value is pd.NA or value is pd.NaT
+            or (isinstance(value, (float, np.floating)) and value != value))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def _numeric(cols: Columns, name: str, n: int) -> np.ndarray:
-    """Column ``name`` as float64 [n], missing column/None/NaN replaced by its default."""
+    """Column ``name`` as float64 [n], missing column/None/NaN replaced by its default.
+
+    A request's row (a short list of plain numbers or missing values) skips pandas; anything
+    else (strings to parse, many rows) goes through ``pd.to_numeric``. Same values either way.
+    """
     default = float(DEFAULTS[name])
     if name not in cols:
         return np.full(n, default)
-    if isinstance(cols[name], list) and n <= _SMALL:  # one request's row: skip pandas
-        out = np.array([default if v is None else v for v in cols[name]], dtype=np.float64)
-        return np.where(np.isnan(out), default, out)
-    values = pd.to_numeric(pd.Series(np.asarray(cols[name], dtype=object)), errors="coerce")
-    return values.fillna(default).to_numpy(np.float64)
+    values = cols[name]
+    if isinstance(values, list) and n <= _SMALL and all(
+            _is_number(v) or _is_missing(v) for v in values):
+        return np.array([default if _is_missing(v) else float(v) for v in values])
+    parsed = pd.to_numeric(pd.Series(np.asarray(values, dtype=object)), errors="coerce")
+    return parsed.fillna(default).to_numpy(np.float64)
 
 
 def _strings(cols: Columns, name: str, n: int) -> np.ndarray:
@@ -144,7 +159,7 @@ def _strings(cols: Columns, name: str, n: int) -> np.ndarray:
     if name not in cols:
         return np.full(n, "", dtype=object)
     if isinstance(cols[name], list) and n <= _SMALL:
-        return np.array(["" if v is None else v for v in cols[name]], dtype=object)
+        return np.array(["" if _is_missing(v) else v for v in cols[name]], dtype=object)
     return pd.Series(np.asarray(cols[name], dtype=object)).fillna("").to_numpy(object)
 
 
@@ -153,9 +168,13 @@ def _list_array(values, value_type: pa.DataType) -> pa.ListArray:
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
         return arr.cast(pa.list_(value_type))
-    items = [None if v is None or (isinstance(v, float) and np.isnan(v)) else list(v)
-             for v in values]
+    items = [None if _null_list(v) else list(v) for v in values]
     return pa.array(items, type=pa.list_(value_type))
+
+
+def _null_list(value: object) -> bool:
+    """A missing list cell: None, or NaN (how pandas fills a missing list)."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def _n_rows(cols: Columns) -> int:
@@ -171,7 +190,8 @@ def genre_multi_hot(genres) -> np.ndarray:
     if isinstance(genres, list) and len(genres) <= _SMALL:  # a request's rows: skip Arrow
         out = np.zeros((len(genres), N_GENRES), dtype=np.float32)
         for row, names in enumerate(genres):
-            cols = [_GENRE_INDEX[g] for g in (names or ()) if g in _GENRE_INDEX]
+            cols = [] if _null_list(names) else [_GENRE_INDEX[g] for g in names
+                                                 if g in _GENRE_INDEX]
             out[row, cols] = 1.0
         return out
     arr = _list_array(genres, pa.string())
@@ -350,7 +370,7 @@ def session_matrix(cols: Columns, now_ms) -> np.ndarray:
 def _list_lengths(values) -> np.ndarray:
     """[n] float64 lengths of lists (None counts 0)."""
     if isinstance(values, list) and len(values) <= _SMALL:
-        return np.array([0.0 if v is None else float(len(v)) for v in values])
+        return np.array([0.0 if _null_list(v) else float(len(v)) for v in values])
     arr = _list_array(values, pa.string())
     return pc.list_value_length(arr).fill_null(0).to_numpy().astype(np.float64)
 

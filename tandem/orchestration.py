@@ -18,6 +18,9 @@ from tandem.config import REPO_ROOT
 
 # Templated once here; params override the data interval (a manual backfill of a date range).
 START = "{{ params.start or (data_interval_start or logical_date).isoformat() }}"
+# The nightly retrain learns from a trailing window ending at the interval end (param window_days).
+WINDOW_START = ("{{ params.start or ((data_interval_end or logical_date)"
+                " - macros.timedelta(days=params.window_days)).isoformat() }}")
 END = "{{ params.end or (data_interval_end or logical_date).isoformat() }}"
 RUN_ID = ("{{ (params.end or (data_interval_end or logical_date).isoformat())[:10]"
           " | replace('-', '') }}")
@@ -61,8 +64,9 @@ def _operator(task_id: str, command: str, timeout_min: int, retries: int | None)
 
 
 def interval_args(extra: str = "", run_id: bool = False) -> str:
-    """``--start/--end`` (and, for the nightly jobs that write one bundle, ``--run-id``)."""
-    args = f'--start "{START}" --end "{END}"'
+    """``--start/--end``; the nightly jobs that write one bundle get ``--run-id`` and train on the
+    trailing ``window_days`` (unless the trigger form sets ``start``)."""
+    args = f'--start "{WINDOW_START if run_id else START}" --end "{END}"'
     if run_id:
         args += f' --run-id "{RUN_ID}"'
     return f"{args} {extra}".strip()

@@ -19,7 +19,7 @@ Training (``tandem.evaluation``, ``jobs/train_ranker.py``) and serving call
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ from tandem import features as F
 SOURCES: tuple[str, ...] = ("als", "two_tower", "popularity")
 N_RECENT = 5
 PAD = -1  # empty slot in a recent-items row
+_FEW_COLUMNS = 256  # ItemSpace.cooc_values slices columns up to this many distinct ones
 DEVICES: tuple[str, ...] = ("web", "ios", "android", "tv")  # code 1..4; other 5; missing 0
 
 SOURCE_FEATURES: tuple[str, ...] = (
@@ -55,6 +56,47 @@ class ItemSpace:
 
     unit_vectors: np.ndarray
     cooc: sp.csr_matrix
+    _by_column: sp.csc_matrix | None = field(default=None, init=False, repr=False)
+
+    def cooc_columns(self) -> sp.csc_matrix:
+        """``cooc`` in canonical CSC form (sorted rows, no duplicates), built once; serving
+        builds it at load."""
+        if self._by_column is None:
+            csc = sp.csc_matrix(self.cooc)
+            csc.sum_duplicates()
+            self._by_column = csc
+        return self._by_column
+
+    def cooc_values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``cooc[rows, cols]`` as ``[m]`` values of ``cooc``'s dtype (0 where none is stored).
+
+        A request asks for a few columns (the user's last items) at many rows: those columns
+        are sliced from :meth:`cooc_columns` and every (row, column) pair is found by one
+        ``searchsorted`` over their (column, row) keys. Lookups of many distinct columns
+        (training batches) use scipy's element indexing. Both return the stored values
+        themselves, so the result does not depend on the branch.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        wanted, col_of = np.unique(cols, return_inverse=True)
+        if len(wanted) > _FEW_COLUMNS:
+            return np.asarray(self.cooc[rows, cols]).ravel()
+        csc = self.cooc_columns()
+        start = csc.indptr[wanted].astype(np.int64)
+        length = csc.indptr[wanted + 1] - start
+        # stored entries of the wanted columns, column after column (rows ascending in each)
+        first = np.cumsum(length) - length
+        at = np.arange(length.sum()) + np.repeat(start - first, length)
+        n_rows = np.int64(csc.shape[0])
+        keys = np.repeat(np.arange(len(wanted), dtype=np.int64), length) * n_rows \
+            + csc.indices[at]  # ascending
+        query = col_of.astype(np.int64) * n_rows + rows
+        out = np.zeros(len(query), dtype=csc.dtype)
+        if len(keys):
+            pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+            hit = keys[pos] == query
+            out[hit] = csc.data[at[pos[hit]]]
+        return out
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -91,7 +133,7 @@ def recency_features(items: np.ndarray, recent: np.ndarray, space: ItemSpace) ->
     safe = np.where(valid, recent, 0)
     cand = space.unit_vectors[items]  # [n, f]
     cos = np.einsum("nf,nrf->nr", cand, space.unit_vectors[safe])
-    cooc = np.asarray(space.cooc[np.repeat(items, r), safe.ravel()]).reshape(n, r)
+    cooc = space.cooc_values(np.repeat(items, r), safe.ravel()).reshape(n, r)
     has = valid.any(axis=1)
     count = np.maximum(valid.sum(axis=1), 1)
     out = np.full((n, len(RECENCY_FEATURES)), np.nan, dtype=np.float32)

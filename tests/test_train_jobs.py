@@ -1,5 +1,6 @@
 """The ALS and ranker jobs on a tiny lake written with pandas (Spark reads it)."""
 
+import json
 from datetime import datetime
 
 import numpy as np
@@ -51,7 +52,8 @@ def _write_lake(paths, n_users=24, n_items=12):
 @pytest.mark.spark
 def test_train_als_job_builds_confidence_and_saves_factors(spark, paths):
     from jobs import train_als
-    from tandem.als import ALS_CONFIG, AlsFactors
+    from tandem import bundle as B
+    from tandem.als import ALS_CONFIG
 
     events = _write_lake(paths)
     start, end = datetime(2024, 1, 1), datetime(2024, 1, 20)
@@ -59,10 +61,22 @@ def test_train_als_job_builds_confidence_and_saves_factors(spark, paths):
     counts = train_als.run(spark, paths, start, end, cfg)
     # 24 users x 5 engaged items; the impressions add no pair
     assert counts == {"pairs": 120, "users": 24, "items": 12, "unknown_items": 0}
-    folder = paths.models / "20240120T000000" / "als"
-    f = AlsFactors.load(folder)
-    assert f.user_factors.shape == (24, 4) and f.item_factors.shape == (12, 4)
-    assert list(f.item_ids) == sorted(f"m{i}" for i in range(12))
+    # the run's bundle (run id = end date): factor rows follow the catalog it wrote first
+    bundle = paths.models / "20240120"
+    items = pd.read_parquet(bundle / B.ITEMS)
+    users = pd.read_parquet(bundle / B.USERS)
+    user_factors = np.load(bundle / B.ALS_USER_FACTORS)
+    item_factors = np.load(bundle / B.ALS_ITEM_FACTORS)
+    assert user_factors.shape == (24, 4) and item_factors.shape == (12, 4)
+    # same created_at for every item: catalog order is by id
+    assert list(items[S.ITEM_ID]) == sorted(f"m{i}" for i in range(12))
+    assert list(users[S.USER_ID]) == sorted(f"u{u}" for u in range(24))
+    # the two taste groups: a user's factors score their own group's items higher
+    group = np.array([int(i[1:]) >= 6 for i in items[S.ITEM_ID]])
+    scores = user_factors @ item_factors.T
+    even = np.array([int(u[1:]) % 2 == 0 for u in users[S.USER_ID]])
+    assert (scores[even][:, ~group].mean() > scores[even][:, group].mean())
+    assert (scores[~even][:, group].mean() > scores[~even][:, ~group].mean())
     # confidence of a play with 2 minutes of dwell: 1 + 1 * 120000 / 600000
     pairs = train_als.transform(train_als.extract(spark, paths, start, end),
                                 ALS_CONFIG).toPandas()
@@ -70,14 +84,18 @@ def test_train_als_job_builds_confidence_and_saves_factors(spark, paths):
     got = pairs[(pairs[S.USER_ID] == play[S.USER_ID]) & (pairs[S.ITEM_ID] == play[S.ITEM_ID])]
     assert got["confidence"].tolist() == pytest.approx([1.2])
     # idempotent: a re-run of the same interval rewrites the same factors
-    before = f.item_factors.copy()
     train_als.run(spark, paths, start, end, cfg)
-    np.testing.assert_array_equal(AlsFactors.load(folder).item_factors, before)
+    np.testing.assert_array_equal(np.load(bundle / B.ALS_ITEM_FACTORS), item_factors)
+    # run_id picks the bundle folder (the DAG passes --run-id; a new folder, a new catalog)
+    train_als.run(spark, paths, start, end, cfg, run_id="other")
+    np.testing.assert_array_equal(np.load(paths.models / "other" / B.ALS_ITEM_FACTORS),
+                                  item_factors)
 
 
 @pytest.mark.spark
 def test_train_ranker_job_trains_on_retrieved_candidates(spark, paths):
     from jobs import train_ranker
+    from tandem import bundle as B
     from tandem import ranker as R
     from tandem import ranking_features as RF
 
@@ -89,8 +107,16 @@ def test_train_ranker_job_trains_on_retrieved_candidates(spark, paths):
     counts = train_ranker.run(spark, paths, datetime(2024, 1, 1), datetime(2024, 1, 10), cfg)
     assert counts["groups"] > 0 and counts["positives"] > 0
     assert counts["feature_source"] == "history"
-    folder = paths.models / "20240110T000000" / "ranker"
-    booster = R.load(folder / "model.txt")
+    bundle = paths.models / "20240110"
+    booster = R.load(bundle / B.RANKER_MODEL)
     assert booster.num_feature() == len(RF.FEATURE_NAMES)
-    cooc = sp.load_npz(folder / "cooc.npz")
+    cooc = sp.load_npz(bundle / B.RANKER_COOC)
     assert cooc.shape == (12, 12) and cooc.diagonal().sum() == 0.0
+    # rows/columns in the bundle's catalog order: the two taste groups never co-occur except
+    # through m0, the item every user was shown (impressions count, as in training)
+    items = list(pd.read_parquet(bundle / B.ITEMS)[S.ITEM_ID])
+    rows = [items.index(f"m{i}") for i in (1, 2)]
+    cols = [items.index(f"m{i}") for i in (7, 8)]
+    assert cooc[np.ix_(rows, cols)].sum() == 0.0
+    spec = json.loads((bundle / B.FEATURE_SPEC).read_text())
+    assert spec["names"] == list(RF.FEATURE_NAMES)

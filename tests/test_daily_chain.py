@@ -1,0 +1,306 @@
+"""The nightly chain (dags/daily.py) end to end: one bundle that is promoted and served.
+
+A small synthetic world (300 users, 200 items, ~30k events over 7 days) is written as landing
+files and ingested once for the module. Each test then runs every job of ``tandem_daily``
+in-process, in DAG order, with one run id -- negative_sampling -> train_als -> train_two_tower
+(or skipped) -> build_index -> train_ranker -> evaluate -> register_bundle -> promote -- against
+the session's MLflow server, downloads the ``champion`` and asks serving for recommendations.
+
+The alignment checks are the point: every array of the bundle must be indexed by the catalog
+order of its ``items.parquet`` / ``users.parquet``, whichever job wrote them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+import scipy.sparse as sp
+
+from tandem import als as A
+from tandem import bundle as B
+from tandem import ranker as R
+from tandem import schema as s
+from tandem.config import Paths
+
+START = datetime(2024, 1, 1, tzinfo=UTC)  # WorldConfig.start_ms
+END = START + timedelta(days=7)
+END_MS = int(END.timestamp() * 1000)
+DATASET = "world-300x200"
+# smaller models than production: the chain's wiring is under test, not model quality
+TWO_TOWER = {"epochs": 3, "num_threads": 1}
+RANKER = {**R.RANKER_CONFIG, "n_estimators": 40, "min_child_samples": 20}
+ALS = {**A.ALS_CONFIG, "iterations": 10}
+MODELS = {"two_tower": TWO_TOWER, "als": ALS, "ranker": RANKER}  # ranker and evaluate
+FULL = (B.ITEMS, B.USERS, B.ALS_USER_FACTORS, B.ALS_ITEM_FACTORS, B.TT_ITEM_VECTORS,
+        B.TT_USER_TOWER, B.INDEX_MAIN, B.INDEX_ALS, B.RANKER_MODEL, B.RANKER_COOC,
+        B.FEATURE_SPEC)
+
+
+@pytest.fixture(scope="module")
+def lake(spark, tmp_path_factory) -> Paths:
+    """The world's landing files ingested into lake/events (late arrivals: one extra day)."""
+    from jobs import ingest_events
+    from tandem.world import World, WorldConfig
+
+    paths = Paths(tmp_path_factory.mktemp("daily") / "tandem")
+    world = World.generate(WorldConfig(n_users=300, n_items=200, n_events_target=30_000, days=7,
+                                       seed=0))
+    world.write(paths)
+    counts = ingest_events.run(spark, paths, START, END + timedelta(days=1))
+    assert counts["valid"] > 25_000 and counts["invalid"] == 0
+    return paths
+
+
+@pytest.fixture
+def registry(mlflow_server, monkeypatch):
+    """The session's MLflow server as MLFLOW_TRACKING_URI, with no ``champion`` alias yet
+    (other tests share the registry; each chain test starts from "no champion")."""
+    from tandem.registry import CHAMPION, MODEL_NAME, client_for, resolve_alias
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    client = client_for()
+    if resolve_alias(CHAMPION, client) is not None:
+        client.delete_registered_model_alias(MODEL_NAME, CHAMPION)
+    return client
+
+
+def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[str, dict]:
+    """Every task of tandem_daily, in order, as the DAG runs them (one interval, one run id)."""
+    from jobs import (
+        build_index,
+        evaluate,
+        negative_sampling,
+        promote,
+        register_bundle,
+        train_als,
+        train_ranker,
+        train_two_tower,
+    )
+
+    out = {"negative_sampling": negative_sampling.run(spark, paths, START, END),
+           "train_als": train_als.run(spark, paths, START, END, ALS, run_id=run_id)}
+    out["train_two_tower"] = (
+        train_two_tower.skip(paths, END, run_id) if skip_two_tower  # main()'s --skip
+        else train_two_tower.run(None, paths, START, END, {"two_tower": TWO_TOWER},
+                                 run_id=run_id))
+    out["build_index"] = build_index.run(None, paths, START, END, run_id=run_id)
+    out["train_ranker"] = train_ranker.run(None, paths, START, END, MODELS, run_id=run_id)
+    out["evaluate"] = evaluate.run(None, paths, START, END, MODELS, run_id=run_id,
+                                   dataset=DATASET)
+    out["register_bundle"] = register_bundle.run(None, paths, START, END, {"dataset": DATASET},
+                                                 run_id=run_id)
+    out["promote"] = promote.run(None, paths, START, END, {}, run_id=run_id)
+    return out
+
+
+def lake_window(paths: Paths) -> pd.DataFrame:
+    """(user_id, item_id, event_type) of every event the chain trained on."""
+    return ds.dataset(paths.events, format="parquet", partitioning="hive").to_table(
+        columns=[s.USER_ID, s.ITEM_ID, s.EVENT_TYPE],
+        filter=(ds.field(s.TS) >= int(START.timestamp() * 1000))
+        & (ds.field(s.TS) < END_MS)).to_pandas()
+
+
+def check_alignment(paths: Paths, bundle, two_tower: bool) -> None:
+    """Every array follows items.parquet / users.parquet, checked against the raw events."""
+    items = pd.read_parquet(bundle / B.ITEMS)
+    users = pd.read_parquet(bundle / B.USERS)
+    n_items, n_users = len(items), len(users)
+    assert n_items == 200 and n_users == 300
+    assert list(items.columns) == [s.ITEM_ID, "popularity", s.CREATED_AT]
+    als_items = np.load(bundle / B.ALS_ITEM_FACTORS)
+    als_users = np.load(bundle / B.ALS_USER_FACTORS)
+    assert als_items.shape[0] == n_items and als_users.shape[0] == n_users
+    cooc = sp.load_npz(bundle / B.RANKER_COOC)
+    assert cooc.shape == (n_items, n_items)
+
+    events = lake_window(paths)
+    item_idx = pd.Index(items[s.ITEM_ID]).get_indexer(events[s.ITEM_ID])
+    user_idx = pd.Index(users[s.USER_ID]).get_indexer(events[s.USER_ID])
+    assert (item_idx >= 0).all() and (user_idx >= 0).all()
+    # popularity = distinct users per item, in catalog order
+    pop = pd.Series(user_idx).groupby(item_idx).nunique().reindex(range(n_items), fill_value=0)
+    np.testing.assert_array_equal(items["popularity"].to_numpy(), pop.to_numpy())
+    # ALS: a user's engaged items rank in the top of their scores (a shuffled order would not)
+    engaged = (events[s.EVENT_TYPE] != s.IMPRESSION).to_numpy()
+    users_e, items_e = user_idx[engaged], item_idx[engaged]
+    scores = als_users @ als_items.T
+    percentile = (scores[users_e] < scores[users_e, items_e][:, None]).mean(axis=1)
+    assert percentile.mean() > 0.8
+    pairs = np.unique(np.c_[user_idx, item_idx], axis=0)
+    # co-occurrence: nonzero exactly where two items share a user
+    binary = sp.csr_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
+                           shape=(n_users, n_items))
+    shared = (binary.T @ binary).toarray()
+    np.fill_diagonal(shared, 0)
+    np.testing.assert_array_equal(cooc.toarray() > 0, shared > 0)
+    if two_tower:
+        vectors = np.load(bundle / B.TT_ITEM_VECTORS)
+        assert vectors.shape[0] == n_items
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+
+
+def serve_champion(registry, tmp_path, version: int):
+    """Download ``champion`` and build the serving App over it (the registry source's path)."""
+    from serving.app import App, ServingConfig
+    from tandem.registry import CHAMPION, download_bundle
+
+    local = download_bundle(CHAMPION, tmp_path / "bundles", registry)
+    cfg = ServingConfig(ranker_backend="lightgbm", rank_deadline_ms=30_000.0,
+                        online_store_timeout_ms=1_000.0)
+    return App(lambda alias: (local, str(version)), lambda alias: str(version), cfg=cfg), local
+
+
+def check_serving(app, bundle) -> None:
+    """A user with a history gets k ranked, unique catalog items; a stranger the cold path."""
+    from serving.validation import RecommendQuery
+
+    users = pd.read_parquet(bundle / B.USERS)[s.USER_ID]
+    active = users[int(np.argmax(np.linalg.norm(np.load(bundle / B.ALS_USER_FACTORS), axis=1)))]
+    result = app.recommend(RecommendQuery(active, 10, ts=END_MS))
+    catalog = set(pd.read_parquet(bundle / B.ITEMS)[s.ITEM_ID])
+    assert len(result.item_ids) == 10 and len(set(result.item_ids)) == 10
+    assert set(result.item_ids) <= catalog
+    assert not result.cold_start and result.fallbacks == []  # ranked, nothing degraded
+    cold = app.recommend(RecommendQuery("never-seen-user", 5, ts=END_MS))
+    assert cold.cold_start and len(cold.item_ids) == 5
+    assert len(app.similar(sorted(catalog)[0], 5).item_ids) == 5
+
+
+@pytest.mark.spark
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_daily_chain_builds_promotes_and_serves_one_bundle(spark, lake, registry, tmp_path):
+    from tandem.registry import CHAMPION, resolve_alias, version_metrics
+
+    out = run_chain(spark, lake, "20240108", skip_two_tower=False)
+    bundle = lake.models / "20240108"
+    assert all((bundle / part).exists() for part in (*FULL, B.MANIFEST))
+    check_alignment(lake, bundle, two_tower=True)
+
+    manifest = B.BundleManifest.load(bundle)
+    assert manifest.dataset == DATASET and manifest.parts == list(FULL)
+    for name in ("ndcg@10", "coverage@10", "diversity@10"):
+        assert manifest.metrics[name] == manifest.metrics[f"two_stage.{name}"]
+        assert 0.0 < manifest.metrics[name] <= 1.0
+    assert {"als.ndcg@10", "two_tower.ndcg@10", "popularity.ndcg@10"} <= set(manifest.metrics)
+    assert manifest.params["two_tower"] is True
+    assert out["train_ranker"]["feature_source"] == "history"  # no Feast repo in this lake
+
+    version = out["register_bundle"]["version"]
+    assert version_metrics(version, registry)["ndcg_at_10"] == pytest.approx(
+        manifest.metrics["ndcg@10"])
+    assert out["promote"]["promoted"] and not out["promote"]["forced"]
+    assert out["promote"]["challenger"] == version
+    assert resolve_alias(CHAMPION, registry) == version
+
+    app, local = serve_champion(registry, tmp_path, version)
+    engine = app.engines[CHAMPION]
+    assert engine.tower is not None and engine.main_index is not None
+    check_serving(app, local)
+
+
+@pytest.mark.spark
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_daily_chain_without_two_tower_serves_als_only(spark, lake, registry, tmp_path):
+    from tandem.registry import CHAMPION, resolve_alias
+
+    out = run_chain(spark, lake, "20240108-als", skip_two_tower=True)
+    bundle = lake.models / "20240108-als"
+    assert not (bundle / "two_tower").exists() and not (bundle / B.INDEX_MAIN).exists()
+    check_alignment(lake, bundle, two_tower=False)
+    manifest = B.BundleManifest.load(bundle)
+    assert manifest.parts == [p for p in FULL if not p.startswith(("two_tower/", B.INDEX_MAIN))]
+    assert manifest.params["two_tower"] is False
+    assert "two_tower.ndcg@10" not in manifest.metrics
+    assert set(out["build_index"]) == {k for k in out["build_index"] if k.startswith("als_")}
+
+    version = out["register_bundle"]["version"]
+    assert out["promote"]["promoted"] and resolve_alias(CHAMPION, registry) == version
+    app, local = serve_champion(registry, tmp_path, version)
+    engine = app.engines[CHAMPION]
+    assert engine.tower is None and engine.main_index is None
+    check_serving(app, local)
+
+
+@pytest.mark.airflow
+@pytest.mark.parametrize("skip_two_tower", [False, True])
+def test_dag_commands_match_the_jobs_command_lines(tmp_path, monkeypatch, skip_two_tower):
+    """Each tandem_daily task's command, rendered as Airflow renders it, parses in its job's
+    main() and reaches run() with the interval and the run id (runs stubbed out)."""
+    import importlib
+    import shlex
+    from pathlib import Path
+
+    import jinja2
+
+    repo = Path(__file__).resolve().parents[1]
+    for key, value in {"AIRFLOW_HOME": str(tmp_path / "airflow"),
+                       "AIRFLOW_CONFIG": str(repo / "airflow.cfg"),
+                       "AIRFLOW__CORE__DAGS_FOLDER": str(repo / "dags"),
+                       "TANDEM_HOME": str(tmp_path / "tandem")}.items():
+        monkeypatch.setenv(key, value)
+    from airflow.dag_processing.dagbag import DagBag
+
+    import tandem.spark.entry
+
+    dag = DagBag(dag_folder=str(repo / "dags")).dags["tandem_daily"]
+    params = {"start": START.isoformat(), "end": END.isoformat(), "dataset": DATASET,
+              "force_promotion": True, "skip_two_tower": skip_two_tower}
+    context = {"params": params, "data_interval_start": None, "data_interval_end": None,
+               "logical_date": None, "conn": {}}
+
+    class Session:
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(tandem.spark.entry, "get_spark", lambda *a, **k: Session())
+    calls = {}
+    for task in dag.topological_sort():
+        argv = shlex.split(jinja2.Template(task.bash_command).render(**context))
+        if argv[0].endswith("spark-submit"):  # spark-submit ... jobs/<name>.py <job args>
+            script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+            name, args = Path(argv[script]).stem, argv[script + 1:]
+            assert args[:2] == ["--master", "local[2]"]
+        else:  # python -m jobs.<name> <job args>
+            assert argv[1:3] == ["-m", f"jobs.{task.task_id}"]
+            name, args = task.task_id, argv[3:]
+        module = importlib.import_module(f"jobs.{name}")
+
+        def record(*a, _name=name, **k):
+            calls[_name] = (a, k)
+            return {}
+
+        monkeypatch.setattr(module, "run", record)
+        if hasattr(module, "get_spark"):
+            monkeypatch.setattr(module, "get_spark", lambda *a, **k: Session())
+        module.main(args)
+    ran = [t.task_id for t in dag.topological_sort()]
+    assert list(calls) == [t for t in ran if not (skip_two_tower and t == "train_two_tower")]
+    for name, (args, kwargs) in calls.items():
+        assert [a for a in args if isinstance(a, datetime)] == [START, END], name
+        if name != "negative_sampling":  # an interval job: its outputs are keyed by date
+            assert kwargs["run_id"] == "20240108", name
+    assert calls["evaluate"][1]["dataset"] == DATASET
+    assert calls["register_bundle"][0][4]["dataset"] == DATASET
+    assert calls["promote"][0][4]["force"] is True
+
+
+def test_skip_two_tower_removes_an_earlier_attempts_parts(paths):
+    """A re-run with skip_two_tower must not ship the vectors a previous attempt left behind."""
+    from jobs import train_two_tower
+
+    bundle = paths.models / "20240108"
+    kept = [B.ALS_ITEM_FACTORS, B.INDEX_ALS, B.INDEX_ALS + ".json"]
+    stale = [B.TT_ITEM_VECTORS, B.TT_USER_TOWER, B.INDEX_MAIN, B.INDEX_MAIN + ".json"]
+    for rel in kept + stale:
+        (bundle / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bundle / rel).write_bytes(b"x")
+    out = train_two_tower.skip(paths, END, None)  # run id = the end date, like the DAG's
+    assert out["removed"] == len(stale)
+    assert [rel for rel in kept + stale if (bundle / rel).exists()] == kept
