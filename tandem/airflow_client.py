@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 import urllib.error
@@ -32,7 +33,15 @@ def airflow_env(paths: Paths, port: int = 8080, log_ports: tuple[int, int] = (87
     """
     home = paths.root / "airflow"
     home.mkdir(parents=True, exist_ok=True)
+    # One JWT secret shared by the API server and the scheduler's task runners (left empty, each
+    # process generates its own and every task fails with "Invalid auth token").
+    secret_file = home / "jwt_secret"
+    if not secret_file.exists():
+        secret_file.write_text(secrets.token_hex(32))
+        secret_file.chmod(0o600)
     return {
+        "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text().strip(),
+        "AIRFLOW__API__SECRET_KEY": secret_file.read_text().strip(),
         "AIRFLOW_HOME": str(home),
         "AIRFLOW_CONFIG": str(REPO_ROOT / "airflow.cfg"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
@@ -45,6 +54,8 @@ def airflow_env(paths: Paths, port: int = 8080, log_ports: tuple[int, int] = (87
             "AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": "local[2]"})),
         "TANDEM_HOME": str(paths.root),
         "PYTHONPATH": str(REPO_ROOT),
+        # standalone spawns `airflow ...` subprocesses by name: the venv's bin must be on PATH
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "OPENBLAS_NUM_THREADS": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }

@@ -100,6 +100,12 @@ def start_stack(paths: Paths) -> Stack:
     return stack
 
 
+def _airflow_demo_env(stack: Stack) -> dict[str, str]:
+    """The demo runs only the DAG runs it triggers: automatic schedules are off (an unpaused DAG
+    would otherwise also start its latest scheduled interval). Production leaves them on."""
+    return {**stack.env(), "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}
+
+
 def _progress(states: dict[str, str], seen: dict[str, str]) -> None:
     for task, state in states.items():
         if state and seen.get(task) != state:
@@ -113,7 +119,7 @@ def run_pipeline(stack: Stack, start: str, end: str) -> None:
     from tandem.airflow_client import start_standalone
 
     t0 = _step(f"Airflow standalone on http://127.0.0.1:{AIRFLOW_PORT} (SQLite metadata)")
-    client = start_standalone(stack.paths, port=AIRFLOW_PORT, extra_env=stack.env())
+    client = start_standalone(stack.paths, port=AIRFLOW_PORT, extra_env=_airflow_demo_env(stack))
     _done(t0)
     for dag_id, conf in (("tandem_hourly", {"start": start, "end": end}),
                          ("tandem_daily", {"start": start, "end": end,
@@ -258,7 +264,7 @@ def run_demo(folder: Path, rerun: bool = False) -> None:
                       "(python -m tandem.cli demo --rerun to run it again)")
         from tandem.airflow_client import start_standalone
 
-        start_standalone(paths, port=AIRFLOW_PORT, extra_env=stack.env())
+        start_standalone(paths, port=AIRFLOW_PORT, extra_env=_airflow_demo_env(stack))
     start_serving(stack)
     titles = _titles(paths)
     console.rule("[bold]Recommendations")
