@@ -97,3 +97,17 @@ def _build_inputs():
     recent = np.array([[1, RF.PAD], [RF.PAD, RF.PAD]])
     return (users, items_mat, session, np.array([13.0, 2.0]), np.array([1.0, 0.0]), recent,
             _space())
+
+
+@pytest.mark.parametrize("n_cols", [1, 5, 400])  # column slices (<= 256 distinct) and scipy
+def test_cooc_values_are_the_stored_values(n_cols):
+    rng = np.random.default_rng(n_cols)
+    cooc = RF.cooccurrence(sp.random(300, 500, density=0.02, random_state=1, format="csr"))
+    space = RF.ItemSpace(np.zeros((500, 2), np.float32), cooc)
+    rows = rng.integers(0, 500, 2000)
+    cols = rng.choice(rng.choice(500, n_cols, replace=False), 2000)
+    got = space.cooc_values(rows, cols)
+    assert got.dtype == np.float32 and (got > 0).any()
+    np.testing.assert_array_equal(got, np.asarray(cooc[rows, cols]).ravel())
+    empty = RF.ItemSpace(space.unit_vectors, sp.csr_matrix((500, 500), dtype=np.float32))
+    assert not empty.cooc_values(rows, cols).any()
