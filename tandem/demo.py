@@ -91,13 +91,22 @@ def start_stack(paths: Paths) -> Stack:
     _wait_port(MLFLOW_PORT, 180, "MLflow")
     _done(t0)
     stack = Stack(paths, bootstrap, f"http://127.0.0.1:{MLFLOW_PORT}")
-    for name, module in (("landing-consumer", "landing_consumer"),
-                         ("feature-consumer", "feature_consumer")):
-        processes.start(paths.run, name, [
-            py, "-m", f"tandem.streaming.{module}", "--home", str(paths.root), "--bootstrap",
-            bootstrap, "--stats", str(paths.run / f"{name}.stats.json")], env=stack.env())
-    console.print("  stream consumers started (groups tandem-lake, tandem-features)")
+    start_consumer(stack, "landing_consumer")
+    if (paths.feast / "feature_store.yaml").exists():
+        start_consumer(stack, "feature_consumer")
     return stack
+
+
+def start_consumer(stack: Stack, module: str) -> None:
+    """Start (or reuse) a stream consumer. The feature consumer pushes to the Feast repo, so it
+    starts once ``tandem_hourly`` has applied it."""
+    name = module.replace("_", "-")
+    processes.start(stack.paths.run, name, [
+        sys.executable, "-m", f"tandem.streaming.{module}", "--home", str(stack.paths.root),
+        "--bootstrap", stack.bootstrap, "--stats", str(stack.paths.run / f"{name}.stats.json")],
+        env=stack.env())
+    group = "tandem-lake" if module == "landing_consumer" else "tandem-features"
+    console.print(f"  {name} running (group {group})")
 
 
 def _airflow_demo_env(stack: Stack) -> dict[str, str]:
@@ -133,6 +142,8 @@ def run_pipeline(stack: Stack, start: str, end: str) -> None:
             raise SystemExit(f"{dag_id} run {run_id} ended {state}; see the Airflow UI "
                              f"(logs under {stack.paths.root / 'airflow' / 'logs'})")
         _done(t0, f"({dag_id} {state})")
+        if dag_id == "tandem_hourly":  # the Feast repo now exists: session features can flow
+            start_consumer(stack, "feature_consumer")
 
 
 def start_serving(stack: Stack) -> None:
@@ -222,7 +233,7 @@ def burst(stack: Stack, user_id: str, titles) -> None:
     producer.send_many(events)
     producer.flush(10)
     producer.close()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90
     after = before
     while time.monotonic() < deadline:
         time.sleep(1)
@@ -235,7 +246,9 @@ def burst(stack: Stack, user_id: str, titles) -> None:
         n = sum(genre in titles.get(i.item_id, ("", []))[1] for i in reply.items)
         return f"{n}/{len(reply.items)}"
 
-    console.print(f"  {genre} films in the feed: before {share(before)}, after {share(after)}")
+    changed = len({i.item_id for i in after.items} - {i.item_id for i in before.items})
+    console.print(f"  the feed reacted: {changed} of {len(after.items)} items are new; {genre} "
+                  f"films before {share(before)}, after {share(after)}")
     print_feed(stack.paths, user_id, after, titles)
 
 
