@@ -85,6 +85,8 @@ def test_trigger_daily_from_the_ui(airflow_state, mlflow_server):
         pytest.skip("needs the hourly run of test_hourly_then_daily_leave_a_champion")
     port = int(env["AIRFLOW__API__PORT"])
     extra = {k: v for k, v in env.items() if k.startswith(("AIRFLOW", "MLFLOW", "TANDEM"))}
+    # only the run the UI triggers: unpausing must not also start the latest scheduled interval
+    extra["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "False"
     log_ports = (int(env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"]),
                  int(env["AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"]))
     client = start_standalone(paths, port=port, log_ports=log_ports, extra_env=extra)
@@ -107,12 +109,16 @@ def test_trigger_daily_from_the_ui(airflow_state, mlflow_server):
             page.locator("#element_start").fill(START)
             page.locator("#element_end").fill(END)
             page.locator("#element_dataset").fill("synthetic-ui")
-            page.locator("input[name=element_skip_two_tower]").check(force=True)
+            switch = page.locator("input[name=element_skip_two_tower]")
+            switch.locator("xpath=..").click()  # the visible switch wraps its hidden input
+            assert switch.is_checked()
             page.get_by_test_id("trigger-dag-submit").click()
             deadline = time.monotonic() + 900
             state = None
             while time.monotonic() < deadline:
-                runs = client._request("GET", "/api/v2/dags/tandem_daily/dagRuns")["dag_runs"]
+                runs = [r for r in client._request(
+                    "GET", "/api/v2/dags/tandem_daily/dagRuns")["dag_runs"]
+                    if r["run_type"] == "manual"]
                 if runs and runs[-1]["state"] in ("success", "failed"):
                     state, run = runs[-1]["state"], runs[-1]
                     break
