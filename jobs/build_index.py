@@ -13,8 +13,7 @@ inner-product -> L2 transform), each with a ``.json`` sidecar (kind, nprobe, tra
 
 from __future__ import annotations
 
-import argparse
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from tandem.bundle import (
 )
 from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
+from tandem.job_cli import interval_parser, parse
 from tandem.user_tower import QUERY_SAMPLE
 
 INDEX_CONFIG: dict[str, Any] = {
@@ -95,15 +95,8 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--start", required=True, type=datetime.fromisoformat)
-    ap.add_argument("--end", required=True, type=datetime.fromisoformat)
-    ap.add_argument("--home", type=Path, default=None, help="state root (default TANDEM_HOME)")
-    ap.add_argument("--master", default=None, help="accepted for uniformity; no Spark is used")
-    ap.add_argument("--run-id", default=None, help="bundle directory name (default: end date)")
-    args = ap.parse_args(argv)
-    paths = Paths(args.home) if args.home else Paths.default()
-    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (args.start, args.end))
+    ap = interval_parser(__doc__)
+    args, paths, start, end = parse(ap, argv)
     print(run(None, paths, start, end, run_id=args.run_id))
 
 

@@ -17,14 +17,13 @@ that can do it. Re-running decides the same way (promoting the champion again is
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import datetime
 from typing import Any
 
 from tandem.config import Paths
+from tandem.job_cli import interval_parser, parse
 from tandem.registry import PromotionGates, client_for, promote_challenger, version_metrics
 
 EvaluateFn = Callable[[int], Mapping[str, float]]
@@ -50,20 +49,13 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--start", required=True, type=datetime.fromisoformat)
-    ap.add_argument("--end", required=True, type=datetime.fromisoformat)
-    ap.add_argument("--home", type=Path, default=None, help="state root (default TANDEM_HOME)")
-    ap.add_argument("--master", default=None, help="accepted for uniformity; no Spark is used")
-    ap.add_argument("--run-id", default=None, help="recorded with the decision")
+    ap = interval_parser(__doc__, run_id_help="recorded with the decision")
     ap.add_argument("--force", action="store_true", help="promote even if the gates refuse")
     ap.add_argument("--ndcg-tolerance", type=float, default=PromotionGates.ndcg_tolerance)
     ap.add_argument("--min-coverage", type=float, default=PromotionGates.min_coverage)
     ap.add_argument("--min-diversity", type=float, default=PromotionGates.min_diversity)
     ap.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
-    args = ap.parse_args(argv)
-    paths = Paths(args.home) if args.home else Paths.default()
-    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (args.start, args.end))
+    args, paths, start, end = parse(ap, argv)
     gates = {"ndcg_tolerance": args.ndcg_tolerance, "min_coverage": args.min_coverage,
              "min_diversity": args.min_diversity}
     print(run(None, paths, start, end, {"gates": gates, "force": args.force,

@@ -14,14 +14,13 @@ under a new number, which is harmless: serving follows aliases, never "the lates
 
 from __future__ import annotations
 
-import argparse
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import datetime
 from typing import Any
 
 from tandem.bundle import BundleManifest
 from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
+from tandem.job_cli import interval_parser, parse
 from tandem.registry import MODEL_NAME, log_bundle
 
 
@@ -44,17 +43,10 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--start", required=True, type=datetime.fromisoformat)
-    ap.add_argument("--end", required=True, type=datetime.fromisoformat)
-    ap.add_argument("--home", type=Path, default=None, help="state root (default TANDEM_HOME)")
-    ap.add_argument("--master", default=None, help="accepted for uniformity; no Spark is used")
-    ap.add_argument("--run-id", default=None, help="bundle directory name (default: end date)")
+    ap = interval_parser(__doc__)
     ap.add_argument("--dataset", default=None, help="dataset label recorded with the version")
     ap.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
-    args = ap.parse_args(argv)
-    paths = Paths(args.home) if args.home else Paths.default()
-    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (args.start, args.end))
+    args, paths, start, end = parse(ap, argv)
     print(run(None, paths, start, end, {"dataset": args.dataset,
                                         "tracking_uri": args.tracking_uri}, run_id=args.run_id))
 

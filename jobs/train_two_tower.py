@@ -13,7 +13,6 @@ load: ``<models>/<run_id>/two_tower/{item_vectors.npy,user_tower.npz,query_sampl
 
 from __future__ import annotations
 
-import argparse
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from tandem.bundle import INDEX_MAIN, TT_ITEM_VECTORS
 from tandem.catalog import load_or_write, run_bundle_dir
 from tandem.config import Paths
 from tandem.dataset import positives
+from tandem.job_cli import interval_parser, parse
 from tandem.tower_features import ItemContentSpec, UserFeatureSpec
 from tandem.user_tower import QUERY_SAMPLE
 
@@ -125,17 +125,10 @@ def skip(paths: Paths, end: datetime, run_id: str | None = None) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--start", required=True, type=datetime.fromisoformat)
-    ap.add_argument("--end", required=True, type=datetime.fromisoformat)
-    ap.add_argument("--home", type=Path, default=None, help="state root (default TANDEM_HOME)")
-    ap.add_argument("--master", default=None, help="accepted for uniformity; no Spark is used")
-    ap.add_argument("--run-id", default=None, help="bundle directory name (default: end date)")
+    ap = interval_parser(__doc__)
     ap.add_argument("--skip", action="store_true",
                     help="train nothing; the bundle serves ALS-only (DAG param skip_two_tower)")
-    args = ap.parse_args(argv)
-    paths = Paths(args.home) if args.home else Paths.default()
-    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (args.start, args.end))
+    args, paths, start, end = parse(ap, argv)
     if args.skip:
         print(skip(paths, end, args.run_id))
         return
