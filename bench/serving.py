@@ -231,6 +231,38 @@ def closed_loop(port: int, requests: list, concurrency: int, duration: float) ->
             "p99_ms": round(float(np.percentile(all_lat, 99)), 2), "errors": int(sum(errors))}
 
 
+class BackgroundCpu:
+    """Cores used by everything except ``proc`` and this process while the block runs.
+
+    The target is set for a quiet machine; this number says how quiet it was (0.1 = a tenth
+    of a core busy elsewhere on average), so a run disturbed by other work is recognisable.
+    """
+
+    def __init__(self, proc: subprocess.Popen):
+        import psutil
+
+        self.procs = [psutil.Process(proc.pid), psutil.Process()]
+        self.cores = float("nan")
+
+    def _sample(self) -> tuple[float, float, float]:
+        import psutil
+
+        total = psutil.cpu_times()
+        busy = sum(total) - total.idle - getattr(total, "iowait", 0.0)
+        own = sum(p.cpu_times().user + p.cpu_times().system for p in self.procs)
+        return time.perf_counter(), busy, own
+
+    def __enter__(self) -> BackgroundCpu:
+        self.start = self._sample()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self._sample()
+        wall = end[0] - self.start[0]
+        self.cores = round(max(0.0, (end[1] - self.start[1]) - (end[2] - self.start[2]))
+                           / wall, 2)
+
+
 # ------------------------------------------------------------------------------- stage metrics
 
 def stage_p99(metrics_port: int) -> dict[str, float]:
@@ -329,9 +361,11 @@ def main(argv: list[str] | None = None) -> dict:
     report["server_start_s"] = round(time.perf_counter() - t0, 1)
     try:
         closed_loop(port, requests[:200], 2, 5.0)  # warm-up
-        fixed = fixed_rate(port, requests, args.qps, args.duration)
+        with BackgroundCpu(proc) as other:
+            fixed = fixed_rate(port, requests, args.qps, args.duration)
         report["stages_p99_ms"] = stage_p99(mport)
         report["fixed_rate"] = {k: v for k, v in fixed.items() if not k.startswith("_")}
+        report["fixed_rate"]["other_cpu_cores"] = other.cores
         report["closed_loop"] = closed_loop(port, requests, args.concurrency, args.duration)
         report["server_rss_mb"] = round(rss_mb(proc), 1)
     finally:
@@ -366,7 +400,7 @@ def _summary(r: dict, out: Path, png: Path) -> None:
           f"{r['scale']['users']:,} users")
     print(f"  fixed rate {f['target_qps']:g} QPS: achieved {f['achieved_qps']}, p50 {f['p50_ms']}"
           f" ms, p95 {f['p95_ms']}, p99 {f['p99_ms']}, p99.9 {f['p999_ms']}, errors "
-          f"{f['errors']}")
+          f"{f['errors']} (other processes used {f['other_cpu_cores']} cores meanwhile)")
     print(f"  closed loop x{c['concurrency']}: {c['achieved_qps']} QPS (ceiling), "
           f"p99 {c['p99_ms']} ms")
     print("  stage p99 (ms): " + ", ".join(f"{k} {v}" for k, v in r["stages_p99_ms"].items()))

@@ -122,17 +122,27 @@ def cooccurrence(interactions: sp.csr_matrix) -> sp.csr_matrix:
     return cooc.astype(np.float32)
 
 
-def recency_features(items: np.ndarray, recent: np.ndarray, space: ItemSpace) -> np.ndarray:
-    """[n, len(RECENCY_FEATURES)] float32 for candidate ``items`` [n] and their users' ``recent``.
+def recency_features(items: np.ndarray, user_rows: np.ndarray, recent: np.ndarray,
+                     space: ItemSpace) -> np.ndarray:
+    """[n, len(RECENCY_FEATURES)] float32 for candidate ``items`` [n] of users ``user_rows`` [n].
 
-    ``recent`` is [n, R] item indices, newest first, ``PAD`` for empty slots. A row without
-    recent items gets NaN (missing) everywhere.
+    ``recent`` is [n_users, R] item indices, newest first, ``PAD`` for empty slots. A row
+    without recent items gets NaN (missing) everywhere. With one user (a serving request) the
+    cosines take one [n, f] x [R, f] product instead of gathering R vectors per candidate; the
+    einsum sums over ``f`` in the same order either way, so both give identical bits.
     """
-    n, r = recent.shape
-    valid = recent >= 0
-    safe = np.where(valid, recent, 0)
+    n, r = len(items), recent.shape[1]
     cand = space.unit_vectors[items]  # [n, f]
-    cos = np.einsum("nf,nrf->nr", cand, space.unit_vectors[safe])
+    if len(recent) == 1:  # one request: its R vectors, broadcast over the candidates
+        row = np.where(recent[0] >= 0, recent[0], 0)
+        cos = np.einsum("nf,rf->nr", cand, space.unit_vectors[row])
+        valid = np.broadcast_to(recent[0] >= 0, (n, r))
+        safe = np.broadcast_to(row, (n, r))
+    else:
+        per_candidate = recent[user_rows]
+        valid = per_candidate >= 0
+        safe = np.where(valid, per_candidate, 0)
+        cos = np.einsum("nf,nrf->nr", cand, space.unit_vectors[safe])
     cooc = space.cooc_values(np.repeat(items, r), safe.ravel()).reshape(n, r)
     has = valid.any(axis=1)
     count = np.maximum(valid.sum(axis=1), 1)
@@ -183,6 +193,6 @@ def build_features(user_rows: np.ndarray, items: np.ndarray, sources: dict[str, 
     blocks = [
         src, n_sources, users, item_matrix, session_matrix[user_rows],
         cross[:, None], hour[user_rows, None], device[user_rows, None],
-        recency_features(items, recent[user_rows], space),
+        recency_features(items, user_rows, recent, space),
     ]
     return np.hstack(blocks).astype(np.float32)

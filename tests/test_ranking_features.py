@@ -30,11 +30,25 @@ def test_cooccurrence_is_popularity_normalised_with_zero_diagonal():
 def test_recency_features_values_and_empty_history():
     space = _space()
     recent = np.array([[1, 2, RF.PAD], [RF.PAD, RF.PAD, RF.PAD]])
-    out = RF.recency_features(np.array([0, 0]), recent, space)
+    out = RF.recency_features(np.array([0, 0]), np.array([0, 1]), recent, space)
     # candidate 0 vs recent [1 (cos 1, cooc 0.7071), 2 (cos 0, cooc 0.5)]
     np.testing.assert_allclose(out[0], [1.0, 0.5, 1.0, 1 / np.sqrt(2), (1 / np.sqrt(2) + 0.5) / 2],
                                rtol=1e-6)
     assert np.isnan(out[1]).all()
+
+
+def test_recency_features_one_user_path_matches_batch_path_bit_for_bit():
+    """Serving (one user, broadcast) and training (a batch of users) must not skew."""
+    rng = np.random.default_rng(3)
+    vectors = RF.unit_rows(rng.normal(size=(300, 64)).astype(np.float32))
+    space = RF.ItemSpace(vectors, _space().cooc.__class__((300, 300), dtype=np.float32))
+    items = rng.integers(0, 300, 500)
+    recent = np.array([[5, 17, 250, RF.PAD, RF.PAD], [9, 8, 7, 6, 5]])
+    serving = RF.recency_features(items, np.zeros(500, dtype=np.int64), recent[:1], space)
+    batch = RF.recency_features(np.concatenate([items, items]),
+                                np.repeat([0, 1], 500), recent, space)
+    assert np.array_equal(serving, batch[:500], equal_nan=True)
+    assert not np.isnan(serving[:, 0]).any()
 
 
 def test_device_codes():
