@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # A request hands the GIL back and forth (FAISS, the ranker and the store read release it):
     # each time it wants it back while another request runs Python it waits up to one switch
-    # interval. At the default 5 ms that convoy dominated the tail; 1 ms cut the p99 at 100 QPS
-    # (bench/serving.py) without costing throughput, 0.2 ms made both worse.
+    # interval (default 5 ms). Back to back at 100 QPS (bench/serving.py, quiet machine) 1 ms
+    # gave p99 16.7 ms against 19.5 ms at 5 ms, at the same closed-loop throughput.
     sys.setswitchinterval(args.gil_switch_ms / 1000.0)
     import faiss
 
