@@ -233,14 +233,21 @@ def burst(stack: Stack, user_id: str, titles) -> None:
     producer.send_many(events)
     producer.flush(10)
     producer.close()
-    deadline = time.monotonic() + 90
-    after = before
-    while time.monotonic() < deadline:
-        time.sleep(1)
+    from tandem.contracts import recommender_v1_pb2 as pb
+
+    # The burst has reached serving (Kafka -> feature consumer -> online store -> the request's
+    # session row) once neighbours of its items are in the feed. A changed feed alone proves
+    # nothing: the impressions the "before" request logged change the session counts too.
+    sent = time.monotonic()
+    while time.monotonic() < sent + 30:
+        time.sleep(0.25)
         after = recommend(user_id)
-        if [i.item_id for i in after.items] != [i.item_id for i in before.items]:
+        if any(pb.CANDIDATE_SOURCE_SESSION in i.sources for i in after.items):
             break
-    _done(t0)
+    else:
+        console.print("  [red]no session neighbours in the feed after 30 s[/]: is the feature "
+                      f"consumer running? ({stack.paths.run / 'feature-consumer.log'})")
+    _done(t0, f"(the feed showed it {time.monotonic() - sent:.1f}s after the send)")
 
     def share(reply) -> str:
         n = sum(genre in titles.get(i.item_id, ("", []))[1] for i in reply.items)

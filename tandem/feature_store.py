@@ -25,6 +25,7 @@ import os
 import shutil
 import threading
 import uuid
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -154,6 +155,22 @@ def session_frame(rows: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
     return frame[[f.name for f in session_arrow_schema()]]
 
 
+_PUSH_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _session_push_views(store) -> list[str]:
+    """Names of the feature views whose stream source is ``SESSION_PUSH_SOURCE``."""
+    views = _PUSH_VIEWS.get(store)
+    if views is None:
+        views = [fv.name for fv in store.list_feature_views()
+                 if fv.stream_source is not None
+                 and fv.stream_source.name == s.SESSION_PUSH_SOURCE]
+        if not views:
+            raise ValueError(f"no feature view reads push source {s.SESSION_PUSH_SOURCE}")
+        _PUSH_VIEWS[store] = views
+    return views
+
+
 def push_session(store, rows: pd.DataFrame | Sequence[dict],
                  offline_dir: Path | None = None) -> None:
     """Push current-session rows (``user_id``, ``event_timestamp``, SESSION_* columns) online.
@@ -162,11 +179,15 @@ def push_session(store, rows: pd.DataFrame | Sequence[dict],
     one new parquet file, so ranker training joins exactly the session values serving saw (no
     stream/training drift). Feast's own ONLINE_AND_OFFLINE mode is not used: its file store
     rewrites the whole file per push and then cannot read its own list columns back (0.67).
-    """
-    from feast.data_source import PushMode
 
+    The rows go straight to the online store of every view fed by the push source (resolved once
+    per store). That is what ``store.push(..., PushMode.ONLINE)`` does too, but it re-reads the
+    registry on every call (~30 ms, most of a 200-row push), and the stream consumer pushes
+    several times a second.
+    """
     frame = session_frame(rows)
-    store.push(s.SESSION_PUSH_SOURCE, frame, to=PushMode.ONLINE)
+    for view in _session_push_views(store):
+        store.write_to_online_store(view, frame)
     if offline_dir is not None and len(frame):
         table = pa.Table.from_pandas(frame, schema=session_arrow_schema(), preserve_index=False)
         Path(offline_dir).mkdir(parents=True, exist_ok=True)

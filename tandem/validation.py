@@ -3,14 +3,21 @@
 The Kafka producer and consumers and serving's impression log call :func:`validate_event`; the
 Spark ingestion job derives column expressions from the same schema (``tandem.spark.validate``),
 and a test checks both agree on the same good and bad records.
+
+Two validators, one schema: the schema compiled to Python code by ``fastjsonschema`` (~4 us per
+event) decides accept/reject on the hot path, and ``jsonschema``'s reference validator (~160 us)
+runs only on what that rejects, to name the reason, and has the last word. So rejects and their
+reasons are exactly the reference's, and a test checks that both accept the same records.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+import fastjsonschema
 from jsonschema import Draft202012Validator
 
 from tandem.config import REPO_ROOT
@@ -29,6 +36,12 @@ def load_schema(name: str, version: int = 1) -> dict[str, Any]:
 @cache
 def _validator(name: str, version: int) -> Draft202012Validator:
     return Draft202012Validator(load_schema(name, version))
+
+
+@cache
+def _fast_validator(name: str, version: int) -> Callable[[Any], Any]:
+    """The schema as generated Python code; raises ``JsonSchemaException`` on a violation."""
+    return fastjsonschema.compile(load_schema(name, version))
 
 
 class ContractError(ValueError):
@@ -54,6 +67,11 @@ def validate(record: Any, name: str, version: int = 1) -> None:
     """Raise :class:`ContractError` with the first violation (deterministic order)."""
     if not isinstance(record, dict):
         raise ContractError("type:record", f"expected an object, got {type(record).__name__}")
+    try:
+        _fast_validator(name, version)(record)
+        return
+    except fastjsonschema.JsonSchemaException:
+        pass  # the reference validator below names the violation (or, if it finds none, accepts)
     errors = sorted(_validator(name, version).iter_errors(record), key=lambda e: (
         list(map(str, e.absolute_path)), e.validator))
     if errors:

@@ -4,6 +4,10 @@ Client settings follow the broker notes (../shared/notes/stack-feasibility.md, s
 6 s session timeout with 1 s heartbeats (tansu holds a JoinGroup for about half the session
 timeout, so kafka-python's 45 s default means a 23 s join), manual commits only, and a short fetch
 wait so a quiet topic does not add 500 ms to freshness.
+
+Throughput needs the ``crc32c`` package (pinned in requirements.txt): without it kafka-python
+computes the record-batch CRC32C in pure Python at ~8 MB/s, ~50 us per event in the producer and
+again in each consumer, which alone kept the stream under 2,000 events/s on 2 cores.
 """
 
 from __future__ import annotations

@@ -93,11 +93,13 @@ class FeatureConsumer(ConsumerRebalanceListener):
     bootstrap : broker address.
     sink : called with one DataFrame of changed users' rows per poll (Feast push by default).
     snapshot_ms : how often state + offsets are saved (bounds the replay after a crash).
+    stats_path, stats_window : optional JSON file with counts and freshness (push returned -
+        produce time), percentiles over the last ``stats_window`` records.
     """
 
     def __init__(self, paths: Paths, bootstrap: str, sink: Sink, topic: str = EVENTS_TOPIC,
                  group: str = GROUP, snapshot_ms: int = 5000, max_poll: int = 5000,
-                 stats_path: Path | None = None) -> None:
+                 stats_path: Path | None = None, stats_window: int = 200_000) -> None:
         self.sink = sink
         self.snapshot_ms = snapshot_ms
         self.max_poll = max_poll
@@ -106,7 +108,7 @@ class FeatureConsumer(ConsumerRebalanceListener):
         self.states: dict[TopicPartition, dict[str, SessionState]] = {}
         self.next_offset: dict[TopicPartition, int] = {}
         self.last_snapshot_ms = now_ms()
-        self.stats = StreamStats(group, stats_path)
+        self.stats = StreamStats(group, stats_path, stats_window)
         self.dlq = DeadLetterWriter(bootstrap, group)
         self.consumer = make_consumer(bootstrap, group, topic, listener=self,
                                       max_poll_records=max_poll)
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group", default=GROUP)
     ap.add_argument("--snapshot-ms", type=int, default=5000)
     ap.add_argument("--stats", type=Path, default=None, help="write counts/freshness JSON here")
+    ap.add_argument("--stats-window", type=int, default=200_000,
+                    help="freshness percentiles over the last N records")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
@@ -217,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     ensure_topics(bootstrap, names=(args.topic, DLQ_TOPIC))
     stop = StopFlag()
     FeatureConsumer(paths, bootstrap, feast_sink(paths), args.topic, args.group,
-                    args.snapshot_ms, stats_path=args.stats).run(stop)
+                    args.snapshot_ms, stats_path=args.stats,
+                    stats_window=args.stats_window).run(stop)
 
 
 if __name__ == "__main__":

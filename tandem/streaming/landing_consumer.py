@@ -71,11 +71,13 @@ class LandingConsumer(ConsumerRebalanceListener):
     batch_max : records per flush at most (also the poll size).
     batch_ms : a batch is flushed at most this long after its first record arrived.
     stats_path : optional JSON file with counts and freshness (file durable - produce time).
+    stats_window : freshness percentiles are over the last this many records.
     """
 
     def __init__(self, paths: Paths, bootstrap: str, topic: str = EVENTS_TOPIC,
                  group: str = GROUP, batch_max: int = 5000, batch_ms: int = 500,
-                 stats_path: Path | None = None, crash_after_files: int | None = None) -> None:
+                 stats_path: Path | None = None, crash_after_files: int | None = None,
+                 stats_window: int = 200_000) -> None:
         self.root = paths.landing_events
         self.batch_max = batch_max
         self.batch_ms = batch_ms
@@ -85,7 +87,7 @@ class LandingConsumer(ConsumerRebalanceListener):
         self.rewind: dict[TopicPartition, int] = {}
         self.crash_after_files = crash_after_files
         self.files = 0
-        self.stats = StreamStats(group, stats_path)
+        self.stats = StreamStats(group, stats_path, stats_window)
         self.dlq = DeadLetterWriter(bootstrap, group)
         self.consumer = make_consumer(bootstrap, group, topic, listener=self,
                                       max_poll_records=batch_max)
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-max", type=int, default=5000)
     ap.add_argument("--batch-ms", type=int, default=500)
     ap.add_argument("--stats", type=Path, default=None, help="write counts/freshness JSON here")
+    ap.add_argument("--stats-window", type=int, default=200_000,
+                    help="freshness percentiles over the last N records")
     ap.add_argument("--crash-after-files", type=int, default=None,
                     help="testing: die (exit 137, no cleanup) right after landing the N-th file, "
                          "before its offsets are committed: a kill -9 at the worst moment")
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     ensure_topics(bootstrap, names=(args.topic, DLQ_TOPIC))
     stop = StopFlag()
     LandingConsumer(paths, bootstrap, args.topic, args.group, args.batch_max, args.batch_ms,
-                    args.stats, args.crash_after_files).run(stop)
+                    args.stats, args.crash_after_files, args.stats_window).run(stop)
 
 
 if __name__ == "__main__":
