@@ -12,7 +12,9 @@ again in each consumer, which alone kept the stream under 2,000 events/s on 2 co
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import signal
 import threading
@@ -25,7 +27,9 @@ from kafka import KafkaConsumer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from prometheus_client import Histogram
 
+from tandem.config import Paths, kafka_bootstrap
 from tandem.streaming.codec import now_ms
+from tandem.streaming.topics import DLQ_TOPIC, EVENTS_TOPIC, ensure_topics
 
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_MS = 1000
@@ -50,6 +54,33 @@ def make_consumer(bootstrap: str, group: str, topic: str,
     else:
         consumer.subscribe([topic], listener=listener)
     return consumer
+
+
+def command_line(description: str, group: str) -> argparse.ArgumentParser:
+    """The flags every consumer process takes; each consumer adds its own after these."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--home", type=Path, default=None, help="state root (TANDEM_HOME)")
+    ap.add_argument("--bootstrap", default=None, help="broker (KAFKA_BOOTSTRAP_SERVERS)")
+    ap.add_argument("--topic", default=EVENTS_TOPIC)
+    ap.add_argument("--group", default=group)
+    ap.add_argument("--stats", type=Path, default=None, help="write counts/freshness JSON here")
+    ap.add_argument("--stats-window", type=int, default=200_000,
+                    help="freshness percentiles over the last N records")
+    return ap
+
+
+def start_process(ap: argparse.ArgumentParser,
+                  argv: list[str] | None) -> tuple[argparse.Namespace, Paths, str]:
+    """Parse ``argv``, set up logging, resolve the state root and broker, create the topics."""
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    paths = Paths(args.home.resolve()) if args.home else Paths.default()
+    bootstrap = args.bootstrap or kafka_bootstrap()
+    if not bootstrap:
+        ap.error("--bootstrap or KAFKA_BOOTSTRAP_SERVERS is required")
+    ensure_topics(bootstrap, names=(args.topic, DLQ_TOPIC))
+    return args, paths, bootstrap
 
 
 def fsync_dir(path: Path) -> None:

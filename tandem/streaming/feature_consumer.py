@@ -21,7 +21,6 @@ Run: ``python -m tandem.streaming.feature_consumer --home DIR --bootstrap HOST:P
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -35,18 +34,20 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
 from tandem import schema as s
-from tandem.config import Paths, kafka_bootstrap
+from tandem.config import Paths
 from tandem.streaming.codec import decode_event
 from tandem.streaming.consumer import (
     StopFlag,
     StreamStats,
+    command_line,
     durable_write,
     make_consumer,
     now_ms,
+    start_process,
 )
 from tandem.streaming.dead_letter import DeadLetterWriter
 from tandem.streaming.session_state import SessionState, apply_event, session_frame
-from tandem.streaming.topics import DLQ_TOPIC, EVENTS_TOPIC, ensure_topics
+from tandem.streaming.topics import EVENTS_TOPIC
 from tandem.validation import ContractError
 
 log = logging.getLogger(__name__)
@@ -202,28 +203,12 @@ class FeatureConsumer(ConsumerRebalanceListener):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Session features from tandem.events.v1 to Feast.")
-    ap.add_argument("--home", type=Path, default=None, help="state root (TANDEM_HOME)")
-    ap.add_argument("--bootstrap", default=None, help="broker (KAFKA_BOOTSTRAP_SERVERS)")
-    ap.add_argument("--topic", default=EVENTS_TOPIC)
-    ap.add_argument("--group", default=GROUP)
+    ap = command_line("Session features from tandem.events.v1 to Feast.", GROUP)
     ap.add_argument("--snapshot-ms", type=int, default=5000)
-    ap.add_argument("--stats", type=Path, default=None, help="write counts/freshness JSON here")
-    ap.add_argument("--stats-window", type=int, default=200_000,
-                    help="freshness percentiles over the last N records")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    paths = Paths(args.home.resolve()) if args.home else Paths.default()
-    bootstrap = args.bootstrap or kafka_bootstrap()
-    if not bootstrap:
-        ap.error("--bootstrap or KAFKA_BOOTSTRAP_SERVERS is required")
-    ensure_topics(bootstrap, names=(args.topic, DLQ_TOPIC))
-    stop = StopFlag()
+    args, paths, bootstrap = start_process(ap, argv)
     FeatureConsumer(paths, bootstrap, feast_sink(paths), args.topic, args.group,
                     args.snapshot_ms, stats_path=args.stats,
-                    stats_window=args.stats_window).run(stop)
-
+                    stats_window=args.stats_window).run(StopFlag())
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,6 @@ Run: ``python -m tandem.streaming.landing_consumer --home DIR --bootstrap HOST:P
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections import defaultdict
@@ -35,18 +34,20 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
 
-from tandem.config import Paths, kafka_bootstrap
+from tandem.config import Paths
 from tandem.streaming.codec import decode_event, encode_event
 from tandem.streaming.consumer import (
     StopFlag,
     StreamStats,
+    command_line,
     durable_write,
     fsync_dir,
     make_consumer,
     now_ms,
+    start_process,
 )
 from tandem.streaming.dead_letter import DeadLetterWriter
-from tandem.streaming.topics import DLQ_TOPIC, EVENTS_TOPIC, ensure_topics
+from tandem.streaming.topics import EVENTS_TOPIC
 from tandem.validation import ContractError
 
 log = logging.getLogger(__name__)
@@ -177,31 +178,15 @@ class LandingConsumer(ConsumerRebalanceListener):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Land tandem.events.v1 in the raw landing area.")
-    ap.add_argument("--home", type=Path, default=None, help="state root (TANDEM_HOME)")
-    ap.add_argument("--bootstrap", default=None, help="broker (KAFKA_BOOTSTRAP_SERVERS)")
-    ap.add_argument("--topic", default=EVENTS_TOPIC)
-    ap.add_argument("--group", default=GROUP)
+    ap = command_line("Land tandem.events.v1 in the raw landing area.", GROUP)
     ap.add_argument("--batch-max", type=int, default=5000)
     ap.add_argument("--batch-ms", type=int, default=500)
-    ap.add_argument("--stats", type=Path, default=None, help="write counts/freshness JSON here")
-    ap.add_argument("--stats-window", type=int, default=200_000,
-                    help="freshness percentiles over the last N records")
     ap.add_argument("--crash-after-files", type=int, default=None,
                     help="testing: die (exit 137, no cleanup) right after landing the N-th file, "
                          "before its offsets are committed: a kill -9 at the worst moment")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    paths = Paths(args.home.resolve()) if args.home else Paths.default()
-    bootstrap = args.bootstrap or kafka_bootstrap()
-    if not bootstrap:
-        ap.error("--bootstrap or KAFKA_BOOTSTRAP_SERVERS is required")
-    ensure_topics(bootstrap, names=(args.topic, DLQ_TOPIC))
-    stop = StopFlag()
+    args, paths, bootstrap = start_process(ap, argv)
     LandingConsumer(paths, bootstrap, args.topic, args.group, args.batch_max, args.batch_ms,
-                    args.stats, args.crash_after_files, args.stats_window).run(stop)
-
+                    args.stats, args.crash_after_files, args.stats_window).run(StopFlag())
 
 if __name__ == "__main__":
     main()
