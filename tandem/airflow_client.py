@@ -137,21 +137,24 @@ class AirflowClient:
         run_path = urllib.request.quote(run_id, safe="")
         return self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_path}")["state"]
 
-    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+    def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict]:
+        """The run's task instances by task id (``state``, ``duration`` in s, dates, ...)."""
         run_path = urllib.request.quote(run_id, safe="")
         data = self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_path}/taskInstances")
-        return {t["task_id"]: t["state"] for t in data["task_instances"]}
+        return {t["task_id"]: t for t in data["task_instances"]}
 
-    def wait_run(self, dag_id: str, run_id: str, timeout_s: float, on_poll=None) -> str:
+    def wait_run(self, dag_id: str, run_id: str, timeout_s: float, on_poll=None,
+                 poll_s: float = 2.0) -> str:
+        """Poll until the run ends; ``on_poll`` gets :meth:`task_instances` after each poll."""
         deadline = time.monotonic() + timeout_s
         state = "queued"
         while time.monotonic() < deadline:
             state = self.run_state(dag_id, run_id)
             if on_poll:
-                on_poll(self.task_states(dag_id, run_id))
+                on_poll(self.task_instances(dag_id, run_id))
             if state in TERMINAL:
                 return state
-            time.sleep(3)
+            time.sleep(poll_s)
         raise TimeoutError(f"{dag_id} run {run_id} still {state} after {timeout_s}s")
 
 

@@ -115,12 +115,16 @@ def _airflow_demo_env(stack: Stack) -> dict[str, str]:
     return {**stack.env(), "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}
 
 
-def _progress(states: dict[str, str], seen: dict[str, str]) -> None:
-    for task, state in states.items():
+def _progress(tasks: dict[str, dict], seen: dict[str, str]) -> None:
+    """Print each task's state changes; a finished task with the time Airflow measured."""
+    for task, ti in tasks.items():
+        state = ti["state"]
         if state and seen.get(task) != state:
             seen[task] = state
             colour = {"success": "green", "failed": "red"}.get(state, "yellow")
-            console.print(f"    {task:<20} [{colour}]{state}[/]")
+            took = f" in {ti['duration']:.0f}s" if state in ("success", "failed") and ti.get(
+                "duration") is not None else ""
+            console.print(f"    {task:<20} [{colour}]{state}[/]{took}")
 
 
 def run_pipeline(stack: Stack, start: str, end: str) -> None:
@@ -137,7 +141,7 @@ def run_pipeline(stack: Stack, start: str, end: str) -> None:
         run_id = client.trigger(dag_id, conf)
         seen: dict[str, str] = {}
         state = client.wait_run(dag_id, run_id, timeout_s=3600,
-                                on_poll=lambda st, seen=seen: _progress(st, seen))
+                                on_poll=lambda tis, seen=seen: _progress(tis, seen))
         if state != "success":
             raise SystemExit(f"{dag_id} run {run_id} ended {state}; see the Airflow UI "
                              f"(logs under {stack.paths.root / 'airflow' / 'logs'})")

@@ -31,9 +31,16 @@ def get_spark(app_name: str = "tandem", master: str | None = None,
         .config("spark.sql.parquet.compression.codec", "snappy")
     )
     if (master or spark_master()).startswith("local"):
-        # local mode talks only to itself: keep the driver on loopback, not the host's address
+        # local mode talks only to itself: keep the driver on loopback, not the host's address.
+        # The lake's thousands of small hourly files on a local disk: no .crc side files
+        # (Hadoop's checksummed local FS opens one per file read and forks a `chmod` per file
+        # written), partition folders listed on the driver (not a job of one task per folder),
+        # and small files packed into few read tasks (a file "costs" 64 KiB, not 4 MiB).
         builder = (builder.config("spark.driver.host", "127.0.0.1")
-                   .config("spark.driver.bindAddress", "127.0.0.1"))
+                   .config("spark.driver.bindAddress", "127.0.0.1")
+                   .config("spark.hadoop.fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
+                   .config("spark.sql.sources.parallelPartitionDiscovery.threshold", "100000")
+                   .config("spark.sql.files.openCostInBytes", str(64 << 10)))
     if local_dir is not None:
         builder = builder.config("spark.local.dir", str(local_dir))
     spark = builder.getOrCreate()
