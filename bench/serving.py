@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from tandem import schema as s  # noqa: E402
 from tandem import synthetic_bundle as S  # noqa: E402
 from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
+from tandem.processes import child_env  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 # ------------------------------------------------------------------------------------ prepare
@@ -112,8 +112,8 @@ def start_server(script: list[str], bundle: Path, features: Path, feast_home: Pa
     cmd = [sys.executable, *script, "--bundle-dir", str(bundle), "--item-features",
            str(features), "--feast-home", str(feast_home), "--port", str(port),
            "--metrics-port", str(metrics_port), "--ranker-backend", backend]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "OPENBLAS_NUM_THREADS": "1"}
+    env = child_env({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                     "OPENBLAS_NUM_THREADS": "1"})
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

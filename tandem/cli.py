@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,9 +23,10 @@ console = Console(highlight=False)
 
 
 def job_env(paths: Paths) -> dict[str, str]:
-    return {**os.environ, "TANDEM_HOME": str(paths.root), "PYTHONPATH": str(REPO_ROOT),
-            "OPENBLAS_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-            "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    return processes.child_env({
+        "TANDEM_HOME": str(paths.root), "PYTHONPATH": str(REPO_ROOT),
+        "OPENBLAS_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable})
 
 
 def run_job(paths: Paths, module: str, *args: str) -> dict:

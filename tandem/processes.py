@@ -12,7 +12,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,25 @@ class Service:
 
 def _pidfile(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.pid.json"
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``os.environ`` + ``extra`` for a child process, minus the metrics folder Feast made here.
+
+    Importing feast (``feast.metrics``) points ``PROMETHEUS_MULTIPROCESS_DIR`` and
+    ``PROMETHEUS_MULTIPROC_DIR`` at a temp folder that it deletes when THIS process exits. A
+    long-lived child that inherited them (Airflow and its tasks, serving, the consumers) outlives
+    the folder and fails on the next metric it creates (``FileNotFoundError
+    .../gauge_liveall_*.db``). A folder the user set (not Feast's own) is passed on.
+    """
+    env = {**os.environ, **(extra or {})}
+    feast_metrics = sys.modules.get("feast.metrics")
+    if feast_metrics is not None and getattr(feast_metrics, "_owns_mp_dir", False):
+        owned = getattr(feast_metrics, "_prometheus_mp_dir", None)
+        for key in ("PROMETHEUS_MULTIPROCESS_DIR", "PROMETHEUS_MULTIPROC_DIR"):
+            if owned and env.get(key) == owned:
+                del env[key]
+    return env
 
 
 def alive(pid: int) -> bool:
@@ -61,7 +82,7 @@ def start(run_dir: Path, name: str, argv: list[str], env: dict[str, str] | None 
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+            env=child_env(env), cwd=cwd, start_new_session=True,
             # a child of a non-interactive shell inherits SIGINT=ignored; restore the default
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
