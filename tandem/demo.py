@@ -218,11 +218,17 @@ def print_feed(paths: Paths, user_id: str, reply, titles) -> None:
     console.print(table)
 
 
-def burst(stack: Stack, user_id: str, titles) -> None:
-    """Send 12 engagements with one genre for ``user_id`` through Kafka; show the feed change."""
+def burst(stack: Stack, user_ids: list[str], titles) -> None:
+    """Send 12 engagements with one genre through Kafka for the first of ``user_ids`` whose feed
+    has no session neighbours yet (an earlier demo's burst stays in its session for the session
+    TTL, and would show no change); show the feed change."""
+    from tandem.contracts import recommender_v1_pb2 as pb
     from tandem.streaming.producer import EventProducer
 
-    before = recommend(user_id)
+    for user_id in user_ids:
+        before = recommend(user_id)
+        if not any(pb.CANDIDATE_SOURCE_SESSION in i.sources for i in before.items):
+            break
     genre = "Horror"
     liked = [i for i, (_, g) in titles.items() if genre in g][:12]
     now = int(time.time() * 1000)
@@ -237,8 +243,6 @@ def burst(stack: Stack, user_id: str, titles) -> None:
     producer.send_many(events)
     producer.flush(10)
     producer.close()
-    from tandem.contracts import recommender_v1_pb2 as pb
-
     # The burst has reached serving (Kafka -> feature consumer -> online store -> the request's
     # session row) once neighbours of its items are in the feed. A changed feed alone proves
     # nothing: the impressions the "before" request logged change the session counts too.
@@ -295,7 +299,7 @@ def run_demo(folder: Path, rerun: bool = False) -> None:
     for user in ("1", "42", "500"):
         print_feed(paths, user, recommend(user), titles)
     print_feed(paths, "new-user-7", recommend("new-user-7"), titles)
-    burst(stack, "42", titles)
+    burst(stack, [str(u) for u in range(42, 62)], titles)
     _print_access(paths, time.monotonic() - t_all)
 
 
