@@ -39,7 +39,9 @@ from tandem import synthetic_bundle as S  # noqa: E402
 from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
 from tandem.processes import child_env  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import free_port, free_ports  # noqa: E402
+
+CHANNELS = 4  # client connections of the fixed-rate driver
 
 # ------------------------------------------------------------------------------------ prepare
 
@@ -107,11 +109,15 @@ def _refresh_sessions(home: Path, user_ids: np.ndarray, n_items: int) -> None:
 # ------------------------------------------------------------------------------- server procs
 
 def start_server(script: list[str], bundle: Path, features: Path, feast_home: Path,
-                 backend: str, log_path: Path) -> tuple[subprocess.Popen, int, int]:
-    port, metrics_port = free_port(), free_port()
+                 backend: str, log_path: Path, processes: int = 1
+                 ) -> tuple[subprocess.Popen, int, list[int]]:
+    """The server on a free port; returns (process, port, one metrics port per process)."""
+    port, metrics_ports = free_port(), free_ports(processes)
     cmd = [sys.executable, *script, "--bundle-dir", str(bundle), "--item-features",
            str(features), "--feast-home", str(feast_home), "--port", str(port),
-           "--metrics-port", str(metrics_port), "--ranker-backend", backend]
+           "--metrics-port", str(metrics_ports[0]), "--ranker-backend", backend]
+    if processes > 1:
+        cmd += ["--processes", str(processes)]
     env = child_env({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                      "OPENBLAS_NUM_THREADS": "1"})
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "w"),
@@ -129,13 +135,32 @@ def start_server(script: list[str], bundle: Path, features: Path, feast_home: Pa
         except grpc.RpcError:
             time.sleep(1)
     channel.close()
-    return proc, port, metrics_port
+    _wait_metrics(metrics_ports, deadline)  # every process up, not only the first
+    return proc, port, metrics_ports
+
+
+def _wait_metrics(ports: list[int], deadline: float) -> None:
+    import urllib.request
+
+    for port in ports:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+    time.sleep(2)  # the gRPC port of the last process opens after its metrics port
 
 
 def rss_mb(proc: subprocess.Popen) -> float:
+    """Resident memory of the server and its sibling processes (shared pages counted per
+    process, as RSS does)."""
     import psutil
 
-    return psutil.Process(proc.pid).memory_info().rss / 2**20
+    root = psutil.Process(proc.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -161,9 +186,15 @@ def make_requests(n: int, stored: np.ndarray, users: int, seed: int = 0) -> list
 
 def fixed_rate(port: int, requests: list, qps: float, duration: float,
                timeout_s: float = 2.0) -> dict:
-    """Open loop: request i is sent at t0 + i/qps; latency = completion - scheduled time."""
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.RecommenderStub(channel)
+    """Open loop: request i is sent at t0 + i/qps; latency = completion - scheduled time.
+
+    Requests go round-robin over ``CHANNELS`` connections, as from several client hosts (the
+    kernel spreads connections, not requests, across the processes of ``--processes``).
+    """
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
+                                      options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(CHANNELS)]
+    stubs = [pb_grpc.RecommenderStub(c) for c in channels]
     n = int(qps * duration)
     lat = np.full(n, np.nan)
     errors = [0]
@@ -184,12 +215,14 @@ def fixed_rate(port: int, requests: list, qps: float, duration: float,
         wait = scheduled - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        fut = stub.Recommend.future(requests[i % len(requests)], timeout=timeout_s)
+        fut = stubs[i % CHANNELS].Recommend.future(requests[i % len(requests)],
+                                                   timeout=timeout_s)
         fut.add_done_callback(on_done(i, scheduled))
     for _ in range(n):
         done.acquire()
     elapsed = time.perf_counter() - t0
-    channel.close()
+    for channel in channels:
+        channel.close()
     ok = lat[~np.isnan(lat)] * 1000.0
     q = np.percentile(ok, [50, 95, 99, 99.9]) if len(ok) else [np.nan] * 4
     return {"target_qps": qps, "achieved_qps": round(len(ok) / elapsed, 2),
@@ -199,9 +232,11 @@ def fixed_rate(port: int, requests: list, qps: float, duration: float,
 
 
 def closed_loop(port: int, requests: list, concurrency: int, duration: float) -> dict:
-    """``concurrency`` clients, each sending its next request when the last one returns."""
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.RecommenderStub(channel)
+    """``concurrency`` clients, each on its own connection, each sending its next request when
+    the last one returns."""
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
+                                      options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(concurrency)]
     lats: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
     end = time.perf_counter() + duration
@@ -211,12 +246,13 @@ def closed_loop(port: int, requests: list, concurrency: int, duration: float) ->
         while time.perf_counter() < end:
             t = time.perf_counter()
             try:
-                stub.Recommend(requests[i % len(requests)], timeout=5)
+                stubs[c].Recommend(requests[i % len(requests)], timeout=5)
                 lats[c].append(time.perf_counter() - t)
             except grpc.RpcError:
                 errors[c] += 1
             i += concurrency
 
+    stubs = [pb_grpc.RecommenderStub(ch) for ch in channels]
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
     for t in threads:
@@ -224,7 +260,8 @@ def closed_loop(port: int, requests: list, concurrency: int, duration: float) ->
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
-    channel.close()
+    for channel in channels:
+        channel.close()
     all_lat = np.concatenate([np.array(x) for x in lats]) * 1000.0
     return {"concurrency": concurrency, "achieved_qps": round(len(all_lat) / elapsed, 2),
             "p50_ms": round(float(np.percentile(all_lat, 50)), 2),
@@ -232,7 +269,8 @@ def closed_loop(port: int, requests: list, concurrency: int, duration: float) ->
 
 
 class BackgroundCpu:
-    """Cores used by everything except ``proc`` and this process while the block runs.
+    """Cores used by everything except ``proc`` (and its children) and this process while the
+    block runs.
 
     The target is set for a quiet machine; this number says how quiet it was (0.1 = a tenth
     of a core busy elsewhere on average), so a run disturbed by other work is recognisable.
@@ -241,7 +279,8 @@ class BackgroundCpu:
     def __init__(self, proc: subprocess.Popen):
         import psutil
 
-        self.procs = [psutil.Process(proc.pid), psutil.Process()]
+        root = psutil.Process(proc.pid)
+        self.procs = [root, *root.children(recursive=True), psutil.Process()]
         self.cores = float("nan")
 
     def _sample(self) -> tuple[float, float, float]:
@@ -265,24 +304,27 @@ class BackgroundCpu:
 
 # ------------------------------------------------------------------------------- stage metrics
 
-def stage_p99(metrics_port: int) -> dict[str, float]:
-    """p99 per stage from ``tandem_stage_seconds`` buckets (linear within a bucket)."""
+def stage_p99(metrics_ports: list[int]) -> dict[str, float]:
+    """p99 per stage from ``tandem_stage_seconds`` buckets summed over the server's processes
+    (linear within a bucket)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
-    buckets: dict[str, list[tuple[float, float]]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "tandem_stage_seconds":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_bucket"):
-                buckets.setdefault(sample.labels["stage"], []).append(
-                    (float(sample.labels["le"]), sample.value))
+    buckets: dict[str, dict[float, float]] = {}
+    for port in metrics_ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name != "tandem_stage_seconds":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    counts = buckets.setdefault(sample.labels["stage"], {})
+                    le = float(sample.labels["le"])
+                    counts[le] = counts.get(le, 0.0) + sample.value
     out = {}
-    for stage, pairs in buckets.items():
-        pairs.sort()
+    for stage, by_le in buckets.items():
+        pairs = sorted(by_le.items())
         total = pairs[-1][1]
         if total == 0:
             continue
@@ -336,6 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smaller", action="store_true",
                         help="100k items, 500k users, 20 s runs (a quick check)")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="Tandem server processes (serving.server --processes)")
     parser.add_argument("--work", type=Path, default=REPO / "var" / "bench")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench_serving.json")
     args = parser.parse_args(argv)
@@ -357,7 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     proc, port, mport = start_server(["-m", "serving.server"], w["bundle"], w["features"],
-                                     w["feast_home"], "auto", args.work / "tandem_server.log")
+                                     w["feast_home"], "auto", args.work / "tandem_server.log",
+                                     args.processes)
+    report["server_processes"] = args.processes
     report["server_start_s"] = round(time.perf_counter() - t0, 1)
     try:
         closed_loop(port, requests[:200], 2, 5.0)  # warm-up

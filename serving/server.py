@@ -60,10 +60,15 @@ def _configure_maintenance(server: grpc.Server) -> health.HealthServicer:
     return health_servicer
 
 
-def create_server(address: str, app: App, max_workers: int = 8) -> tuple[grpc.Server, int]:
-    """A started server for ``app`` on ``address`` (``host:0`` picks a free port)."""
+def create_server(address: str, app: App, max_workers: int = 8,
+                  reuse_port: bool = False) -> tuple[grpc.Server, int]:
+    """A started server for ``app`` on ``address`` (``host:0`` picks a free port).
+
+    ``reuse_port`` lets several server processes bind the same port (SO_REUSEPORT; the kernel
+    spreads connections across them); off, a second server on a taken port fails loudly.
+    """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=[("grpc.so_reuseport", 0)])
+                         options=[("grpc.so_reuseport", int(reuse_port))])
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(app), server)
     _HEALTH[server] = _configure_maintenance(server)
     port = server.add_insecure_port(address)
@@ -176,6 +181,10 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
                         help="Python's GIL switch interval (default 5 ms); see main()")
     parser.add_argument("--impression-sink", default=None,
                         help="module:factory of a tandem.impressions.ImpressionSink (e.g. Kafka)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="server processes on one port (SO_REUSEPORT), each with its own GIL "
+                             "and its own copy of the bundle; metrics on --metrics-port + i")
+    parser.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # A request hands the GIL back and forth (FAISS, the ranker and the store read release it):
@@ -187,20 +196,46 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
 
     faiss.omp_set_num_threads(1)  # one core per search; requests run side by side
 
+    if engine_cls is not None and args.processes > 1:
+        parser.error("--processes > 1 starts serving.server siblings: not with a custom engine")
+    siblings = _start_siblings(argv if argv is not None else sys.argv[1:], args)
     app = build_app(args, engine_cls)
-    if args.metrics_port:
-        metrics.serve(args.metrics_port, args.host)
+    metrics_port = args.metrics_port + args.process_index if args.metrics_port else 0
+    if metrics_port:
+        metrics.serve(metrics_port, args.host)
     if not args.bundle_dir:
         app.start_polling(args.poll_s)
-    server, port = create_server(f"{args.host}:{args.port}", app, args.workers)
-    log.info("serving %s on %s:%d (metrics port %s)", SERVICE_NAME, args.host, port,
-             args.metrics_port or "off")
+    server, port = create_server(f"{args.host}:{args.port}", app, args.workers,
+                                 reuse_port=args.processes > 1)
+    log.info("serving %s on %s:%d (process %d of %d, metrics port %s)", SERVICE_NAME, args.host,
+             port, args.process_index + 1, args.processes, metrics_port or "off")
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     log.info("shutting down: NOT_SERVING, draining in-flight requests")
+    for sibling in siblings:
+        sibling.terminate()
     stop(server, app)
+    for sibling in siblings:
+        sibling.wait(timeout=30)
+
+
+def _start_siblings(argv: list[str], args: argparse.Namespace) -> list:
+    """Processes 2..N of ``--processes`` (started by the first; it stops them when it stops).
+
+    Python serves one request's Python at a time per process: at 100 QPS on two cores one
+    process used 0.83 cores while requests queued for its GIL. Separate processes (not forks:
+    the Feast SQLite connection and the loaded libraries must not be shared across a fork)
+    each load the bundle, so memory grows with N.
+    """
+    import subprocess
+
+    if args.process_index or args.processes <= 1:
+        return []
+    return [subprocess.Popen([sys.executable, "-m", "serving.server", *argv,
+                              "--process-index", str(i)])
+            for i in range(1, args.processes)]
 
 
 if __name__ == "__main__":

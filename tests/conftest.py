@@ -28,6 +28,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` consecutive free loopback ports (``serving.server --processes n`` puts process i's
+    metrics on the first + i)."""
+    while True:
+        first = free_port()
+        try:
+            for port in range(first + 1, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return list(range(first, first + n))
+        except OSError:
+            continue
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     """One local[2] session for the whole run (1-2 partitions keep tiny-data tests fast)."""

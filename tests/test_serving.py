@@ -27,7 +27,7 @@ from tandem import synthetic_bundle as S
 from tandem.ab import Experiment, Variant
 from tandem.contracts import recommender_v1_pb2 as pb
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
-from tests.conftest import free_port
+from tests.conftest import free_port, free_ports
 
 pytestmark = pytest.mark.serving
 
@@ -328,3 +328,56 @@ def test_registry_alias_hot_reload(world, serve, mlflow_server, tmp_path):
     assert app.poll_once() == [alias]
     reply = stub.Recommend(_req("u1", 5))
     assert reply.model_version == str(v2) and len(reply.items) == 5
+
+
+def test_two_server_processes_share_one_port_and_stop_together(world):
+    """``--processes 2``: both processes answer on one port (connections spread by the kernel),
+    each exposes its own metrics port, and stopping the first stops the second."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    port, (metrics_port, _) = free_port(), free_ports(2)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--bundle-dir", str(world["bundle"]),
+         "--port", str(port), "--metrics-port", str(metrics_port), "--processes", "2",
+         "--ranker-backend", "lightgbm"], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        deadline = time.time() + 120
+        for mport in (metrics_port, metrics_port + 1):
+            while True:
+                assert proc.poll() is None, "server exited"
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=1)
+                    break
+                except OSError:
+                    assert time.time() < deadline, f"metrics port {mport} never opened"
+                    time.sleep(0.5)
+        time.sleep(2)
+        channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
+                                          options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(16)]
+        for channel in channels:
+            reply = pb_grpc.RecommenderStub(channel).Recommend(_req("u3"), timeout=30)
+            assert len(reply.items) == 10
+            channel.close()
+        served = []
+        for mport in (metrics_port, metrics_port + 1):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode()
+            served.append(sum(float(line.split()[-1]) for line in text.splitlines()
+                              if line.startswith("tandem_requests_total{")
+                              and 'method="Recommend"' in line))
+        assert sum(served) == 16 and min(served) > 0  # 16 connections: both got some
+        children = psutil.Process(proc.pid).children()
+        assert len(children) == 1
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        psutil.wait_procs(children, timeout=30)
+        assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
