@@ -6,6 +6,10 @@ world's n_users are unknown (cold start); an unknown id with session items is wa
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -16,6 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -333,13 +338,6 @@ def test_registry_alias_hot_reload(world, serve, mlflow_server, tmp_path):
 def test_two_server_processes_share_one_port_and_stop_together(world):
     """``--processes 2``: both processes answer on one port (connections spread by the kernel),
     each exposes its own metrics port, and stopping the first stops the second."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    import psutil
-
     port, (metrics_port, _) = free_port(), free_ports(2)
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
