@@ -70,9 +70,13 @@ def load_movielens_into_lake(paths: Paths, folder: Path) -> tuple[str, str]:
     Returns the [start, end) interval (ISO, whole hours) that covers every landed event.
     """
     from tandem.landing import write_items, write_landing_events, write_users
-    from tandem.movielens import load_movielens
+    from tandem.movielens import MovieLensUnavailable, ensure_movielens, load_movielens
 
     t0 = time.monotonic()
+    try:  # a fresh machine without ../shared: fetch the release there (needs the internet)
+        folder = ensure_movielens(Path(folder).name, Path(folder).parent)
+    except MovieLensUnavailable as err:
+        raise SystemExit(str(err)) from None  # the message says what to do; no traceback
     data = load_movielens(folder)
     write_landing_events(data.events, paths.landing_events, name=f"movielens-{data.name}")
     write_items(data.items, paths)
