@@ -41,7 +41,11 @@ from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
 from tandem.processes import child_env  # noqa: E402
 from tests.conftest import free_port, free_ports  # noqa: E402
 
-CHANNELS = 4  # client connections of the fixed-rate driver
+# Client connections the load generators spread requests over, as from several client hosts:
+# the kernel spreads connections, not requests, over the processes of ``--processes``
+# (SO_REUSEPORT hashes each connection to one process), so a handful of connections can leave
+# one process with most of the load (8 connections: 0.67 / 0.24 cores in 3 runs of 4).
+CHANNELS = 32
 
 # ------------------------------------------------------------------------------------ prepare
 
@@ -62,6 +66,11 @@ def prepare(work: Path, items: int, users: int, stored_users: int, stored_items:
     feast_home = world / f"feast-{stored_users}-{stored_items}"
     if not (feast_home / "ready").exists():
         _fill_feast(feast_home, world, S.user_id(user_rows), stored_items, items)
+    else:  # the cached store's repo and registry as the current feature_repo/ defines them
+        from tandem import feature_store as FS
+        from tandem.config import Paths
+
+        FS.apply(Paths(feast_home))
     return {"world": world, "bundle": world / "bundle", "features": world /
             "item_features.parquet", "feast_home": feast_home, "stored_users": user_rows}
 
@@ -184,17 +193,34 @@ def make_requests(n: int, stored: np.ndarray, users: int, seed: int = 0) -> list
                                                                           strict=True)]
 
 
+def _stubs(port: int) -> tuple[list, list]:
+    """``CHANNELS`` connections to the server and a stub on each."""
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
+                                      options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(CHANNELS)]
+    return channels, [pb_grpc.RecommenderStub(c) for c in channels]
+
+
+def warm_connections(port: int, requests: list) -> None:
+    """One request on every connection, then 5 s closed loop: the client side warm.
+
+    (The server warms itself before it reports SERVING: ``serving.app.Engine.warm_up``.)
+    """
+    channels, stubs = _stubs(port)
+    for i, stub in enumerate(stubs):
+        stub.Recommend(requests[i % len(requests)], timeout=30)
+    for channel in channels:
+        channel.close()
+    closed_loop(port, requests[:200], 2, 5.0)
+
+
 def fixed_rate(port: int, requests: list, qps: float, duration: float,
                timeout_s: float = 2.0) -> dict:
     """Open loop: request i is sent at t0 + i/qps; latency = completion - scheduled time.
 
-    Requests go round-robin over ``CHANNELS`` connections, as from several client hosts (the
-    kernel spreads connections, not requests, across the processes of ``--processes``).
+    Requests go round-robin over ``CHANNELS`` connections.
     """
-    channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
-                                      options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(CHANNELS)]
-    stubs = [pb_grpc.RecommenderStub(c) for c in channels]
+    channels, stubs = _stubs(port)
     n = int(qps * duration)
     lat = np.full(n, np.nan)
     errors = [0]
@@ -232,11 +258,10 @@ def fixed_rate(port: int, requests: list, qps: float, duration: float,
 
 
 def closed_loop(port: int, requests: list, concurrency: int, duration: float) -> dict:
-    """``concurrency`` clients, each on its own connection, each sending its next request when
-    the last one returns."""
-    channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
-                                      options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(concurrency)]
+    """``concurrency`` clients, each sending its next request when the last one returns;
+    client ``c`` sends request ``i`` (``c``, ``c + concurrency``, ...) on connection
+    ``i % CHANNELS``."""
+    channels, stubs = _stubs(port)
     lats: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
     end = time.perf_counter() + duration
@@ -246,13 +271,12 @@ def closed_loop(port: int, requests: list, concurrency: int, duration: float) ->
         while time.perf_counter() < end:
             t = time.perf_counter()
             try:
-                stubs[c].Recommend(requests[i % len(requests)], timeout=5)
+                stubs[i % CHANNELS].Recommend(requests[i % len(requests)], timeout=5)
                 lats[c].append(time.perf_counter() - t)
             except grpc.RpcError:
                 errors[c] += 1
             i += concurrency
 
-    stubs = [pb_grpc.RecommenderStub(ch) for ch in channels]
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
     for t in threads:
@@ -269,27 +293,30 @@ def closed_loop(port: int, requests: list, concurrency: int, duration: float) ->
 
 
 class BackgroundCpu:
-    """Cores used by everything except ``proc`` (and its children) and this process while the
-    block runs.
+    """Cores used while the block runs: by each server process (``server``, ``proc`` and its
+    children) and by everything except them and this process (``others``).
 
-    The target is set for a quiet machine; this number says how quiet it was (0.1 = a tenth
-    of a core busy elsewhere on average), so a run disturbed by other work is recognisable.
+    The target is set for a quiet machine; ``others`` says how quiet it was (0.1 = a tenth of
+    a core busy elsewhere on average), so a run disturbed by other work is recognisable.
+    ``server`` shows how evenly the kernel spread the load over the server's processes.
     """
 
     def __init__(self, proc: subprocess.Popen):
         import psutil
 
         root = psutil.Process(proc.pid)
-        self.procs = [root, *root.children(recursive=True), psutil.Process()]
+        self.servers = [root, *root.children(recursive=True)]
+        self.procs = [*self.servers, psutil.Process()]
         self.cores = float("nan")
+        self.server: list[float] = []
 
-    def _sample(self) -> tuple[float, float, float]:
+    def _sample(self) -> tuple[float, float, list[float]]:
         import psutil
 
         total = psutil.cpu_times()
         busy = sum(total) - total.idle - getattr(total, "iowait", 0.0)
-        own = sum(p.cpu_times().user + p.cpu_times().system for p in self.procs)
-        return time.perf_counter(), busy, own
+        return (time.perf_counter(), busy,
+                [p.cpu_times().user + p.cpu_times().system for p in self.procs])
 
     def __enter__(self) -> BackgroundCpu:
         self.start = self._sample()
@@ -298,8 +325,9 @@ class BackgroundCpu:
     def __exit__(self, *exc) -> None:
         end = self._sample()
         wall = end[0] - self.start[0]
-        self.cores = round(max(0.0, (end[1] - self.start[1]) - (end[2] - self.start[2]))
-                           / wall, 2)
+        used = [(b - a) / wall for a, b in zip(self.start[2], end[2], strict=True)]
+        self.cores = round(max(0.0, (end[1] - self.start[1]) / wall - sum(used)), 2)
+        self.server = [round(u, 2) for u in used[: len(self.servers)]]
 
 
 # ------------------------------------------------------------------------------- stage metrics
@@ -378,8 +406,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smaller", action="store_true",
                         help="100k items, 500k users, 20 s runs (a quick check)")
     parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="Tandem server processes (serving.server --processes)")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="Tandem server processes (serving.server --processes): one per "
+                             "core, each with its own GIL")
     parser.add_argument("--work", type=Path, default=REPO / "var" / "bench")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench_serving.json")
     args = parser.parse_args(argv)
@@ -406,12 +435,13 @@ def main(argv: list[str] | None = None) -> dict:
     report["server_processes"] = args.processes
     report["server_start_s"] = round(time.perf_counter() - t0, 1)
     try:
-        closed_loop(port, requests[:200], 2, 5.0)  # warm-up
+        warm_connections(port, requests)
         with BackgroundCpu(proc) as other:
             fixed = fixed_rate(port, requests, args.qps, args.duration)
         report["stages_p99_ms"] = stage_p99(mport)
         report["fixed_rate"] = {k: v for k, v in fixed.items() if not k.startswith("_")}
         report["fixed_rate"]["other_cpu_cores"] = other.cores
+        report["fixed_rate"]["server_cpu_cores"] = other.server
         report["closed_loop"] = closed_loop(port, requests, args.concurrency, args.duration)
         report["server_rss_mb"] = round(rss_mb(proc), 1)
     finally:
@@ -446,7 +476,8 @@ def _summary(r: dict, out: Path, png: Path) -> None:
           f"{r['scale']['users']:,} users")
     print(f"  fixed rate {f['target_qps']:g} QPS: achieved {f['achieved_qps']}, p50 {f['p50_ms']}"
           f" ms, p95 {f['p95_ms']}, p99 {f['p99_ms']}, p99.9 {f['p999_ms']}, errors "
-          f"{f['errors']} (other processes used {f['other_cpu_cores']} cores meanwhile)")
+          f"{f['errors']} (server processes used {f['server_cpu_cores']} cores, other processes "
+          f"{f['other_cpu_cores']})")
     print(f"  closed loop x{c['concurrency']}: {c['achieved_qps']} QPS (ceiling), "
           f"p99 {c['p99_ms']} ms")
     print("  stage p99 (ms): " + ", ".join(f"{k} {v}" for k, v in r["stages_p99_ms"].items()))

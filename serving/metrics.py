@@ -7,6 +7,9 @@ Scrape ``http://<host>:<metrics-port>/metrics``. Stage names match ``Engine`` st
 
 from __future__ import annotations
 
+import functools
+from typing import Protocol
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _MS_BUCKETS = tuple(x / 1000.0 for x in (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 25, 35,
@@ -32,3 +35,44 @@ def serve(port: int, addr: str = "127.0.0.1") -> int:
     """Start the ``/metrics`` HTTP endpoint in a daemon thread; returns the port."""
     start_http_server(port, addr=addr)
     return port
+
+
+class Observed(Protocol):
+    """What :func:`observe` reads of an answered request (``serving.app.Result``)."""
+
+    stages_ms: dict[str, float]
+    candidates: dict[str, int]
+    pool_size: int
+    fallbacks: list[str]
+    cold_start: bool
+
+
+def observe(result: Observed) -> None:
+    """Record one answered request: stage latencies (summed per stage), the pool's candidates
+    per source and its size, fallbacks, cold start.
+
+    The engine only fills the result; recording here, once per served request, keeps the
+    server's warm-up requests (``Engine.warm_up``) out of every metric.
+    """
+    for stage, ms in result.stages_ms.items():
+        _stage(stage).observe(ms / 1000.0)
+    if result.candidates:  # a ranked answer (cold start and fallbacks have no pool)
+        for source, count in result.candidates.items():
+            if count:
+                _candidates(source).inc(count)
+        POOL_SIZE.observe(result.pool_size)
+    for reason in result.fallbacks:
+        FALLBACKS.labels(reason).inc()
+    if result.cold_start:
+        COLD_START.inc()
+
+
+@functools.lru_cache(maxsize=64)
+def _stage(name: str):
+    """The ``tandem_stage_seconds`` child of one stage (``labels()`` locks; look it up once)."""
+    return STAGE_SECONDS.labels(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates(source: str):
+    return CANDIDATES.labels(source)

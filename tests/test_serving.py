@@ -304,6 +304,31 @@ def test_metrics_endpoint(default_app, serve):
         assert name in text
 
 
+def _recorded() -> dict:
+    """Every sample of the per-request metrics (stages, candidates, fallbacks, cold start)."""
+    from prometheus_client import REGISTRY
+
+    prefixes = ("tandem_stage_seconds", "tandem_candidates", "tandem_candidate_pool_size",
+                "tandem_fallbacks", "tandem_cold_start")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in REGISTRY.collect()
+            for s in family.samples if s.name.startswith(prefixes)}
+
+
+def test_warm_up_before_serving_records_nothing(world, caplog):
+    before = _recorded()
+    with caplog.at_level("INFO", logger="serving.app"):
+        app = _app(world, BrokenStore())  # every warm-up request is an online_store_error
+    assert _recorded() == before
+    assert "64 warm-up requests" in caplog.text
+    engine = app.engines["champion"]
+    assert engine.warm_up(CFG, SynthStore(), n_requests=5) == 5
+    t0 = time.perf_counter()  # a store slower than the budget ends the warm-up early
+    cfg = ServingConfig(ranker_backend="lightgbm", online_store_timeout_ms=100.0)
+    assert 1 <= engine.warm_up(cfg, SlowStore(), n_requests=64, budget_s=0.25) <= 4
+    assert time.perf_counter() - t0 < 1.0
+    assert _recorded() == before
+
+
 def test_lleaves_matches_lightgbm(world):
     pytest.importorskip("lleaves")
     from serving.app import Ranker
