@@ -122,19 +122,17 @@ class NoStore:
 
 
 class FeastStore:
-    """The Feast online store: one ``get_online_features`` call for the user's profile,
-    activity and session rows (``tandem.feature_store.USER_REFS``); never per candidate."""
+    """The Feast online store: the user's profile, activity and session rows
+    (``tandem.feature_store.USER_REFS``, one online read per view); never per candidate."""
 
     def __init__(self, feature_store):
-        from tandem.feature_store import USER_REFS
+        from tandem.feature_store import user_row_reader
 
-        self.store, self.refs = feature_store, list(USER_REFS)
+        self.reader = user_row_reader(feature_store)
         self.session_fields = {f.name for f in F.SESSION_FIELDS}
 
     def fetch(self, user_id: str) -> UserRows:
-        cols = self.store.get_online_features(features=self.refs,
-                                              entity_rows=[{s.USER_ID: user_id}]).to_dict()
-        values = {k: v[0] for k, v in cols.items() if k != s.USER_ID and v[0] is not None}
+        values = {k: v for k, v in self.reader.read(user_id).items() if v is not None}
         user = {k: v for k, v in values.items() if k not in self.session_fields}
         session = {k: v for k, v in values.items() if k in self.session_fields}
         return UserRows(user or None, session or None)

@@ -287,9 +287,61 @@ class ItemFeatureTable:
         return F.fill_item_times(static[idx], last_ts[idx], created[idx], now_ms)
 
 
+class UserRowReader:
+    """One user's ``USER_REFS`` values straight from the online store, one ``online_read`` per
+    view: the per-request read of serving.
+
+    ``get_online_features`` plans the request (feature refs, entity keys, on-demand views) and
+    builds a protobuf response on every call: 0.77 ms of CPU (and GIL) per user on the 1M-item
+    bench store, against 0.24 ms for the same rows read here. The values are the SDK's (the
+    same ``online_read`` of the configured online store, the same value conversion, no TTL
+    filter in either, Feast 0.67); a test compares both.
+    """
+
+    def __init__(self, store):
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+        from feast.type_map import feast_value_type_to_python_type
+
+        self._key = lambda user_id: EntityKey(join_keys=[s.USER_ID],  # noqa: E731
+                                              entity_values=[Value(string_val=user_id)])
+        self._to_python = feast_value_type_to_python_type
+        self._config = store.config
+        self._provider = store._get_provider()  # the online store behind get_online_features
+        by_view: dict[str, list[str]] = {}
+        for ref in USER_REFS:
+            view, _, name = ref.partition(":")
+            by_view.setdefault(view, []).append(name)
+        self._views = [(store.get_feature_view(v), names) for v, names in by_view.items()]
+        self._names = [ref.partition(":")[2] for ref in USER_REFS]
+
+    def read(self, user_id: str) -> dict:
+        """{feature name: value or None} for every ``USER_REFS`` feature."""
+        key = self._key(user_id)
+        out = dict.fromkeys(self._names)
+        for view, names in self._views:
+            _, values = self._provider.online_read(config=self._config, table=view,
+                                                   entity_keys=[key],
+                                                   requested_features=names)[0]
+            for name in names:
+                if values and name in values:
+                    out[name] = self._to_python(values[name])
+        return out
+
+
+_READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> its reader
+
+
+def user_row_reader(store) -> UserRowReader:
+    """The :class:`UserRowReader` of ``store`` (built once: it resolves the views)."""
+    reader = _READERS.get(store)
+    if reader is None:
+        reader = _READERS[store] = UserRowReader(store)
+    return reader
+
+
 def _read_user(store, user_id: str) -> dict:
-    cols = _online_columns(store, USER_REFS, s.USER_ID, [user_id])
-    return {k: v[0] for k, v in cols.items()}
+    return user_row_reader(store).read(user_id)
 
 
 def fetch_user_features(store, user_id: str,

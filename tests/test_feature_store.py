@@ -90,6 +90,22 @@ def test_push_to_user_session_is_visible_online(feast_repo):
     assert values["user_avg_rating"] == 3.0  # batch views are still there
 
 
+def test_user_row_reader_reads_what_get_online_features_reads(feast_repo):
+    _, store, _ = feast_repo
+    fs.push_session(store, [{s.USER_ID: "u3", s.EVENT_TIMESTAMP: T1, s.SESSION_LENGTH: 2,
+                             s.SESSION_RECENT_ITEMS: ["i3", "i2"],
+                             s.SESSION_RECENT_GENRES: ["Comedy"], "cnt_view": 2}])
+    reader = fs.UserRowReader(store)
+    for user in ("u1", "u2", "u3", "nobody"):  # batch rows only, both, session only, none
+        sdk = store.get_online_features(features=list(fs.USER_REFS),
+                                        entity_rows=[{s.USER_ID: user}]).to_dict()
+        assert reader.read(user) == {k: v[0] for k, v in sdk.items() if k != s.USER_ID}
+    u1, u3 = reader.read("u1"), reader.read("u3")
+    assert u1["user_avg_rating"] == 2.0 and u1[s.SESSION_LENGTH] is None
+    assert u3[s.SESSION_RECENT_ITEMS] == ["i3", "i2"] and u3["user_avg_rating"] is None
+    assert set(reader.read("nobody").values()) == {None}
+
+
 def test_point_in_time_never_joins_a_later_row(feast_repo):
     _, store, _ = feast_repo
     labels = pd.DataFrame({s.USER_ID: ["u1"] * 4, s.ITEM_ID: ["i1"] * 4,
