@@ -249,12 +249,16 @@ def fixed_rate(port: int, requests: list, qps: float, duration: float,
     elapsed = time.perf_counter() - t0
     for channel in channels:
         channel.close()
-    ok = lat[~np.isnan(lat)] * 1000.0
+    answered = ~np.isnan(lat)
+    ok = lat[answered] * 1000.0
     q = np.percentile(ok, [50, 95, 99, 99.9]) if len(ok) else [np.nan] * 4
+    second = (np.flatnonzero(answered) / qps).astype(int)  # when each answered one was due
+    per_second = [round(float(np.percentile(ok[second == t], 99)), 1) if np.any(second == t)
+                  else None for t in range(int(np.ceil(duration)))]
     return {"target_qps": qps, "achieved_qps": round(len(ok) / elapsed, 2),
             "p50_ms": round(q[0], 2), "p95_ms": round(q[1], 2), "p99_ms": round(q[2], 2),
             "p999_ms": round(q[3], 2), "errors": int(errors[0]), "requests": n,
-            "_latencies_ms": ok}
+            "p99_ms_per_second": per_second, "_latencies_ms": ok}
 
 
 def closed_loop(port: int, requests: list, concurrency: int, duration: float) -> dict:
@@ -369,13 +373,17 @@ def stage_p99(metrics_ports: list[int]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------- main
 
-def plot(path: Path, tandem_ms: np.ndarray, naive_ms: np.ndarray, qps: float) -> None:
+def plot(path: Path, tandem: dict, naive_ms: np.ndarray, qps: float) -> None:
+    """Latency histogram (Tandem vs naive) and Tandem's p99 per second of the fixed-rate run:
+    a tail from a few slow seconds (stalls) reads differently from one spread over the run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    tandem_ms = tandem["_latencies_ms"]
+    fig, (ax, over_time) = plt.subplots(1, 2, figsize=(13, 4.5),
+                                        gridspec_kw={"width_ratios": [3, 2]})
     top = max(np.percentile(naive_ms, 99.9) if len(naive_ms) else 1.0,
               np.percentile(tandem_ms, 99.9))
     bins = np.logspace(np.log10(max(0.5, min(tandem_ms.min(), top) * 0.9)), np.log10(top * 1.1),
@@ -388,6 +396,15 @@ def plot(path: Path, tandem_ms: np.ndarray, naive_ms: np.ndarray, qps: float) ->
     ax.set_ylabel("requests")
     ax.set_title(f"Recommend latency at a fixed {qps:g} QPS")
     ax.legend()
+    per_second = np.array([np.nan if v is None else v for v in tandem["p99_ms_per_second"]])
+    over_time.plot(np.arange(len(per_second)), per_second, marker=".")
+    over_time.axhline(tandem["p99_ms"], color="grey", linestyle="--",
+                      label=f"p99 of the run {tandem['p99_ms']:g} ms")
+    over_time.set_yscale("log")
+    over_time.set_xlabel("second of the fixed-rate run")
+    over_time.set_ylabel("Tandem p99 in that second (ms)")
+    over_time.set_title("Tandem p99 per second")
+    over_time.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -468,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                 / report["fixed_rate"]["p99_ms"], 2)
     args.out.write_text(json.dumps(report, indent=2))
     png = args.out.with_name("bench_serving_latency.png")
-    plot(png, fixed["_latencies_ms"], naive_lat, args.qps)
+    plot(png, fixed, naive_lat, args.qps)
     _summary(report, args.out, png)
     return report
 
@@ -481,6 +498,9 @@ def _summary(r: dict, out: Path, png: Path) -> None:
           f" ms, p95 {f['p95_ms']}, p99 {f['p99_ms']}, p99.9 {f['p999_ms']}, errors "
           f"{f['errors']} (server processes used {f['server_cpu_cores']} cores, other processes "
           f"{f['other_cpu_cores']})")
+    seconds = [v for v in f["p99_ms_per_second"] if v is not None]
+    print(f"  p99 per second: median {np.median(seconds):.1f} ms, worst "
+          f"{', '.join(f'{v:g}' for v in sorted(seconds)[-3:][::-1])} ms")
     print(f"  closed loop x{c['concurrency']}: {c['achieved_qps']} QPS (ceiling), "
           f"p99 {c['p99_ms']} ms")
     print("  stage p99 (ms): " + ", ".join(f"{k} {v}" for k, v in r["stages_p99_ms"].items()))
