@@ -37,18 +37,23 @@ def test_recency_features_values_and_empty_history():
     assert np.isnan(out[1]).all()
 
 
-def test_recency_features_one_user_path_matches_batch_path_bit_for_bit():
+@pytest.mark.parametrize("row", [[5, 17, 250, RF.PAD, RF.PAD], [9, 8, 7, 6, 5], [42] + [RF.PAD] * 4,
+                                 [RF.PAD] * 5])
+def test_recency_features_one_user_path_matches_batch_path_bit_for_bit(row):
     """Serving (one user, broadcast) and training (a batch of users) must not skew."""
     rng = np.random.default_rng(3)
     vectors = RF.unit_rows(rng.normal(size=(300, 64)).astype(np.float32))
-    space = RF.ItemSpace(vectors, _space().cooc.__class__((300, 300), dtype=np.float32))
+    cooc = sp.random(300, 300, density=0.2, format="csr", dtype=np.float32, random_state=4)
+    space = RF.ItemSpace(vectors, cooc)
     items = rng.integers(0, 300, 500)
-    recent = np.array([[5, 17, 250, RF.PAD, RF.PAD], [9, 8, 7, 6, 5]])
+    recent = np.array([row, [1, 2, 3, RF.PAD, RF.PAD]])
     serving = RF.recency_features(items, np.zeros(500, dtype=np.int64), recent[:1], space)
     batch = RF.recency_features(np.concatenate([items, items]),
                                 np.repeat([0, 1], 500), recent, space)
     assert np.array_equal(serving, batch[:500], equal_nan=True)
-    assert not np.isnan(serving[:, 0]).any()
+    assert np.isnan(serving).all() == (row[0] == RF.PAD)
+    if row[0] != RF.PAD:
+        assert (serving[:, 3] > 0).any()  # co-occurrences were found, not only zeros
 
 
 def test_device_codes():
