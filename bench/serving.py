@@ -149,6 +149,7 @@ def start_server(script: list[str], bundle: Path, features: Path, feast_home: Pa
 
 
 def _wait_metrics(ports: list[int], deadline: float) -> None:
+    """Until every process's metrics port answers (each opens it once its gRPC port serves)."""
     import urllib.request
 
     for port in ports:
@@ -160,7 +161,6 @@ def _wait_metrics(ports: list[int], deadline: float) -> None:
                 if time.time() > deadline:
                     raise
                 time.sleep(1)
-    time.sleep(2)  # the gRPC port of the last process opens after its metrics port
 
 
 def rss_mb(proc: subprocess.Popen) -> float:

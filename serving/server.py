@@ -200,13 +200,14 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
         parser.error("--processes > 1 starts serving.server siblings: not with a custom engine")
     siblings = _start_siblings(argv if argv is not None else sys.argv[1:], args)
     app = build_app(args, engine_cls)
-    metrics_port = args.metrics_port + args.process_index if args.metrics_port else 0
-    if metrics_port:
-        metrics.serve(metrics_port, args.host)
     if not args.bundle_dir:
         app.start_polling(args.poll_s)
     server, port = create_server(f"{args.host}:{args.port}", app, args.workers,
                                  reuse_port=args.processes > 1)
+    # after the gRPC port: an open metrics port says this process serves (the bench waits on it)
+    metrics_port = args.metrics_port + args.process_index if args.metrics_port else 0
+    if metrics_port:
+        metrics.serve(metrics_port, args.host)
     log.info("serving %s on %s:%d (process %d of %d, metrics port %s)", SERVICE_NAME, args.host,
              port, args.process_index + 1, args.processes, metrics_port or "off")
     done = threading.Event()
