@@ -5,7 +5,9 @@
    online rows of ``--stored-users`` users and ``--stored-items`` items.
 2. Starts the Tandem server (``python -m serving.server``) as its own process, drives it with a
    gRPC load generator at a fixed rate (open loop: latency counts from the scheduled send time,
-   so queueing is not hidden) and then in closed loop, ``--duration`` seconds each.
+   so queueing is not hidden) and then in closed loop, ``--duration`` seconds each. During the
+   fixed-rate run bench/host_probe.py watches the machine itself (vCPU stalls and slowdowns the
+   guest cannot see), so a tail that the VM caused is told apart from one the server caused.
 3. Starts the naive server (bench/naive_server.py: Feast for the user and every candidate, exact
    ALS, stock LightGBM) on the same data and drives it at the same fixed rate.
 4. Writes ``reports/bench_serving.json``, ``reports/bench_serving_latency.png`` and prints a
@@ -34,6 +36,7 @@ sys.path.insert(0, str(REPO))
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from bench.host_probe import SLOW_RATIO, STALL_MS, HostProbe  # noqa: E402
 from tandem import schema as s  # noqa: E402
 from tandem import synthetic_bundle as S  # noqa: E402
 from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
@@ -226,6 +229,7 @@ def fixed_rate(port: int, requests: list, qps: float, duration: float,
     errors = [0]
     done = threading.Semaphore(0)
     t0 = time.perf_counter() + 0.5
+    t0_wall = time.time() + 0.5
 
     def on_done(i: int, scheduled: float):
         def callback(fut):
@@ -258,7 +262,7 @@ def fixed_rate(port: int, requests: list, qps: float, duration: float,
     return {"target_qps": qps, "achieved_qps": round(len(ok) / elapsed, 2),
             "p50_ms": round(q[0], 2), "p95_ms": round(q[1], 2), "p99_ms": round(q[2], 2),
             "p999_ms": round(q[3], 2), "errors": int(errors[0]), "requests": n,
-            "p99_ms_per_second": per_second, "_latencies_ms": ok}
+            "p99_ms_per_second": per_second, "_latencies_ms": ok, "_t0_wall": t0_wall}
 
 
 def closed_loop(port: int, requests: list, concurrency: int, duration: float) -> dict:
@@ -400,6 +404,11 @@ def plot(path: Path, tandem: dict, naive_ms: np.ndarray, qps: float) -> None:
     over_time.plot(np.arange(len(per_second)), per_second, marker=".")
     over_time.axhline(tandem["p99_ms"], color="grey", linestyle="--",
                       label=f"p99 of the run {tandem['p99_ms']:g} ms")
+    host = tandem.get("host") or {}
+    marks = sorted({e[0] for e in host.get("stalls", []) + host.get("slow_seconds", [])})
+    for i, t in enumerate(marks):
+        over_time.axvspan(t - 0.5, t + 0.5, color="red", alpha=0.15,
+                          label="host stalled or slowed (bench/host_probe.py)" if i == 0 else None)
     over_time.set_yscale("log")
     over_time.set_xlabel("second of the fixed-rate run")
     over_time.set_ylabel("Tandem p99 in that second (ms)")
@@ -456,10 +465,11 @@ def main(argv: list[str] | None = None) -> dict:
     report["server_start_s"] = round(time.perf_counter() - t0, 1)
     try:
         warm_connections(port, requests)
-        with BackgroundCpu(proc) as other:
+        with BackgroundCpu(proc) as other, HostProbe() as host:
             fixed = fixed_rate(port, requests, args.qps, args.duration)
         report["stages_p99_ms"] = stage_p99(mport)
         report["fixed_rate"] = {k: v for k, v in fixed.items() if not k.startswith("_")}
+        report["fixed_rate"]["host"] = host.summary(fixed["_t0_wall"], args.duration)
         report["fixed_rate"]["other_cpu_cores"] = other.cores
         report["fixed_rate"]["server_cpu_cores"] = other.server
         report["closed_loop"] = closed_loop(port, requests, args.concurrency, args.duration)
@@ -485,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                 / report["fixed_rate"]["p99_ms"], 2)
     args.out.write_text(json.dumps(report, indent=2))
     png = args.out.with_name("bench_serving_latency.png")
-    plot(png, fixed, naive_lat, args.qps)
+    plot(png, {**fixed, "host": report["fixed_rate"]["host"]}, naive_lat, args.qps)
     _summary(report, args.out, png)
     return report
 
@@ -501,6 +511,11 @@ def _summary(r: dict, out: Path, png: Path) -> None:
     seconds = [v for v in f["p99_ms_per_second"] if v is not None]
     print(f"  p99 per second: median {np.median(seconds):.1f} ms, worst "
           f"{', '.join(f'{v:g}' for v in sorted(seconds)[-3:][::-1])} ms")
+    h = f["host"]
+    print(f"  host probe: {len(h['stalls'])} wake-ups over {STALL_MS:g} ms late (max "
+          f"{h['max_late_ms']} ms) in seconds {sorted({e[0] for e in h['stalls']})}; seconds "
+          f"where its fixed work cost >= {SLOW_RATIO:g}x its median: "
+          f"{sorted({e[0] for e in h['slow_seconds']})}")
     print(f"  closed loop x{c['concurrency']}: {c['achieved_qps']} QPS (ceiling), "
           f"p99 {c['p99_ms']} ms")
     print("  stage p99 (ms): " + ", ".join(f"{k} {v}" for k, v in r["stages_p99_ms"].items()))
