@@ -1,8 +1,11 @@
-"""bench/host_probe.py: a stalled probe process is reported as a stall in the right second."""
+"""bench/host_probe.py and what bench/serving.py makes of it: stalls and costly seconds land in
+the right second, and the p99 outside them leaves out only those seconds."""
 
 import os
 import signal
 import time
+
+import numpy as np
 
 from bench.host_probe import STALL_MS, HostProbe
 
@@ -48,3 +51,16 @@ def test_a_second_of_costly_work_reads_as_slow_against_the_runs_median():
     assert summary["work_cost_vs_quiet"] == [1.6, 1.6]
     assert summary["slow_seconds"] == [[1, 5.0, 1]]  # 8.0 / 1.6, second 1, on CPU 1 only
     assert summary["stalls"] == [] and summary["max_late_ms"] == 0.1
+
+
+def test_the_p99_outside_host_events_leaves_out_only_the_marked_seconds():
+    from bench.serving import outside_host_events
+
+    latencies = np.concatenate([np.full(100, 10.0), np.full(100, 90.0), np.full(100, 12.0)])
+    seconds = np.repeat([0, 1, 2], 100)
+    fixed = {"_latencies_ms": latencies, "_seconds": seconds}
+    host = {"stalls": [[1, 35.0, 0], [1, 30.0, 1]], "slow_seconds": []}
+    assert outside_host_events(fixed, host) == {"seconds_with_host_events": 1,
+                                                "p99_ms_outside_host_events": 12.0}
+    quiet_host = {"stalls": [], "slow_seconds": []}
+    assert outside_host_events(fixed, quiet_host)["p99_ms_outside_host_events"] == 90.0
