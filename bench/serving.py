@@ -500,8 +500,8 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             closed_loop(port, requests[:50], 1, 3.0)
             naive = fixed_rate(port, requests, args.qps, args.duration)
-            naive_lat = naive.pop("_latencies_ms")
-            report["naive"] = naive
+            naive_lat = naive["_latencies_ms"]
+            report["naive"] = {k: v for k, v in naive.items() if not k.startswith("_")}
             report["naive"]["stages_p99_ms"] = stage_p99(mport)
             report["naive"]["server_rss_mb"] = round(rss_mb(proc), 1)
         finally:
