@@ -126,5 +126,10 @@ class HostProbe:
         return out
 
 
+def event_seconds(summary: dict) -> list[int]:
+    """Seconds of the run in which :meth:`HostProbe.summary` saw a stall or a slow second."""
+    return sorted({e[0] for e in summary["stalls"] + summary["slow_seconds"]})
+
+
 if __name__ == "__main__":
     probe(Path(sys.argv[1]), int(sys.argv[2]))

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from bench.host_probe import SLOW_RATIO, STALL_MS, HostProbe  # noqa: E402
+from bench.host_probe import SLOW_RATIO, STALL_MS, HostProbe, event_seconds  # noqa: E402
 from tandem import schema as s  # noqa: E402
 from tandem import synthetic_bundle as S  # noqa: E402
 from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
@@ -272,11 +272,16 @@ def outside_host_events(fixed: dict, host: dict) -> dict:
     A diagnostic beside the run's p99 (which stays the number judged): it says what the server
     did while the machine was quiet, so a tail from host stalls is not mistaken for the server's.
     """
-    marked = sorted({e[0] for e in host["stalls"] + host["slow_seconds"]})
+    marked = event_seconds(host)
     quiet = fixed["_latencies_ms"][~np.isin(fixed["_seconds"], marked)]
     return {"seconds_with_host_events": len(marked),
             "p99_ms_outside_host_events": round(float(np.percentile(quiet, 99)), 2)
             if len(quiet) else None}
+
+
+def _public(result: dict) -> dict:
+    """A driver's result for the JSON: without its raw per-request arrays (``_`` keys)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
 def closed_loop(port: int, requests: list, concurrency: int, duration: float) -> dict:
@@ -391,10 +396,11 @@ def stage_p99(metrics_ports: list[int]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------- main
 
-def plot(path: Path, tandem: dict, naive_ms: np.ndarray, qps: float,
+def plot(path: Path, tandem: dict, host: dict, naive_ms: np.ndarray, qps: float,
          naive_failed: int = 0) -> None:
-    """Latency histogram (Tandem vs naive) and Tandem's p99 per second of the fixed-rate run:
-    a tail from a few slow seconds (stalls) reads differently from one spread over the run."""
+    """Latency histogram (Tandem vs naive) and Tandem's p99 per second of the fixed-rate run,
+    the seconds ``host`` (HostProbe.summary) marked shaded: a tail from a few slow seconds
+    (stalls) reads differently from one spread over the run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -422,9 +428,7 @@ def plot(path: Path, tandem: dict, naive_ms: np.ndarray, qps: float,
     over_time.plot(np.arange(len(per_second)), per_second, marker=".")
     over_time.axhline(tandem["p99_ms"], color="grey", linestyle="--",
                       label=f"p99 of the run {tandem['p99_ms']:g} ms")
-    host = tandem.get("host") or {}
-    marks = sorted({e[0] for e in host.get("stalls", []) + host.get("slow_seconds", [])})
-    for i, t in enumerate(marks):
+    for i, t in enumerate(event_seconds(host)):
         over_time.axvspan(t - 0.5, t + 0.5, color="red", alpha=0.15,
                           label="host stalled or slowed (bench/host_probe.py)" if i == 0 else None)
     over_time.set_yscale("log")
@@ -486,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
         with BackgroundCpu(proc) as other, HostProbe() as host:
             fixed = fixed_rate(port, requests, args.qps, args.duration)
         report["stages_p99_ms"] = stage_p99(mport)
-        report["fixed_rate"] = {k: v for k, v in fixed.items() if not k.startswith("_")}
+        report["fixed_rate"] = _public(fixed)
         report["fixed_rate"]["host"] = host.summary(fixed["_t0_wall"], args.duration)
         report["fixed_rate"].update(outside_host_events(fixed, report["fixed_rate"]["host"]))
         report["fixed_rate"]["other_cpu_cores"] = other.cores
@@ -505,7 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
             closed_loop(port, requests[:50], 1, 3.0)
             naive = fixed_rate(port, requests, args.qps, args.duration)
             naive_lat = naive["_latencies_ms"]
-            report["naive"] = {k: v for k, v in naive.items() if not k.startswith("_")}
+            report["naive"] = _public(naive)
             report["naive"]["stages_p99_ms"] = stage_p99(mport)
             report["naive"]["server_rss_mb"] = round(rss_mb(proc), 1)
         finally:
@@ -514,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                 / report["fixed_rate"]["p99_ms"], 2)
     args.out.write_text(json.dumps(report, indent=2))
     png = args.out.with_name("bench_serving_latency.png")
-    plot(png, {**fixed, "host": report["fixed_rate"]["host"]}, naive_lat, args.qps,
+    plot(png, fixed, report["fixed_rate"]["host"], naive_lat, args.qps,
          report.get("naive", {}).get("errors", 0))
     _summary(report, args.out, png)
     return report

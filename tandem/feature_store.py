@@ -303,8 +303,7 @@ class UserRowReader:
         from feast.protos.feast.types.Value_pb2 import Value
         from feast.type_map import feast_value_type_to_python_type
 
-        self._key = lambda user_id: EntityKey(join_keys=[s.USER_ID],  # noqa: E731
-                                              entity_values=[Value(string_val=user_id)])
+        self._entity_key, self._value = EntityKey, Value
         self._to_python = feast_value_type_to_python_type
         self._config = store.config
         self._provider = store._get_provider()  # the online store behind get_online_features
@@ -313,12 +312,12 @@ class UserRowReader:
             view, _, name = ref.partition(":")
             by_view.setdefault(view, []).append(name)
         self._views = [(store.get_feature_view(v), names) for v, names in by_view.items()]
-        self._names = [ref.partition(":")[2] for ref in USER_REFS]
 
     def read(self, user_id: str) -> dict:
         """{feature name: value or None} for every ``USER_REFS`` feature."""
-        key = self._key(user_id)
-        out = dict.fromkeys(self._names)
+        key = self._entity_key(join_keys=[s.USER_ID],
+                               entity_values=[self._value(string_val=user_id)])
+        out = {name: None for _, names in self._views for name in names}
         for view, names in self._views:
             _, values = self._provider.online_read(config=self._config, table=view,
                                                    entity_keys=[key],
@@ -340,10 +339,6 @@ def user_row_reader(store) -> UserRowReader:
     return reader
 
 
-def _read_user(store, user_id: str) -> dict:
-    return user_row_reader(store).read(user_id)
-
-
 def fetch_user_features(store, user_id: str,
                         deadline_s: float | None = 0.025) -> tuple[dict, bool]:
     """One user's raw profile, activity and session row, or defaults.
@@ -361,10 +356,11 @@ def fetch_user_features(store, user_id: str,
     ok : False when the store failed or missed ``deadline_s`` (values are then all defaults).
     """
     try:
+        read = user_row_reader(store).read
         if deadline_s is None:
-            row = _read_user(store, user_id)
+            row = read(user_id)
         else:
-            row = _USER_POOL.submit(_read_user, store, user_id).result(timeout=deadline_s)
+            row = _USER_POOL.submit(read, user_id).result(timeout=deadline_s)
         ok = True
     except (FutureTimeout, Exception):  # serving degrades to defaults; the caller counts ok
         row, ok = {}, False
