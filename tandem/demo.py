@@ -33,6 +33,8 @@ from tandem.config import REPO_ROOT, Paths, kafka_bootstrap
 console = Console(highlight=False)
 
 AIRFLOW_PORT, MLFLOW_PORT, KAFKA_PORT, GRPC_PORT, METRICS_PORT = 8080, 5000, 9092, 50051, 9108
+# the supervisors of the stream consumers export their restart counters here
+CONSUMER_METRICS_PORTS = {"landing-consumer": 9109, "feature-consumer": 9110}
 
 
 @dataclass(frozen=True)
@@ -98,15 +100,43 @@ def start_stack(paths: Paths) -> Stack:
 
 
 def start_consumer(stack: Stack, module: str) -> None:
-    """Start (or reuse) a stream consumer. The feature consumer pushes to the Feast repo, so it
-    starts once ``tandem_hourly`` has applied it."""
+    """Start (or reuse) a stream consumer under a supervisor that restarts it when it exits. The
+    feature consumer pushes to the Feast repo, so it starts once ``tandem_hourly`` applied it."""
     name = module.replace("_", "-")
+    port = CONSUMER_METRICS_PORTS[name]
     processes.start(stack.paths.run, name, [
-        sys.executable, "-m", f"tandem.streaming.{module}", "--home", str(stack.paths.root),
-        "--bootstrap", stack.bootstrap, "--stats", str(stack.paths.run / f"{name}.stats.json")],
-        env=stack.env())
+        sys.executable, "-m", "tandem.streaming.supervisor", "--name", name,
+        "--metrics-port", str(port), "--status", str(_supervisor_status(stack.paths, name)),
+        "--", sys.executable, "-m", f"tandem.streaming.{module}",
+        "--home", str(stack.paths.root), "--bootstrap", stack.bootstrap,
+        "--stats", str(stack.paths.run / f"{name}.stats.json")], env=stack.env())
     group = "tandem-lake" if module == "landing_consumer" else "tandem-features"
-    console.print(f"  {name} running (group {group})")
+    console.print(f"  {name} running (group {group}), restarts on "
+                  f"http://127.0.0.1:{port}/metrics")
+
+
+def _supervisor_status(paths: Paths, name: str) -> Path:
+    return paths.run / f"{name}.supervisor.json"
+
+
+class RestartReport:
+    """Prints a consumer's restarts as the demo notices them, so a crash loop is not silent."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.seen: dict[str, int] = {}
+
+    def check(self) -> None:
+        from tandem.streaming.supervisor import read_status
+
+        for name in CONSUMER_METRICS_PORTS:
+            status = read_status(_supervisor_status(self.paths, name))
+            restarts = status["restarts"] if status else 0
+            if restarts > self.seen.get(name, 0):
+                console.print(f"  [red]{name} restarted[/] ({restarts} times so far, last exit "
+                              f"code {status['last_exit_code']}); see "
+                              f"{self.paths.run / (name + '.log')}")
+            self.seen[name] = restarts
 
 
 def _airflow_demo_env(stack: Stack) -> dict[str, str]:
@@ -127,7 +157,7 @@ def _progress(tasks: dict[str, dict], seen: dict[str, str]) -> None:
             console.print(f"    {task:<20} [{colour}]{state}[/]{took}")
 
 
-def run_pipeline(stack: Stack, start: str, end: str) -> None:
+def run_pipeline(stack: Stack, start: str, end: str, restarts: RestartReport) -> None:
     """Trigger tandem_hourly then tandem_daily in Airflow and wait for both."""
     from tandem.airflow_client import start_standalone
 
@@ -140,8 +170,12 @@ def run_pipeline(stack: Stack, start: str, end: str) -> None:
         t0 = _step(f"trigger {dag_id} {json.dumps(conf)}")
         run_id = client.trigger(dag_id, conf)
         seen: dict[str, str] = {}
-        state = client.wait_run(dag_id, run_id, timeout_s=3600,
-                                on_poll=lambda tis, seen=seen: _progress(tis, seen))
+
+        def on_poll(tis: dict[str, dict], seen: dict[str, str] = seen) -> None:
+            _progress(tis, seen)
+            restarts.check()
+
+        state = client.wait_run(dag_id, run_id, timeout_s=3600, on_poll=on_poll)
         if state != "success":
             raise SystemExit(f"{dag_id} run {run_id} ended {state}; see the Airflow UI "
                              f"(logs under {stack.paths.root / 'airflow' / 'logs'})")
@@ -285,8 +319,9 @@ def run_demo(folder: Path, rerun: bool = False) -> None:
     console.rule("[bold]Tandem demo: MovieLens-100K through Kafka, Spark, Feast, MLflow, Airflow")
     start, end = load_movielens_into_lake(paths, folder)
     stack = start_stack(paths)
+    restarts = RestartReport(paths)
     if rerun or not _has_champion(stack.tracking_uri):
-        run_pipeline(stack, start, end)
+        run_pipeline(stack, start, end, restarts)
     else:
         console.print("[bold cyan]>[/] a champion exists already: pipeline skipped "
                       "(python -m tandem.cli demo --rerun to run it again)")
@@ -300,6 +335,7 @@ def run_demo(folder: Path, rerun: bool = False) -> None:
         print_feed(paths, user, recommend(user), titles)
     print_feed(paths, "new-user-7", recommend("new-user-7"), titles)
     burst(stack, [str(u) for u in range(42, 62)], titles)
+    restarts.check()
     _print_access(paths, time.monotonic() - t_all)
 
 
@@ -312,6 +348,8 @@ def _print_access(paths: Paths, elapsed: float) -> None:
     console.print(f"MLflow UI    http://127.0.0.1:{MLFLOW_PORT}   (model tandem-recommender)")
     console.print(f"gRPC         127.0.0.1:{GRPC_PORT}  tandem.serving.v1.Recommender "
                   "(health + reflection on)")
-    console.print(f"Prometheus   http://127.0.0.1:{METRICS_PORT}/metrics")
+    console.print(f"Prometheus   http://127.0.0.1:{METRICS_PORT}/metrics (serving), "
+                  + ", ".join(f"http://127.0.0.1:{port}/metrics ({name})"
+                              for name, port in CONSUMER_METRICS_PORTS.items()))
     console.print(f"Kafka        127.0.0.1:{KAFKA_PORT}  topic tandem.events.v1")
     console.print("Stop everything with: make stop")

@@ -25,10 +25,12 @@ from kafka import KafkaConsumer, TopicPartition
 from tandem import schema as s
 from tandem.config import Paths
 from tandem.impressions import Feed
+from tandem.streaming.codec import MAX_RECORD_BYTES
 from tandem.streaming.dead_letter import reason_of
 from tandem.streaming.producer import EventProducer, ImpressionLogger
 from tandem.streaming.session_state import replay, session_row
 from tandem.streaming.topics import DLQ_TOPIC, ensure_topics
+from tests.test_codec import poison_records
 
 pytestmark = pytest.mark.kafka
 
@@ -110,10 +112,12 @@ def landing_run(kafka_broker, tmp_path_factory):
     good = make_events(1500, "ok", t0)
     producer = EventProducer(bootstrap, topic)
     producer.send_many(good[:700])
-    bad = {b"\xff\xfe not utf-8": "undecodable:utf8", b"{not json": "undecodable:json",
+    bad = {b"{not json": "undecodable:json",
            json.dumps({s.EVENT_TYPE: s.CLICK}).encode(): "required:event_id",
            json.dumps({**good[0], s.EVENT_ID: "bad-type", s.EVENT_TYPE: "hover"}).encode():
-               "enum:event_type"}
+               "enum:event_type",
+           # each of these once stopped the consumer for good, or could have
+           **poison_records(MAX_RECORD_BYTES)}
     for value in bad:
         producer.send_raw(b"u0", value)
     producer.send_many(good[700:])
@@ -145,16 +149,26 @@ def test_produce_land_ingest_counts_match_exactly(landing_run, spark):
     assert (counts["read"], counts["invalid"], counts["duplicate"]) == (len(good) + 3, 0, 0)
 
 
-def test_bad_messages_go_to_dead_letter_topic_with_reasons(landing_run, kafka_broker):
-    consumer = KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap, enable_auto_commit=False,
+def dead_letters(bootstrap: str, topic: str) -> dict[bytes, tuple[str | None, dict]]:
+    """The dead letters of records from ``topic``: value -> (reason, headers)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                              consumer_timeout_ms=3000)
     tps = [TopicPartition(DLQ_TOPIC, p) for p in consumer.partitions_for_topic(DLQ_TOPIC)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     mine = {rec.value: (reason_of(rec.headers), dict(rec.headers)) for rec in consumer
-            if dict(rec.headers)["dlq.source"].decode().startswith(landing_run["topic"] + "/")}
+            if dict(rec.headers)["dlq.source"].decode().startswith(topic + "/")}
     consumer.close()
-    assert {v: r for v, (r, _) in mine.items()} == landing_run["bad"]
+    return mine
+
+
+def test_bad_messages_go_to_dead_letter_topic_with_reasons(landing_run, kafka_broker):
+    mine = dead_letters(kafka_broker.bootstrap, landing_run["topic"])
+    # an oversized record's dead letter carries its first MAX_RECORD_BYTES and its real size
+    assert {v: r for v, (r, _) in mine.items()} == {
+        v[:MAX_RECORD_BYTES]: r for v, r in landing_run["bad"].items()}
+    (cut,) = [h for v, (r, h) in mine.items() if r == "oversized"]
+    assert int(cut["dlq.original_bytes"]) > MAX_RECORD_BYTES
     assert all(h["dlq.consumer"] == f"g-{landing_run['topic']}".encode()
                for _, h in mine.values())
 
@@ -235,8 +249,15 @@ def test_feature_consumer_converges_after_kill9(kafka_broker, paths):
 
     produce(bootstrap, topic, events[:600])
     wait_for(lambda: snapshot_offsets() == 600, 90, "a snapshot of the first 600", proc)
+    # poison records and an event from next year (it would pin u0's session) must not count
+    future = {**events[0], s.EVENT_ID: "future", s.TS: now + 365 * 86_400_000}
+    bad = {**poison_records(MAX_RECORD_BYTES), json.dumps(future).encode(): "future_ts"}
+    producer = EventProducer(bootstrap, topic)
+    for value in bad:
+        producer.send_raw(b"u0", value)
+    producer.close()
     produce(bootstrap, topic, events[600:1200])
-    wait_for(lambda: processed() >= 1200, 30, "1200 events pushed", proc)
+    wait_for(lambda: processed() >= 1200 + len(bad), 30, "1200 events pushed", proc)
     proc.send_signal(signal.SIGKILL)  # pushed, most likely not yet snapshotted: a replay
     proc.wait(10)
     produce(bootstrap, topic, events[1200:])
@@ -259,6 +280,8 @@ def test_feature_consumer_converges_after_kill9(kafka_broker, paths):
 
     wait_for(converged, 90, "online store to converge", proc)
     assert stop(proc) == 0
+    assert {v: r for v, (r, _) in dead_letters(bootstrap, topic).items()} == {
+        v[:MAX_RECORD_BYTES]: r for v, r in bad.items()}
     rows = online()
     for u, want in expected.items():
         assert rows[u] == {n: want[n] for n in names}, u

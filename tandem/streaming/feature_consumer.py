@@ -1,8 +1,10 @@
 """Real-time session features from the event stream (group ``tandem-features``).
 
-For every poll: decode and validate the records (rejects go to the dead-letter topic), fold each
-event into its user's :class:`~tandem.streaming.session_state.SessionState`, then push one row per
-changed user to the Feast push source ``user_session_push`` (online store) in a single call.
+For every poll: decode and validate the records, judged at the poll's wall-clock time as the lake
+judges them (a ``ts`` from the future would pin a session; rejects go to the dead-letter topic,
+acknowledged before the offsets can be saved), fold each event into its user's
+:class:`~tandem.streaming.session_state.SessionState`, then push one row per changed user to the
+Feast push source ``user_session_push`` (online store) in a single call.
 Freshness is measured per event as *push returned* minus the record's produce timestamp.
 
 Restart after ``kill -9`` converges to the same state, because state and offsets are saved
@@ -35,7 +37,6 @@ from kafka.structs import OffsetAndMetadata
 
 from tandem import schema as s
 from tandem.config import Paths
-from tandem.streaming.codec import decode_event
 from tandem.streaming.consumer import (
     StopFlag,
     StreamStats,
@@ -48,7 +49,6 @@ from tandem.streaming.consumer import (
 from tandem.streaming.dead_letter import DeadLetterWriter
 from tandem.streaming.session_state import SessionState, apply_event, session_frame
 from tandem.streaming.topics import EVENTS_TOPIC
-from tandem.validation import ContractError
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +161,15 @@ class FeatureConsumer(ConsumerRebalanceListener):
         changed: dict[str, SessionState] = {}
         produce_ms = []
         rejected = 0
+        ref_ms = now_ms()
         for tp, records in polled.items():
             states = self.states.get(tp)
             if states is None:  # revoked during this poll
                 continue
             for rec in records:
                 produce_ms.append(rec.timestamp)
-                try:
-                    ev = decode_event(rec.value)
-                except ContractError as err:
-                    self.dlq.send(rec, err.reason)
+                ev = self.dlq.decode(rec, ref_ms)
+                if ev is None:
                     rejected += 1
                     continue
                 uid = ev[s.USER_ID]
@@ -178,8 +177,7 @@ class FeatureConsumer(ConsumerRebalanceListener):
             self.next_offset[tp] = records[-1].offset + 1
         if changed:
             self.sink(session_frame(changed))
-        if rejected:
-            self.dlq.flush()
+        self.dlq.confirm()  # before a snapshot can save (and commit) these offsets
         self.stats.add("pushed_rows", len(changed))
         self.stats.add("dead_letters", rejected)
         self.stats.processed(np.asarray(produce_ms, dtype=np.int64), now_ms())

@@ -13,8 +13,9 @@ file, fsync, rename, folder fsync) and only *then* are its offsets committed. A 
 two leaves a complete file whose records are read again after the restart and land a second time
 (same name if the batch boundaries match, else another file); ``jobs.ingest_events`` deduplicates
 by ``event_id``, so the lake ends with each event once. Records that cannot be decoded or violate
-the contract go to the dead-letter topic with the reason (flushed before the commit) and are not
-landed; the consumer keeps going.
+the contract, for whatever reason (see :func:`tandem.streaming.codec.decode_event`), go to the
+dead-letter topic with the reason and are not landed; the consumer keeps going. Every dead letter
+is acknowledged by the broker before the batch's offsets are committed.
 
 Run: ``python -m tandem.streaming.landing_consumer --home DIR --bootstrap HOST:PORT``.
 """
@@ -35,7 +36,7 @@ from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
 
 from tandem.config import Paths
-from tandem.streaming.codec import decode_event, encode_event
+from tandem.streaming.codec import encode_event
 from tandem.streaming.consumer import (
     StopFlag,
     StreamStats,
@@ -48,7 +49,6 @@ from tandem.streaming.consumer import (
 )
 from tandem.streaming.dead_letter import DeadLetterWriter
 from tandem.streaming.topics import EVENTS_TOPIC
-from tandem.validation import ContractError
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +142,9 @@ class LandingConsumer(ConsumerRebalanceListener):
         new_dirs: set[Path] = set()
         rejected = 0
         for tp, records in self.buffers.items():
-            lines = []
-            for rec in records:
-                try:
-                    lines.append(encode_event(decode_event(rec.value, ref_ms)))
-                except ContractError as err:
-                    self.dlq.send(rec, err.reason)
-                    rejected += 1
+            events = [self.dlq.decode(rec, ref_ms) for rec in records]
+            lines = [encode_event(ev) for ev in events if ev is not None]
+            rejected += len(records) - len(lines)
             first, last = records[0].offset, records[-1].offset
             if lines:
                 path = landing_file(self.root, arrival, tp, first, last)
@@ -165,8 +161,7 @@ class LandingConsumer(ConsumerRebalanceListener):
         for d in new_dirs:  # a new hour folder's entry in its date folder must survive too
             fsync_dir(d.parent)
             fsync_dir(d.parent.parent)
-        if rejected:
-            self.dlq.flush()
+        self.dlq.confirm()  # raises if a dead letter was lost: then nothing is committed
         try:
             self.consumer.commit(offsets)
         except CommitFailedError:  # rebalanced meanwhile: the files stay, a re-read dedups
