@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from airflow.sdk import Param, dag
 
-from tandem.orchestration import python_job, spark_job
+from tandem.orchestration import interval_param, name_param, python_job, spark_job
 
 
 @dag(
@@ -21,15 +21,13 @@ from tandem.orchestration import python_job, spark_job
     max_active_runs=1,
     tags=["tandem", "training"],
     params={
-        "start": Param(None, type=["null", "string"], title="Training data start (ISO, UTC)",
-                       description="Leave empty to use the run's data interval."),
-        "end": Param(None, type=["null", "string"], title="Training data end (ISO, UTC)",
-                     description="Leave empty to use the run's data interval."),
+        "start": interval_param("Training data start (ISO, UTC)"),
+        "end": interval_param("Training data end (ISO, UTC)"),
         "window_days": Param(28, type="integer", minimum=1, title="Training window (days)",
                              description="Train on the days before the interval end "
                                          "(ignored when start is set)."),
-        "dataset": Param("movielens-100k", type="string", title="Dataset label",
-                         description="Recorded with the model version and the evaluation."),
+        "dataset": name_param("movielens-100k", "Dataset label",
+                              "Recorded with the model version and the evaluation."),
         "force_promotion": Param(False, type="boolean", title="Force promotion",
                                  description="Move `champion` even if the gates refuse."),
         "skip_two_tower": Param(False, type="boolean", title="Skip two-tower training",
@@ -38,9 +36,9 @@ from tandem.orchestration import python_job, spark_job
 )
 def tandem_daily():
     """Nightly retrain and gated promotion through the MLflow registry."""
-    dataset = '--dataset "{{ params.dataset }}"'
-    skip_tt = "{{ '--skip' if params.skip_two_tower else '' }}"
-    force = "{{ '--force' if params.force_promotion else '' }}"
+    dataset = ["--dataset", "{{ params.dataset }}"]
+    skip_tt = ["{{ '--skip' if params.skip_two_tower else '' }}"]
+    force = ["{{ '--force' if params.force_promotion else '' }}"]
     (spark_job("negative_sampling", run_id=True)
      >> spark_job("train_als", run_id=True)
      >> python_job("train_two_tower", skip_tt)

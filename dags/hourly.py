@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
 
-from tandem.orchestration import materialize_features, spark_job
+from tandem.orchestration import interval_param, materialize_features, spark_job
 
 
 @dag(
@@ -21,10 +21,8 @@ from tandem.orchestration import materialize_features, spark_job
     max_active_runs=1,
     tags=["tandem", "data"],
     params={
-        "start": Param(None, type=["null", "string"], title="Interval start (ISO, UTC)",
-                       description="Leave empty to use the run's data interval."),
-        "end": Param(None, type=["null", "string"], title="Interval end (ISO, UTC)",
-                     description="Leave empty to use the run's data interval."),
+        "start": interval_param("Interval start (ISO, UTC)"),
+        "end": interval_param("Interval end (ISO, UTC)"),
     },
 )
 def tandem_hourly():

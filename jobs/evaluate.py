@@ -34,6 +34,7 @@ from typing import Any
 from tandem import bundle as B
 from tandem.catalog import run_bundle_dir
 from tandem.config import REPO_ROOT, Paths, movielens_100k_dir
+from tandem.job_cli import name_arg
 
 HEADLINE = ("ndcg@10", "recall@10", "precision@10", "map@10", "mrr@10", "hit_rate@10")
 BAR_LIFT = 1.10  # two-stage NDCG@10 >= 1.10 x the best single-stage model
@@ -213,8 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start", type=datetime.fromisoformat, default=None,
                         help="lake mode: window start (ISO, UTC); needs --end")
     parser.add_argument("--end", type=datetime.fromisoformat, default=None)
-    parser.add_argument("--run-id", default=None, help="lake mode: bundle directory name")
-    parser.add_argument("--dataset", default="lake", help="lake mode: dataset label")
+    parser.add_argument("--run-id", type=name_arg, default=None,
+                        help="lake mode: bundle directory name")
+    parser.add_argument("--dataset", type=name_arg, default="lake", help="lake mode: dataset label")
     parser.add_argument("--home", type=Path, default=None, help="state root (TANDEM_HOME)")
     parser.add_argument("--master", default=None, help="accepted for uniformity; no Spark is used")
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ from typing import Any
 from tandem.bundle import BundleManifest
 from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
-from tandem.job_cli import interval_parser, parse
+from tandem.job_cli import interval_parser, name_arg, parse
 from tandem.registry import MODEL_NAME, log_bundle
 
 
@@ -44,7 +44,8 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 
 def main(argv: list[str] | None = None) -> None:
     ap = interval_parser(__doc__)
-    ap.add_argument("--dataset", default=None, help="dataset label recorded with the version")
+    ap.add_argument("--dataset", type=name_arg, default=None,
+                    help="dataset label recorded with the version")
     ap.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     args, paths, start, end = parse(ap, argv)
     print(run(None, paths, start, end, {"dataset": args.dataset,

@@ -33,6 +33,7 @@ from tandem import schema as S
 from tandem.bundle import ALS_ITEM_FACTORS, ALS_USER_FACTORS
 from tandem.catalog import load_or_write, run_bundle_dir
 from tandem.config import Paths
+from tandem.job_cli import name_arg
 from tandem.lake import day_of, epoch_ms
 from tandem.spark.io import utc
 from tandem.spark.session import get_spark
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--end", required=True, type=datetime.fromisoformat)
     parser.add_argument("--home", type=Path, default=None)
     parser.add_argument("--master", default=None)
-    parser.add_argument("--run-id", "--run", dest="run_id", default=None,
+    parser.add_argument("--run-id", "--run", dest="run_id", type=name_arg, default=None,
                         help="bundle directory name under models/ (default: end date, YYYYMMDD)")
     args = parser.parse_args(argv)
     paths = Paths(args.home.resolve()) if args.home else Paths.default()

@@ -55,6 +55,7 @@ from tandem.bundle import FEATURE_SPEC, RANKER_COOC, RANKER_MODEL, TT_ITEM_VECTO
 from tandem.catalog import load_or_write, run_bundle_dir
 from tandem.config import Paths
 from tandem.dataset import Dataset, positives
+from tandem.job_cli import name_arg
 from tandem.lake import epoch_ms, read_window
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--end", required=True, type=datetime.fromisoformat)
     parser.add_argument("--home", type=Path, default=None)
     parser.add_argument("--master", default=None, help="accepted for uniformity; no Spark is used")
-    parser.add_argument("--run-id", "--run", dest="run_id", default=None,
+    parser.add_argument("--run-id", "--run", dest="run_id", type=name_arg, default=None,
                         help="bundle directory name under models/ (default: end date, YYYYMMDD)")
     parser.add_argument("--feature-source", choices=("feast", "history"), default="feast")
     args = parser.parse_args(argv)

@@ -5,11 +5,23 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tandem.config import Paths
+
+# The pattern of the DAGs' name params (tandem.orchestration.NAME), minus "." and "..".
+_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9._-]{1,64}")
+
+
+def name_arg(text: str) -> str:
+    """An argparse type for a value that becomes a directory name or a label (``--run-id``,
+    ``--dataset``): letters, digits, ``.``, ``_``, ``-``; never a path or a shell word."""
+    if not _NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a plain name (A-Z a-z 0-9 . _ -, 1-64): {text!r}")
+    return text
 
 
 def interval_parser(doc: str | None, run_id_help: str = "bundle directory name "
@@ -20,7 +32,7 @@ def interval_parser(doc: str | None, run_id_help: str = "bundle directory name "
     ap.add_argument("--end", required=True, type=datetime.fromisoformat)
     ap.add_argument("--home", type=Path, default=None, help="state root (default TANDEM_HOME)")
     ap.add_argument("--master", default=None, help="accepted for uniformity; no Spark is used")
-    ap.add_argument("--run-id", default=None, help=run_id_help)
+    ap.add_argument("--run-id", type=name_arg, default=None, help=run_id_help)
     return ap
 
 

@@ -5,12 +5,16 @@ Every job runs out of process, the way a cluster would run it: Spark jobs throug
 on a cluster), plain-Python jobs (two-tower training, registry steps) through ``python -m``.
 Each job receives the run's interval — the data interval, or the ``start``/``end`` params a data
 engineer typed in the trigger form — so re-running a DAG run recomputes the same partitions.
+
+Parameters are data, never code: every command is an argument list run without a shell
+(:class:`tandem.argv_operator.ArgvOperator`), and the string params carry a ``pattern`` so the
+trigger form and the REST API refuse anything but an ISO date-time or a plain name (HTTP 400);
+the jobs parse ``--start``/``--end`` as date-times and ``--run-id``/``--dataset`` as names again.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from datetime import timedelta
 
@@ -25,6 +29,26 @@ END = "{{ params.end or (data_interval_end or logical_date).isoformat() }}"
 RUN_ID = ("{{ (params.end or (data_interval_end or logical_date).isoformat())[:10]"
           " | replace('-', '') }}")
 SPARK_MASTER = "{{ conn.spark_default.host if conn.spark_default else 'local[2]' }}"
+# What a string param may hold (also checked by the jobs, tandem.job_cli).
+ISO_DATETIME = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?)?"
+                r"(Z|[+-][0-9]{2}:[0-9]{2})?$")
+NAME = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+def interval_param(title: str):
+    """An optional ISO date-time param that overrides one end of the run's data interval."""
+    from airflow.sdk import Param
+
+    return Param(None, type=["null", "string"], pattern=ISO_DATETIME, title=title,
+                 description="ISO 8601 (e.g. 2024-01-31T00:00:00+00:00). Leave empty to use "
+                             "the run's data interval.")
+
+
+def name_param(default: str, title: str, description: str):
+    """A label param: letters, digits, ``.``, ``_`` and ``-`` only, 1 to 64 of them."""
+    from airflow.sdk import Param
+
+    return Param(default, type="string", pattern=NAME, title=title, description=description)
 
 
 def job_env() -> dict[str, str]:
@@ -47,14 +71,13 @@ def default_retries() -> int:
     return int(os.environ.get("TANDEM_TASK_RETRIES", "2"))
 
 
-def _operator(task_id: str, command: str, timeout_min: int, retries: int | None):
-    from airflow.providers.standard.operators.bash import BashOperator
+def _operator(task_id: str, commands: list[list[str]], timeout_min: int, retries: int | None):
+    from tandem.argv_operator import ArgvOperator
 
-    return BashOperator(
+    return ArgvOperator(
         task_id=task_id,
-        bash_command=command,
+        commands=commands,
         env=job_env(),
-        append_env=True,
         cwd=str(REPO_ROOT),
         retries=default_retries() if retries is None else retries,
         retry_delay=timedelta(seconds=30),
@@ -63,37 +86,35 @@ def _operator(task_id: str, command: str, timeout_min: int, retries: int | None)
     )
 
 
-def interval_args(extra: str = "", run_id: bool = False) -> str:
+def interval_args(extra: list[str] | None = None, run_id: bool = False) -> list[str]:
     """``--start/--end``; the nightly jobs that write one bundle get ``--run-id`` and train on the
     trailing ``window_days`` (unless the trigger form sets ``start``)."""
-    args = f'--start "{WINDOW_START if run_id else START}" --end "{END}"'
+    args = ["--start", WINDOW_START if run_id else START, "--end", END]
     if run_id:
-        args += f' --run-id "{RUN_ID}"'
-    return f"{args} {extra}".strip()
+        args += ["--run-id", RUN_ID]
+    return args + (extra or [])
 
 
-def spark_job(module: str, extra: str = "", run_id: bool = False, timeout_min: int = 30,
-              retries: int | None = None):
+def spark_job(module: str, extra: list[str] | None = None, run_id: bool = False,
+              timeout_min: int = 30, retries: int | None = None):
     """A ``jobs/<module>.py`` run through spark-submit against the ``spark_default`` connection."""
-    submit = shlex.quote(str(REPO_ROOT / ".venv" / "bin" / "spark-submit"))
-    script = shlex.quote(str(REPO_ROOT / "jobs" / f"{module}.py"))
-    cmd = (f"{submit} --master \"{SPARK_MASTER}\" --conf spark.ui.enabled=false "
-           f"{script} --master \"{SPARK_MASTER}\" {interval_args(extra, run_id)}")
-    return _operator(module, cmd, timeout_min, retries)
+    argv = [str(REPO_ROOT / ".venv" / "bin" / "spark-submit"), "--master", SPARK_MASTER,
+            "--conf", "spark.ui.enabled=false", str(REPO_ROOT / "jobs" / f"{module}.py"),
+            "--master", SPARK_MASTER, *interval_args(extra, run_id)]
+    return _operator(module, [argv], timeout_min, retries)
 
 
-def python_job(module: str, extra: str = "", run_id: bool = True, timeout_min: int = 30,
-               retries: int | None = None, task_id: str | None = None):
+def python_job(module: str, extra: list[str] | None = None, run_id: bool = True,
+               timeout_min: int = 30, retries: int | None = None, task_id: str | None = None):
     """A job that needs no Spark (torch training, registry steps): ``python -m <module>``,
     where a bare name means ``jobs.<name>``."""
     target = module if "." in module else f"jobs.{module}"
-    cmd = f"{shlex.quote(sys.executable)} -m {target} {interval_args(extra, run_id)}"
-    return _operator(task_id or module, cmd, timeout_min, retries)
+    argv = [sys.executable, "-m", target, *interval_args(extra, run_id)]
+    return _operator(task_id or module, [argv], timeout_min, retries)
 
 
 def materialize_features(timeout_min: int = 30):
     """Apply the Feast repo (idempotent) and materialize the interval into the online store."""
-    python = shlex.quote(sys.executable)
-    cmd = (f"{python} -m tandem.feature_store apply && "
-           f"{python} -m tandem.feature_store materialize {interval_args()}")
-    return _operator("materialize", cmd, timeout_min, None)
+    module = [sys.executable, "-m", "tandem.feature_store"]
+    return _operator("materialize", [[*module, "apply"], [*module, "materialize",
+                                                          *interval_args()]], timeout_min, None)

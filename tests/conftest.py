@@ -113,3 +113,16 @@ def mlflow_server(tmp_path_factory):
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def dagbag(tmp_path_factory):
+    """The DAG files parsed by Airflow's own DagBag (a throwaway AIRFLOW_HOME)."""
+    home = tmp_path_factory.mktemp("airflow")
+    os.environ.update({
+        "AIRFLOW_HOME": str(home), "AIRFLOW_CONFIG": str(REPO / "airflow.cfg"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+    })
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags"))

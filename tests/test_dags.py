@@ -13,18 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.airflow
 
 
-@pytest.fixture(scope="module")
-def dagbag(tmp_path_factory):
-    home = tmp_path_factory.mktemp("airflow")
-    os.environ.update({
-        "AIRFLOW_HOME": str(home), "AIRFLOW_CONFIG": str(REPO / "airflow.cfg"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-    })
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(dag_folder=str(REPO / "dags"))
-
-
 def test_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
     assert set(dagbag.dag_ids) == {"tandem_hourly", "tandem_daily"}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.config import Paths
+from tandem.job_cli import name_arg
 from tandem.spark.io import utc
 from tandem.spark.session import get_spark
 
@@ -32,7 +33,7 @@ def job_main(name: str, run: Callable[..., dict[str, Any]], cfg: Any,
     parser.add_argument("--end", type=_iso, required=True, help="interval end (exclusive)")
     parser.add_argument("--home", type=Path, default=None, help="state root (TANDEM_HOME)")
     parser.add_argument("--master", default=None, help="Spark master (SPARK_MASTER, local[*])")
-    parser.add_argument("--run-id", default=None,
+    parser.add_argument("--run-id", type=name_arg, default=None,
                         help="the DAG run's id; accepted so every job shares one command line")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
