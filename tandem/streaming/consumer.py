@@ -13,6 +13,8 @@ again in each consumer, which alone kept the stream under 2,000 events/s on 2 co
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +35,7 @@ from tandem.streaming.topics import DLQ_TOPIC, EVENTS_TOPIC, ensure_topics
 
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_MS = 1000
+log = logging.getLogger(__name__)
 FRESHNESS = Histogram(
     "tandem_stream_freshness_seconds",
     "Produce time -> visible downstream (landing file durable / online store pushed)",
@@ -97,14 +100,47 @@ def durable_write(path: Path, data: bytes) -> None:
     Temp file in the same folder (a dot name, ignored by ``*.jsonl`` readers), fsync, rename over
     the target (atomic on POSIX), then fsync the folder so the rename itself survives a crash.
     """
+    os.rename(_durable_temp(path, data), path)
+    fsync_dir(path.parent)
+
+
+def _durable_temp(path: Path, data: bytes) -> Path:
+    """``data`` fsynced in a temp file next to ``path`` (a dot name, ignored by ``*.jsonl``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.rename(tmp, path)
+    return tmp
+
+
+def write_once(path: Path, data: bytes) -> Path:
+    """Write ``path`` durably like :func:`durable_write`, but never replace a file; return where
+    ``data`` is.
+
+    The complete temp file is hard-linked to the name, which fails atomically if the name exists.
+    A file there with the same bytes is a replayed batch: kept, nothing written. A file with other
+    bytes is a batch this name must not destroy: ``data`` lands next to it as
+    ``<stem>.<sha256 prefix>.jsonl`` and a warning says so. Needs a POSIX filesystem (hard links).
+    """
+    tmp = _durable_temp(path, data)
+    target = path
+    try:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if path.read_bytes() == data:
+                return path
+            digest = hashlib.sha256(data).hexdigest()[:16]
+            target = path.with_name(f"{path.stem}.{digest}{path.suffix}")
+            log.warning("%s exists with other content: landing this batch as %s", path, target)
+            with contextlib.suppress(FileExistsError):  # same digest: the same bytes, landed
+                os.link(tmp, target)
+    finally:
+        os.unlink(tmp)
     fsync_dir(path.parent)
+    return target
 
 
 class StopFlag:

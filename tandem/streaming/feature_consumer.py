@@ -10,13 +10,14 @@ Freshness is measured per event as *push returned* minus the record's produce ti
 Restart after ``kill -9`` converges to the same state, because state and offsets are saved
 together: every ``snapshot_ms`` (and on rebalance or shutdown) each owned partition's states and
 its next offset are written to one file, ``<home>/kafka/state/<group>/<topic>-<partition>.json``,
-atomically (temp, fsync, rename). On assignment the consumer loads that file and seeks to its
-offset (offset 0 without one), ignoring the group's committed offset, so it replays exactly the
-events after the snapshot. The fold is deterministic and pushes are upserts keyed by user, so the
-replay re-pushes the same rows and the online store ends where an uninterrupted run would. Users
-live in one partition (records are keyed by user_id), so a partition's file is self-contained and
-the partition can move to another group member. Offsets are committed to Kafka after each snapshot
-too, for lag tools only.
+atomically (temp, fsync, rename), with the topic id the offset belongs to. On assignment the
+consumer loads that file and seeks to its offset (offset 0 without one, or when the topic id
+differs: the topic was recreated and counts from 0 again), ignoring the group's committed
+offset, so it replays exactly the events after the snapshot. The fold is deterministic and pushes
+are upserts keyed by user, so the replay re-pushes the same rows and the online store ends where an
+uninterrupted run would. Users live in one partition (records are keyed by user_id), so a
+partition's file is self-contained and the partition can move to another group member. Offsets
+are committed to Kafka after each snapshot too, for lag tools only.
 
 Run: ``python -m tandem.streaming.feature_consumer --home DIR --bootstrap HOST:PORT``.
 """
@@ -48,7 +49,7 @@ from tandem.streaming.consumer import (
 )
 from tandem.streaming.dead_letter import DeadLetterWriter
 from tandem.streaming.session_state import SessionState, apply_event, session_frame
-from tandem.streaming.topics import EVENTS_TOPIC
+from tandem.streaming.topics import EVENTS_TOPIC, topic_id
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +121,19 @@ class FeatureConsumer(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
             path = self._file(tp)
+            self.states[tp], self.next_offset[tp] = {}, 0
             if path.exists():
                 snap = json.loads(path.read_text())
                 self.states[tp] = {u: SessionState.from_json(v)
                                    for u, v in snap["users"].items()}
-                self.next_offset[tp] = snap["offset"]
-            else:
-                self.states[tp], self.next_offset[tp] = {}, 0
+                current = topic_id(self.consumer, tp.topic)
+                if snap.get("topic_id") and current and snap["topic_id"] != current:
+                    # a recreated topic: its offsets count from 0 again, and seeking to the old
+                    # offset would skip that many new events; the users' states still hold
+                    log.warning("%s is a new incarnation (%s, snapshot of %s): from offset 0",
+                                tp, current, snap["topic_id"])
+                else:
+                    self.next_offset[tp] = snap["offset"]
             self.consumer.seek(tp, self.next_offset[tp])
         log.info("assigned %s at %s", sorted(tp.partition for tp in assigned),
                  {tp.partition: self.next_offset[tp] for tp in assigned})
@@ -146,7 +153,8 @@ class FeatureConsumer(ConsumerRebalanceListener):
         tps = set(self.states) if tps is None else tps & set(self.states)
         for tp in tps:
             users = {u: st.to_json() for u, st in self.states[tp].items()}
-            data = json.dumps({"offset": self.next_offset[tp], "users": users})
+            data = json.dumps({"offset": self.next_offset[tp],
+                               "topic_id": topic_id(self.consumer, tp.topic), "users": users})
             durable_write(self._file(tp), data.encode())
         self.last_snapshot_ms = now_ms()
         if tps and commit:

@@ -2,20 +2,28 @@
 
 Each flush writes one file per partition::
 
-    landing/events/date=YYYY-MM-DD/hour=HH/<topic>-<partition>-<first>-<last>.jsonl
+    landing/events/date=YYYY-MM-DD/hour=HH/<topic>-<topic id>-<partition>-<first>-<last>.jsonl
 
-where date/hour are the batch's *arrival* time (UTC, when the consumer landed it) and first/last
-are the Kafka offsets it covers. A batch is flushed at ``batch_max`` records or ``batch_ms`` after
-its first record, whichever comes first.
+where date/hour are the batch's *arrival* time (UTC, when the consumer landed it), first/last
+are the Kafka offsets it covers and the topic id names the topic's incarnation
+(:mod:`tandem.streaming.topics`): offsets start again at 0 when a topic is recreated or the
+in-memory embedded broker restarts, and without the id the new batches took the old files' names
+and replaced them. Files are never replaced anyway (:func:`~tandem.streaming.consumer.write_once`):
+a name that exists with other bytes (an id the consumer's metadata did not refresh yet, a broker
+that reports no ids) makes the batch land under a suffixed name instead.
+
+A batch is flushed at ``batch_max`` records or ``batch_ms`` after its first record, whichever
+comes first.
 
 Delivery is at-least-once with exactly-once results in the lake: a file is made durable (temp
-file, fsync, rename, folder fsync) and only *then* are its offsets committed. A crash between the
-two leaves a complete file whose records are read again after the restart and land a second time
-(same name if the batch boundaries match, else another file); ``jobs.ingest_events`` deduplicates
-by ``event_id``, so the lake ends with each event once. Records that cannot be decoded or violate
-the contract, for whatever reason (see :func:`tandem.streaming.codec.decode_event`), go to the
-dead-letter topic with the reason and are not landed; the consumer keeps going. Every dead letter
-is acknowledged by the broker before the batch's offsets are committed.
+file, fsync, hard link to its name, folder fsync) and only *then* are its offsets committed. A
+crash between the two leaves a complete file whose records are read again after the restart and
+land a second time (the same file, kept as it is, if the batch boundaries match, else another
+file); ``jobs.ingest_events`` deduplicates by ``event_id``, so the lake ends with each event once.
+Records that cannot be decoded or violate the contract, for whatever reason (see
+:func:`tandem.streaming.codec.decode_event`), go to the dead-letter topic with the reason and are
+not landed; the consumer keeps going. Every dead letter is acknowledged by the broker before the
+batch's offsets are committed.
 
 Run: ``python -m tandem.streaming.landing_consumer --home DIR --bootstrap HOST:PORT``.
 """
@@ -41,14 +49,14 @@ from tandem.streaming.consumer import (
     StopFlag,
     StreamStats,
     command_line,
-    durable_write,
     fsync_dir,
     make_consumer,
     now_ms,
     start_process,
+    write_once,
 )
 from tandem.streaming.dead_letter import DeadLetterWriter
-from tandem.streaming.topics import EVENTS_TOPIC
+from tandem.streaming.topics import EVENTS_TOPIC, topic_id
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +64,11 @@ GROUP = "tandem-lake"
 
 
 def landing_file(root: Path, arrival: datetime, tp: TopicPartition, first: int,
-                 last: int) -> Path:
+                 last: int, topic_id: str | None) -> Path:
     """Where a batch of ``tp``'s offsets ``first..last`` that arrived at ``arrival`` lands."""
+    topic = f"{tp.topic}-{topic_id}" if topic_id else tp.topic
     return (root / f"date={arrival:%Y-%m-%d}" / f"hour={arrival:%H}"
-            / f"{tp.topic}-{tp.partition}-{first}-{last}.jsonl")
+            / f"{topic}-{tp.partition}-{first}-{last}.jsonl")
 
 
 class LandingConsumer(ConsumerRebalanceListener):
@@ -147,10 +156,11 @@ class LandingConsumer(ConsumerRebalanceListener):
             rejected += len(records) - len(lines)
             first, last = records[0].offset, records[-1].offset
             if lines:
-                path = landing_file(self.root, arrival, tp, first, last)
+                path = landing_file(self.root, arrival, tp, first, last,
+                                    topic_id(self.consumer, tp.topic))
                 if not path.parent.exists():
                     new_dirs.add(path.parent)
-                durable_write(path, b"\n".join(lines) + b"\n")
+                write_once(path, b"\n".join(lines) + b"\n")
                 self.files += 1
                 if self.files == self.crash_after_files:  # failpoint: landed, not committed
                     os._exit(137)
