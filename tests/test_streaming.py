@@ -221,16 +221,31 @@ def test_landing_kill9_then_restart_loses_and_duplicates_nothing(kafka_broker, p
     assert (counts["read"], counts["duplicate"]) == (len(ids), len(ids) - len(events))
 
 
-@pytest.mark.feast
-def test_feature_consumer_converges_after_kill9(kafka_broker, paths):
+def feature_repo(paths: Paths):
+    """A catalog of ``GENRES`` and an applied Feast repo under ``paths``; returns the store."""
     from tandem.feature_store import apply, open_store
     from tandem.landing import write_items
 
-    bootstrap = kafka_broker.bootstrap
     paths.root.mkdir(parents=True)
     write_items(pd.DataFrame({s.ITEM_ID: list(GENRES), s.TITLE: list(GENRES),
                               s.GENRES: list(GENRES.values()), s.CREATED_AT: 0}), paths)
     apply(paths)
+    return open_store(paths)
+
+
+def online_rows(store, users) -> dict[str, dict]:
+    """The session feature rows of ``users`` in the online store."""
+    names = [n for n, _ in s.SESSION_FIELDS]
+    got = store.get_online_features(
+        features=[f"{s.SESSION_FEATURE_VIEW}:{n}" for n in names],
+        entity_rows=[{s.USER_ID: u} for u in users]).to_dict()
+    return {u: {n: got[n][i] for n in names} for i, u in enumerate(got[s.USER_ID])}
+
+
+@pytest.mark.feast
+def test_feature_consumer_converges_after_kill9(kafka_broker, paths):
+    bootstrap = kafka_broker.bootstrap
+    store = feature_repo(paths)
     topic = new_topic(bootstrap)
     now = int(time.time() * 1000)
     # two bursts per user with a gap longer than a session between them
@@ -265,13 +280,9 @@ def test_feature_consumer_converges_after_kill9(kafka_broker, paths):
 
     expected = {u: session_row(u, st) for u, st in replay(events, GENRES).items()}
     names = [n for n, _ in s.SESSION_FIELDS]
-    store = open_store(paths)
 
     def online() -> dict[str, dict]:
-        got = store.get_online_features(
-            features=[f"{s.SESSION_FEATURE_VIEW}:{n}" for n in names],
-            entity_rows=[{s.USER_ID: u} for u in expected]).to_dict()
-        return {u: {n: got[n][i] for n in names} for i, u in enumerate(got[s.USER_ID])}
+        return online_rows(store, expected)
 
     def converged() -> bool:
         rows = online()

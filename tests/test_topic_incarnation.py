@@ -47,6 +47,15 @@ def test_topics_get_the_configured_replication_factor(kafka_broker, monkeypatch)
     assert len(partitions) == 3 and all(len(p["replica_nodes"]) == 1 for p in partitions)
 
 
+def recreate(bootstrap: str, topic: str) -> None:
+    """Delete ``topic`` and create it again: a new incarnation, offsets from 0."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.delete_topics([topic])
+    admin.close()
+    time.sleep(1)
+    ensure_topics(bootstrap, partitions=3, names=(topic, DLQ_TOPIC))
+
+
 @pytest.mark.kafka
 def test_a_recreated_topic_does_not_replace_earlier_landing_files(kafka_broker, tmp_path):
     """Delete and recreate the topic (offsets restart at 0, as after a restart of the in-memory
@@ -63,11 +72,7 @@ def test_a_recreated_topic_does_not_replace_earlier_landing_files(kafka_broker, 
     wait_for(lambda: len(landed(paths)) >= len(first), 60, "the first incarnation", proc)
     assert stop(proc) == 0
     before = {f: f.read_bytes() for f in paths.landing_events.rglob("*.jsonl")}
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.delete_topics([topic])
-    admin.close()
-    time.sleep(1)
-    ensure_topics(bootstrap, partitions=3, names=(topic, DLQ_TOPIC))
+    recreate(bootstrap, topic)
     produce(bootstrap, topic, second)
     proc = start(module, paths, bootstrap, topic, "--group", f"g2-{topic}")
     want = {e[s.EVENT_ID] for e in first + second}
@@ -78,3 +83,42 @@ def test_a_recreated_topic_does_not_replace_earlier_landing_files(kafka_broker, 
     ids = {f.name.removeprefix(topic + "-").split("-")[0] for f in files}
     assert len(ids) == 2 and all(len(i) == 32 for i in ids)  # one topic id per incarnation
     assert len(landed(paths)) == len(want)
+
+
+@pytest.mark.feast
+def test_feature_snapshots_are_tied_to_the_topic_incarnation(kafka_broker, paths):
+    """A snapshot's offsets belong to the topic id it records: after the topic is recreated, the
+    consumer reads the new incarnation from offset 0 instead of skipping as many events."""
+    import json
+
+    from tandem.streaming.session_state import replay, session_row
+    from tests.test_streaming import GENRES, feature_repo, online_rows
+
+    bootstrap = kafka_broker.bootstrap
+    store = feature_repo(paths)
+    topic = new_topic(bootstrap)
+    now = int(time.time() * 1000)
+    old, new = make_events(60, "old", now - 120_000), make_events(150, "new", now - 60_000)
+    module, args = "tandem.streaming.feature_consumer", ("--snapshot-ms", "300")
+    state = paths.kafka / "state" / f"g-{topic}"
+
+    def snapshots() -> list[dict]:
+        return [json.loads(f.read_text()) for f in state.glob("*.json")]
+
+    produce(bootstrap, topic, old)
+    proc = start(module, paths, bootstrap, topic, *args)
+    wait_for(lambda: sum(snap["offset"] for snap in snapshots()) == len(old), 90, "snapshot",
+             proc)
+    assert stop(proc) == 0
+    (first_id,) = {snap["topic_id"] for snap in snapshots()}
+    recreate(bootstrap, topic)
+    produce(bootstrap, topic, new)
+    proc = start(module, paths, bootstrap, topic, *args)
+    wait_for(lambda: sum(snap["offset"] for snap in snapshots()) == len(new), 90,
+             "the new incarnation from 0", proc)
+    assert stop(proc) == 0
+    assert first_id not in {snap["topic_id"] for snap in snapshots()}
+    expected = {u: session_row(u, st) for u, st in replay(old + new, GENRES).items()}
+    rows = online_rows(store, expected)
+    for u, want in expected.items():
+        assert rows[u] == {n: want[n] for n, _ in s.SESSION_FIELDS}, u
