@@ -275,7 +275,8 @@ def test_feature_consumer_converges_after_kill9(kafka_broker, paths):
     wait_for(lambda: processed() >= 1200 + len(bad), 30, "1200 events pushed", proc)
     proc.send_signal(signal.SIGKILL)  # pushed, most likely not yet snapshotted: a replay
     proc.wait(10)
-    produce(bootstrap, topic, events[1200:])
+    # a producer's retries: events again, some of them pushed (and snapshotted) before the kill
+    produce(bootstrap, topic, events[1200:] + events[1100:1300])
     proc = start("tandem.streaming.feature_consumer", paths, bootstrap, topic, *args)
 
     expected = {u: session_row(u, st) for u, st in replay(events, GENRES).items()}
@@ -290,6 +291,8 @@ def test_feature_consumer_converges_after_kill9(kafka_broker, paths):
                    for u in expected)
 
     wait_for(converged, 90, "online store to converge", proc)
+    wait_for(lambda: json.loads((paths.root / "features.json").read_text())["counts"].get(
+        "duplicates", 0) >= 200, 30, "the 200 duplicates counted", proc)
     assert stop(proc) == 0
     assert {v: r for v, (r, _) in dead_letters(bootstrap, topic).items()} == {
         v[:MAX_RECORD_BYTES]: r for v, r in bad.items()}

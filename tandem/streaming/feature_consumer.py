@@ -2,22 +2,24 @@
 
 For every poll: decode and validate the records, judged at the poll's wall-clock time as the lake
 judges them (a ``ts`` from the future would pin a session; rejects go to the dead-letter topic,
-acknowledged before the offsets can be saved), fold each event into its user's
-:class:`~tandem.streaming.session_state.SessionState`, then push one row per changed user to the
-Feast push source ``user_session_push`` (online store) in a single call.
-Freshness is measured per event as *push returned* minus the record's produce timestamp.
+acknowledged before the offsets can be saved), drop the events whose ``event_id`` was seen
+within the last session gap (:mod:`tandem.streaming.dedup`: the lake deduplicates the same way),
+fold each event into its user's :class:`~tandem.streaming.session_state.SessionState`, then
+push one row per changed user to the Feast push source ``user_session_push`` (online store) in a
+single call. Freshness is measured per event as *push returned* minus the record's produce
+timestamp.
 
 Restart after ``kill -9`` converges to the same state, because state and offsets are saved
 together: every ``snapshot_ms`` (and on rebalance or shutdown) each owned partition's states and
 its next offset are written to one file, ``<home>/kafka/state/<group>/<topic>-<partition>.json``,
-atomically (temp, fsync, rename), with the topic id the offset belongs to. On assignment the
-consumer loads that file and seeks to its offset (offset 0 without one, or when the topic id
-differs: the topic was recreated and counts from 0 again), ignoring the group's committed
-offset, so it replays exactly the events after the snapshot. The fold is deterministic and pushes
-are upserts keyed by user, so the replay re-pushes the same rows and the online store ends where an
-uninterrupted run would. Users live in one partition (records are keyed by user_id), so a
-partition's file is self-contained and the partition can move to another group member. Offsets
-are committed to Kafka after each snapshot too, for lag tools only.
+atomically (temp, fsync, rename), with the topic id the offset belongs to and the recent event
+ids. On assignment the consumer loads that file and seeks to its offset (offset 0 without one, or
+when the topic id differs: the topic was recreated and counts from 0 again), ignoring the group's
+committed offset, so it replays exactly the events after the snapshot. The fold is deterministic
+and pushes are upserts keyed by user, so the replay re-pushes the same rows and the online store
+ends where an uninterrupted run would. Users live in one partition (records are keyed by
+user_id), so a partition's file is self-contained and the partition can move to another group
+member. Offsets are committed to Kafka after each snapshot too, for lag tools only.
 
 Run: ``python -m tandem.streaming.feature_consumer --home DIR --bootstrap HOST:PORT``.
 """
@@ -48,6 +50,7 @@ from tandem.streaming.consumer import (
     start_process,
 )
 from tandem.streaming.dead_letter import DeadLetterWriter
+from tandem.streaming.dedup import RecentEventIds
 from tandem.streaming.session_state import SessionState, apply_event, session_frame
 from tandem.streaming.topics import EVENTS_TOPIC, topic_id
 
@@ -109,6 +112,7 @@ class FeatureConsumer(ConsumerRebalanceListener):
         self.item_genres = load_item_genres(paths)
         self.states: dict[TopicPartition, dict[str, SessionState]] = {}
         self.next_offset: dict[TopicPartition, int] = {}
+        self.recent: dict[TopicPartition, RecentEventIds] = {}
         self.last_snapshot_ms = now_ms()
         self.stats = StreamStats(group, stats_path, stats_window)
         self.dlq = DeadLetterWriter(bootstrap, group)
@@ -121,11 +125,12 @@ class FeatureConsumer(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
             path = self._file(tp)
-            self.states[tp], self.next_offset[tp] = {}, 0
+            self.states[tp], self.next_offset[tp], self.recent[tp] = {}, 0, RecentEventIds()
             if path.exists():
                 snap = json.loads(path.read_text())
                 self.states[tp] = {u: SessionState.from_json(v)
                                    for u, v in snap["users"].items()}
+                self.recent[tp] = RecentEventIds(ids=snap.get("recent_ids"))
                 current = topic_id(self.consumer, tp.topic)
                 if snap.get("topic_id") and current and snap["topic_id"] != current:
                     # a recreated topic: its offsets count from 0 again, and seeking to the old
@@ -147,14 +152,17 @@ class FeatureConsumer(ConsumerRebalanceListener):
         for tp in revoked:
             self.states.pop(tp, None)
             self.next_offset.pop(tp, None)
+            self.recent.pop(tp, None)
 
     def snapshot(self, tps: set[TopicPartition] | None = None, commit: bool = True) -> None:
         """Save state + next offset of ``tps`` (all owned by default), then commit the offsets."""
         tps = set(self.states) if tps is None else tps & set(self.states)
         for tp in tps:
             users = {u: st.to_json() for u, st in self.states[tp].items()}
+            self.recent[tp].prune()
             data = json.dumps({"offset": self.next_offset[tp],
-                               "topic_id": topic_id(self.consumer, tp.topic), "users": users})
+                               "topic_id": topic_id(self.consumer, tp.topic), "users": users,
+                               "recent_ids": self.recent[tp].ids})
             durable_write(self._file(tp), data.encode())
         self.last_snapshot_ms = now_ms()
         if tps and commit:
@@ -168,17 +176,20 @@ class FeatureConsumer(ConsumerRebalanceListener):
         """Fold one poll's records into state and push the changed users' rows."""
         changed: dict[str, SessionState] = {}
         produce_ms = []
-        rejected = 0
+        rejected = duplicates = 0
         ref_ms = now_ms()
         for tp, records in polled.items():
-            states = self.states.get(tp)
-            if states is None:  # revoked during this poll
+            states, recent = self.states.get(tp), self.recent.get(tp)
+            if states is None or recent is None:  # revoked during this poll
                 continue
             for rec in records:
                 produce_ms.append(rec.timestamp)
                 ev = self.dlq.decode(rec, ref_ms)
                 if ev is None:
                     rejected += 1
+                    continue
+                if recent.is_duplicate(ev[s.EVENT_ID], ev[s.TS]):
+                    duplicates += 1
                     continue
                 uid = ev[s.USER_ID]
                 changed[uid] = states[uid] = apply_event(states.get(uid), ev, self.item_genres)
@@ -188,6 +199,7 @@ class FeatureConsumer(ConsumerRebalanceListener):
         self.dlq.confirm()  # before a snapshot can save (and commit) these offsets
         self.stats.add("pushed_rows", len(changed))
         self.stats.add("dead_letters", rejected)
+        self.stats.add("duplicates", duplicates)
         self.stats.processed(np.asarray(produce_ms, dtype=np.int64), now_ms())
 
     def run(self, stop: StopFlag | None = None) -> None:
