@@ -328,6 +328,28 @@ class UserRowReader:
         return out
 
 
+def bound_read_timeout(store, timeout_s: float) -> None:
+    """Bound how long one online read can block: Redis ``socket_timeout`` and
+    ``socket_connect_timeout`` (unless the connection string sets them), SQLite's busy timeout
+    (default 5 s while a materialization holds the write lock).
+
+    Serving abandons a read at its deadline, but the thread doing it stays blocked until the
+    store answers: without these bounds a hung store keeps every store thread blocked for good.
+    """
+    online = store._get_provider().online_store
+    kind = store.config.online_store.type
+    if kind == "redis":
+        client = online._get_client(store.config.online_store)
+        pool = getattr(client, "connection_pool", None)  # None: a cluster client (not bounded)
+        if pool is not None:
+            for key in ("socket_timeout", "socket_connect_timeout"):
+                if pool.connection_kwargs.get(key) is None:
+                    pool.connection_kwargs[key] = timeout_s
+            pool.disconnect()  # connections made before now reconnect with the bounds
+    elif kind == "sqlite":
+        online._get_conn(store.config).execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+
+
 _READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> its reader
 
 
