@@ -858,6 +858,10 @@ class App:
     def _start(self, alias: str) -> Engine:
         """The alias's registry bundle, else its last good one (registry down, or refused)."""
         try:
+            version = self.probe_version(alias)
+            reason = None if version is None else self.ledger.is_bad(alias, str(version))
+            if reason is not None:  # refused by an earlier run: not fetched again
+                raise LookupError(f"version {version} was refused before ({reason})")
             return self._build(alias)
         except Exception as exc:  # noqa: BLE001 - any failure: try the last good bundle
             if isinstance(exc, BundleRejected):
