@@ -49,7 +49,10 @@ class CircuitBreaker:
         if self.state == CLOSED:
             return True
         with self._lock:
-            if self.state == OPEN and self._clock() - self._opened_at >= self.cooldown_s:
+            # a trial whose outcome never came (its request failed elsewhere) is replaced by
+            # another after a further cool-down, so the breaker cannot stay half-open for good
+            if self._clock() - self._opened_at >= self.cooldown_s:
+                self._opened_at = self._clock()
                 self._set(HALF_OPEN)  # this caller is the one trial
                 return True
         return False

@@ -102,6 +102,6 @@ class BundleLedger:
         if self.path is None:
             return
         keep = {Path(e["path"]).resolve() for e in self.good.values()}
-        for folder in self.path.parent.glob("v*"):
+        for folder in self.path.parent.resolve().glob("v*"):
             if folder.is_dir() and not any(folder in p.parents or folder == p for p in keep):
                 shutil.rmtree(folder, ignore_errors=True)

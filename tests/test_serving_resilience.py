@@ -98,6 +98,34 @@ def _req_query(user_id: str):
     return RecommendQuery(user_id, 10, "tv")
 
 
+# --------------------------------------------------------------------------- breaker states
+
+def test_breaker_opens_half_opens_and_closes():
+    from serving.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+
+    now = [0.0]
+    breaker = CircuitBreaker(None, failures=2, cooldown_s=5.0, clock=lambda: now[0])
+    breaker.record(False)
+    breaker.record(True)  # not consecutive: stays closed
+    breaker.record(False)
+    assert breaker.state == CLOSED and breaker.allow()
+    breaker.record(False)
+    assert breaker.state == OPEN and not breaker.allow()
+    now[0] = 4.9
+    assert not breaker.allow()
+    now[0] = 5.0
+    assert breaker.allow() and breaker.state == HALF_OPEN  # one trial ...
+    assert not breaker.allow()  # ... only
+    breaker.record(False)  # the trial failed: open for another cool-down
+    assert breaker.state == OPEN and not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow()
+    now[0] = 15.0  # that trial never reported: another one after a further cool-down
+    assert breaker.allow() and not breaker.allow()
+    breaker.record(True)
+    assert breaker.state == CLOSED and breaker.allow() and breaker.allow()
+
+
 # ----------------------------------------------------------------------- overload, deadlines
 
 def test_overload_is_shed_with_resource_exhausted(world, serve):
@@ -293,8 +321,8 @@ def test_refused_version_is_remembered_not_refetched(world, mlflow_server, tmp_p
     assert _value(metrics.BUNDLE_REJECTED, alias, "warm-up fell back") == before + 1
     app.close()
     restarted = _registry_app(world, mlflow_server.url, alias, cache)  # remembered on disk
-    assert restarted.engines[alias].version == str(good)
-    assert os.stat(cache / f"v{bad}").st_ino == inode
+    assert restarted.engines[alias].version == str(good)  # not refused (so fetched) again:
+    assert _value(metrics.BUNDLE_REJECTED, alias, "warm-up fell back") == before + 1
     restarted.close()
 
 
@@ -357,7 +385,7 @@ def test_hung_redis_trips_the_breaker(world, serve, redis_url, tmp_path_factory)
             replies.append((list(reply.fallbacks), time.perf_counter() - t0, len(reply.items)))
         assert [f for f, _, _ in replies[:2]] == [["online_store_timeout"]] * 2
         assert all(f == ["online_store_open"] for f, _, _ in replies[2:])
-        assert max(t for _, t, _ in replies[2:]) < 0.1  # no store wait once open
+        assert np.median([t for _, t, _ in replies[2:]]) < 0.05  # no 100 ms store wait
         assert all(n == 10 for _, _, n in replies)
         assert app.breaker.state == OPEN and _value(metrics.BREAKER_STATE, "online_store") == 2
         proc.send_signal(signal.SIGCONT)
