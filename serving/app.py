@@ -961,6 +961,11 @@ class App:
             except BundleRejected as exc:  # the old engine keeps serving
                 self._reject(alias, exc)
                 continue
+            except ConnectionError as exc:  # registry down (RegistryUnavailable): one line
+                log.warning("alias %s: %s; still serving version %s", alias, exc,
+                            getattr(self.engines.get(alias), "version", None))
+                m.RELOADS.labels(alias, "unreachable").inc()
+                continue
             except Exception:  # noqa: BLE001 - registry or network: retried next poll
                 log.exception("reload of alias %s failed; still serving the old bundle", alias)
                 m.RELOADS.labels(alias, "failed").inc()
