@@ -3,7 +3,9 @@
 ``App`` holds one ``Engine`` per registry alias that the A/B experiment serves. A request reads
 ``app.engines`` ONCE and keeps that snapshot to the end, so a hot reload (a background poller
 builds the new engine, then replaces the dict in one assignment) never disturbs in-flight
-requests and never fails one.
+requests and never fails one. A new engine is swapped in only after a warm-up without part
+fallbacks; refused versions and the last good one are kept in a ``serving.bundle_sync`` ledger.
+A swapped-out engine is freed once its last request ends (nothing else refers to it).
 
 Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)::
 
@@ -19,7 +21,10 @@ Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)
 
 Any failing or slow part degrades the answer instead of failing it: no user features -> the
 retrieval sources that do not need them; no ranker -> retrieval order; and each such case is
-named in ``fallbacks`` and counted. Unknown users with no history take the cold path:
+named in ``fallbacks`` and counted. The store read sits behind a circuit breaker
+(``serving.breaker``): after a few failed or late reads requests skip it at once
+(``online_store_open``) until a trial read succeeds. Client deadlines shrink the stage deadlines
+(``ServingConfig.within``). Unknown users with no history take the cold path:
 popularity + onboarding-genre content, with epsilon-greedy / Thompson exploration over fresh
 items and a propensity for every shown item.
 """
