@@ -5,7 +5,8 @@ Steps (the DAGs and ``make demo`` call these; each is idempotent):
 - :func:`render` places ``feature_repo/{feature_store.yaml,definitions.py}`` in the state's
   ``feast/`` folder (``Paths.feast``), so tests and the demo never write into the source repo.
   The profile is the embedded default (SQLite online store) or ``redis``
-  (``TANDEM_FEAST_ONLINE=redis``, connection in ``TANDEM_FEAST_REDIS``).
+  (``TANDEM_FEAST_ONLINE=redis``, connection in ``TANDEM_FEAST_REDIS``; a password in it stays
+  in the environment: Feast expands the variable when it loads the yaml).
 - :func:`apply` registers the objects of ``definitions.py``.
 - :func:`materialize` loads the rows with ``event_timestamp`` in ``[start, end]`` into the online
   store (incremental: a DAG run passes its own data interval; earlier rows stay online).
@@ -77,10 +78,16 @@ def render(paths: Paths, profile: str | None = None, redis: str | None = None) -
     Parameters
     ----------
     profile : "sqlite" (default, or ``TANDEM_FEAST_ONLINE``) or "redis".
-    redis : "host:port" for the redis profile; None leaves ``${TANDEM_FEAST_REDIS}`` for Feast
-        to expand from the environment when it loads the yaml.
+    redis : "host:port[,ssl=true]" for the redis profile; None leaves ``${TANDEM_FEAST_REDIS}``
+        for Feast to expand from the environment each time it loads the yaml. A connection with
+        a ``password=`` is refused here: the password must stay in the environment, never in
+        the rendered file.
     """
     profile = profile or os.environ.get("TANDEM_FEAST_ONLINE", "sqlite")
+    if redis is not None and any(part.strip().lower().startswith("password=")
+                                 for part in redis.split(",")):
+        raise ValueError("a Redis password is not written into feature_store.yaml: put the "
+                         "connection string in TANDEM_FEAST_REDIS and render without redis=")
     repo = paths.feast
     repo.mkdir(parents=True, exist_ok=True)
     text = (FEATURE_REPO / PROFILES[profile]).read_text()
