@@ -15,6 +15,10 @@ restart while the registry is down serves the last good bundle (``serving.bundle
 Overload is shed: beyond ``--max-concurrent-rpcs`` RPCs in flight (running or queued for a
 worker) gRPC answers ``RESOURCE_EXHAUSTED`` at once (``tandem_shed_total{reason="overload"}``)
 instead of queueing requests that would miss their deadlines anyway.
+
+Access (``serving.auth``): TLS with ``--tls-cert``/``--tls-key``, mutual TLS with
+``--tls-client-ca``, a bearer token from ``TANDEM_GRPC_TOKEN``/``TANDEM_GRPC_TOKEN_FILE``;
+without them the server is plaintext (the demo, on loopback). Health stays open.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from grpc_reflection.v1alpha import reflection  # noqa: E402
 
 from serving import metrics  # noqa: E402
 from serving.app import App, FeastStore, ServingConfig  # noqa: E402
+from serving.auth import Access  # noqa: E402
 from serving.bundle_sync import BundleLedger, BundleRejected  # noqa: E402
 from serving.servicer import RecommenderServicer  # noqa: E402
 from tandem.ab import Experiment  # noqa: E402
@@ -93,22 +98,27 @@ _METHODS = frozenset(pb.DESCRIPTOR.services_by_name["Recommender"].methods_by_na
 
 
 def create_server(address: str, app: App, max_workers: int = 8, reuse_port: bool = False,
-                  max_concurrent_rpcs: int | None = None) -> tuple[grpc.Server, int]:
+                  max_concurrent_rpcs: int | None = None,
+                  access: Access | None = None) -> tuple[grpc.Server, int]:
     """A started server for ``app`` on ``address`` (``host:0`` picks a free port).
 
     ``reuse_port`` lets several server processes bind the same port (SO_REUSEPORT; the kernel
     spreads connections across them); off, a second server on a taken port fails loudly.
     ``max_concurrent_rpcs``: RPCs in flight (running + queued) beyond which new ones get
-    RESOURCE_EXHAUSTED (None: unbounded queue).
+    RESOURCE_EXHAUSTED (None: unbounded queue). ``access``: TLS / mutual TLS / bearer token
+    (None: plaintext, no token).
     """
+    access = access or Access()
     shed = _ShedCounter()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=[("grpc.so_reuseport", int(reuse_port))],
-                         interceptors=[shed], maximum_concurrent_rpcs=max_concurrent_rpcs)
+                         interceptors=[shed, *access.interceptors()],
+                         maximum_concurrent_rpcs=max_concurrent_rpcs)
     shed.state = getattr(server, "_state", None)
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(app), server)
     _HEALTH[server] = _configure_maintenance(server)
-    port = server.add_insecure_port(address)
+    port = (server.add_insecure_port(address) if access.credentials is None
+            else server.add_secure_port(address, access.credentials))
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     server.start()
@@ -252,6 +262,13 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
     parser.add_argument("--processes", type=int, default=1,
                         help="server processes on one port (SO_REUSEPORT), each with its own GIL "
                              "and its own copy of the bundle; metrics on --metrics-port + i")
+    parser.add_argument("--tls-cert", default=os.environ.get("TANDEM_GRPC_TLS_CERT"),
+                        help="PEM certificate chain: serve TLS (TANDEM_GRPC_TLS_CERT)")
+    parser.add_argument("--tls-key", default=os.environ.get("TANDEM_GRPC_TLS_KEY"),
+                        help="PEM private key, mode 0600 (TANDEM_GRPC_TLS_KEY)")
+    parser.add_argument("--tls-client-ca", default=os.environ.get("TANDEM_GRPC_TLS_CLIENT_CA"),
+                        help="CA of client certificates: require mutual TLS "
+                             "(TANDEM_GRPC_TLS_CLIENT_CA)")
     parser.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -270,13 +287,17 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
     # and retries every --poll-s, so a few quick retries are enough
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    try:  # before anything starts: a bad setting is one clear line, not a half-started server
+        access = Access.from_settings(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except (OSError, ValueError) as exc:
+        parser.error(f"access settings: {exc}")
     siblings = _start_siblings(argv if argv is not None else sys.argv[1:], args)
     app = build_app(args, engine_cls)
     if not args.bundle_dir:
         app.start_polling(args.poll_s)
     server, port = create_server(f"{args.host}:{args.port}", app, args.workers,
                                  reuse_port=args.processes > 1,
-                                 max_concurrent_rpcs=args.max_concurrent_rpcs)
+                                 max_concurrent_rpcs=args.max_concurrent_rpcs, access=access)
     # after the gRPC port: an open metrics port says this process serves (the bench waits on it)
     metrics_port = args.metrics_port + args.process_index if args.metrics_port else 0
     if metrics_port:

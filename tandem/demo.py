@@ -162,8 +162,10 @@ def start_serving(stack: Stack) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from tandem import grpc_channel
+
     deadline = time.monotonic() + 300
-    channel = grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}")
+    channel = grpc_channel.channel(f"127.0.0.1:{GRPC_PORT}")
     health = health_pb2_grpc.HealthStub(channel)
     while True:
         try:
@@ -179,11 +181,11 @@ def start_serving(stack: Stack) -> None:
 
 
 def _stub():
-    import grpc
-
+    """A stub over the channel the environment configures (TLS/token: tandem.grpc_channel)."""
+    from tandem import grpc_channel
     from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
 
-    return pb_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}"))
+    return pb_grpc.RecommenderStub(grpc_channel.channel(f"127.0.0.1:{GRPC_PORT}"))
 
 
 def recommend(user_id: str, k: int = 10):
