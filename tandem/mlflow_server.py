@@ -77,7 +77,7 @@ def server_command(root: Path, port: int, workers: int = 1) -> list[str]:
     ]
 
 
-def start_server(root: Path, port: int, timeout: float = 60.0, workers: int = 1) -> MlflowServer:
+def start_server(root: Path, port: int, timeout: float = 180.0, workers: int = 1) -> MlflowServer:
     """Start a server with its state under ``root`` and wait until ``/health`` answers 200.
 
     Parameters
@@ -88,7 +88,8 @@ def start_server(root: Path, port: int, timeout: float = 60.0, workers: int = 1)
         Loopback port to bind (pick a free one, e.g. ``tests.conftest.free_port``).
     timeout : float
         Seconds to wait for ``/health``; on timeout (or early exit) the server is stopped and
-        ``RuntimeError`` carries the tail of its log. Startup takes ~8 s on 2 cores.
+        ``RuntimeError`` carries the tail of its log. Startup takes ~8 s on 2 idle cores and
+        over a minute on a loaded shared machine, hence the generous default.
 
     Returns
     -------
