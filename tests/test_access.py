@@ -29,6 +29,7 @@ from tandem import synthetic_bundle as S
 from tandem.contracts import recommender_v1_pb2 as pb
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
 from tandem.security import InsecureSecretFile, kafka_client_kwargs, read_secret
+from tests.conftest import free_port
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -94,10 +95,14 @@ class ColdStore:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def bundle(tmp_path_factory) -> Path:
     spec = S.SyntheticSpec(n_items=300, n_users=500, n_als_users=200, n_trees=5, num_leaves=7,
                            n_train_groups=20, group_size=10)
-    bundle, _ = S.build(tmp_path_factory.mktemp("bundle"), spec)
+    return S.build(tmp_path_factory.mktemp("bundle"), spec)[0]
+
+
+@pytest.fixture(scope="module")
+def app(bundle):
     fetch, probe = local_source(bundle)
     app = App(fetch, probe, None, ServingConfig(ranker_backend="lightgbm",
                                                 online_store_timeout_ms=200.0,
@@ -219,6 +224,31 @@ def test_server_refuses_a_readable_key_at_start(pki, tmp_path):
             Path(__file__).resolve().parents[1])})
     assert done.returncode == 2, done.stderr
     assert "chmod 600" in done.stderr and "PRIVATE KEY" not in done.stderr + done.stdout
+
+
+@pytest.mark.serving
+def test_server_process_with_tls_and_token(pki, bundle, tmp_path):
+    """The deployed path: flags and a token file start a TLS server that checks the token."""
+    token_file = _write(tmp_path / "token", TOKEN.encode())
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "TANDEM_GRPC_TOKEN_FILE": str(token_file)}
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.server", "--bundle-dir", str(bundle), "--port",
+             str(port), "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"])],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    tls = {"TANDEM_GRPC_CA": str(pki["ca"])}
+    try:
+        with grpc_channel.channel(f"127.0.0.1:{port}", env=tls) as channel:
+            grpc.channel_ready_future(channel).result(timeout=120)
+        assert _code(port, tls) == grpc.StatusCode.UNAUTHENTICATED
+        assert _code(port, tls, insecure=True) == grpc.StatusCode.UNAVAILABLE
+        assert len(_recommend(port, {**tls, "TANDEM_GRPC_TOKEN": TOKEN}).items) == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert TOKEN not in (tmp_path / "server.log").read_text()
 
 
 KAFKA_ENV = {"TANDEM_KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
