@@ -82,12 +82,18 @@ def start_stack(paths: Paths) -> Stack:
     from tandem.streaming.topics import ensure_topics
 
     ensure_topics(bootstrap)
-    t0 = _step(f"MLflow server on 127.0.0.1:{MLFLOW_PORT} (SQLite registry, local artifacts)")
-    from tandem.mlflow_server import server_command, server_env
+    from tandem.mlflow_server import auth_requested, client_env, server_command, server_env
 
+    auth = auth_requested()
+    t0 = _step(f"MLflow server on 127.0.0.1:{MLFLOW_PORT} (SQLite registry, local artifacts"
+               f"{', basic auth' if auth else ''})")
     paths.mlflow.mkdir(parents=True, exist_ok=True)
-    processes.start(paths.run, "mlflow", server_command(paths.mlflow, MLFLOW_PORT),
-                    env=server_env())
+    processes.start(paths.run, "mlflow", server_command(paths.mlflow, MLFLOW_PORT, auth=auth),
+                    env=server_env(paths.mlflow, auth))
+    if auth:
+        # every MLflow client from here on inherits them: this process (the champion check),
+        # serving, Airflow and, through it, the jobs (processes.child_env copies os.environ)
+        os.environ.update(client_env(paths.mlflow))
     _wait_port(MLFLOW_PORT, 180, "MLflow")
     _done(t0)
     stack = Stack(paths, bootstrap, f"http://127.0.0.1:{MLFLOW_PORT}")
@@ -311,7 +317,12 @@ def _print_access(paths: Paths, elapsed: float) -> None:
     console.rule(f"[bold]Ready in {elapsed / 60:.1f} min")
     console.print(f"Airflow UI   http://127.0.0.1:{AIRFLOW_PORT}   user admin / password "
                   f"{password}")
-    console.print(f"MLflow UI    http://127.0.0.1:{MLFLOW_PORT}   (model tandem-recommender)")
+    from tandem.mlflow_server import ADMIN_USER, AuthFiles, auth_requested
+
+    login = (f"user {ADMIN_USER} / password in {AuthFiles.under(paths.mlflow).password}"
+             if auth_requested() else "open (TANDEM_MLFLOW_AUTH=1 for basic auth)")
+    console.print(f"MLflow UI    http://127.0.0.1:{MLFLOW_PORT}   {login}  "
+                  "(model tandem-recommender)")
     console.print(f"gRPC         127.0.0.1:{GRPC_PORT}  tandem.serving.v1.Recommender "
                   "(health + reflection on)")
     console.print(f"Prometheus   http://127.0.0.1:{METRICS_PORT}/metrics")

@@ -31,6 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,11 @@ def client_env(root: Path) -> dict[str, str]:
     files = AuthFiles.under(root)
     return {"MLFLOW_TRACKING_USERNAME": ADMIN_USER,
             "MLFLOW_TRACKING_PASSWORD": read_secret_file(files.password).decode()}
+
+
+def auth_requested(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``TANDEM_MLFLOW_AUTH=1`` asks the embedded server for basic auth (off by default)."""
+    return (os.environ if env is None else env).get("TANDEM_MLFLOW_AUTH", "0") == "1"
 
 
 def server_env(root: Path | None = None, auth: bool = False) -> dict[str, str]:

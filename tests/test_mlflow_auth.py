@@ -13,19 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tandem.mlflow_server import ADMIN_USER, AuthFiles, client_env, ensure_auth
-from tests.conftest import free_port
-
-pytestmark = [pytest.mark.mlflow, pytest.mark.slow]
+from tandem.mlflow_server import ADMIN_USER, AuthFiles, auth_requested, client_env, ensure_auth
+from tandem.security import InsecureSecretFile
+from tests.conftest import start_mlflow_server
 
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
 
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
-    from tandem.mlflow_server import start_server
-
-    server = start_server(tmp_path_factory.mktemp("mlflow-auth"), free_port(), auth=True)
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-auth"), auth=True)
     yield server
     server.stop()
 
@@ -42,6 +39,20 @@ def _status(url: str, user: str | None = None, password: str | None = None) -> i
         return exc.code
 
 
+def _group_command_lines(pgid: int) -> list[str]:
+    """Command lines (as ``ps`` shows them to anyone) of every process in group ``pgid``."""
+    lines = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getpgid(int(proc.name)) == pgid:
+                lines.append((proc / "cmdline").read_bytes().decode(errors="replace"))
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+    return lines
+
+
+@pytest.mark.mlflow
+@pytest.mark.slow
 def test_rest_refuses_requests_without_the_admin_password(auth_server):
     password = client_env(auth_server.root)["MLFLOW_TRACKING_PASSWORD"]
     assert _status(auth_server.url + "/health") == 200  # probes need no secret
@@ -50,6 +61,8 @@ def test_rest_refuses_requests_without_the_admin_password(auth_server):
     assert _status(auth_server.url + SEARCH, ADMIN_USER, password) == 200
 
 
+@pytest.mark.mlflow
+@pytest.mark.slow
 def test_authenticated_client_logs_registers_and_aliases(auth_server, monkeypatch):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -80,6 +93,8 @@ def test_authenticated_client_logs_registers_and_aliases(auth_server, monkeypatc
     assert resolve_alias("champion", client=client_for(auth_server.url)) == int(version.version)
 
 
+@pytest.mark.mlflow
+@pytest.mark.slow
 def test_secrets_are_0600_files_and_nowhere_else(auth_server):
     files = AuthFiles.under(auth_server.root)
     password = client_env(auth_server.root)["MLFLOW_TRACKING_PASSWORD"]
@@ -88,8 +103,10 @@ def test_secrets_are_0600_files_and_nowhere_else(auth_server):
     for path in (files.password, files.secret_key):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert files.database.exists()  # the user store the ini points at
+    command_lines = _group_command_lines(auth_server.pid)
+    assert len(command_lines) >= 2  # the mlflow CLI and its uvicorn worker
     for text in (files.config.read_text(), auth_server.log_path.read_text(errors="replace"),
-                 Path(f"/proc/{auth_server.pid}/cmdline").read_bytes().decode(errors="replace")):
+                 *command_lines):
         assert password not in text and secret_key not in text
     assert "Created admin user" in auth_server.log_path.read_text(errors="replace")
 
@@ -102,7 +119,11 @@ def test_ensure_auth_keeps_existing_secrets(tmp_path):
             files.config.read_text()) == first
     assert first[0] != first[1]
     os.chmod(files.password, 0o644)
-    from tandem.security import InsecureSecretFile
-
     with pytest.raises(InsecureSecretFile):
         client_env(tmp_path)
+
+
+def test_auth_is_opt_in():
+    assert not auth_requested({})
+    assert not auth_requested({"TANDEM_MLFLOW_AUTH": "0"})
+    assert auth_requested({"TANDEM_MLFLOW_AUTH": "1"})
