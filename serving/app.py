@@ -3,7 +3,9 @@
 ``App`` holds one ``Engine`` per registry alias that the A/B experiment serves. A request reads
 ``app.engines`` ONCE and keeps that snapshot to the end, so a hot reload (a background poller
 builds the new engine, then replaces the dict in one assignment) never disturbs in-flight
-requests and never fails one.
+requests and never fails one. A new engine is swapped in only after a warm-up without part
+fallbacks; refused versions and the last good one are kept in a ``serving.bundle_sync`` ledger.
+A swapped-out engine is freed once its last request ends (nothing else refers to it).
 
 Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)::
 
@@ -19,7 +21,10 @@ Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)
 
 Any failing or slow part degrades the answer instead of failing it: no user features -> the
 retrieval sources that do not need them; no ranker -> retrieval order; and each such case is
-named in ``fallbacks`` and counted. Unknown users with no history take the cold path:
+named in ``fallbacks`` and counted. The store read sits behind a circuit breaker
+(``serving.breaker``): after a few failed or late reads requests skip it at once
+(``online_store_open``) until a trial read succeeds. Client deadlines shrink the stage deadlines
+(``ServingConfig.within``). Unknown users with no history take the cold path:
 popularity + onboarding-genre content, with epsilon-greedy / Thompson exploration over fresh
 items and a propensity for every shown item.
 """
@@ -33,6 +38,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -45,6 +51,8 @@ import numpy as np
 import pandas as pd
 
 from serving import metrics as m
+from serving.breaker import CircuitBreaker
+from serving.bundle_sync import BundleLedger, BundleRejected
 from serving.validation import RecommendQuery
 from tandem import bundle as B
 from tandem import features as F
@@ -64,6 +72,11 @@ DAY_MS = 86_400_000
 # engines: a hot reload must not leak threads)
 _STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="online-store")
 _NO_ROWS = np.zeros(0, dtype=np.int64)
+# fallbacks that mean the online store did not answer (the user is then unknown only for now)
+STORE_FALLBACKS = ("online_store_timeout", "online_store_error", "online_store_open")
+# fallbacks that mean a part of the bundle failed: a warm-up with any of them refuses the bundle
+PART_FALLBACKS = frozenset({"user_tower_error", "two_tower_error", "als_error", "ranker_error"})
+_PROFILE_CACHE = 4096  # encoded tower profiles memoised per engine
 
 
 @dataclass(frozen=True)
@@ -93,9 +106,25 @@ class ServingConfig:
     online_store_timeout_ms: float = 20.0
     rank_deadline_ms: float = 60.0
     ranker_backend: str = "auto"  # auto (lleaves when installed) | lleaves | lightgbm
+    store_breaker_failures: int = 3  # consecutive failed/late store reads that open the breaker
+    store_breaker_cooldown_s: float = 5.0  # open this long, then one trial read
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> ServingConfig:
         return replace(self, **dict(overrides)) if overrides else self
+
+    def within(self, budget_ms: float | None) -> ServingConfig:
+        """These knobs with the stage deadlines cut to fit a client deadline ``budget_ms`` away.
+
+        The store read gets at most 40% of it and ranking is skipped once half of it has gone,
+        leaving the rest for ranking, MMR and the reply; a generous client deadline changes
+        nothing (no copy).
+        """
+        if budget_ms is None or (budget_ms * 0.4 >= self.online_store_timeout_ms
+                                 and budget_ms * 0.5 >= self.rank_deadline_ms):
+            return self
+        return replace(self, online_store_timeout_ms=min(self.online_store_timeout_ms,
+                                                         budget_ms * 0.4),
+                       rank_deadline_ms=min(self.rank_deadline_ms, budget_ms * 0.5))
 
 
 # ------------------------------------------------------------------------------ online store
@@ -125,9 +154,11 @@ class FeastStore:
     """The Feast online store: the user's profile, activity and session rows
     (``tandem.feature_store.USER_REFS``, one online read per view); never per candidate."""
 
-    def __init__(self, feature_store):
-        from tandem.feature_store import user_row_reader
+    def __init__(self, feature_store, socket_timeout_s: float | None = None):
+        from tandem.feature_store import bound_read_timeout, user_row_reader
 
+        if socket_timeout_s is not None:  # a hung store frees the reading thread
+            bound_read_timeout(feature_store, socket_timeout_s)
         self.reader = user_row_reader(feature_store)
         self.session_fields = {f.name for f in F.SESSION_FIELDS}
 
@@ -335,6 +366,7 @@ class Engine:
         by_pop = np.argsort(-self.popularity, kind="stable")
         self.genre_top = {g: by_pop[genres[by_pop, j]][: cfg.n_cold_exploit]
                           for j, g in enumerate(F.GENRE_VOCAB)}
+        self._profiles: dict[tuple, np.ndarray] = {}  # see _encode_profile
 
     # --------------------------------------------------------------------------- helpers
     def rows_of(self, item_ids) -> np.ndarray:
@@ -344,25 +376,35 @@ class Engine:
         rows = self.item_index.get_indexer(list(item_ids))
         return rows[rows >= 0].astype(np.int64)
 
-    def _start_fetch(self, store: OnlineStore, user_id: str) -> tuple[Future, float]:
-        """The store read, started on ``_STORE_POOL`` (and when), so work can overlap it."""
+    def _start_fetch(self, store: OnlineStore, user_id: str,
+                     breaker: CircuitBreaker | None) -> tuple[Future, float] | None:
+        """The store read, started on ``_STORE_POOL`` (and when), so work can overlap it;
+        None when the breaker is open (no read)."""
+        if breaker is not None and not breaker.allow():
+            return None
         return _STORE_POOL.submit(store.fetch, user_id), time.perf_counter()
 
-    def _finish_fetch(self, pending: tuple[Future, float], cfg: ServingConfig,
-                      fallbacks: list[str]) -> UserRows:
+    def _finish_fetch(self, pending: tuple[Future, float] | None, cfg: ServingConfig,
+                      fallbacks: list[str], breaker: CircuitBreaker | None) -> UserRows:
         """The read's rows, or empty rows once ``online_store_timeout_ms`` has passed since
-        it started (or it failed)."""
+        it started (or it failed, or the breaker refused it); the outcome goes to ``breaker``."""
+        if pending is None:
+            fallbacks.append("online_store_open")
+            return UserRows()
         future, started = pending
         left = cfg.online_store_timeout_ms / 1000.0 - (time.perf_counter() - started)
+        rows = None
         try:
-            return future.result(timeout=max(left, 0.0))
+            rows = future.result(timeout=max(left, 0.0))
         except FutureTimeout:
             future.cancel()
             fallbacks.append("online_store_timeout")
         except Exception:  # noqa: BLE001 - any store failure degrades, never fails the request
             log.exception("online store failed")
             fallbacks.append("online_store_error")
-        return UserRows()
+        if breaker is not None:
+            breaker.record(rows is not None)
+        return rows if rows is not None else UserRows()
 
     def _tower_feats(self, user_raw: Mapping[str, Any]) -> np.ndarray | None:
         """Tower profile input from raw online fields (``age_bucket`` <- ``user_age_bucket``)."""
@@ -372,12 +414,18 @@ class Engine:
         values = tuple(user_raw.get(name, user_raw.get(f"user_{name}")) for name, _ in spec.fields)
         return self._encode_profile(values)
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one engine per bundle, few profiles
     def _encode_profile(self, values: tuple) -> np.ndarray:
-        """``user_spec.encode`` of one profile: a pure function of a few categorical values."""
-        spec = self.tower.user_spec
-        out = spec.encode({name: [v] for (name, _), v in zip(spec.fields, values, strict=True)})[0]
-        out.setflags(write=False)  # shared by every request with this profile
+        """``user_spec.encode`` of one profile: a pure function of a few categorical values,
+        memoised in this engine (a cache keyed on the engine, like ``lru_cache`` on a method,
+        would keep every swapped-out engine alive)."""
+        out = self._profiles.get(values)
+        if out is None:
+            spec = self.tower.user_spec
+            out = spec.encode({name: [v] for (name, _), v in zip(spec.fields, values,
+                                                                 strict=True)})[0]
+            out.setflags(write=False)  # shared by every request with this profile
+            if len(self._profiles) < _PROFILE_CACHE:  # few profiles; a bound all the same
+                self._profiles[values] = out
         return out
 
     def _search(self, index: AnnIndex, queries: np.ndarray, k: int) -> np.ndarray:
@@ -389,25 +437,26 @@ class Engine:
         return self.item_features.take(rows, now_ms)
 
     # --------------------------------------------------------------------------- recommend
-    def recommend(self, q: RecommendQuery, cfg: ServingConfig, store: OnlineStore) -> Result:
+    def recommend(self, q: RecommendQuery, cfg: ServingConfig, store: OnlineStore,
+                  breaker: CircuitBreaker | None = None) -> Result:
         clock = _Clock()
         fallbacks: list[str] = []
         now_ms = q.ts or int(time.time() * 1000)
         user_row = _row_of(self.user_index, q.user_id)
         with clock.stage("online_store"):
-            pending = self._start_fetch(store, q.user_id)
+            pending = self._start_fetch(store, q.user_id, breaker)
         als = None
         if user_row >= 0:  # the ALS query needs nothing from the store: search while it reads
             with clock.stage("ann"):
                 als = self._als_guarded(user_row, _NO_ROWS, cfg, fallbacks)
         with clock.stage("online_store"):
-            rows = self._finish_fetch(pending, cfg, fallbacks)
+            rows = self._finish_fetch(pending, cfg, fallbacks, breaker)
         session = rows.session or {}
         recent_ids = list(q.session_item_ids) + list(session.get(s.SESSION_RECENT_ITEMS) or [])
         history = pd.unique(self.rows_of(recent_ids))  # newest first, deduplicated
         exclude = np.concatenate([history, self.rows_of(q.exclude_item_ids)])
         if rows.user is None and user_row < 0 and len(history) == 0:
-            if "online_store_timeout" in fallbacks or "online_store_error" in fallbacks:
+            if any(f in STORE_FALLBACKS for f in fallbacks):
                 result = self._degraded(q, exclude, clock)  # unknown because the store failed
             else:
                 result = self._cold(q, cfg, exclude, now_ms, clock)
@@ -615,7 +664,7 @@ class Engine:
 
     # --------------------------------------------------------------------------- warm-up
     def warm_up(self, cfg: ServingConfig, store: OnlineStore, n_requests: int = 64,
-                budget_s: float = 5.0) -> int:
+                budget_s: float = 5.0, breaker: CircuitBreaker | None = None) -> WarmUp:
         """Answer ``n_requests`` made-up requests before this engine takes real ones.
 
         A fresh process answers its first requests slowly (1M-item bench bundle: the first
@@ -626,7 +675,8 @@ class Engine:
         known users (evenly spread over the ALS users), users known only by their session, a
         cold user and similar items, through the same code as real requests; nothing is
         recorded (metrics are recorded by ``App``). It stops after ``budget_s`` so a slow store
-        cannot hold up a start or a reload. Returns how many requests it answered.
+        cannot hold up a start or a reload. Returns how many requests it answered and the
+        fallbacks they took (``App`` refuses a bundle whose parts fell back).
         """
         end = time.perf_counter() + budget_s
         devices = ("web", "ios", "android", "tv")
@@ -636,14 +686,27 @@ class Engine:
         queries = [RecommendQuery("__warm_up_session__", 20, "web", session_item_ids=session),
                    RecommendQuery("__warm_up_cold__", 20, "tv"),
                    *(RecommendQuery(str(u), 20, devices[i % 4]) for i, u in enumerate(users))]
-        done = 0
+        done, fallbacks = 0, Counter()
         for q in queries[:n_requests]:
             if time.perf_counter() > end:
                 break
-            self.recommend(q, cfg, store)
+            fallbacks.update(self.recommend(q, cfg, store, breaker).fallbacks)
             done += 1
         self.similar(str(self.item_ids[self.popular[0]]), 10)
-        return done
+        return WarmUp(done, dict(fallbacks))
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What :meth:`Engine.warm_up` did: requests answered and their fallbacks by reason."""
+
+    requests: int
+    fallbacks: dict[str, int]
+
+    @property
+    def part_failures(self) -> dict[str, int]:
+        """Fallbacks that blame the bundle (not the online store or a slow machine)."""
+        return {k: n for k, n in self.fallbacks.items() if k in PART_FALLBACKS}
 
 
 def _load_cooc(root: Path, n_items: int):
@@ -764,49 +827,105 @@ class App:
     engine_cls : the Engine class (the benchmark's naive baseline subclasses it)
     item_features : catalog ids -> item feature table (the fast path); default: item rows
         from the bundle only (created_at), everything else at its default
+    ledger : last good / refused versions per alias (:mod:`serving.bundle_sync`); default in
+        memory only
+
+    A bundle serves only after a warm-up without part fallbacks (``PART_FALLBACKS``); one that
+    fails to fetch, load or warm up is refused and remembered (``BundleRejected``), and the
+    old engine keeps serving. At start, an alias whose bundle cannot be fetched (registry down)
+    or is refused serves its last good bundle from the ledger; polling syncs it later.
     """
 
     def __init__(self, fetch_bundle: BundleSource, probe_version: VersionProbe,
                  experiment: Experiment | None = None, cfg: ServingConfig | None = None,
                  store: OnlineStore | None = None, sink: ImpressionSink | None = None,
                  item_features: ItemTableFactory | None = None,
-                 cache_dir: Path | None = None, engine_cls: type[Engine] = Engine):
+                 cache_dir: Path | None = None, engine_cls: type[Engine] = Engine,
+                 ledger: BundleLedger | None = None):
         self.fetch_bundle, self.probe_version = fetch_bundle, probe_version
         self.experiment = experiment or Experiment.single()
         self.cfg = cfg or ServingConfig()
         self.store = store or NoStore()
+        self.breaker = CircuitBreaker("online_store", self.cfg.store_breaker_failures,
+                                      self.cfg.store_breaker_cooldown_s)
         self.sink = sink or NullSink()
         self.item_features = item_features
         self.cache_dir = cache_dir
         self.engine_cls = engine_cls
+        self.ledger = ledger or BundleLedger(None)
         self.engines: dict[str, Engine] = {}
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         for alias in self.experiment.aliases:
-            self.engines = {**self.engines, alias: self._build(alias)}
+            self.engines = {**self.engines, alias: self._start(alias)}
         _freeze_heap(collect=True)
 
+    def _start(self, alias: str) -> Engine:
+        """The alias's registry bundle, else its last good one (registry down, or refused)."""
+        try:
+            version = self.probe_version(alias)
+            reason = None if version is None else self.ledger.is_bad(alias, str(version))
+            if reason is not None:  # refused by an earlier run: not fetched again
+                raise LookupError(f"version {version} was refused before ({reason})")
+            return self._build(alias)
+        except Exception as exc:  # noqa: BLE001 - any failure: try the last good bundle
+            if isinstance(exc, BundleRejected):
+                self._reject(alias, exc)
+            last = self.ledger.last_good(alias)
+            if last is None:
+                raise
+            log.warning("alias %s: %s; serving the last good bundle v%s until the registry "
+                        "syncs", alias, exc, last[1])
+            m.LAST_GOOD.labels(alias).set(1)
+            return self._load(alias, *last)
+
     def _build(self, alias: str) -> Engine:
+        """Fetch, load and warm up the alias's current bundle (``BundleRejected`` if bad)."""
         bundle_dir, version = self.fetch_bundle(alias)
+        engine = self._load(alias, bundle_dir, version)
+        m.LAST_GOOD.labels(alias).set(0)
+        return engine
+
+    def _load(self, alias: str, bundle_dir: Path, version: str) -> Engine:
         t0 = time.perf_counter()
-        with _gc_paused():
-            engine = self.engine_cls(bundle_dir, version, self.item_features, self.cfg,
-                                     self.cache_dir)
-        loaded = time.perf_counter()
-        warmed = engine.warm_up(self.cfg, self.store)
+        try:
+            with _gc_paused():
+                engine = self.engine_cls(bundle_dir, version, self.item_features, self.cfg,
+                                         self.cache_dir)
+            loaded = time.perf_counter()
+            # its own breaker: a store down during warm-up must not open the live one
+            warm = engine.warm_up(self.cfg, self.store, breaker=CircuitBreaker(
+                None, self.cfg.store_breaker_failures, self.cfg.store_breaker_cooldown_s))
+        except Exception as exc:  # noqa: BLE001 - a part that fails to load refuses the bundle
+            log.exception("alias %s: version %s failed to load", alias, version)
+            raise BundleRejected(version, f"load failed: {exc!r}"[:500]) from exc
+        if warm.part_failures:
+            raise BundleRejected(version, f"warm-up fell back: {warm.part_failures}")
+        self.ledger.mark_good(alias, version, bundle_dir)
         m.MODEL_VERSION.labels(alias).set(float(version) if str(version).isdigit() else -1)
         m.RELOADS.labels(alias, "loaded").inc()
         log.info("alias %s: loaded version %s from %s in %.1f s (ranker %s), %d warm-up "
-                 "requests in %.1f s", alias, version, bundle_dir, loaded - t0,
-                 engine.ranker.backend, warmed, time.perf_counter() - loaded)
+                 "requests in %.1f s (fallbacks %s)", alias, version, bundle_dir, loaded - t0,
+                 engine.ranker.backend, warm.requests, time.perf_counter() - loaded,
+                 warm.fallbacks or "none")
         return engine
 
+    def _reject(self, alias: str, exc: BundleRejected) -> None:
+        log.error("alias %s: REFUSED version %s (%s); not fetched again while the alias points "
+                  "at it", alias, exc.version, exc.reason)
+        self.ledger.mark_bad(alias, exc.version, exc.reason)
+        m.BUNDLE_REJECTED.labels(alias, exc.reason.split(":")[0]).inc()
+        m.RELOADS.labels(alias, "rejected").inc()
+
     # ------------------------------------------------------------------------- requests
-    def recommend(self, q: RecommendQuery) -> Result:
+    def recommend(self, q: RecommendQuery, budget_ms: float | None = None) -> Result:
+        """Answer ``q``; ``budget_ms``: time left before the client's deadline (stage
+        deadlines shrink to fit it, see :meth:`ServingConfig.within`)."""
         variant = self.experiment.assign(q.user_id)
         engines = self.engines  # one snapshot for the whole request
         cfg = self.cfg.with_overrides(variant.overrides)
-        result = engines[variant.alias].recommend(q, cfg, self.store)
+        result = engines[variant.alias].recommend(q, cfg.within(budget_ms), self.store,
+                                                  self.breaker)
         result.experiment, result.variant = self.experiment.name, variant.name
         m.VARIANTS.labels(self.experiment.name, variant.name).inc()
         m.observe(result)
@@ -841,8 +960,18 @@ class App:
                 current = self.engines.get(alias)
                 if version is None or (current is not None and current.version == str(version)):
                     continue
+                if self.ledger.is_bad(alias, str(version)) is not None:
+                    continue  # refused before: not fetched again until the alias moves
                 engine = self._build(alias)
-            except Exception:  # noqa: BLE001 - a bad new bundle keeps the old one serving
+            except BundleRejected as exc:  # the old engine keeps serving
+                self._reject(alias, exc)
+                continue
+            except ConnectionError as exc:  # registry down (RegistryUnavailable): one line
+                log.warning("alias %s: %s; still serving version %s", alias, exc,
+                            getattr(self.engines.get(alias), "version", None))
+                m.RELOADS.labels(alias, "unreachable").inc()
+                continue
+            except Exception:  # noqa: BLE001 - registry or network: retried next poll
                 log.exception("reload of alias %s failed; still serving the old bundle", alias)
                 m.RELOADS.labels(alias, "failed").inc()
                 continue

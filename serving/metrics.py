@@ -29,6 +29,18 @@ VARIANTS = Counter("tandem_variant_requests_total", "Recommend requests per A/B 
 MODEL_VERSION = Gauge("tandem_model_version", "Registry version served per alias", ["alias"])
 RELOADS = Counter("tandem_reloads_total", "Bundle (re)loads, by outcome", ["alias", "outcome"])
 COLD_START = Counter("tandem_cold_start_total", "Recommend requests served by the cold path")
+BREAKER_STATE = Gauge("tandem_breaker_state",
+                      "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["dependency"])
+BREAKER_TRANSITIONS = Counter("tandem_breaker_transitions_total",
+                              "Circuit breaker state changes, by the state entered",
+                              ["dependency", "state"])
+SHED = Counter("tandem_shed_total", "RPCs refused before any work, by reason "
+               "(deadline: the client's deadline left no time)", ["method", "reason"])
+BUNDLE_REJECTED = Counter("tandem_bundle_rejected_total",
+                          "Registry versions refused and remembered as bad, by reason",
+                          ["alias", "reason"])
+LAST_GOOD = Gauge("tandem_serving_last_good", "1 while an alias serves its last good local "
+                  "bundle because the registry was unreachable at start", ["alias"])
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> int:

@@ -8,7 +8,17 @@ sending), then ``server.stop(grace)`` lets in-flight RPCs finish.
 
 Bundles come from the MLflow registry by alias (``--alias``, default ``champion``; the
 A/B experiment file may name more) and are re-checked every ``--poll-s`` seconds; ``--bundle-dir``
-serves one local folder instead (no reload).
+serves one local folder instead (no reload). Downloads and the ledger of the last good and
+refused versions live in ``--cache-dir`` (default ``$TANDEM_HOME/serving/bundles``), so a
+restart while the registry is down serves the last good bundle (``serving.bundle_sync``).
+
+Overload is shed: beyond ``--max-concurrent-rpcs`` RPCs in flight (running or queued for a
+worker) gRPC answers ``RESOURCE_EXHAUSTED`` at once (``tandem_shed_total{reason="overload"}``)
+instead of queueing requests that would miss their deadlines anyway.
+
+Access (``serving.auth``): TLS with ``--tls-cert``/``--tls-key``, mutual TLS with
+``--tls-client-ca``, a bearer token from ``TANDEM_GRPC_TOKEN``/``TANDEM_GRPC_TOKEN_FILE``;
+without them the server is plaintext (the demo, on loopback). Health stays open.
 """
 
 from __future__ import annotations
@@ -22,7 +32,6 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import weakref  # noqa: E402
 from concurrent import futures  # noqa: E402
@@ -34,9 +43,12 @@ from grpc_reflection.v1alpha import reflection  # noqa: E402
 
 from serving import metrics  # noqa: E402
 from serving.app import App, FeastStore, ServingConfig  # noqa: E402
+from serving.auth import Access  # noqa: E402
+from serving.bundle_sync import BundleLedger, BundleRejected  # noqa: E402
 from serving.servicer import RecommenderServicer  # noqa: E402
 from tandem.ab import Experiment  # noqa: E402
 from tandem.bundle import BundleManifest  # noqa: E402
+from tandem.config import Paths  # noqa: E402
 from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -60,18 +72,53 @@ def _configure_maintenance(server: grpc.Server) -> health.HealthServicer:
     return health_servicer
 
 
-def create_server(address: str, app: App, max_workers: int = 8,
-                  reuse_port: bool = False) -> tuple[grpc.Server, int]:
+class _ShedCounter(grpc.ServerInterceptor):
+    """Counts the RPCs gRPC refuses with RESOURCE_EXHAUSTED (``maximum_concurrent_rpcs``).
+
+    gRPC refuses them in its polling thread without calling any handler; it calls the
+    interceptors first, under the same lock and after taking the decision from the same two
+    numbers read here (grpc/_server.py ``_process_event_and_continue``), so the count is exact.
+    The numbers are private to grpc: if a release renames them this counts nothing (the
+    shedding itself does not depend on it).
+    """
+
+    def __init__(self):
+        self.state = None  # the server's private state, set once the server exists
+
+    def intercept_service(self, continuation, handler_call_details):
+        state = self.state
+        limit = getattr(state, "maximum_concurrent_rpcs", None)
+        if limit is not None and getattr(state, "active_rpc_count", 0) >= limit:
+            method = handler_call_details.method.rpartition("/")[2]
+            metrics.SHED.labels(method if method in _METHODS else "other", "overload").inc()
+        return continuation(handler_call_details)
+
+
+_METHODS = frozenset(pb.DESCRIPTOR.services_by_name["Recommender"].methods_by_name)
+
+
+def create_server(address: str, app: App, max_workers: int = 8, reuse_port: bool = False,
+                  max_concurrent_rpcs: int | None = None,
+                  access: Access | None = None) -> tuple[grpc.Server, int]:
     """A started server for ``app`` on ``address`` (``host:0`` picks a free port).
 
     ``reuse_port`` lets several server processes bind the same port (SO_REUSEPORT; the kernel
     spreads connections across them); off, a second server on a taken port fails loudly.
+    ``max_concurrent_rpcs``: RPCs in flight (running + queued) beyond which new ones get
+    RESOURCE_EXHAUSTED (None: unbounded queue). ``access``: TLS / mutual TLS / bearer token
+    (None: plaintext, no token).
     """
+    access = access or Access()
+    shed = _ShedCounter()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=[("grpc.so_reuseport", int(reuse_port))])
+                         options=[("grpc.so_reuseport", int(reuse_port))],
+                         interceptors=[shed, *access.interceptors()],
+                         maximum_concurrent_rpcs=max_concurrent_rpcs)
+    shed.state = getattr(server, "_state", None)
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(app), server)
     _HEALTH[server] = _configure_maintenance(server)
-    port = server.add_insecure_port(address)
+    port = (server.add_insecure_port(address) if access.credentials is None
+            else server.add_secure_port(address, access.credentials))
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     server.start()
@@ -85,21 +132,31 @@ def stop(server: grpc.Server, app: App, grace_s: float = 5.0) -> None:
     app.close()
 
 
-def registry_source(tracking_uri: str | None, cache_dir: Path):
-    """(fetch_bundle, probe_version) over the MLflow registry (``tandem.registry``)."""
+def registry_source(tracking_uri: str | None, cache_dir: Path, timeout_s: float = 2.0):
+    """(fetch_bundle, probe_version) over the MLflow registry (``tandem.registry``).
+
+    Each call first checks the server answers within ``timeout_s`` (``RegistryUnavailable``
+    otherwise: the App then serves its last good bundle). A version without a digest tag or
+    whose download does not match it raises ``BundleRejected`` (remembered, not retried).
+    """
     from tandem import registry
 
     client = registry.client_for(tracking_uri)
 
     def probe(alias: str) -> str | None:
+        registry.check_reachable(client.tracking_uri, timeout_s)
         version = registry.resolve_alias(alias, client)
         return None if version is None else str(version)
 
     def fetch(alias: str) -> tuple[Path, str]:
+        registry.check_reachable(client.tracking_uri, timeout_s)
         version = registry.resolve_alias(alias, client)
         if version is None:
             raise LookupError(f"registry alias {alias!r} does not exist")
-        return registry.download_bundle(version, cache_dir, client), str(version)
+        try:
+            return registry.download_bundle(version, cache_dir, client), str(version)
+        except registry.BundleDigestError as exc:
+            raise BundleRejected(str(version), f"digest: {exc}") from exc
 
     return fetch, probe
 
@@ -119,26 +176,32 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
     experiment = (Experiment.load(args.experiment) if args.experiment
                   else Experiment.single(args.alias))
     cfg = ServingConfig(mmr_lambda=args.mmr_lambda, ranker_backend=args.ranker_backend,
-                        exploration=args.exploration, max_k=args.max_k)
+                        exploration=args.exploration, max_k=args.max_k,
+                        online_store_timeout_ms=args.store_timeout_ms,
+                        store_breaker_failures=args.breaker_failures,
+                        store_breaker_cooldown_s=args.breaker_cooldown_s)
+    ledger = None
     if args.bundle_dir:
         fetch, probe = local_source(Path(args.bundle_dir))
     else:
-        cache = Path(args.cache_dir or tempfile.mkdtemp(prefix="tandem-bundles-"))
-        fetch, probe = registry_source(args.tracking_uri, cache)
+        cache = Path(args.cache_dir) if args.cache_dir else Paths.default().bundle_cache
+        if args.processes > 1:  # each process its own folder: no two download into one
+            cache = cache / f"process-{args.process_index}"
+        fetch, probe = registry_source(args.tracking_uri, cache, args.registry_timeout_s)
+        ledger = BundleLedger(cache)
     store, item_features = None, None
     if args.feast_home:
         from tandem import feature_store
-        from tandem.config import Paths
 
         fs = feature_store.open_store(Paths(Path(args.feast_home).resolve()))
-        store = FeastStore(fs)
+        store = FeastStore(fs, socket_timeout_s=args.store_socket_timeout_ms / 1000.0)
         item_features = lambda ids: feature_store.ItemFeatureTable(fs, ids)  # noqa: E731
     if args.item_features:
         frame = pd.read_parquet(args.item_features)
         item_features = lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids))  # noqa: E731
     extra = {"engine_cls": engine_cls} if engine_cls is not None else {}
     return App(fetch, probe, experiment, cfg, store, sink=_sink(args.impression_sink),
-               item_features=item_features, **extra)
+               item_features=item_features, ledger=ledger, **extra)
 
 
 def _sink(spec: str | None):
@@ -166,7 +229,22 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
                         help="TANDEM_HOME whose feast/ repo is the online store")
     parser.add_argument("--item-features", default=None,
                         help="parquet of raw item feature rows (instead of Feast)")
-    parser.add_argument("--cache-dir", default=None, help="where downloaded bundles go")
+    parser.add_argument("--cache-dir", default=None,
+                        help="downloaded bundles + ledger (default $TANDEM_HOME/serving/bundles)")
+    parser.add_argument("--registry-timeout-s", type=float, default=2.0,
+                        help="the registry's health check must answer within this")
+    parser.add_argument("--store-timeout-ms", type=float, default=20.0,
+                        help="a request's online-store read is abandoned after this")
+    parser.add_argument("--store-socket-timeout-ms", type=float, default=100.0,
+                        help="Redis socket / SQLite lock timeout of a store read (frees its "
+                             "thread when the store hangs)")
+    parser.add_argument("--breaker-failures", type=int, default=3,
+                        help="consecutive failed/late store reads that open the breaker")
+    parser.add_argument("--breaker-cooldown-s", type=float, default=5.0,
+                        help="how long an open breaker skips the store before one trial read")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=64,
+                        help="RPCs in flight (running + queued) beyond which new ones get "
+                             "RESOURCE_EXHAUSTED")
     parser.add_argument("--mmr-lambda", type=float, default=0.7)
     parser.add_argument("--max-k", type=int, default=100)
     parser.add_argument("--exploration", choices=["epsilon_greedy", "thompson"],
@@ -184,6 +262,13 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
     parser.add_argument("--processes", type=int, default=1,
                         help="server processes on one port (SO_REUSEPORT), each with its own GIL "
                              "and its own copy of the bundle; metrics on --metrics-port + i")
+    parser.add_argument("--tls-cert", default=os.environ.get("TANDEM_GRPC_TLS_CERT"),
+                        help="PEM certificate chain: serve TLS (TANDEM_GRPC_TLS_CERT)")
+    parser.add_argument("--tls-key", default=os.environ.get("TANDEM_GRPC_TLS_KEY"),
+                        help="PEM private key, mode 0600 (TANDEM_GRPC_TLS_KEY)")
+    parser.add_argument("--tls-client-ca", default=os.environ.get("TANDEM_GRPC_TLS_CLIENT_CA"),
+                        help="CA of client certificates: require mutual TLS "
+                             "(TANDEM_GRPC_TLS_CLIENT_CA)")
     parser.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -198,12 +283,21 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
 
     if engine_cls is not None and args.processes > 1:
         parser.error("--processes > 1 starts serving.server siblings: not with a custom engine")
+    # MLflow's client retries a dead server for minutes; the poller has its own health check
+    # and retries every --poll-s, so a few quick retries are enough
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    try:  # before anything starts: a bad setting is one clear line, not a half-started server
+        access = Access.from_settings(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except (OSError, ValueError) as exc:
+        parser.error(f"access settings: {exc}")
     siblings = _start_siblings(argv if argv is not None else sys.argv[1:], args)
     app = build_app(args, engine_cls)
     if not args.bundle_dir:
         app.start_polling(args.poll_s)
     server, port = create_server(f"{args.host}:{args.port}", app, args.workers,
-                                 reuse_port=args.processes > 1)
+                                 reuse_port=args.processes > 1,
+                                 max_concurrent_rpcs=args.max_concurrent_rpcs, access=access)
     # after the gRPC port: an open metrics port says this process serves (the bench waits on it)
     metrics_port = args.metrics_port + args.process_index if args.metrics_port else 0
     if metrics_port:

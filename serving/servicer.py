@@ -3,6 +3,11 @@
 Bad input becomes ``INVALID_ARGUMENT`` (serving.validation), an unknown item for SimilarItems
 ``NOT_FOUND``; any other error is ``INTERNAL`` with a generic message, logged with its traceback,
 so the process never crashes on input.
+
+Client deadlines are honoured: a request whose deadline has (nearly) passed when a worker picks
+it up (it queued behind others) is answered ``DEADLINE_EXCEEDED`` at once, without work
+(``tandem_shed_total{reason="deadline"}``); otherwise the time left bounds the stage deadlines
+(``ServingConfig.within``), so the answer, degraded if need be, comes before the deadline.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ log = logging.getLogger(__name__)
 # tandem.retrieval source name -> proto enum value (CANDIDATE_SOURCE_<NAME>)
 _SOURCE_ENUM = {name: pb.CandidateSource.Value(f"CANDIDATE_SOURCE_{name.upper()}")
                 for name in SOURCES}
+# less time than this left before the client's deadline: not even a fallback answer arrives
+MIN_BUDGET_MS = 2.0
 
 
 def _items(result: Result) -> list[pb.ScoredItem]:
@@ -45,9 +52,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def Recommend(self, request, context):  # noqa: N802 - gRPC method name
         t0 = time.perf_counter()
+        budget_ms = _budget_ms("Recommend", context, t0)
         try:
             query = parse_recommend(request, self.app.cfg.max_k)
-            result = self.app.recommend(query)
+            result = self.app.recommend(query, budget_ms)
         except InvalidRequest as exc:
             _done("Recommend", "INVALID_ARGUMENT", t0)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -63,6 +71,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def SimilarItems(self, request, context):  # noqa: N802 - gRPC method name
         t0 = time.perf_counter()
+        _budget_ms("SimilarItems", context, t0)
         try:
             item_id, k = parse_similar(request, self.app.cfg.max_k)
             result = self.app.similar(item_id, k)
@@ -79,6 +88,18 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         _done("SimilarItems", "OK", t0)
         return pb.SimilarItemsResponse(request_id=result.request_id,
                                        model_version=result.model_version, items=_items(result))
+
+
+def _budget_ms(method: str, context, t0: float) -> float:
+    """Milliseconds left before the client's deadline (huge without one); aborts the RPC with
+    ``DEADLINE_EXCEEDED`` when less than :data:`MIN_BUDGET_MS` is left."""
+    budget_ms = context.time_remaining() * 1000.0
+    if budget_ms < MIN_BUDGET_MS:
+        m.SHED.labels(method, "deadline").inc()
+        _done(method, "DEADLINE_EXCEEDED", t0)
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request "
+                      "was served")
+    return budget_ms
 
 
 def _done(method: str, code: str, t0: float) -> None:

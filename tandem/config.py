@@ -14,6 +14,7 @@ Lake layout (all parquet unless said otherwise)::
     lake/negatives/{retrieval,ranking}/date=/         sampled negatives
     lake/features/{user,item}/date=/                  time-stamped feature rows (event_timestamp)
     models/  mlflow/  feast/  kafka/  airflow/        component state
+    serving/bundles/                                  serving's bundle cache + ledger.json
 """
 
 from __future__ import annotations
@@ -100,6 +101,12 @@ class Paths:
     @property
     def kafka(self) -> Path:
         return self.root / "kafka"
+
+    @property
+    def bundle_cache(self) -> Path:
+        """Serving's downloaded bundles and its ledger of the last good / refused versions
+        (``serving.bundle_sync``): what a restart serves while the registry is down."""
+        return self.root / "serving" / "bundles"
 
     @property
     def run(self) -> Path:

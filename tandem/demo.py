@@ -84,12 +84,18 @@ def start_stack(paths: Paths) -> Stack:
     from tandem.streaming.topics import ensure_topics
 
     ensure_topics(bootstrap)
-    t0 = _step(f"MLflow server on 127.0.0.1:{MLFLOW_PORT} (SQLite registry, local artifacts)")
-    from tandem.mlflow_server import server_command, server_env
+    from tandem.mlflow_server import auth_requested, client_env, server_command, server_env
 
+    auth = auth_requested()
+    t0 = _step(f"MLflow server on 127.0.0.1:{MLFLOW_PORT} (SQLite registry, local artifacts"
+               f"{', basic auth' if auth else ''})")
     paths.mlflow.mkdir(parents=True, exist_ok=True)
-    processes.start(paths.run, "mlflow", server_command(paths.mlflow, MLFLOW_PORT),
-                    env=server_env())
+    processes.start(paths.run, "mlflow", server_command(paths.mlflow, MLFLOW_PORT, auth=auth),
+                    env=server_env(paths.mlflow, auth))
+    if auth:
+        # every MLflow client from here on inherits them: this process (the champion check),
+        # serving, Airflow and, through it, the jobs (processes.child_env copies os.environ)
+        os.environ.update(client_env(paths.mlflow))
     _wait_port(MLFLOW_PORT, 180, "MLflow")
     _done(t0)
     stack = Stack(paths, bootstrap, f"http://127.0.0.1:{MLFLOW_PORT}")
@@ -196,8 +202,10 @@ def start_serving(stack: Stack) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from tandem import grpc_channel
+
     deadline = time.monotonic() + 300
-    channel = grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}")
+    channel = grpc_channel.channel(f"127.0.0.1:{GRPC_PORT}")
     health = health_pb2_grpc.HealthStub(channel)
     while True:
         try:
@@ -213,11 +221,11 @@ def start_serving(stack: Stack) -> None:
 
 
 def _stub():
-    import grpc
-
+    """A stub over the channel the environment configures (TLS/token: tandem.grpc_channel)."""
+    from tandem import grpc_channel
     from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
 
-    return pb_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}"))
+    return pb_grpc.RecommenderStub(grpc_channel.channel(f"127.0.0.1:{GRPC_PORT}"))
 
 
 def recommend(user_id: str, k: int = 10):
@@ -345,7 +353,12 @@ def _print_access(paths: Paths, elapsed: float) -> None:
     console.rule(f"[bold]Ready in {elapsed / 60:.1f} min")
     console.print(f"Airflow UI   http://127.0.0.1:{AIRFLOW_PORT}   user admin / password "
                   f"{password}")
-    console.print(f"MLflow UI    http://127.0.0.1:{MLFLOW_PORT}   (model tandem-recommender)")
+    from tandem.mlflow_server import ADMIN_USER, AuthFiles, auth_requested
+
+    login = (f"user {ADMIN_USER} / password in {AuthFiles.under(paths.mlflow).password}"
+             if auth_requested() else "open (TANDEM_MLFLOW_AUTH=1 for basic auth)")
+    console.print(f"MLflow UI    http://127.0.0.1:{MLFLOW_PORT}   {login}  "
+                  "(model tandem-recommender)")
     console.print(f"gRPC         127.0.0.1:{GRPC_PORT}  tandem.serving.v1.Recommender "
                   "(health + reflection on)")
     console.print(f"Prometheus   http://127.0.0.1:{METRICS_PORT}/metrics (serving), "

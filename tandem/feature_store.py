@@ -5,7 +5,8 @@ Steps (the DAGs and ``make demo`` call these; each is idempotent):
 - :func:`render` places ``feature_repo/{feature_store.yaml,definitions.py}`` in the state's
   ``feast/`` folder (``Paths.feast``), so tests and the demo never write into the source repo.
   The profile is the embedded default (SQLite online store) or ``redis``
-  (``TANDEM_FEAST_ONLINE=redis``, connection in ``TANDEM_FEAST_REDIS``).
+  (``TANDEM_FEAST_ONLINE=redis``, connection in ``TANDEM_FEAST_REDIS``; a password in it stays
+  in the environment: Feast expands the variable when it loads the yaml).
 - :func:`apply` registers the objects of ``definitions.py``.
 - :func:`materialize` loads the rows with ``event_timestamp`` in ``[start, end]`` into the online
   store (incremental: a DAG run passes its own data interval; earlier rows stay online).
@@ -77,10 +78,16 @@ def render(paths: Paths, profile: str | None = None, redis: str | None = None) -
     Parameters
     ----------
     profile : "sqlite" (default, or ``TANDEM_FEAST_ONLINE``) or "redis".
-    redis : "host:port" for the redis profile; None leaves ``${TANDEM_FEAST_REDIS}`` for Feast
-        to expand from the environment when it loads the yaml.
+    redis : "host:port[,ssl=true]" for the redis profile; None leaves ``${TANDEM_FEAST_REDIS}``
+        for Feast to expand from the environment each time it loads the yaml. A connection with
+        a ``password=`` is refused here: the password must stay in the environment, never in
+        the rendered file.
     """
     profile = profile or os.environ.get("TANDEM_FEAST_ONLINE", "sqlite")
+    if redis is not None and any(part.strip().lower().startswith("password=")
+                                 for part in redis.split(",")):
+        raise ValueError("a Redis password is not written into feature_store.yaml: put the "
+                         "connection string in TANDEM_FEAST_REDIS and render without redis=")
     repo = paths.feast
     repo.mkdir(parents=True, exist_ok=True)
     text = (FEATURE_REPO / PROFILES[profile]).read_text()
@@ -326,6 +333,28 @@ class UserRowReader:
                 if values and name in values:
                     out[name] = self._to_python(values[name])
         return out
+
+
+def bound_read_timeout(store, timeout_s: float) -> None:
+    """Bound how long one online read can block: Redis ``socket_timeout`` and
+    ``socket_connect_timeout`` (unless the connection string sets them), SQLite's busy timeout
+    (default 5 s while a materialization holds the write lock).
+
+    Serving abandons a read at its deadline, but the thread doing it stays blocked until the
+    store answers: without these bounds a hung store keeps every store thread blocked for good.
+    """
+    online = store._get_provider().online_store
+    kind = store.config.online_store.type
+    if kind == "redis":
+        client = online._get_client(store.config.online_store)
+        pool = getattr(client, "connection_pool", None)  # None: a cluster client (not bounded)
+        if pool is not None:
+            for key in ("socket_timeout", "socket_connect_timeout"):
+                if pool.connection_kwargs.get(key) is None:
+                    pool.connection_kwargs[key] = timeout_s
+            pool.disconnect()  # connections made before now reconnect with the bounds
+    elif kind == "sqlite":
+        online._get_conn(store.config).execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
 
 
 _READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store -> its reader

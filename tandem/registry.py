@@ -7,8 +7,8 @@ evaluates challenger and champion on the same data (a callback) and moves ``cham
 the gates of :func:`promote` pass; :func:`rollback` points ``champion`` back at an earlier version.
 Serving resolves ``champion`` and calls :func:`download_bundle`.
 
-Model-version tags (``tandem.*``) record the dataset, parts, the bundle's content digest (checked
-on download) and each promotion decision with its numbers.
+Model-version tags (``tandem.*``) record the dataset, parts, the bundle's content digest (required
+and checked on download) and each promotion decision with its numbers.
 """
 
 from __future__ import annotations
@@ -69,6 +69,30 @@ def bundle_digest(bundle_dir: Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+class RegistryUnavailable(ConnectionError):
+    """The MLflow server did not answer its health check in time."""
+
+
+class BundleDigestError(RuntimeError):
+    """A downloaded bundle has no digest tag or does not match it: never serve it."""
+
+
+def check_reachable(uri: str, timeout_s: float = 2.0) -> None:
+    """Raise :class:`RegistryUnavailable` unless the server at ``uri`` answers ``/health``
+    within ``timeout_s`` (one bounded HTTP call; MLflow's own client retries for minutes).
+    Non-HTTP URIs (a local store) are always reachable."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
+            reply.read()
+    except (OSError, urllib.error.URLError) as exc:
+        raise RegistryUnavailable(f"MLflow registry at {uri} unreachable: {exc}") from exc
 
 
 def client_for(uri: str | None = None) -> MlflowClient:
@@ -165,12 +189,17 @@ def download_bundle(alias_or_version: str | int, dest: Path,
     -------
     Path
         ``dest/v<version>/<name of the logged folder>`` — a complete ``tandem.bundle`` folder,
-        byte-identical to the one that was registered (else ``RuntimeError``).
+        byte-identical to the one that was registered (else :class:`BundleDigestError`, also
+        when the version has no ``DIGEST_TAG``: an unverifiable bundle is never used).
     """
     import mlflow.artifacts
 
     client = client or client_for()
     version = _version(alias_or_version, client)
+    expected = client.get_model_version(MODEL_NAME, str(version)).tags.get(DIGEST_TAG)
+    if not expected:  # checked first: an unverifiable bundle is not even downloaded
+        raise BundleDigestError(f"{MODEL_NAME} v{version}: no {DIGEST_TAG} tag, cannot verify "
+                                "the download")
     source = client.get_model_version_download_uri(MODEL_NAME, str(version))
     target = Path(dest) / f"v{version}"
     shutil.rmtree(target, ignore_errors=True)  # a partial earlier download would fail the digest
@@ -183,9 +212,9 @@ def download_bundle(alias_or_version: str | int, dest: Path,
     local = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"{source}/{subpath}", dst_path=str(target),
         tracking_uri=client.tracking_uri))
-    expected = client.get_model_version(MODEL_NAME, str(version)).tags.get(DIGEST_TAG)
-    if expected and bundle_digest(local) != expected:
-        raise RuntimeError(f"{MODEL_NAME} v{version}: downloaded bundle does not match its digest")
+    if bundle_digest(local) != expected:
+        raise BundleDigestError(f"{MODEL_NAME} v{version}: downloaded bundle does not match "
+                                "its digest")
     BundleManifest.load(local)  # format check
     return local
 

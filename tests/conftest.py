@@ -82,8 +82,9 @@ def kafka_broker(tmp_path_factory):
     broker.stop()
 
 
-def start_mlflow_server(root: Path):
-    """A real ``mlflow server`` under ``root`` on a free loopback port (stop it with ``.stop()``).
+def start_mlflow_server(root: Path, auth: bool = False):
+    """A real ``mlflow server`` under ``root`` on a free loopback port (stop it with ``.stop()``);
+    ``auth``: MLflow's basic-auth app (``tandem.mlflow_server.client_env`` has the credentials).
 
     While the server boots, the first MLflow client call's one-off cost is paid in parallel:
     MLflow loads every ``mlflow.request_header_provider`` plugin, and Feast registers one, which
@@ -97,7 +98,7 @@ def start_mlflow_server(root: Path):
     warm = threading.Thread(target=importlib.import_module,
                             args=("mlflow.tracking.request_header.registry",), daemon=True)
     warm.start()
-    server = start_server(root, free_port())
+    server = start_server(root, free_port(), auth=auth)
     warm.join()
     return server
 

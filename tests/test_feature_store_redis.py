@@ -6,6 +6,8 @@ on a free loopback port with persistence off and stopped after the module.
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -19,22 +21,22 @@ import pytest
 from tandem import feature_store as fs
 from tandem import features as F
 from tandem import schema as s
-from tandem.config import Paths
+from tandem.config import REPO_ROOT, Paths
 from tests.conftest import free_port
 from tests.test_feature_store import ITEMS, T0, T1, item_row, write_features
 
 pytestmark = [pytest.mark.feast, pytest.mark.redis]
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
+def _start_redis(folder, *extra: str):
+    """A redis-server on a free loopback port, persistence off: (process, "127.0.0.1:port")."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed and could not be (make system-deps installs "
                     "the Debian package redis-server as root)")
     port = free_port()
-    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
+    proc = subprocess.Popen([binary, *extra, "--bind", "127.0.0.1", "--port", str(port),
+                             "--save", "", "--appendonly", "no", "--dir", str(folder)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while True:
@@ -46,7 +48,28 @@ def redis_url(tmp_path_factory):
                 proc.kill()
                 pytest.fail(f"redis-server did not start on port {port}")
             time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
+    return proc, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    proc, url = _start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def redis_with_password(tmp_path_factory):
+    """(url, password) of a redis-server that requires a password (set in a 0600 config file)."""
+    folder = tmp_path_factory.mktemp("redis-auth")
+    password = secrets.token_hex(16)
+    conf = folder / "redis.conf"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"requirepass {password}\n")
+    proc, url = _start_redis(folder, str(conf))
+    yield url, password
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -70,3 +93,31 @@ def test_redis_online_write_read_and_push(redis_url, tmp_path_factory):
     assert ok and values[s.SESSION_LENGTH] == 7 and values[s.SESSION_RECENT_ITEMS] == ["i3"]
     missing, ok = fs.fetch_user_features(store, "nobody", deadline_s=5.0)
     assert ok and missing == F.default_row(F.USER_FIELDS + F.SESSION_FIELDS)
+
+
+def test_redis_password_stays_in_the_environment(redis_with_password, tmp_path_factory,
+                                                 monkeypatch):
+    """The password reaches Feast from TANDEM_FEAST_REDIS only: no file holds it, render()
+    refuses to write it, and without it the store's reads fail (it is really required)."""
+    url, password = redis_with_password
+    paths = Paths(tmp_path_factory.mktemp("feast-redis-auth"))
+    write_features(paths)
+    with pytest.raises(ValueError, match="TANDEM_FEAST_REDIS"):
+        fs.render(paths, profile="redis", redis=f"{url},password={password}")
+    monkeypatch.setenv("TANDEM_FEAST_REDIS", f"{url},password={password}")
+    store = fs.apply(paths, profile="redis")
+    fs.materialize(paths, (T0 - timedelta(days=1)).to_pydatetime(), T1.to_pydatetime(), store)
+    values, ok = fs.fetch_user_features(store, "u1", deadline_s=5.0)
+    assert ok and values["user_avg_rating"] == 2.0
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    files = [REPO_ROOT / name for name in listed.splitlines()]
+    files += [p for p in paths.root.rglob("*") if p.is_file()]
+    assert len(files) > 50 and (paths.feast / "feature_store.yaml") in files
+    leaked = [p for p in files if p.is_file() and password.encode() in p.read_bytes()]
+    assert not leaked, leaked
+
+    monkeypatch.setenv("TANDEM_FEAST_REDIS", url)
+    _, ok = fs.fetch_user_features(fs.open_store(paths), "u1", deadline_s=5.0)
+    assert not ok  # redis refuses the unauthenticated read: served defaults instead

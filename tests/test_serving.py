@@ -321,10 +321,10 @@ def test_warm_up_before_serving_records_nothing(world, caplog):
     assert _recorded() == before
     assert "64 warm-up requests" in caplog.text
     engine = app.engines["champion"]
-    assert engine.warm_up(CFG, SynthStore(), n_requests=5) == 5
+    assert engine.warm_up(CFG, SynthStore(), n_requests=5).requests == 5
     t0 = time.perf_counter()  # a store slower than the budget ends the warm-up early
     cfg = ServingConfig(ranker_backend="lightgbm", online_store_timeout_ms=100.0)
-    assert 1 <= engine.warm_up(cfg, SlowStore(), n_requests=64, budget_s=0.25) <= 4
+    assert 1 <= engine.warm_up(cfg, SlowStore(), n_requests=64, budget_s=0.25).requests <= 4
     assert time.perf_counter() - t0 < 1.0
     assert _recorded() == before
 
