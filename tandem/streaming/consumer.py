@@ -30,6 +30,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from prometheus_client import Histogram
 
 from tandem.config import Paths, kafka_bootstrap
+from tandem.security import kafka_client_kwargs
 from tandem.streaming.codec import now_ms
 from tandem.streaming.topics import DLQ_TOPIC, EVENTS_TOPIC, ensure_topics
 
@@ -51,7 +52,7 @@ def make_consumer(bootstrap: str, group: str, topic: str,
         enable_auto_commit=False, auto_offset_reset="earliest",
         session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_MS,
         fetch_max_wait_ms=50, max_poll_records=max_poll_records,
-        max_partition_fetch_bytes=4 * 1024 * 1024)
+        max_partition_fetch_bytes=4 * 1024 * 1024, **kafka_client_kwargs())
     if listener is None:
         consumer.subscribe([topic])
     else:

@@ -27,6 +27,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.producer.future import FutureRecordMetadata
 from prometheus_client import Counter
 
+from tandem.security import kafka_client_kwargs
 from tandem.streaming.codec import MAX_RECORD_BYTES, decode_event
 from tandem.streaming.topics import DLQ_TOPIC
 from tandem.validation import ContractError
@@ -53,7 +54,7 @@ class DeadLetterWriter:
         self.sent = 0
         self._pending: list[FutureRecordMetadata] = []
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                                       client_id=f"{consumer}-dlq")
+                                       client_id=f"{consumer}-dlq", **kafka_client_kwargs())
 
     def send(self, record: ConsumerRecord, reason: str) -> None:
         headers = [

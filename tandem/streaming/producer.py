@@ -27,6 +27,7 @@ from prometheus_client import Counter
 
 from tandem import schema as s
 from tandem.impressions import Feed
+from tandem.security import kafka_client_kwargs
 from tandem.streaming.codec import encode_event, now_ms
 from tandem.streaming.topics import EVENTS_TOPIC
 from tandem.validation import ContractError, validate_event
@@ -55,7 +56,8 @@ class EventProducer:
         self.topic = topic
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap, client_id=client_id, acks="all", linger_ms=linger_ms,
-            batch_size=batch_size, retries=5, max_in_flight_requests_per_connection=1)
+            batch_size=batch_size, retries=5, max_in_flight_requests_per_connection=1,
+            **kafka_client_kwargs())
 
     def send(self, event: dict[str, Any]) -> FutureRecordMetadata:
         """Validate ``event`` (no future timestamps) and send it; raises ``ContractError``."""

@@ -22,6 +22,8 @@ from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from tandem.security import kafka_client_kwargs
+
 EVENTS_TOPIC = "tandem.events.v1"
 DLQ_TOPIC = "tandem.events.dlq.v1"
 DEFAULT_PARTITIONS = 3
@@ -49,7 +51,8 @@ def ensure_topics(bootstrap: str, partitions: int = DEFAULT_PARTITIONS,
     min_insync = min_insync or min_insync_replicas()
     if not 1 <= min_insync <= replication:
         raise ValueError(f"min.insync.replicas {min_insync} must be in 1..{replication}")
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tandem-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tandem-admin",
+                             **kafka_client_kwargs())
     try:
         missing = [n for n in names if n not in set(admin.list_topics())]
         created = []
