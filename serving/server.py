@@ -119,7 +119,8 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
     experiment = (Experiment.load(args.experiment) if args.experiment
                   else Experiment.single(args.alias))
     cfg = ServingConfig(mmr_lambda=args.mmr_lambda, ranker_backend=args.ranker_backend,
-                        exploration=args.exploration, max_k=args.max_k)
+                        exploration=args.exploration, max_k=args.max_k,
+                        genre_cap=args.genre_cap)
     if args.bundle_dir:
         fetch, probe = local_source(Path(args.bundle_dir))
     else:
@@ -169,7 +170,9 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
     parser.add_argument("--cache-dir", default=None, help="where downloaded bundles go")
     parser.add_argument("--mmr-lambda", type=float, default=0.7)
     parser.add_argument("--max-k", type=int, default=100)
-    parser.add_argument("--exploration", choices=["epsilon_greedy", "thompson"],
+    parser.add_argument("--genre-cap", type=int, default=0,
+                        help="at most this many items per genre in a list; 0 = off")
+    parser.add_argument("--exploration", choices=["epsilon_greedy", "thompson", "ucb"],
                         default="epsilon_greedy")
     parser.add_argument("--ranker-backend", choices=["auto", "lleaves", "lightgbm"],
                         default="auto")
