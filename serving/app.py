@@ -61,7 +61,7 @@ from tandem import schema as s
 from tandem.ab import Experiment, Variant
 from tandem.ann import AnnIndex
 from tandem.diversify import mmr
-from tandem.exploration import epsilon_greedy, thompson
+from tandem.exploration import epsilon_greedy, thompson, ucb
 from tandem.impressions import Feed, ImpressionSink, NullSink
 from tandem.retrieval import SOURCE_BITS, SOURCES, CandidatePool, merge, source_names
 
@@ -84,7 +84,8 @@ class ServingConfig:
     """Knobs of the request path; an A/B variant may override any of them.
 
     Candidate counts per source, MMR (``mmr_lambda`` in [0, 1], over the top ``mmr_pool`` of the
-    ranked list), cold-start exploration (``exploration`` = ``epsilon_greedy`` | ``thompson``),
+    ranked list; at most ``genre_cap`` items sharing a genre, 0 = off), cold-start exploration
+    (``exploration`` = ``epsilon_greedy`` | ``thompson`` | ``ucb`` with bonus weight ``ucb_c``),
     and the per-stage deadlines in milliseconds: the online store read is abandoned after
     ``online_store_timeout_ms``; if retrieval ends later than ``rank_deadline_ms`` into the
     request, ranking is skipped and retrieval order is served.
@@ -99,8 +100,10 @@ class ServingConfig:
     fresh_days: float = 14.0
     mmr_lambda: float = 0.7
     mmr_pool: int = 100
+    genre_cap: int = 0
     exploration: str = "epsilon_greedy"
     epsilon: float = 0.1
+    ucb_c: float = 1.0
     n_cold_exploit: int = 200
     n_cold_explore: int = 200
     online_store_timeout_ms: float = 20.0
@@ -513,7 +516,10 @@ class Engine:
             scores = _retrieval_order(pool)
         with clock.stage("mmr"):
             top = np.argsort(-scores, kind="stable")[: cfg.mmr_pool]
-            order = top[mmr(scores[top], self.item_vectors[pool.rows[top]], q.k, cfg.mmr_lambda)]
+            genres = (self.item_features.static[pool.rows[top], F.ITEM_GENRE_SLICE] > 0
+                      if cfg.genre_cap > 0 else None)
+            order = top[mmr(scores[top], self.item_vectors[pool.rows[top]], q.k, cfg.mmr_lambda,
+                            genres, cfg.genre_cap)]
         picked = pool.take(order)
         return Result(_request_id(), self.version, list(self.item_ids[picked.rows]),
                       scores[order], picked.source_mask, np.ones(len(order)),
@@ -621,9 +627,10 @@ class Engine:
             pool_rows = np.concatenate([exploit.rows, explore])
             masks = np.concatenate([exploit.source_mask,
                                     np.full(len(explore), SOURCE_BITS["fresh"])])
-            if cfg.exploration == "thompson":
+            if cfg.exploration in ("thompson", "ucb"):
                 clicks, imps = self._ctr_counts(pool_rows)
-                slate = thompson(clicks, imps, q.k, rng)
+                slate = (thompson(clicks, imps, q.k, rng) if cfg.exploration == "thompson"
+                         else ucb(clicks, imps, q.k, rng, cfg.ucb_c))
                 picks = slate.picks
             else:
                 slate = epsilon_greedy(self.popularity[exploit.rows], len(explore), q.k,

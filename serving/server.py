@@ -179,7 +179,8 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
                         exploration=args.exploration, max_k=args.max_k,
                         online_store_timeout_ms=args.store_timeout_ms,
                         store_breaker_failures=args.breaker_failures,
-                        store_breaker_cooldown_s=args.breaker_cooldown_s)
+                        store_breaker_cooldown_s=args.breaker_cooldown_s,
+                        genre_cap=args.genre_cap)
     ledger = None
     if args.bundle_dir:
         fetch, probe = local_source(Path(args.bundle_dir))
@@ -247,7 +248,9 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
                              "RESOURCE_EXHAUSTED")
     parser.add_argument("--mmr-lambda", type=float, default=0.7)
     parser.add_argument("--max-k", type=int, default=100)
-    parser.add_argument("--exploration", choices=["epsilon_greedy", "thompson"],
+    parser.add_argument("--genre-cap", type=int, default=0,
+                        help="at most this many items per genre in a list; 0 = off")
+    parser.add_argument("--exploration", choices=["epsilon_greedy", "thompson", "ucb"],
                         default="epsilon_greedy")
     parser.add_argument("--ranker-backend", choices=["auto", "lleaves", "lightgbm"],
                         default="auto")

@@ -5,6 +5,15 @@ the items not yet picked (``S`` = picked so far). ``lambda = 1`` keeps the ranke
 ``lambda = 0`` only spreads items out. Relevance is min-max scaled to [0, 1] first so that it
 and cosine similarity share a range. Each step is one vectorised update over the pool: the
 loop runs ``k`` times, never once per candidate.
+
+Category diversification rides on the same loop: with ``max_per_genre = c > 0`` an item may be
+picked only while EVERY one of its genres has fewer than ``c`` picks so far (Ziegler et al.'s
+topic diversification, as a hard quota). "Every genre", not a "primary" one: catalog genres
+(MovieLens) are an unordered multi-hot set, so no genre of an item is primary, and a quota on
+any genre it carries is the one that keeps a list from being, say, eight comedies. An item
+without genres is never blocked. When the quota leaves no eligible item before ``k`` picks, the
+rest are filled by plain MMR over what is left: the caller asked for ``k`` items, and a short
+list is worse than a soft cap.
 """
 
 from __future__ import annotations
@@ -12,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7) -> np.ndarray:
+def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7,
+        genres: np.ndarray | None = None, max_per_genre: int = 0) -> np.ndarray:
     """Positions (into ``relevance``) of ``min(k, n)`` items in MMR order.
 
     Parameters
@@ -25,6 +35,10 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7) ->
         How many to pick.
     lam : float in [0, 1]
         Relevance weight (the issue's default is 0.7).
+    genres : bool array [n, n_genres], optional
+        Genre multi-hot of the pool; needed when ``max_per_genre > 0``.
+    max_per_genre : int
+        Quota per genre in the picked list (0 = no quota).
 
     Returns
     -------
@@ -43,9 +57,20 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7) ->
     sim = v @ v.T  # [n, n] cosine
     base = lam * rel  # the gain before anything is picked (no penalty yet)
     gain = base.copy()
+    capped = max_per_genre > 0 and genres is not None
+    if capped:
+        onehot = np.asarray(genres, dtype=bool)
+        per_genre = np.zeros(onehot.shape[1], dtype=np.int64)
+        blocked = np.zeros(n, dtype=bool)
     picked = np.empty(k, dtype=np.int64)
     for t in range(k):
         best = int(np.argmax(gain))
+        if capped:
+            allowed = np.where(blocked, -np.inf, gain)
+            # an all-blocked (or all-picked) pool falls back to plain MMR
+            best = int(np.argmax(allowed)) if np.isfinite(allowed.max()) else best
+            per_genre += onehot[best]
+            blocked |= onehot[:, per_genre >= max_per_genre].any(axis=1)
         picked[t] = best
         # the penalty is the max similarity to any picked item, so each pick can only lower
         # a gain: take the min with this pick's term instead of recomputing from scratch

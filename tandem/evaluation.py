@@ -422,13 +422,16 @@ def _pred_frame(catalog: Catalog, user_rows: np.ndarray, items: np.ndarray,
 
 
 def score_models(pred: pd.DataFrame, rel: pd.DataFrame, train: pd.DataFrame, catalog: Catalog,
-                 k: int) -> dict[str, float]:
-    """Every metric of ``tandem.metrics`` at ``k`` for one model's predictions."""
+                 k: int, primitive: pd.DataFrame | None = None) -> dict[str, float]:
+    """Every metric of ``tandem.metrics`` at ``k`` for one model's predictions; serendipity
+    only with a ``primitive`` model's predictions (the popularity lists) to be unexpected from."""
     out = {name.replace("_at_k", f"@{k}"): fn(rel, pred, k=k) for name, fn in M.METRICS.items()}
     vectors = pd.DataFrame(F.genre_multi_hot(catalog.items[S.GENRES]), index=catalog.item_ids)
     out[f"coverage@{k}"] = M.catalog_coverage(pred, len(catalog.item_ids), k)
     out[f"diversity@{k}"] = M.intra_list_diversity(pred, vectors, k)
     out[f"novelty@{k}"] = M.novelty(pred, train, k)
+    if primitive is not None:
+        out[f"serendipity@{k}"] = M.serendipity(rel, pred, primitive, k)
     return out
 
 
@@ -499,7 +502,7 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
                                      cands["item"].to_numpy(), ranked)
 
     progress("metrics")
-    models = {name: score_models(preds[name], rel, train, catalog, k)
+    models = {name: score_models(preds[name], rel, train, catalog, k, preds.get("popularity"))
               for name in MODELS if name in preds}
     if "two_tower" not in preds:
         models["two_tower"] = {"missing": "two-tower source disabled or unavailable"}

@@ -1,7 +1,8 @@
 """Exploration policies for the cold-start feed, each returning the propensity of every shown item.
 
 Off-policy evaluation (IPS, SNIPS) later divides by the probability with which the logging policy
-showed an item, so each policy reports it exactly (epsilon-greedy) or by Monte Carlo (Thompson).
+showed an item, so each policy reports it exactly (epsilon-greedy, UCB) or by Monte Carlo
+(Thompson).
 
 * Epsilon-greedy (Sutton & Barto, ch. 2) over two disjoint pools: each slot independently explores
   with probability ``epsilon`` (a uniform draw without replacement from the explore pool, e.g.
@@ -13,6 +14,14 @@ showed an item, so each policy reports it exactly (epsilon-greedy) or by Monte C
   posteriors: show the top ``k`` of one posterior draw. Propensity = P(item in the top ``k``),
   estimated from ``n_draws`` extra draws, floored at ``1 / (n_draws + 1)`` so IPS never divides
   by zero.
+* UCB1 (Auer, Cesa-Bianchi & Fischer, 2002) over one pool: show the top ``k`` of
+  ``clicks / impressions + c * sqrt(2 ln N / impressions)`` (``N`` = impressions of the whole
+  pool); an item never shown has an infinite index, so unexplored items go first. UCB1 rather
+  than a Beta-posterior upper quantile (Bayes-UCB): the index is closed form and deterministic,
+  so the propensity is exact, not a Monte-Carlo estimate. Ties (e.g. every unexplored item) are
+  broken by a uniform random permutation, so the item in a slot whose index ties with ``g - 1``
+  others is there with probability ``1 / g`` (its tie group is shuffled over the group's
+  consecutive slots); an item with a unique index is there with probability 1.
 """
 
 from __future__ import annotations
@@ -86,6 +95,12 @@ def epsilon_greedy(exploit_scores: np.ndarray, n_explore: int, k: int, epsilon: 
     return Slate(picks, np.clip(propensity, 1e-12, 1.0), explore, score)
 
 
+def _trials(clicks: np.ndarray, impressions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(clicks, impressions) as float64, impressions >= 0 and clicks within [0, impressions]."""
+    imp = np.maximum(np.asarray(impressions, dtype=np.float64), 0.0)
+    return np.clip(np.asarray(clicks, dtype=np.float64), 0.0, imp), imp
+
+
 def thompson(clicks: np.ndarray, impressions: np.ndarray, k: int, rng: np.random.Generator,
              n_draws: int = 256) -> Slate:
     """Top ``k`` of one Beta posterior draw per item, with Monte-Carlo propensities.
@@ -102,8 +117,7 @@ def thompson(clicks: np.ndarray, impressions: np.ndarray, k: int, rng: np.random
     Slate
         ``picks`` index the pool; every pick counts as explored.
     """
-    imp = np.maximum(np.asarray(impressions, dtype=np.float64), 0.0)
-    clk = np.clip(np.asarray(clicks, dtype=np.float64), 0.0, imp)
+    clk, imp = _trials(clicks, impressions)
     a, b = 1.0 + clk, 1.0 + imp - clk
     n = len(imp)
     k = min(int(k), n)
@@ -115,3 +129,33 @@ def thompson(clicks: np.ndarray, impressions: np.ndarray, k: int, rng: np.random
     in_top = np.bincount(top.ravel(), minlength=n) / n_draws
     propensity = np.maximum(in_top[picks], 1.0 / (n_draws + 1))
     return Slate(picks.astype(np.int64), propensity, np.ones(k, dtype=bool), theta[picks])
+
+
+def ucb(clicks: np.ndarray, impressions: np.ndarray, k: int, rng: np.random.Generator,
+        c: float = 1.0) -> Slate:
+    """Top ``k`` by UCB1 index, ties in random order, exact per-slot propensities.
+
+    ``clicks`` and ``impressions`` are per-item counts as for :func:`thompson`; ``rng`` only
+    breaks ties; ``c`` weighs the exploration bonus (1 = UCB1 as published).
+
+    Returns
+    -------
+    Slate
+        ``picks`` index the pool; every pick counts as explored (the whole slate is the bandit's).
+        ``score`` is the index; an unexplored item reports ``1 + c * sqrt(2 ln N)`` (mean 1 after
+        one impression): finite, and no lower than the index of any item shown at least once.
+    """
+    clk, imp = _trials(clicks, impressions)
+    n = len(imp)
+    k = min(int(k), n)
+    log_n = np.log(max(imp.sum(), 1.0))
+    seen = imp > 0
+    index = np.full(n, np.inf)
+    index[seen] = clk[seen] / imp[seen] + c * np.sqrt(2.0 * log_n / imp[seen])
+    # a random permutation first, then a stable sort: equal indices come out in random order
+    shuffled = rng.permutation(n)
+    picks = shuffled[np.argsort(-index[shuffled], kind="stable")[:k]]
+    _, group, size = np.unique(index, return_inverse=True, return_counts=True)
+    propensity = 1.0 / size[group[picks]]
+    score = np.where(seen, index, 1.0 + c * np.sqrt(2.0 * log_n))[picks]
+    return Slate(picks.astype(np.int64), propensity, np.ones(k, dtype=bool), score)

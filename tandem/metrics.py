@@ -12,8 +12,9 @@ relevance, e.g. rating >= 4); ``rating_pred`` holds scored recommendations, of w
 averaged over the users of ``rating_true``: a user with relevant items but no recommendations
 counts as 0, recommendations for users without relevant items are ignored. Relevance is binary.
 
-Beyond-accuracy metrics (coverage, intra-list diversity, novelty) need other inputs (catalog size,
-item vectors, training popularity) and live in ``BEYOND_ACCURACY``. ``METRICS`` maps each
+Beyond-accuracy metrics (coverage, intra-list diversity, novelty, serendipity) need other inputs
+(catalog size, item vectors, training popularity, a primitive model's lists) and live in
+``BEYOND_ACCURACY``. ``METRICS`` maps each
 accuracy metric's ``__name__`` to the function so reports can name them.
 """
 
@@ -203,10 +204,28 @@ def novelty(rating_pred: pd.DataFrame, train: pd.DataFrame, k: int = 10,
     return float(np.mean(-np.log2(probs)))
 
 
+def serendipity(rating_true: pd.DataFrame, rating_pred: pd.DataFrame,
+                primitive_pred: pd.DataFrame, k: int = 10, col_user: str = USER,
+                col_item: str = ITEM, col_prediction: str = PREDICTION) -> float:
+    """Serendipity@k: share of the top-k that is relevant AND unexpected, averaged. min=0, max=1.
+
+    Ge, Delgado-Battenfeld & Jannach, "Beyond accuracy" (RecSys 2010), after Murakami et al.
+    (2008): ``|UNEXP & USEFUL| / |RS|`` with ``UNEXP = RS - PM``, the recommendations not also
+    made by a primitive model ``PM`` (here the user's top-k of ``primitive_pred``, e.g.
+    popularity), ``USEFUL`` the relevant ones and ``|RS| = k`` (as for precision). Averaged over
+    the users of ``rating_true`` like the accuracy metrics; the primitive model scores 0 itself.
+    """
+    hits, n_rel = _hits(rating_true, rating_pred, k, col_user, col_item, col_prediction)
+    expected = top_k(primitive_pred, k, col_user, col_prediction)[[col_user, col_item]]
+    hits = hits.merge(expected, on=[col_user, col_item], how="left", indicator=True)
+    unexpected = hits[hits["_merge"] == "left_only"]
+    return _per_user_mean(unexpected.groupby(col_user).size() / k, n_rel)
+
+
 METRICS: dict[str, Callable[..., float]] = {
     fn.__name__: fn
     for fn in (precision_at_k, recall_at_k, ndcg_at_k, map_at_k, mrr_at_k, hit_rate_at_k)
 }
 BEYOND_ACCURACY: dict[str, Callable[..., float]] = {
-    fn.__name__: fn for fn in (catalog_coverage, intra_list_diversity, novelty)
+    fn.__name__: fn for fn in (catalog_coverage, intra_list_diversity, novelty, serendipity)
 }

@@ -31,3 +31,36 @@ def test_no_repeats_and_zero_vectors():
     vecs[:5] = 0.0
     picked = mmr(rng.random(50), vecs, 20, lam=0.3)
     assert len(set(picked.tolist())) == 20
+
+
+# genres A, B: items 0-2 are A, 3 is B, 4 has none; relevance falls with the index
+GENRES = np.array([[1, 0], [1, 0], [1, 0], [0, 1], [0, 0]], dtype=bool)
+REL5 = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+VECS5 = np.eye(5)
+
+
+def test_genre_cap_defers_the_third_of_a_genre():
+    assert mmr(REL5, VECS5, 5, lam=1.0).tolist() == [0, 1, 2, 3, 4]
+    # cap 2: item 2 (a third A) waits until B and the genre-less item are shown
+    assert mmr(REL5, VECS5, 5, lam=1.0, genres=GENRES, max_per_genre=2).tolist() \
+        == [0, 1, 3, 4, 2]
+    # cap 1: after 0, 3 and 4 nothing is eligible -> the rest by plain MMR (list stays k long)
+    assert mmr(REL5, VECS5, 5, lam=1.0, genres=GENRES, max_per_genre=1).tolist() \
+        == [0, 3, 4, 1, 2]
+    assert mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES, max_per_genre=0).tolist() == [0, 1, 2]
+
+
+def test_genre_cap_blocks_an_item_when_any_of_its_genres_is_full():
+    genres = np.array([[1, 0], [1, 1], [0, 1], [0, 1]], dtype=bool)  # item 1 is A and B
+    rel = np.array([4.0, 3.0, 2.0, 1.0])
+    assert mmr(rel, np.eye(4), 4, lam=1.0, genres=genres, max_per_genre=1).tolist() \
+        == [0, 2, 1, 3]
+
+
+def test_genre_cap_holds_on_a_large_pool():
+    rng = np.random.default_rng(0)
+    genres = rng.random((300, 19)) < 0.15
+    picked = mmr(rng.random(300), rng.standard_normal((300, 16)), 20, lam=0.7, genres=genres,
+                 max_per_genre=3)
+    assert len(set(picked.tolist())) == 20
+    assert genres[picked].sum(axis=0).max() <= 3

@@ -77,8 +77,13 @@ def test_evaluate_end_to_end_on_a_tiny_world():
     for name in ("popularity", "als", "two_stage"):
         values = report["models"][name]
         assert {"ndcg@10", "recall@10", "precision@10", "map@10", "mrr@10", "hit_rate@10",
-                "coverage@10", "diversity@10", "novelty@10"} <= set(values)
+                "coverage@10", "diversity@10", "novelty@10", "serendipity@10"} <= set(values)
         assert all(0.0 <= v <= 1.0 for m, v in values.items() if m != "novelty@10")
+        # relevant-and-unexpected is a subset of the hits
+        assert values["serendipity@10"] <= values["precision@10"] + 1e-12
+    # unexpected = not in the popularity list, so popularity is never serendipitous
+    assert report["models"]["popularity"]["serendipity@10"] == 0.0
+    assert report["models"]["als"]["serendipity@10"] > 0.0
     # a user's candidates never include items they saw, so recall of a group-blind
     # popularity list is bounded by the group's 15 items; ALS must find the group
     assert report["models"]["als"]["ndcg@10"] > report["models"]["popularity"]["ndcg@10"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tandem.exploration import epsilon_greedy, thompson
+from tandem.exploration import epsilon_greedy, thompson, ucb
 
 
 def test_epsilon_zero_is_pure_exploit():
@@ -56,3 +56,34 @@ def test_thompson_propensity_bounds():
     assert len(set(s.picks.tolist())) == 5
     assert np.all(s.propensity >= 1 / 201) and np.all(s.propensity <= 1)
     assert s.propensity.mean() == pytest.approx(5 / 20, abs=0.15)  # uniform posteriors
+
+
+def test_ucb_index_by_hand_and_unexplored_first():
+    # N = 6 impressions, ln 6 = 1.791759
+    # item 0: 1/2 + sqrt(2 ln6 / 2) = 0.5 + 1.338566 = 1.838566
+    # item 1: 3/4 + sqrt(2 ln6 / 4) = 0.75 + 0.946509 = 1.696509
+    # item 2: never shown -> infinite index, reported as 1 + sqrt(2 ln6) = 2.893018
+    s = ucb(np.array([1, 3, 0]), np.array([2, 4, 0]), 3, np.random.default_rng(0))
+    assert s.picks.tolist() == [2, 0, 1]
+    assert s.score == pytest.approx([2.893018, 1.838566, 1.696509], abs=1e-6)
+    assert s.propensity.tolist() == [1.0, 1.0, 1.0]  # unique indices: deterministic
+    assert s.explored.all()
+
+
+def test_ucb_bonus_weight_zero_is_greedy_on_ctr():
+    s = ucb(np.array([1, 3, 5]), np.array([10, 10, 10]), 2, np.random.default_rng(0), c=0.0)
+    assert s.picks.tolist() == [2, 1]
+    assert s.score == pytest.approx([0.5, 0.3])
+
+
+def test_ucb_ties_are_random_and_propensity_is_slot_frequency():
+    # three unexplored items tie (1/3 each per slot); item 3 has a finite index and is never shown
+    clicks, imps = np.array([0, 0, 0, 5]), np.array([0, 0, 0, 10])
+    rng = np.random.default_rng(3)
+    first = np.zeros(4)
+    for _ in range(3000):
+        s = ucb(clicks, imps, 2, rng)
+        assert s.propensity == pytest.approx([1 / 3, 1 / 3])
+        assert 3 not in s.picks.tolist() and len(set(s.picks.tolist())) == 2
+        first[s.picks[0]] += 1
+    assert first[:3] / 3000 == pytest.approx([1 / 3] * 3, abs=0.03)

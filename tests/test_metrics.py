@@ -98,4 +98,20 @@ def test_novelty():
 def test_metric_registry_names():
     assert set(M.METRICS) == {"precision_at_k", "recall_at_k", "ndcg_at_k", "map_at_k",
                               "mrr_at_k", "hit_rate_at_k"}
-    assert set(M.BEYOND_ACCURACY) == {"catalog_coverage", "intra_list_diversity", "novelty"}
+    assert set(M.BEYOND_ACCURACY) == {"catalog_coverage", "intra_list_diversity", "novelty",
+                                      "serendipity"}
+
+
+def test_serendipity():
+    # hits at k=3: a -> x, y; b -> w. The primitive's top-3: a -> y, z, q; b -> p, w.
+    # a: x is relevant and unexpected, y relevant but expected -> 1/3; b: w expected -> 0
+    primitive = pd.DataFrame({"user_id": ["a", "a", "a", "a", "b", "b"],
+                              "item_id": ["y", "z", "q", "x", "p", "w"],
+                              "prediction": [4.0, 3.0, 2.0, 1.0, 2.0, 1.0]})
+    assert M.serendipity(TRUE, PRED, primitive, k=3) == pytest.approx((1 / 3 + 0) / 2)
+    # at k=4 the primitive's list reaches x too: nothing is unexpected for a either
+    assert M.serendipity(TRUE, PRED, primitive, k=4) == 0.0
+    # an empty primitive model leaves precision: every hit is unexpected
+    empty = primitive.iloc[:0]
+    assert M.serendipity(TRUE, PRED, empty, k=3) == pytest.approx(M.precision_at_k(TRUE, PRED, 3))
+    assert M.serendipity(TRUE, PRED, PRED, k=3) == 0.0

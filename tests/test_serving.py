@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving import metrics
 from serving.app import App, ItemFeatures, ServingConfig, UserRows
 from serving.server import SERVICE_NAME, create_server, local_source, stop
+from tandem import features as F
 from tandem import synthetic_bundle as S
 from tandem.ab import Experiment, Variant
 from tandem.contracts import recommender_v1_pb2 as pb
@@ -140,6 +141,27 @@ def test_cold_user_explores_with_propensities(default_app, serve):
     assert pb.CANDIDATE_SOURCE_CONTENT in sources
     explored = [it for it in reply.items if pb.CANDIDATE_SOURCE_FRESH in it.sources]
     assert all(it.propensity < 0.9 for it in explored)
+
+
+def test_ucb_exploration_and_genre_cap(world, default_app, serve):
+    app = _app(world, cfg=CFG.with_overrides({"exploration": "ucb", "genre_cap": 2}))
+    stub, _ = serve(app)
+    cold = stub.Recommend(_req(COLD, 20, genres=["Comedy"]))
+    assert cold.cold_start and len({it.item_id for it in cold.items}) == 20
+    # UCB propensity = 1 / size of the item's tie group: a unit fraction
+    inverse = 1.0 / np.array([it.propensity for it in cold.items])
+    assert np.allclose(inverse, np.round(inverse)) and np.all(inverse >= 1)
+    scores = np.array([it.score for it in cold.items])
+    assert np.all(np.diff(scores) <= 1e-9)  # slate in index order
+    genre_count = {}
+    for user in ("u1", "u2", "u3"):
+        capped = [it.item_id for it in stub.Recommend(_req(user, 10)).items]
+        plain = [it.item_id for it in serve(default_app)[0].Recommend(_req(user, 10)).items]
+        for name, ids in (("capped", capped), ("plain", plain)):
+            genres = world["items"](ids).static[:, F.ITEM_GENRE_SLICE] > 0
+            assert len(ids) == 10
+            genre_count[name] = max(genre_count.get(name, 0), int(genres.sum(axis=0).max()))
+    assert genre_count["capped"] <= 2 < genre_count["plain"]
 
 
 def test_unknown_user_with_session_is_warm(default_app, serve):
