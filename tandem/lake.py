@@ -1,4 +1,6 @@
-"""One interval of the lake as a :class:`tandem.dataset.Dataset`, read with pyarrow (no Spark).
+"""The lake as single-machine learners read it, with pyarrow (no Spark): the night's int-coded
+training table (:class:`TrainingTable`, the learners' input) and one interval as a
+:class:`tandem.dataset.Dataset` (:func:`read_window`).
 
 The nightly chain's single-machine steps (ranker training, the offline evaluation) read their
 training window through :func:`read_window`, with the same rules the Spark and two-tower jobs
@@ -13,12 +15,15 @@ apply, so every part of one bundle sees the same rows:
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import scipy.sparse as sp
 
 from tandem import schema as s
-from tandem.config import Paths
+from tandem.config import Paths, within_driver_budget
 from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform
 
 PARTITIONS = ds.partitioning(pa.schema([(s.DATE, pa.string()), (s.HOUR, pa.int32())]),
@@ -55,3 +60,97 @@ def read_window(paths: Paths, start: datetime, end: datetime, name: str = "lake"
     return Dataset(conform(events.to_pandas(), EVENT_COLUMNS),
                    conform(items.to_pandas(), ITEM_COLUMNS),
                    conform(users.to_pandas(), USER_COLUMNS), name)
+
+
+# ----------------------------------------------------------------- the int-coded training table
+
+USER_IDX, ITEM_IDX, OTHER_IDX = "user_idx", "item_idx", "other_idx"
+WEIGHT, POSITIVE_TS, POPULARITY, VALUE = "weight", "positive_ts", "popularity", "value"
+USERS_DIR, ITEMS_DIR, INTERACTIONS_DIR, COOC_DIR = "users", "items", "interactions", "cooc"
+INTERACTION_COLUMNS = (USER_IDX, ITEM_IDX, WEIGHT, s.TS, POSITIVE_TS)
+COOC_COLUMNS = (ITEM_IDX, OTHER_IDX, VALUE)
+# bytes per row once a column is in numpy (int32 / float32 / int64)
+_NUMPY_BYTES = {USER_IDX: 4, ITEM_IDX: 4, OTHER_IDX: 4, WEIGHT: 4, VALUE: 4, s.TS: 8,
+                POSITIVE_TS: 8}
+
+
+class TrainingTable:
+    """The night's int-coded training table (``jobs/build_training_table.py`` writes it).
+
+    Layout under ``lake/training/run_id=<run_id>/`` (parquet folders, any number of files)::
+
+        users/         user_id str, user_idx int32           dense 0..n_users-1, ids sorted
+        items/         item_id str, item_idx int32,          dense 0..n_items-1 in catalog order
+                       popularity float64, created_at int64  (created_at, item_id)
+        interactions/  user_idx int32, item_idx int32,       one row per (user, item) pair with
+                       weight float32, ts int64,             any event in the window; weight =
+                       positive_ts int64 (nullable)          capped ALS confidence (0: none),
+                                                             ts = last event, positive_ts = first
+                                                             positive engagement
+        cooc/          item_idx int32, other_idx int32,      top-K co-occurring items per item
+                       value float32                         (popularity-normalised)
+
+    The indexes ARE the bundle's rows (``items.parquet``/``users.parquet`` are written from the
+    dictionaries), so learners never see a string id. New per-pair columns (labels, negatives,
+    context) are added as columns or sibling folders; readers name the columns they need.
+    Readers load only those columns with pyarrow and check the size against the driver budget
+    first (``tandem.config.within_driver_budget``).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def of(cls, paths: Paths, run_id: str) -> TrainingTable:
+        return cls(paths.training(run_id))
+
+    def _dataset(self, folder: str) -> ds.Dataset:
+        path = self.root / folder
+        if not path.exists():
+            raise FileNotFoundError(f"no training table at {path}: run jobs/build_training_table"
+                                    " for this run id first")
+        return ds.dataset(path, format="parquet")
+
+    def _read(self, folder: str, columns: list[str], filter_=None) -> pa.Table:
+        dataset = self._dataset(folder)
+        path = self.root / folder
+        n_rows = dataset.count_rows(filter=filter_)
+        within_driver_budget(n_rows * sum(_NUMPY_BYTES.get(c, 64) for c in columns),
+                             f"reading {len(columns)} columns x {n_rows:,} rows of {path}")
+        return dataset.to_table(columns=columns, filter=filter_)
+
+    def users(self, columns: list[str] | None = None) -> pa.Table:
+        return self._read(USERS_DIR, columns or [s.USER_ID, USER_IDX])
+
+    def items(self, columns: list[str] | None = None) -> pa.Table:
+        return self._read(ITEMS_DIR, columns or [s.ITEM_ID, ITEM_IDX])
+
+    def shape(self) -> tuple[int, int]:
+        """(n_users, n_items) from the dictionaries' row counts (no data read)."""
+        return self._dataset(USERS_DIR).count_rows(), self._dataset(ITEMS_DIR).count_rows()
+
+    def interactions(self, columns: list[str], positives_only: bool = False
+                     ) -> dict[str, np.ndarray]:
+        """The named interaction columns as numpy arrays (one row per pair, file order)."""
+        filter_ = ds.field(POSITIVE_TS).is_valid() if positives_only else None
+        table = self._read(INTERACTIONS_DIR, columns, filter_)
+        return {c: table.column(c).to_numpy() for c in columns}
+
+    def matrix(self, value: str = WEIGHT) -> sp.csr_matrix:
+        """users x items CSR (float32) of ``value`` per pair; pairs with value 0 dropped."""
+        cols = self.interactions([USER_IDX, ITEM_IDX, value])
+        keep = cols[value] > 0
+        matrix = sp.csr_matrix((cols[value][keep].astype(np.float32),
+                                (cols[USER_IDX][keep], cols[ITEM_IDX][keep])),
+                               shape=self.shape(), dtype=np.float32)
+        matrix.sum_duplicates()
+        return matrix
+
+    def cooc(self) -> sp.csr_matrix:
+        """The top-K co-occurrence as an items x items CSR (float32), zero diagonal."""
+        table = self._read(COOC_DIR, list(COOC_COLUMNS))
+        n_items = self.shape()[1]
+        return sp.csr_matrix((table.column(VALUE).to_numpy().astype(np.float32),
+                              (table.column(ITEM_IDX).to_numpy(),
+                               table.column(OTHER_IDX).to_numpy())),
+                             shape=(n_items, n_items), dtype=np.float32)

@@ -2,9 +2,10 @@
 
 A small synthetic world (300 users, 200 items, ~30k events over 7 days) is written as landing
 files and ingested once for the module. Each test then runs every job of ``tandem_daily``
-in-process, in DAG order, with one run id -- negative_sampling -> train_als -> train_two_tower
-(or skipped) -> build_index -> train_ranker -> evaluate -> register_bundle -> promote -- against
-the session's MLflow server, downloads the ``champion`` and asks serving for recommendations.
+in-process, in DAG order, with one run id -- negative_sampling -> build_training_table ->
+train_als -> train_two_tower (or skipped) -> build_index -> train_ranker -> evaluate ->
+register_bundle -> promote -- against the session's MLflow server, downloads the ``champion``
+and asks serving for recommendations.
 
 The alignment checks are the point: every array of the bundle must be indexed by the catalog
 order of its ``items.parquet`` / ``users.parquet``, whichever job wrote them.
@@ -72,6 +73,7 @@ def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[st
     """Every task of tandem_daily, in order, as the DAG runs them (one interval, one run id)."""
     from jobs import (
         build_index,
+        build_training_table,
         evaluate,
         negative_sampling,
         promote,
@@ -82,7 +84,9 @@ def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[st
     )
 
     out = {"negative_sampling": negative_sampling.run(spark, paths, START, END),
-           "train_als": train_als.run(spark, paths, START, END, ALS, run_id=run_id)}
+           "build_training_table": build_training_table.run(spark, paths, START, END,
+                                                            run_id=run_id),
+           "train_als": train_als.run(None, paths, START, END, ALS, run_id=run_id)}
     out["train_two_tower"] = (
         train_two_tower.skip(paths, END, run_id) if skip_two_tower  # main()'s --skip
         else train_two_tower.run(None, paths, START, END, {"two_tower": TWO_TOWER},
