@@ -7,11 +7,12 @@ transform (Spark, nothing collected to the driver):
       (``zipWithIndex`` over the sorted ids, so indexes are contiguous across partitions);
     - ``items``: the catalog ordered by (created_at, item_id) with dense ``item_idx`` and
       ``popularity`` = distinct users per item in the window (``tandem.catalog``'s order);
-    - ``interactions``: one row per (user, item) pair with any event in the window -- ``weight``
+    - ``interactions``: one row per (user, item) pair with any event in the window: ``weight``
       is the ALS confidence (``tandem.als.event_confidence`` per event through ``mapInPandas``,
-      summed, capped at ``max_confidence``; 0 for impressions only), ``ts`` the pair's last event,
-      ``positive_ts`` its first positive engagement (``tandem.spark.events.is_positive``, null if
-      none). Events of items outside the catalog are dropped and counted;
+      summed, capped at ``max_confidence``; 0 for impressions only), ``first_ts``/``ts`` the
+      pair's first and last event, ``positive_ts`` its first positive engagement
+      (``tandem.spark.events.is_positive``, null if none). Events of items outside the catalog
+      are dropped and counted;
     - ``cooc``: top-``cooc_top_k`` co-occurring items per item,
       ``|users with i and j| / sqrt(pop_i * pop_j)`` (``tandem.ranking_features.cooccurrence``),
       from a self-join on user over each user's ``cooc_items_per_user`` most recent items (the
@@ -120,7 +121,7 @@ def interactions(events: DataFrame, users: DataFrame, items: DataFrame, cfg: dic
     pairs = weighted.groupBy(S.USER_ID, S.ITEM_ID).agg(
         F.least(F.sum("weight"), F.lit(float(als_cfg["max_confidence"]))).cast("float")
         .alias(L.WEIGHT),
-        F.max(S.TS).alias(S.TS),
+        F.min(S.TS).alias(L.FIRST_TS), F.max(S.TS).alias(S.TS),
         F.min(F.when(F.col("positive"), F.col(S.TS))).alias(L.POSITIVE_TS))
     return (pairs.join(users, S.USER_ID).join(items.select(S.ITEM_ID, L.ITEM_IDX), S.ITEM_ID)
             .select(*L.INTERACTION_COLUMNS))

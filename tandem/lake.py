@@ -26,6 +26,7 @@ from tandem import schema as s
 from tandem.config import Paths, within_driver_budget
 from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform
 
+EVENT_ROW_BYTES = 400  # one event row in pandas: 17 columns, most of them Python strings
 PARTITIONS = ds.partitioning(pa.schema([(s.DATE, pa.string()), (s.HOUR, pa.int32())]),
                              flavor="hive")
 
@@ -40,8 +41,13 @@ def day_of(t: datetime) -> str:
     return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%d")
 
 
-def read_window(paths: Paths, start: datetime, end: datetime, name: str = "lake") -> Dataset:
+def read_window(paths: Paths, start: datetime, end: datetime, name: str = "lake",
+                user_ids: list[str] | None = None) -> Dataset:
     """Events of ``[start, end)``, items created before ``end`` and all profiles.
+
+    ``user_ids`` restricts events and profiles to those users (the nightly ranker and evaluation
+    read only their sampled request users' rows); the size is checked against the driver budget
+    before anything is loaded.
 
     Returns
     -------
@@ -50,13 +56,17 @@ def read_window(paths: Paths, start: datetime, end: datetime, name: str = "lake"
         ``USER_COLUMNS``; events sorted by (ts, event_id), items by item_id, users by user_id.
     """
     lo, hi = epoch_ms(start), epoch_ms(end)
-    events = ds.dataset(paths.events, format="parquet", partitioning=PARTITIONS).to_table(
-        columns=list(EVENT_COLUMNS),
-        filter=(ds.field(s.DATE) >= day_of(start)) & (ds.field(s.TS) >= lo)
-        & (ds.field(s.TS) < hi)).sort_by([(s.TS, "ascending"), (s.EVENT_ID, "ascending")])
+    window = (ds.field(s.DATE) >= day_of(start)) & (ds.field(s.TS) >= lo) & (ds.field(s.TS) < hi)
+    who = None if user_ids is None else ds.field(s.USER_ID).isin(pa.array(user_ids, pa.string()))
+    lake_events = ds.dataset(paths.events, format="parquet", partitioning=PARTITIONS)
+    window = window if who is None else window & who
+    within_driver_budget(lake_events.count_rows(filter=window) * EVENT_ROW_BYTES,
+                         f"the events of [{start}, {end}) in pandas")
+    events = lake_events.to_table(columns=list(EVENT_COLUMNS), filter=window).sort_by(
+        [(s.TS, "ascending"), (s.EVENT_ID, "ascending")])
     items = ds.dataset(paths.items, format="parquet").to_table(
         filter=ds.field(s.CREATED_AT) < hi).sort_by(s.ITEM_ID)
-    users = ds.dataset(paths.users, format="parquet").to_table().sort_by(s.USER_ID)
+    users = ds.dataset(paths.users, format="parquet").to_table(filter=who).sort_by(s.USER_ID)
     return Dataset(conform(events.to_pandas(), EVENT_COLUMNS),
                    conform(items.to_pandas(), ITEM_COLUMNS),
                    conform(users.to_pandas(), USER_COLUMNS), name)
@@ -65,13 +75,14 @@ def read_window(paths: Paths, start: datetime, end: datetime, name: str = "lake"
 # ----------------------------------------------------------------- the int-coded training table
 
 USER_IDX, ITEM_IDX, OTHER_IDX = "user_idx", "item_idx", "other_idx"
-WEIGHT, POSITIVE_TS, POPULARITY, VALUE = "weight", "positive_ts", "popularity", "value"
+WEIGHT, FIRST_TS, POSITIVE_TS = "weight", "first_ts", "positive_ts"
+POPULARITY, VALUE = "popularity", "value"
 USERS_DIR, ITEMS_DIR, INTERACTIONS_DIR, COOC_DIR = "users", "items", "interactions", "cooc"
-INTERACTION_COLUMNS = (USER_IDX, ITEM_IDX, WEIGHT, s.TS, POSITIVE_TS)
+INTERACTION_COLUMNS = (USER_IDX, ITEM_IDX, WEIGHT, FIRST_TS, s.TS, POSITIVE_TS)
 COOC_COLUMNS = (ITEM_IDX, OTHER_IDX, VALUE)
 # bytes per row once a column is in numpy (int32 / float32 / int64)
-_NUMPY_BYTES = {USER_IDX: 4, ITEM_IDX: 4, OTHER_IDX: 4, WEIGHT: 4, VALUE: 4, s.TS: 8,
-                POSITIVE_TS: 8}
+_NUMPY_BYTES = {USER_IDX: 4, ITEM_IDX: 4, OTHER_IDX: 4, WEIGHT: 4, VALUE: 4, FIRST_TS: 8,
+                s.TS: 8, POSITIVE_TS: 8}
 
 
 class TrainingTable:
@@ -83,10 +94,11 @@ class TrainingTable:
         items/         item_id str, item_idx int32,          dense 0..n_items-1 in catalog order
                        popularity float64, created_at int64  (created_at, item_id)
         interactions/  user_idx int32, item_idx int32,       one row per (user, item) pair with
-                       weight float32, ts int64,             any event in the window; weight =
-                       positive_ts int64 (nullable)          capped ALS confidence (0: none),
-                                                             ts = last event, positive_ts = first
-                                                             positive engagement
+                       weight float32, first_ts int64,       any event in the window; weight =
+                       ts int64, positive_ts int64           capped ALS confidence (0: none),
+                       (nullable)                            first_ts/ts = first/last event,
+                                                             positive_ts = first positive
+                                                             engagement
         cooc/          item_idx int32, other_idx int32,      top-K co-occurring items per item
                        value float32                         (popularity-normalised)
 

@@ -111,6 +111,8 @@ def lake_window(paths: Paths) -> pd.DataFrame:
 
 def check_alignment(paths: Paths, bundle, two_tower: bool) -> None:
     """Every array follows items.parquet / users.parquet, checked against the raw events."""
+    from jobs import build_training_table
+
     items = pd.read_parquet(bundle / B.ITEMS)
     users = pd.read_parquet(bundle / B.USERS)
     n_items, n_users = len(items), len(users)
@@ -136,12 +138,16 @@ def check_alignment(paths: Paths, bundle, two_tower: bool) -> None:
     percentile = (scores[users_e] < scores[users_e, items_e][:, None]).mean(axis=1)
     assert percentile.mean() > 0.8
     pairs = np.unique(np.c_[user_idx, item_idx], axis=0)
-    # co-occurrence: nonzero exactly where two items share a user
+    # co-occurrence (top-K per item, computed in Spark): nonzero only where two items share a
+    # user, and every row keeps its K best (or all it has)
     binary = sp.csr_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
                            shape=(n_users, n_items))
     shared = (binary.T @ binary).toarray()
     np.fill_diagonal(shared, 0)
-    np.testing.assert_array_equal(cooc.toarray() > 0, shared > 0)
+    top_k = build_training_table.CONFIG["cooc_top_k"]
+    assert not (cooc.toarray() > 0)[shared == 0].any()
+    np.testing.assert_array_equal(np.diff(cooc.indptr), np.minimum((shared > 0).sum(1), top_k))
+    assert (np.diff(cooc.indptr) == top_k).any()  # the cap binds in this world
     if two_tower:
         vectors = np.load(bundle / B.TT_ITEM_VECTORS)
         assert vectors.shape[0] == n_items

@@ -145,7 +145,7 @@ def test_train_als_job_fits_the_table_and_saves_factors(spark, paths, monkeypatc
 
 @pytest.mark.spark
 def test_train_ranker_job_trains_on_retrieved_candidates(spark, paths):
-    from jobs import train_ranker
+    from jobs import build_index, build_training_table, train_als, train_ranker
     from tandem import bundle as B
     from tandem import ranker as R
     from tandem import ranking_features as RF
@@ -155,8 +155,21 @@ def test_train_ranker_job_trains_on_retrieved_candidates(spark, paths):
            "popular_k": 3, "als": {**train_ranker.CONFIG["als"], "factors": 4, "iterations": 5},
            "ranker": {**train_ranker.CONFIG["ranker"], "n_estimators": 5,
                       "min_child_samples": 2}}
-    counts = train_ranker.run(spark, paths, datetime(2024, 1, 1), datetime(2024, 1, 10), cfg)
+    start, end = datetime(2024, 1, 1), datetime(2024, 1, 10)
+    with pytest.raises(FileNotFoundError, match="build_training_table"):
+        train_ranker.run(None, paths, start, end, cfg)
+    # the night's models, fitted once: the ranker retrieves with them, it fits none itself
+    build_training_table.run(spark, paths, start, end)
+    train_als.run(None, paths, start, end, cfg["als"])
+    build_index.run(None, paths, start, end)
+    counts = train_ranker.run(None, paths, start, end, cfg)
+    # every user engages on days 6 and 8, inside the 3 label days (impressions are no label);
+    # the ranker gets its seeded half of them
+    assert counts["label_pairs"] == 48 and 0 < counts["request_users"] < 24
     assert counts["groups"] > 0 and counts["positives"] > 0
+    # a cap on request users bounds the work whatever the user count
+    capped = train_ranker.run(None, paths, start, end, {**cfg, "night": {"max_users": 3}})
+    assert capped["request_users"] == 3 and capped["groups"] <= 3
     assert counts["feature_source"] == "history"
     bundle = paths.models / "20240110"
     booster = R.load(bundle / B.RANKER_MODEL)
