@@ -2,14 +2,16 @@
 training table (:class:`TrainingTable`, the learners' input) and one interval as a
 :class:`tandem.dataset.Dataset` (:func:`read_window`).
 
-The nightly chain's single-machine steps (ranker training, the offline evaluation) read their
-training window through :func:`read_window`, with the same rules the Spark and two-tower jobs
-apply, so every part of one bundle sees the same rows:
+Models learn from the table only (``jobs/build_training_table.py`` writes it in Spark). The
+ranker's and the evaluation's in-process features still need raw events: they read them through
+:func:`read_window` (only the sampled request users' events when the feature store serves the
+entity features), with the same window rules as the Spark table, so every part of one bundle sees
+the same rows:
 
 - events with ``start <= ts < end`` whose arrival partition ``date >= day(start)`` (nothing
   arrives before it happens; late arrivals after ``end`` still count), sorted by (ts, event_id);
 - items created before ``end`` (the catalog as it stood at the end of the window);
-- every user profile.
+- every user profile (or the requested users').
 """
 
 from __future__ import annotations
