@@ -1,7 +1,8 @@
 """tandem_daily: the nightly retrain, from negative sampling to a promoted champion.
 
-negative_sampling -> ALS -> two-tower -> FAISS indexes -> ranker -> evaluate -> register the bundle
-as `challenger` -> promote to `champion` if the offline gates pass (or ``force_promotion``).
+negative_sampling -> int-coded training table -> ALS -> two-tower -> FAISS indexes -> ranker
+-> evaluate -> register the bundle as `challenger` -> promote to `champion` if the offline
+gates pass (or ``force_promotion``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def tandem_daily():
     skip_tt = ["{{ '--skip' if params.skip_two_tower else '' }}"]
     force = ["{{ '--force' if params.force_promotion else '' }}"]
     (spark_job("negative_sampling", run_id=True)
-     >> spark_job("train_als", run_id=True)
+     >> spark_job("build_training_table", run_id=True)
+     >> python_job("train_als")
      >> python_job("train_two_tower", skip_tt)
      >> python_job("build_index")
      >> python_job("train_ranker")

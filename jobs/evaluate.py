@@ -10,14 +10,23 @@ side by side in one run), and writes
 - ``reports/eval.png``: a bar chart of the headline metrics
 
 Lake mode, the nightly chain's step -- ``python -m jobs.evaluate --start ISO --end ISO --run-id
-YYYYMMDD --dataset NAME`` runs the SAME protocol on the lake's window (``tandem.lake``: events of
-[start, end), items created before ``end``, profiles) and writes the run's bundle
-``manifest.json`` (``tandem.bundle.BundleManifest``): the parts present, the dataset label, the
-metrics (two-stage under plain names such as ``ndcg@10``, ``coverage@10``, ``diversity@10`` --
-the names the promotion gates read -- and every model's as ``<model>.<metric>``) and params, plus
-the full report as ``eval.json`` beside it. The protocol refits its sources on its own temporal
-split of the window, mirroring the bundle's parts (no two-tower part -> no two-tower source), so
-the numbers describe how this configuration ranks on this window, not the stored arrays.
+YYYYMMDD --dataset NAME`` evaluates THE NIGHT'S BUNDLE, refitting nothing (``tandem.night``): at
+the ranker's label cut, the evaluation half of the users with label pairs (never the ranker's
+half), a seeded sample of at most ``night.max_users``, get their candidates from the night's
+ALS (user vectors folded in from pre-cut pairs), two-tower and popularity through the night's
+ANN indexes, ranked by the night's LightGBM ranker; relevant = their pairs first engaged
+positively in [cut, end), pre-cut items excluded. Features come from the window's events
+in-process (``tandem.evaluation.feature_matrix``). It writes the run's bundle ``manifest.json``
+(``tandem.bundle.BundleManifest``): the parts present, the dataset label, the metrics
+(two-stage under plain names such as ``ndcg@10``, ``coverage@10``, ``diversity@10`` -- the names
+the promotion gates read -- and every model's as ``<model>.<metric>``) and params, plus the full
+report as ``eval.json`` beside it.
+
+Lake-mode memory model at 5M users x 1M items x 50M events: the table's pair columns
+(30M x 36 B = 1.1 GB), the window's events in pandas for the in-process features (50M x 400 B =
+20 GB: over the default ``TANDEM_DRIVER_BUDGET_MB``, which then stops the job with an error
+naming the setting -- at that scale the features must come from the feature store), the sampled
+users' candidates (20k x ~700 rows x ~50 features x 4 B = 2.8 GB).
 
 Both are pure functions of their inputs and config (fixed seeds).
 """
@@ -173,29 +182,92 @@ def manifest_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def night_report(batch, ranker, cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The report of ``tandem.evaluation.evaluate``'s shape for one ``tandem.night.Batch``."""
+    import numpy as np
+    import pandas as pd
+
+    from tandem import evaluation as E
+    from tandem import metrics as M
+    from tandem import ranker as R
+
+    catalog, req, k = batch.catalog, batch.req, cfg["k"]
+    rel = pd.DataFrame({M.USER: catalog.user_ids[req.labels["user_row"].to_numpy()],
+                        M.ITEM: catalog.item_ids[req.labels["item"].to_numpy()]})
+    seen = req.history.tocoo()
+    train = pd.DataFrame({M.USER: catalog.user_ids[req.user_rows[seen.row]],
+                          M.ITEM: catalog.item_ids[seen.col]})
+    preds, retrieval = {}, {}
+    for src, top in batch.lists.items():
+        rows = req.user_rows[top["local"].to_numpy()]
+        retrieval[src] = M.recall_at_k(rel, E._pred_frame(catalog, rows, top["item"].to_numpy(),
+                                                          -top["rank"].to_numpy()),
+                                       k=cfg["retrieval_k"])
+        head = (top["rank"] <= k).to_numpy()
+        preds[src] = E._pred_frame(catalog, rows[head], top["item"].to_numpy()[head],
+                                   -top["rank"].to_numpy()[head])
+    cands = batch.cands
+    X = E.feature_matrix(batch.fitted, catalog, batch.requests, cands, cfg)
+    rows, items = cands["user_row"].to_numpy(), cands["item"].to_numpy()
+    preds["two_stage"] = E._pred_frame(catalog, rows, items, R.predict(ranker, X))
+    retrieval["combined"] = M.recall_at_k(rel, E._pred_frame(catalog, rows, items,
+                                                             np.zeros(len(cands))),
+                                          k=len(catalog.item_ids))
+    models = {name: E.score_models(preds[name], rel, train, catalog, k)
+              for name in E.MODELS if name in preds}
+    if "two_tower" not in preds:
+        models["two_tower"] = {"missing": "two-tower source disabled or unavailable"}
+    n_users = int(rel[M.USER].nunique())
+    return {
+        "dataset": dataset,
+        "protocol": {
+            "split": "the night's bundle at the ranker's label cut: the evaluation half of the "
+                     "users with label pairs (a seeded sample), pre-cut pairs as history",
+            "relevant": "pairs first engaged positively after the cut",
+            "filter": "items seen before the cut are excluded",
+            "users": "averaged over the sampled evaluation users",
+            "k": k, "n_users": n_users, "n_test_relevant": int(len(rel)),
+            "n_train_pairs": req.n_history_pairs, "n_test_pairs": req.n_label_pairs,
+            "ranker": "the bundle's LightGBM ranker; sources are the bundle's models",
+        },
+        "models": models,
+        "retrieval": {f"recall@{cfg['retrieval_k']}": {s: v for s, v in retrieval.items()
+                                                        if s != "combined"},
+                      "recall_combined": retrieval["combined"],
+                      "candidates_per_user": float(len(cands) / max(n_users, 1))},
+    }
+
+
 def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any] | None = None,
         run_id: str | None = None, dataset: str = "lake") -> dict[str, Any]:
-    """Lake mode: evaluate the window and write the bundle's ``manifest.json`` + ``eval.json``.
+    """Lake mode: evaluate the night's bundle; write its ``manifest.json`` + ``eval.json``.
 
-    ``spark`` is unused (common job signature; the window is read with pyarrow). ``cfg``
-    overrides :data:`tandem.evaluation.EVAL_CONFIG`. Returns the manifest's metrics.
+    ``spark`` is unused (common job signature; the table and window are read with pyarrow).
+    ``cfg`` overrides ``jobs.train_ranker.CONFIG`` (candidate depths, label cut, ``night``).
+    Returns the manifest's metrics.
     """
     from tandem import evaluation as E
-    from tandem.lake import read_window
+    from tandem import night as N
+    from tandem import ranker as R
+    from tandem.lake import epoch_ms
 
     start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     bundle_dir = run_bundle_dir(paths, end, run_id)
-    cfg = {**E.EVAL_CONFIG, **(cfg or {})}
+    cfg = {**E.EVAL_CONFIG, **N.CUT_CONFIG, **(cfg or {})}
     if not (bundle_dir / B.TT_ITEM_VECTORS).exists():
         cfg["two_tower"] = None  # the bundle serves without two-tower: evaluate it that way
-    report = E.evaluate(read_window(paths, start, end, dataset), cfg)
+    cut_ms = epoch_ms(N.label_cut(start, end, cfg))
+    batch = N.prepare(paths, bundle_dir, start, end, cut_ms, N.EVALUATION, cfg,
+                      request_events_only=False)
+    report = night_report(batch, R.load(bundle_dir / B.RANKER_MODEL), cfg, dataset)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     (bundle_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     protocol = report["protocol"]
     params = {"eval_start": start.isoformat(), "eval_end": end.isoformat(), "eval_k": cfg["k"],
-              "eval_test_fraction": cfg["test_fraction"], "eval_users": protocol["n_users"],
-              "eval_train_events": protocol["n_train_events"],
-              "eval_test_events": protocol["n_test_events"],
+              "eval_cut": datetime.fromtimestamp(cut_ms / 1000, UTC).isoformat(),
+              "eval_users": protocol["n_users"],
+              "eval_train_pairs": protocol["n_train_pairs"],
+              "eval_test_pairs": protocol["n_test_pairs"],
               "two_tower": cfg["two_tower"] is not None,
               "als_factors": cfg["als"]["factors"], "ranker_trees": cfg["ranker"]["n_estimators"]}
     manifest = B.BundleManifest(dataset=dataset, parts=[p for p in PARTS

@@ -1,33 +1,35 @@
-"""Train the LightGBM lambdarank ranker on the candidates retrieval really produces.
+"""Train the LightGBM lambdarank ranker on the candidates the night's models really retrieve.
 
 For the interval [start, end) with ``cut = end - label window`` (``label_days`` when set, else
-``label_fraction`` of the interval):
+``label_fraction`` of the interval) -- the request time:
 
-extract: the window of ``tandem.lake.read_window`` (events of [start, end), items created
-    before ``end``, profiles) with pyarrow -- it all goes to a single-machine learner anyway, so
-    ``spark`` is unused (kept for the common job signature).
+extract: the run's int-coded training table (``tandem.lake.TrainingTable``) and the night's
+    bundle: ALS item factors, two-tower user tower and item vectors, their ANN indexes. No model
+    is refit here (``tandem.night``: each model is fitted once a night).
 transform:
-    1. the retrieval sources (ALS, two-tower, popularity; ``tandem.evaluation.fit_sources``) are
-       fit on the events before ``cut`` -- two-tower only when the bundle has a two-tower part,
-       so the ranker never learns from a source serving will not have. The bundle's own
-       ALS/two-tower parts are NOT reused here: they were trained on the whole window, label
-       period included, so their scores would leak the labels into the features;
-    2. each user with a positive event in [cut, end) gets the union of the sources' top lists
-       (``tandem.evaluation.candidates``: ALS top-200, two-tower top-500, popular fill), labelled
-       1 when the user engaged positively with the item after ``cut``;
-    3. entity features come through the feature store's point-in-time path:
-       ``tandem.feature_store.training_frame`` joins the user/item/session rows as of
-       ``event_timestamp = cut`` (the request time) and ``training_matrices`` turns them into the
-       matrices of ``tandem.features``; retrieval, context and recency features are added by
-       ``tandem.ranking_features.build_features`` -- the function serving calls.
-       ``feature_source="history"`` computes the same raw rows from the events in-process (the
-       offline evaluation's path). The default ``"feast"`` falls back to ``"history"`` with a
-       warning when no Feast repo has been applied under ``TANDEM_HOME/feast``.
-load, into the run's bundle ``<models>/<run_id>`` (``tandem.catalog.run_bundle_dir``):
-    ``ranker/model.txt`` (LightGBM), ``ranker/cooc.npz`` (item co-occurrence over the whole
-    window for the recency features, rows/columns in the bundle's catalog order of
-    ``items.parquet``; serving rebuilds the ALS unit vectors from the bundle's ALS factors),
-    ``features.json`` (ordered feature names + raw feature defaults) and ``ranker/meta.json``.
+    1. request users: users with a pair first engaged positively in [cut, end), the ranker's
+       half of them (the evaluation scores the other half), a seeded sample of at most
+       ``max_users`` (``tandem.night.NIGHT_CONFIG``);
+    2. their candidates at ``cut``: each source retrieves through its index from the user's
+       pre-cut pairs (ALS user vectors folded in from them, the user tower over the last pre-cut
+       positives, popularity before ``cut``), seen items dropped -- ALS top-``als_k``, two-tower
+       top-``two_tower_k``, popular top-``popular_k``; a candidate is labelled 1 when it is one
+       of the user's label pairs;
+    3. features through :func:`tandem.ranking_features.build_features` -- the function serving
+       calls -- with the bundle's ALS unit vectors and top-K co-occurrence (the arrays serving
+       loads); entity features from the feature store's point-in-time join as of ``cut``
+       (``tandem.feature_store.training_frame``), or with ``feature_source="history"`` computed
+       in-process from the request users' pre-cut events (``tandem.evaluation``); ``"feast"``
+       falls back to ``"history"`` with a warning when no Feast repo is applied.
+load, into the run's bundle ``<models>/<run_id>``: ``ranker/model.txt`` (LightGBM),
+    ``ranker/cooc.npz`` (the table's top-K co-occurrence, computed in Spark, as an items x items
+    CSR in catalog order), ``features.json`` and ``ranker/meta.json``.
+
+Memory model at 5M users x 1M items x 50M events: the table's pair columns (~30M pairs x 36 B =
+1.1 GB), the candidates of ``max_users`` (20k) users x ~700 = 14M rows x ~50 features x 4 B =
+2.8 GB before negative sampling, the request users' pre-cut events in pandas (20k x ~100 x 400 B
+= 0.8 GB), the cooc CSR 1M x 100 x 8 B = 0.8 GB: ~6 GB peak; every read is checked against
+``TANDEM_DRIVER_BUDGET_MB`` and the cap ``max_users`` is the knob.
 
     python -m jobs.train_ranker --start 2026-01-01T00:00:00 --end 2026-01-02T00:00:00 \
         --run-id 20260102
@@ -38,7 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,27 +50,19 @@ import scipy.sparse as sp
 
 from tandem import evaluation as E
 from tandem import features as FT
+from tandem import night as N
 from tandem import ranker as R
 from tandem import ranking_features as RF
 from tandem import schema as S
 from tandem.bundle import FEATURE_SPEC, RANKER_COOC, RANKER_MODEL, TT_ITEM_VECTORS
-from tandem.catalog import load_or_write, run_bundle_dir
+from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
-from tandem.dataset import Dataset, positives
 from tandem.job_cli import name_arg
-from tandem.lake import epoch_ms, read_window
+from tandem.lake import epoch_ms
 
 log = logging.getLogger(__name__)
 
-CONFIG: dict[str, Any] = {**E.EVAL_CONFIG, "label_days": None, "label_fraction": 0.2,
-                          "feature_source": "feast"}
-
-
-def label_cut(start: datetime, end: datetime, cfg: dict[str, Any]) -> datetime:
-    """The request time: labels come from [cut, end), sources are fit on [start, cut)."""
-    window = (timedelta(days=cfg["label_days"]) if cfg.get("label_days")
-              else (end - start) * cfg["label_fraction"])
-    return end - window
+CONFIG: dict[str, Any] = {**E.EVAL_CONFIG, **N.CUT_CONFIG, "feature_source": "feast"}
 
 
 def feast_applied(paths: Paths) -> bool:
@@ -76,27 +70,15 @@ def feast_applied(paths: Paths) -> bool:
     return (paths.feast / "feature_store.yaml").exists() and (paths.feast / "registry.db").exists()
 
 
-def training_set(data: Dataset, cut_ms: int, cfg: dict[str, Any], store=None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, E.Fitted]:
-    """(features [n, F], labels [n], group keys [n], fitted sources) for the ranker."""
-    catalog = E.Catalog.of(data)
-    history = data.events[data.events[S.TS] < cut_ms]
-    after = data.events[data.events[S.TS] >= cut_ms]
-    fitted = E.fit_sources(history, catalog, cfg)
-    rel = E.relevant_pairs(after, cfg["play_dwell_ms"])
-    users = pd.Index(pd.unique(rel[S.USER_ID]))
-    users = users[catalog.user_ids.get_indexer(users) >= 0]
-    req = E.Requests(catalog.user_ids.get_indexer(users), np.full(len(users), cut_ms, np.int64),
-                     np.full(len(users), None, dtype=object))
-    cands = E.candidates(fitted, req.user_rows, cfg)
-    keys = pd.MultiIndex.from_arrays([catalog.user_ids.get_indexer(rel[S.USER_ID]),
-                                      catalog.item_ids.get_indexer(rel[S.ITEM_ID])])
-    labels = pd.MultiIndex.from_arrays([cands["user_row"], cands["item"]]).isin(keys)
+def training_set(batch: N.Batch, cfg: dict[str, Any], store=None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [n, F], labels [n], group keys [n]) of the ranker's request users."""
     if cfg["feature_source"] == "history":
-        X = E.feature_matrix(fitted, catalog, req, cands, cfg)
+        X = E.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, cfg)
     else:
-        X = _features_from_store(store, fitted, catalog, req, cands)
-    return X, labels.astype(np.int32), cands["user_row"].to_numpy(), fitted
+        X = _features_from_store(store, batch.fitted, batch.catalog, batch.requests,
+                                 batch.cands)
+    return X, batch.labels.astype(np.int32), batch.cands["user_row"].to_numpy()
 
 
 def _features_from_store(store, fitted: E.Fitted, catalog: E.Catalog, req: E.Requests,
@@ -118,23 +100,6 @@ def _features_from_store(store, fitted: E.Fitted, catalog: E.Catalog, req: E.Req
     return RF.build_features(rows, cands["item"].to_numpy(), sources, users, items, session,
                              hour, RF.device_codes(req.device[local]), recent[local],
                              fitted.space)
-
-
-def bundle_cooc(events: pd.DataFrame, catalog: pd.DataFrame, user_order: pd.DataFrame
-                ) -> sp.csr_matrix:
-    """``ranking_features.cooccurrence`` of the whole window, in the bundle's catalog order.
-
-    Built from every event (impressions included), exactly as ``evaluation.fit_sources`` builds
-    the training-time matrix; events of items outside the catalog are dropped.
-    """
-    item_ids = pd.Index(catalog[S.ITEM_ID].astype(str))
-    user_ids = pd.Index(user_order[S.USER_ID].astype(str))
-    rows = user_ids.get_indexer(events[S.USER_ID].astype(str))
-    cols = item_ids.get_indexer(events[S.ITEM_ID].astype(str))
-    keep = (rows >= 0) & (cols >= 0)
-    seen = sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (rows[keep], cols[keep])),
-                         shape=(len(user_ids), len(item_ids)))
-    return RF.cooccurrence(seen)
 
 
 def feature_spec() -> dict[str, Any]:
@@ -175,26 +140,26 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     source, store = _store_for(paths, cfg, store)
     cfg["feature_source"] = source
-    cut_ms = epoch_ms(label_cut(start, end, cfg))
-    data = read_window(paths, start, end)
+    cut_ms = epoch_ms(N.label_cut(start, end, cfg))
     bundle_dir = run_bundle_dir(paths, end, run_id)
-    catalog, user_order = load_or_write(bundle_dir, data.items, data.users, data.events)
     if not (bundle_dir / TT_ITEM_VECTORS).exists():
         cfg["two_tower"] = None  # serve-time features must match: no two-tower, no such source
-    X, y, groups, fitted = training_set(data, cut_ms, cfg, store)
+    batch = N.prepare(paths, bundle_dir, start, end, cut_ms, N.RANKER, cfg,
+                      request_events_only=source == "feast")
+    X, y, groups = training_set(batch, cfg, store)
     keep = pd.Series(y).groupby(groups).transform("max").to_numpy() > 0
     keep &= R.sample_negatives(y, cfg["ranker_negative_rate"], cfg["ranker"]["random_state"])
     if not keep.any():
         raise ValueError(f"no positive labels in [{pd.Timestamp(cut_ms, unit='ms')}, {end}): "
                          "the ranker has nothing to learn from")
     model = R.train_ranker(X[keep], y[keep], groups[keep], cfg["ranker"])
-    after = data.events[data.events[S.TS] >= cut_ms]
     counts = {"rows": int(keep.sum()), "groups": int(len(np.unique(groups[keep]))),
-              "positives": int(y[keep].sum()), "history_events": int(len(fitted.history)),
-              "label_events": int(len(after)),
-              "positive_label_events": int(positives(after, cfg["play_dwell_ms"]).sum()),
+              "positives": int(y[keep].sum()), "request_users": len(batch.req.user_rows),
+              "history_pairs": batch.req.n_history_pairs,
+              "label_pairs": batch.req.n_label_pairs,
+              "history_events": int(len(batch.fitted.history)),
               "feature_source": source, "bundle_dir": str(bundle_dir)}
-    load(model, bundle_cooc(data.events, catalog, user_order), bundle_dir, counts)
+    load(model, batch.fitted.space.cooc, bundle_dir, counts)
     return counts
 
 

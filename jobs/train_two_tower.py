@@ -1,19 +1,27 @@
-"""Train the two-tower model on one interval's positive engagements and export it to the bundle.
+"""Train the two-tower model once a night on the run's positive pairs and export it to the bundle.
 
-extract: lake events with ``start <= ts < end``, the catalog (items created before ``end``) and
-user profiles, read with pyarrow (torch training needs no Spark; ``spark`` may be None).
-transform: positives (``tandem.dataset.positives``) -> (user_idx, item_idx, ts) in the bundle's
-catalog order (``tandem.catalog``); content and profile features (``tandem.tower_features``);
-``tandem.two_tower.train_two_tower``.
+extract: the positive pairs of the run's int-coded training table (``lake/training/run_id=``,
+``jobs/build_training_table.py``): ``user_idx, item_idx, positive_ts`` of pairs with a positive
+engagement (``tandem.dataset.positives`` with ``play_dwell_ms``, applied in Spark), read with
+pyarrow into numpy -- the indexes are already the bundle's catalog rows; the catalog's content
+columns (items created before ``end``) and the profile columns the user tower encodes.
+transform: content and profile features (``tandem.tower_features``) in the bundle's order;
+``tandem.two_tower.train_two_tower`` (int32 histories).
 load: ``<models>/<run_id>/two_tower/{item_vectors.npy,user_tower.npz,query_sample.npy}``
 (overwritten on re-run; ``run_id`` defaults to the end date, YYYYMMDD, like the DAG's).
+
+Memory model at 5M users x 1M items x 50M events (~20M positive pairs): pairs 20M x 16 B =
+0.3 GB, per-pair histories int32 20M x 20 x 4 B = 1.6 GB, per-user last items 5M x 20 x 4 B =
+0.4 GB, profiles 5M x 4 fields (~0.8 GB as pandas objects while encoded), content 1M x ~40 x 4 B,
+the id embedding 1M x 64 x 4 B x 3 (Adam) = 0.8 GB: ~4.5 GB peak; the pair read is checked
+against ``TANDEM_DRIVER_BUDGET_MB``.
 
     python -m jobs.train_two_tower --start 2026-01-01T00:00:00 --end 2026-02-01T00:00:00
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,64 +31,57 @@ import pyarrow.dataset as ds
 
 from tandem import schema as s
 from tandem.bundle import INDEX_MAIN, TT_ITEM_VECTORS
-from tandem.catalog import load_or_write, run_bundle_dir
+from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
-from tandem.dataset import positives
 from tandem.job_cli import interval_parser, parse
+from tandem.lake import ITEM_IDX, POSITIVE_TS, USER_IDX, TrainingTable, epoch_ms
 from tandem.tower_features import ItemContentSpec, UserFeatureSpec
 from tandem.user_tower import QUERY_SAMPLE
 
 TRAIN_CONFIG: dict[str, Any] = {
     "two_tower": {},  # TwoTowerConfig overrides
-    "play_dwell_ms": 30_000,  # a play this long is a positive engagement
     "user_fields": (s.AGE_BUCKET, s.GENDER, s.OCCUPATION, s.COUNTRY),
     "n_query_sample": 400,  # user vectors saved to tune and measure the main ANN index
 }
-EVENT_FIELDS = (s.EVENT_TYPE, s.USER_ID, s.ITEM_ID, s.TS, s.VALUE, s.DWELL_MS)
+ITEM_FIELDS = (s.ITEM_ID, s.GENRES, s.RELEASE_YEAR)
 
 
-def _ms(t: datetime) -> int:
-    return int(t.timestamp() * 1000)
-
-
-def extract(paths: Paths, start: datetime, end: datetime
+def extract(paths: Paths, end: datetime, run_id: str, user_fields: tuple[str, ...]
             ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(events in [start, end), items created before end, user profiles), as pandas."""
-    lo, hi = _ms(start), _ms(end)
-    day_lo = start.astimezone(UTC).strftime("%Y-%m-%d")  # no event arrives before it happens
-    events = ds.dataset(paths.events, format="parquet", partitioning="hive").to_table(
-        columns=list(EVENT_FIELDS),
-        filter=(ds.field(s.DATE) >= day_lo) & (ds.field(s.TS) >= lo) & (ds.field(s.TS) < hi)
-    ).to_pandas()
+    """(positive pairs: user_idx, item_idx, ts; catalog content rows in bundle order; profiles
+    in bundle order), all read with pyarrow, only the columns used."""
+    table = TrainingTable.of(paths, run_id)
+    cols = table.interactions([USER_IDX, ITEM_IDX, POSITIVE_TS], positives_only=True)
+    pairs = pd.DataFrame({"user_idx": cols[USER_IDX], "item_idx": cols[ITEM_IDX],
+                          "ts": cols[POSITIVE_TS]})
+    item_ids = pd.Index(table.items([s.ITEM_ID, ITEM_IDX]).sort_by(ITEM_IDX)
+                        .column(s.ITEM_ID).to_pandas(), name=s.ITEM_ID)
     items = ds.dataset(paths.items, format="parquet").to_table(
-        filter=ds.field(s.CREATED_AT) < hi).to_pandas()
-    users = ds.dataset(paths.users, format="parquet").to_table().to_pandas()
-    return events, items, users
+        columns=list(ITEM_FIELDS), filter=ds.field(s.CREATED_AT) < epoch_ms(end)).to_pandas()
+    items = items.drop_duplicates(s.ITEM_ID).set_index(s.ITEM_ID).reindex(item_ids)
+    user_ids = pd.Index(table.users([s.USER_ID, USER_IDX]).sort_by(USER_IDX)
+                        .column(s.USER_ID).to_pandas(), name=s.USER_ID)
+    present = ds.dataset(paths.users, format="parquet").schema.names
+    users = ds.dataset(paths.users, format="parquet").to_table(
+        columns=[s.USER_ID, *(f for f in user_fields if f in present)]).to_pandas()
+    users = (users.assign(**{s.USER_ID: users[s.USER_ID].astype(str)})
+             .drop_duplicates(s.USER_ID).set_index(s.USER_ID).reindex(user_ids))
+    return pairs, items, users
 
 
-def transform(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame,
-              catalog: pd.DataFrame, user_order: pd.DataFrame, cfg: dict[str, Any]):
-    """Train on the positives and return the model (``tandem.two_tower.TwoTowerModel``)."""
+def transform(pairs: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame,
+              cfg: dict[str, Any]):
+    """Train on the positive pairs and return the model (``tandem.two_tower.TwoTowerModel``)."""
     from tandem.two_tower import TwoTowerConfig, train_two_tower
 
-    item_index = pd.Index(catalog[s.ITEM_ID])
-    user_index = pd.Index(user_order[s.USER_ID])
-    pos = events.loc[positives(events, cfg["play_dwell_ms"])]
-    pairs = pd.DataFrame({"user_idx": user_index.get_indexer(pos[s.USER_ID].astype(str)),
-                          "item_idx": item_index.get_indexer(pos[s.ITEM_ID].astype(str)),
-                          "ts": pos[s.TS].to_numpy(np.int64)})
-    pairs = pairs[(pairs["user_idx"] >= 0) & (pairs["item_idx"] >= 0)]
-    item_rows = items.drop_duplicates(s.ITEM_ID).set_index(s.ITEM_ID).reindex(item_index)
-    genres = [g if isinstance(g, (list, np.ndarray)) else [] for g in item_rows[s.GENRES]]
+    genres = [g if isinstance(g, (list, np.ndarray)) else [] for g in items[s.GENRES]]
     item_spec = ItemContentSpec.fit(genres)
-    content = item_spec.encode(genres, item_rows[s.RELEASE_YEAR].tolist())
+    content = item_spec.encode(genres, items[s.RELEASE_YEAR].tolist())
     fields = [f for f in cfg["user_fields"] if f in users.columns]
-    profiles = (users.assign(**{s.USER_ID: users[s.USER_ID].astype(str)})
-                .drop_duplicates(s.USER_ID).set_index(s.USER_ID).reindex(user_index))
-    user_spec = UserFeatureSpec.fit(profiles, fields)
-    return train_two_tower(pairs, content, user_spec.encode(profiles.reset_index()),
-                           TwoTowerConfig(**cfg["two_tower"]), n_users=len(user_index),
-                           item_spec=item_spec, user_spec=user_spec), len(pairs)
+    user_spec = UserFeatureSpec.fit(users, fields)
+    return train_two_tower(pairs, content, user_spec.encode(users.reset_index()),
+                           TwoTowerConfig(**cfg["two_tower"]), n_users=len(users),
+                           item_spec=item_spec, user_spec=user_spec)
 
 
 def load(model, bundle_dir: Path, n_query_sample: int, random_state: int) -> dict[str, Path]:
@@ -98,17 +99,17 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
         run_id: str | None = None) -> dict[str, Any]:
     """Train and export; returns counts and the final training loss.
 
-    ``spark`` is unused (accepted for the common job signature). Deterministic for a given lake,
+    ``spark`` and ``start`` are unused (common job signature; the table holds the window).
+    Deterministic for a given lake,
     interval and ``cfg`` (seeded); a re-run overwrites the same files.
     """
     cfg = {**TRAIN_CONFIG, **(cfg or {})}
-    events, items, users = extract(paths, start, end)
     bundle_dir = run_bundle_dir(paths, end, run_id)
-    catalog, user_order = load_or_write(bundle_dir, items, users, events)
-    model, n_pairs = transform(events, items, users, catalog, user_order, cfg)
+    pairs, items, users = extract(paths, end, bundle_dir.name, cfg["user_fields"])
+    model = transform(pairs, items, users, cfg)
     load(model, bundle_dir, cfg["n_query_sample"], model.cfg.random_state)
-    return {"events": len(events), "interactions": n_pairs, "items": len(catalog),
-            "users": len(user_order), "cold_items": int((model.item_counts == 0).sum()),
+    return {"interactions": len(pairs), "items": len(items), "users": len(users),
+            "cold_items": int((model.item_counts == 0).sum()),
             "final_loss": float(model.loss_history[-1]) if model.loss_history else float("nan"),
             "bundle_dir": str(bundle_dir)}
 

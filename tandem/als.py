@@ -125,6 +125,23 @@ def fit_als(matrix: sp.csr_matrix, user_ids: pd.Index, item_ids: pd.Index,
                       np.asarray(model.item_factors, np.float32))
 
 
+def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix,
+            cfg: dict[str, Any] = ALS_CONFIG) -> np.ndarray:
+    """User factors [m, f] (float32) solved against fixed ``item_factors`` from each row of
+    ``user_items`` ([m, n_items] confidences; zeros ignored) -- the ALS user step, exactly as
+    fitting would take it, for users whose rows differ from the ones the model was fit on.
+
+    Rows without confidence get zero vectors (they score every item 0).
+    """
+    rows = sp.csr_matrix(user_items, dtype=np.float32, copy=True)
+    rows.eliminate_zeros()
+    model = AlternatingLeastSquares(factors=item_factors.shape[1],
+                                    regularization=cfg["regularization"], alpha=cfg["alpha"],
+                                    random_state=cfg["random_state"])
+    model.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
+    return np.asarray(model.recalculate_user(np.arange(rows.shape[0]), rows), np.float32)
+
+
 def top_k_items(scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` columns per row, best first: (indices (n, k) int64, scores (n, k) float32).

@@ -13,6 +13,8 @@ Lake layout (all parquet unless said otherwise)::
     lake/labels/ranking/date=/                        labelled impressions for the ranker
     lake/negatives/{retrieval,ranking}/date=/         sampled negatives
     lake/features/{user,item}/date=/                  time-stamped feature rows (event_timestamp)
+    lake/training/run_id=/{users,items,interactions,cooc}/  int-coded training table of a nightly
+                                                      run (jobs/build_training_table.py)
     models/  mlflow/  feast/  kafka/  airflow/        component state
     serving/bundles/                                  serving's bundle cache + ledger.json
 """
@@ -86,6 +88,10 @@ class Paths:
     def item_features(self) -> Path:
         return self.lake / "features" / "item"
 
+    def training(self, run_id: str) -> Path:
+        """The int-coded training table of nightly run ``run_id`` (``tandem.lake``)."""
+        return self.lake / "training" / f"run_id={run_id}"
+
     @property
     def models(self) -> Path:
         return self.root / "models"
@@ -117,6 +123,25 @@ class Paths:
 def spark_master() -> str:
     """``SPARK_MASTER`` (e.g. ``spark://host:7077`` or ``yarn``); ``local[*]`` by default."""
     return os.environ.get("SPARK_MASTER", "local[*]")
+
+
+DRIVER_BUDGET_SETTING = "TANDEM_DRIVER_BUDGET_MB"
+
+
+def driver_budget_bytes() -> int:
+    """What one single-machine step (a learner, the Spark driver's side of a job) may hold in
+    memory: ``TANDEM_DRIVER_BUDGET_MB`` (default 8192, under the 12 GB per-process target)."""
+    return int(float(os.environ.get(DRIVER_BUDGET_SETTING, "8192")) * (1 << 20))
+
+
+def within_driver_budget(n_bytes: float, what: str) -> None:
+    """Raise before an allocation of ``n_bytes`` that would exceed :func:`driver_budget_bytes`,
+    naming the setting to raise, instead of letting the OS kill the process mid-run."""
+    budget = driver_budget_bytes()
+    if n_bytes > budget:
+        raise MemoryError(f"{what} needs ~{n_bytes / (1 << 20):,.0f} MB, over the driver budget "
+                          f"of {budget / (1 << 20):,.0f} MB: raise {DRIVER_BUDGET_SETTING} "
+                          "(and the machine's memory) or shrink the window")
 
 
 def kafka_bootstrap() -> str | None:

@@ -86,9 +86,9 @@ def recent_histories(users: np.ndarray, items: np.ndarray, ts: np.ndarray, histo
 
     Returns
     -------
-    before : int64 ``[n, N]`` — row ``r`` holds the N items the same user had strictly before
+    before : int32 ``[n, N]`` — row ``r`` holds the N items the same user had strictly before
         interaction ``r`` in (ts, item) order, aligned with the INPUT order
-    last : int64 ``[n_users, N]`` — each user's N most recent items overall (a serving history)
+    last : int32 ``[n_users, N]`` — each user's N most recent items overall (a serving history)
     """
     n_users = int(users.max()) + 1 if n_users is None else n_users
     order = np.lexsort((items, ts, users))
@@ -96,8 +96,9 @@ def recent_histories(users: np.ndarray, items: np.ndarray, ts: np.ndarray, histo
     starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1] if len(u) else np.zeros(0, np.int64)
     lengths = np.diff(np.r_[starts, len(u)])
     pos = np.arange(len(u)) - np.repeat(starts, lengths)
-    sorted_before = np.full((len(u), history_len), PAD, dtype=np.int64)
-    last = np.full((n_users, history_len), PAD, dtype=np.int64)
+    # int32: item rows fit (< 2**31) and a 5M-user history table stays 400 MB, not 800 MB
+    sorted_before = np.full((len(u), history_len), PAD, dtype=np.int32)
+    last = np.full((n_users, history_len), PAD, dtype=np.int32)
     ends = starts + lengths  # one past each user's last interaction
     for k in range(1, history_len + 1):
         ok = pos >= k
@@ -151,7 +152,7 @@ class TwoTowerModel:
     cfg : the training configuration
     item_content : float32 ``[n_items, c]`` content features of the catalog
     user_feats : float32 ``[n_users, u]`` profile features of the training users (u may be 0)
-    histories : int64 ``[n_users, N]`` each training user's most recent items, newest first
+    histories : int32 ``[n_users, N]`` each training user's most recent items, newest first
     item_counts : int64 ``[n_items]`` training positives per item; 0 = cold (content-only vector)
     loss_history : mean training loss per epoch
     item_spec, user_spec : optional featurisers saved with the export for serving
@@ -200,7 +201,7 @@ class TwoTowerModel:
         histories : int ``[m, N']`` item indices (``PAD`` = empty), any N'; None = training users'
         """
         feats = self.user_feats if user_feats is None else np.asarray(user_feats, np.float32)
-        hist = self.histories if histories is None else np.asarray(histories, np.int64)
+        hist = self.histories if histories is None else np.asarray(histories, np.int32)
         vecs = torch.from_numpy(self.item_vectors())
         return self.towers.user_vec(torch.from_numpy(np.ascontiguousarray(feats)),
                                     torch.from_numpy(hist), vecs).numpy()

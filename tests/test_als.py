@@ -72,6 +72,24 @@ def test_fit_als_is_deterministic_for_a_seed():
     np.testing.assert_array_equal(a.item_factors, b.item_factors)
 
 
+def test_fold_in_solves_the_user_step_against_fixed_item_factors():
+    m = _checkerboard()
+    ids = pd.Index([str(i) for i in range(8)])
+    cfg = {**A.ALS_CONFIG, "factors": 4, "iterations": 20, "regularization": 0.01}
+    f = A.fit_als(m, ids, ids, cfg)
+    # a fitted model's last step is the item step: the user step on the same rows lands close
+    folded = A.fold_in(f.item_factors, m, cfg)
+    np.testing.assert_allclose(folded @ f.item_factors.T, f.scores(np.arange(8)), atol=0.05)
+    # a user folded in from one block's items scores that block above the other; stored zeros
+    # (impression-only pairs) carry no confidence; an empty row gets a zero vector
+    rows = sp.csr_matrix((np.array([1.0, 1.0, 0.0], np.float32), ([0, 0, 1], [0, 1, 5])),
+                         shape=(2, 8))
+    vec = A.fold_in(f.item_factors, rows, cfg)
+    scores = vec[0] @ f.item_factors.T
+    assert scores[:4].mean() > scores[4:].mean()
+    np.testing.assert_array_equal(vec[1], 0.0)
+
+
 def test_top_k_items_sorted_and_excluding():
 
     scores = np.array([[0.1, 0.9, 0.5, 0.7], [1.0, 0.0, 0.2, 0.3]], dtype=np.float32)

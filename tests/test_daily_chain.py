@@ -2,9 +2,10 @@
 
 A small synthetic world (300 users, 200 items, ~30k events over 7 days) is written as landing
 files and ingested once for the module. Each test then runs every job of ``tandem_daily``
-in-process, in DAG order, with one run id -- negative_sampling -> train_als -> train_two_tower
-(or skipped) -> build_index -> train_ranker -> evaluate -> register_bundle -> promote -- against
-the session's MLflow server, downloads the ``champion`` and asks serving for recommendations.
+in-process, in DAG order, with one run id -- negative_sampling -> build_training_table ->
+train_als -> train_two_tower (or skipped) -> build_index -> train_ranker -> evaluate ->
+register_bundle -> promote -- against the session's MLflow server, downloads the ``champion``
+and asks serving for recommendations.
 
 The alignment checks are the point: every array of the bundle must be indexed by the catalog
 order of its ``items.parquet`` / ``users.parquet``, whichever job wrote them.
@@ -72,6 +73,7 @@ def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[st
     """Every task of tandem_daily, in order, as the DAG runs them (one interval, one run id)."""
     from jobs import (
         build_index,
+        build_training_table,
         evaluate,
         negative_sampling,
         promote,
@@ -82,7 +84,9 @@ def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[st
     )
 
     out = {"negative_sampling": negative_sampling.run(spark, paths, START, END),
-           "train_als": train_als.run(spark, paths, START, END, ALS, run_id=run_id)}
+           "build_training_table": build_training_table.run(spark, paths, START, END,
+                                                            run_id=run_id),
+           "train_als": train_als.run(None, paths, START, END, ALS, run_id=run_id)}
     out["train_two_tower"] = (
         train_two_tower.skip(paths, END, run_id) if skip_two_tower  # main()'s --skip
         else train_two_tower.run(None, paths, START, END, {"two_tower": TWO_TOWER},
@@ -107,6 +111,8 @@ def lake_window(paths: Paths) -> pd.DataFrame:
 
 def check_alignment(paths: Paths, bundle, two_tower: bool) -> None:
     """Every array follows items.parquet / users.parquet, checked against the raw events."""
+    from jobs import build_training_table
+
     items = pd.read_parquet(bundle / B.ITEMS)
     users = pd.read_parquet(bundle / B.USERS)
     n_items, n_users = len(items), len(users)
@@ -132,12 +138,16 @@ def check_alignment(paths: Paths, bundle, two_tower: bool) -> None:
     percentile = (scores[users_e] < scores[users_e, items_e][:, None]).mean(axis=1)
     assert percentile.mean() > 0.8
     pairs = np.unique(np.c_[user_idx, item_idx], axis=0)
-    # co-occurrence: nonzero exactly where two items share a user
+    # co-occurrence (top-K per item, computed in Spark): nonzero only where two items share a
+    # user, and every row keeps its K best (or all it has)
     binary = sp.csr_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
                            shape=(n_users, n_items))
     shared = (binary.T @ binary).toarray()
     np.fill_diagonal(shared, 0)
-    np.testing.assert_array_equal(cooc.toarray() > 0, shared > 0)
+    top_k = build_training_table.CONFIG["cooc_top_k"]
+    assert not (cooc.toarray() > 0)[shared == 0].any()
+    np.testing.assert_array_equal(np.diff(cooc.indptr), np.minimum((shared > 0).sum(1), top_k))
+    assert (np.diff(cooc.indptr) == top_k).any()  # the cap binds in this world
     if two_tower:
         vectors = np.load(bundle / B.TT_ITEM_VECTORS)
         assert vectors.shape[0] == n_items

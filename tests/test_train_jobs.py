@@ -50,51 +50,102 @@ def _write_lake(paths, n_users=24, n_items=12):
 
 
 @pytest.mark.spark
-def test_train_als_job_builds_confidence_and_saves_factors(spark, paths):
-    from jobs import train_als
+def test_training_table_is_int_coded_in_catalog_order(spark, paths):
+    from jobs import build_training_table
     from tandem import bundle as B
-    from tandem.als import ALS_CONFIG
+    from tandem import lake as L
+    from tandem import ranking_features as RF
 
     events = _write_lake(paths)
     start, end = datetime(2024, 1, 1), datetime(2024, 1, 20)
+    counts = build_training_table.run(spark, paths, start, end, {"cooc_top_k": 3})
+    # 24 users x 5 engaged items, plus the impression-only pairs of users who never engaged m0
+    shown_only = sum(1 for u in range(24) if "m0" not in set(
+        events[(events[S.USER_ID] == f"u{u}") & (events[S.EVENT_TYPE] != S.IMPRESSION)]
+        [S.ITEM_ID]))
+    assert counts == {"events": len(events), "users": 24, "items": 12,
+                      "pairs": 120 + shown_only, "positive_pairs": 120, "unknown_items": 0}
+    table = L.TrainingTable.of(paths, "20240120")
+    bundle = paths.models / "20240120"
+    items = pd.read_parquet(bundle / B.ITEMS)
+    users = pd.read_parquet(bundle / B.USERS)
+    # same created_at for every item: catalog order is by id; the bundle's files are the
+    # dictionaries in index order
+    assert list(items[S.ITEM_ID]) == sorted(f"m{i}" for i in range(12))
+    assert list(users[S.USER_ID]) == sorted(f"u{u}" for u in range(24))
+    items_dict = table.items().to_pandas().sort_values(L.ITEM_IDX)
+    assert items_dict[L.ITEM_IDX].tolist() == list(range(12))
+    assert items_dict[S.ITEM_ID].tolist() == items[S.ITEM_ID].tolist()
+    cols = table.interactions(list(L.INTERACTION_COLUMNS))
+    assert cols[L.USER_IDX].dtype == np.int32 and cols[L.ITEM_IDX].dtype == np.int32
+    assert cols[L.WEIGHT].dtype == np.float32 and cols[S.TS].dtype == np.int64
+    frame = pd.DataFrame(cols).assign(user=lambda f: users[S.USER_ID].to_numpy()[f[L.USER_IDX]],
+                                      item=lambda f: items[S.ITEM_ID].to_numpy()[f[L.ITEM_IDX]])
+    # confidence of a play with 2 minutes of dwell: 1 + 1 * 120000 / 600000; a click: 1
+    for etype, weight in ((S.PLAY, 1.2), (S.CLICK, 1.0)):
+        event = events[events[S.EVENT_TYPE] == etype].iloc[0]
+        got = frame[(frame["user"] == event[S.USER_ID]) & (frame["item"] == event[S.ITEM_ID])]
+        assert got[L.WEIGHT].tolist() == pytest.approx([weight])
+        assert got[L.POSITIVE_TS].tolist() == [event[S.TS]] == got[S.TS].tolist()
+    # impression-only pairs: no weight, not positive
+    shown = frame[frame[L.WEIGHT] == 0]
+    assert len(shown) == shown_only and shown[L.POSITIVE_TS].isna().all()
+    # co-occurrence: each item's 3 best neighbours of the full matrix, same values
+    seen = sp.csr_matrix((np.ones(len(frame)), (cols[L.USER_IDX], cols[L.ITEM_IDX])),
+                         shape=(24, 12))
+    full = RF.cooccurrence(seen).toarray()
+    top = table.cooc().toarray()
+    for i in range(12):
+        kept = np.flatnonzero(top[i])
+        assert len(kept) == min(3, np.count_nonzero(full[i]))
+        np.testing.assert_allclose(top[i, kept], full[i, kept], rtol=1e-6)
+        assert top[i, kept].min() >= np.sort(full[i])[-3] - 1e-6
+    # idempotent: a re-run rewrites the same table
+    build_training_table.run(spark, paths, start, end, {"cooc_top_k": 3})
+    again = table.interactions(list(L.INTERACTION_COLUMNS))
+    order = np.lexsort((cols[L.ITEM_IDX], cols[L.USER_IDX]))
+    order_again = np.lexsort((again[L.ITEM_IDX], again[L.USER_IDX]))
+    np.testing.assert_array_equal(again[L.WEIGHT][order_again], cols[L.WEIGHT][order])
+
+
+@pytest.mark.spark
+def test_train_als_job_fits_the_table_and_saves_factors(spark, paths, monkeypatch):
+    from jobs import build_training_table, train_als
+    from tandem import bundle as B
+
+    _write_lake(paths)
+    start, end = datetime(2024, 1, 1), datetime(2024, 1, 20)
     cfg = {"factors": 4, "iterations": 5}
-    counts = train_als.run(spark, paths, start, end, cfg)
+    with pytest.raises(FileNotFoundError, match="build_training_table"):
+        train_als.run(None, paths, start, end, cfg)
+    build_training_table.run(spark, paths, start, end)
+    counts = train_als.run(None, paths, start, end, cfg)
     # 24 users x 5 engaged items; the impressions add no pair
-    assert counts == {"pairs": 120, "users": 24, "items": 12, "unknown_items": 0}
-    # the run's bundle (run id = end date): factor rows follow the catalog it wrote first
+    assert counts == {"pairs": 120, "users": 24, "items": 12}
     bundle = paths.models / "20240120"
     items = pd.read_parquet(bundle / B.ITEMS)
     users = pd.read_parquet(bundle / B.USERS)
     user_factors = np.load(bundle / B.ALS_USER_FACTORS)
     item_factors = np.load(bundle / B.ALS_ITEM_FACTORS)
     assert user_factors.shape == (24, 4) and item_factors.shape == (12, 4)
-    # same created_at for every item: catalog order is by id
-    assert list(items[S.ITEM_ID]) == sorted(f"m{i}" for i in range(12))
-    assert list(users[S.USER_ID]) == sorted(f"u{u}" for u in range(24))
     # the two taste groups: a user's factors score their own group's items higher
     group = np.array([int(i[1:]) >= 6 for i in items[S.ITEM_ID]])
     scores = user_factors @ item_factors.T
     even = np.array([int(u[1:]) % 2 == 0 for u in users[S.USER_ID]])
     assert (scores[even][:, ~group].mean() > scores[even][:, group].mean())
     assert (scores[~even][:, group].mean() > scores[~even][:, ~group].mean())
-    # confidence of a play with 2 minutes of dwell: 1 + 1 * 120000 / 600000
-    pairs = train_als.transform(train_als.extract(spark, paths, start, end),
-                                ALS_CONFIG).toPandas()
-    play = events[events[S.EVENT_TYPE] == S.PLAY].iloc[0]
-    got = pairs[(pairs[S.USER_ID] == play[S.USER_ID]) & (pairs[S.ITEM_ID] == play[S.ITEM_ID])]
-    assert got["confidence"].tolist() == pytest.approx([1.2])
     # idempotent: a re-run of the same interval rewrites the same factors
-    train_als.run(spark, paths, start, end, cfg)
+    train_als.run(None, paths, start, end, cfg)
     np.testing.assert_array_equal(np.load(bundle / B.ALS_ITEM_FACTORS), item_factors)
-    # run_id picks the bundle folder (the DAG passes --run-id; a new folder, a new catalog)
-    train_als.run(spark, paths, start, end, cfg, run_id="other")
-    np.testing.assert_array_equal(np.load(paths.models / "other" / B.ALS_ITEM_FACTORS),
-                                  item_factors)
+    # a driver budget too small for the factors: a clear error naming the setting, no OOM
+    monkeypatch.setenv("TANDEM_DRIVER_BUDGET_MB", "0.001")
+    with pytest.raises(MemoryError, match="TANDEM_DRIVER_BUDGET_MB"):
+        train_als.run(None, paths, start, end, cfg)
 
 
 @pytest.mark.spark
 def test_train_ranker_job_trains_on_retrieved_candidates(spark, paths):
-    from jobs import train_ranker
+    from jobs import build_index, build_training_table, train_als, train_ranker
     from tandem import bundle as B
     from tandem import ranker as R
     from tandem import ranking_features as RF
@@ -104,8 +155,21 @@ def test_train_ranker_job_trains_on_retrieved_candidates(spark, paths):
            "popular_k": 3, "als": {**train_ranker.CONFIG["als"], "factors": 4, "iterations": 5},
            "ranker": {**train_ranker.CONFIG["ranker"], "n_estimators": 5,
                       "min_child_samples": 2}}
-    counts = train_ranker.run(spark, paths, datetime(2024, 1, 1), datetime(2024, 1, 10), cfg)
+    start, end = datetime(2024, 1, 1), datetime(2024, 1, 10)
+    with pytest.raises(FileNotFoundError, match="build_training_table"):
+        train_ranker.run(None, paths, start, end, cfg)
+    # the night's models, fitted once: the ranker retrieves with them, it fits none itself
+    build_training_table.run(spark, paths, start, end)
+    train_als.run(None, paths, start, end, cfg["als"])
+    build_index.run(None, paths, start, end)
+    counts = train_ranker.run(None, paths, start, end, cfg)
+    # every user engages on days 6 and 8, inside the 3 label days (impressions are no label);
+    # the ranker gets its seeded half of them
+    assert counts["label_pairs"] == 48 and 0 < counts["request_users"] < 24
     assert counts["groups"] > 0 and counts["positives"] > 0
+    # a cap on request users bounds the work whatever the user count
+    capped = train_ranker.run(None, paths, start, end, {**cfg, "night": {"max_users": 3}})
+    assert capped["request_users"] == 3 and capped["groups"] <= 3
     assert counts["feature_source"] == "history"
     bundle = paths.models / "20240110"
     booster = R.load(bundle / B.RANKER_MODEL)

@@ -160,10 +160,14 @@ def _lake(paths, frame: pd.DataFrame, genres, t0_ms: int):
                               s.SIGNUP_TS: t0_ms - 1, s.GENDER: "F"}), paths)
 
 
-def test_train_job_then_index_job_write_the_bundle_and_report_recall(paths):
+@pytest.mark.spark
+def test_train_job_then_index_job_write_the_bundle_and_report_recall(spark, paths):
+    from jobs import build_training_table
+
     frame, genres, _ = world()
     start, end = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
     _lake(paths, frame, genres, int(start.timestamp() * 1000))
+    build_training_table.run(spark, paths, start, end)  # the int-coded table the job reads
     cfg = {"two_tower": {**CFG.__dict__, "epochs": 2}}
     counts = train_job.run(None, paths, start, end, cfg)
     bundle = paths.models / "20260102"
