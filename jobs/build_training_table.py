@@ -53,6 +53,7 @@ from tandem import schema as S
 from tandem.bundle import ITEMS, USERS
 from tandem.catalog import run_bundle_dir
 from tandem.config import Paths, within_driver_budget
+from tandem.job_cli import name_arg
 from tandem.lake import day_of, epoch_ms
 from tandem.spark.events import is_positive
 from tandem.spark.io import utc
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--end", required=True, type=datetime.fromisoformat)
     parser.add_argument("--home", type=Path, default=None)
     parser.add_argument("--master", default=None)
-    parser.add_argument("--run-id", "--run", dest="run_id", default=None,
+    parser.add_argument("--run-id", "--run", dest="run_id", type=name_arg, default=None,
                         help="bundle directory name under models/ (default: end date, YYYYMMDD)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
