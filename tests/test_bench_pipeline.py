@@ -153,3 +153,27 @@ def test_a_tiny_rung_runs_two_jobs_through_spark_submit(tmp_path, monkeypatch):
         assert job["wall_s"] > 1
     assert rung["total_s"] == pytest.approx(ingest["wall_s"] + labels["wall_s"], abs=0.02)
     assert (tmp_path / "bench_pipeline.png").exists()
+
+
+def test_serving_bench_reads_the_bundle_a_rung_built(tmp_path):
+    """``bench/serving.py --pipeline-rung``: bundle, state root, known users, scale and time."""
+    from bench import serving as BS
+    from tandem import bundle as B
+
+    home = tmp_path / "1m"
+    bundle = home / "models" / "20240104"
+    bundle.mkdir(parents=True)
+    B.BundleManifest(dataset=P.DATASET, parts=[B.ITEMS, B.USERS]).save(bundle)
+    pq.write_table(pa.table({"item_id": ["i0", "i1", "i2"]}), bundle / B.ITEMS)
+    pq.write_table(pa.table({"user_id": ["u7", "u3"]}), bundle / B.USERS)
+    (home / "world.json").write_text(json.dumps({"users": 10, "world_end_ms": 123}))
+    report = tmp_path / "bench_pipeline.json"
+    report.write_text(json.dumps({"rungs": {"1m": {
+        "events": 999, "interval": ["a", "b"], "bundle": str(bundle),
+        "jobs": {"register_bundle": {"counts": {"version": 4}}}}}}))
+    w = BS.pipeline_rung_bundle(report, "1m")
+    assert w["bundle"] == bundle and w["feast_home"] == home and w["features"] is None
+    assert w["stored_users"].tolist() == [3, 7]
+    assert (w["items"], w["users"], w["ts_ms"]) == (3, 10, 123)
+    assert w["source"]["source"] == "bench/pipeline.py rung 1m"
+    assert w["source"]["registered"] == {"version": 4} and w["source"]["dataset"] == P.DATASET
