@@ -34,10 +34,12 @@ Memory model: this process holds one generated chunk (~2.5M events at the defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -189,11 +191,25 @@ def run_measured(argv: Sequence[str], env: dict[str, str], log_path: Path) -> di
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(list(argv), cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=log)
-        with PeakRss(proc.pid) as rss:
-            out, _ = proc.communicate()
+        try:
+            with PeakRss(proc.pid) as rss:
+                out, _ = proc.communicate()
+        finally:  # interrupted: stop the job's whole tree (a JVM would outlive its parent)
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+                proc.wait()
         log.write(out)
     return {"wall_s": time.perf_counter() - t0, "peak_rss_mb": rss.peak_mb,
             "returncode": proc.returncode, "counts": last_json(out.decode(errors="replace"))}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its descendants (children first)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        for proc in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
 
 
 def last_json(text: str) -> dict | None:
@@ -236,20 +252,21 @@ def exponent(cost_a: float, cost_b: float, events_a: int, events_b: int) -> floa
 
 
 def exponents(rungs: dict[str, dict]) -> dict[str, dict]:
-    """Cost exponents between consecutive measured rungs (by events), per job and in total,
-    for ``wall_s`` and ``peak_rss_mb`` (total: the sum of wall seconds, the max of peaks)."""
-    done = sorted((r for r in rungs.items() if r[1].get("complete")), key=lambda r: r[1]["events"])
+    """Cost exponents between consecutive rungs (by events), per job and in total, for
+    ``wall_s`` and ``peak_rss_mb``, over the jobs both rungs measured (``total``: the sum of their
+    wall seconds, the max of their peaks), so a partial run still compares what it has."""
+    done = sorted((r for r in rungs.items() if r[1].get("jobs")), key=lambda r: r[1]["events"])
     out = {}
     for (name_a, a), (name_b, b) in zip(done, done[1:], strict=False):
-        pair = {"events_ratio": round(b["events"] / a["events"], 3)}
+        common = [job for job in a["jobs"] if job in b["jobs"]]
+        pair: dict = {"events_ratio": round(b["events"] / a["events"], 3), "jobs": common}
         for metric in ("wall_s", "peak_rss_mb"):
             per = {job: exponent(a["jobs"][job][metric], b["jobs"][job][metric], a["events"],
-                                 b["events"])
-                   for job in a["jobs"] if job in b["jobs"]}
+                                 b["events"]) for job in common}
             agg = sum if metric == "wall_s" else max
-            per["total"] = exponent(agg(a["jobs"][j][metric] for j in per),
-                                    agg(b["jobs"][j][metric] for j in per),
-                                    a["events"], b["events"])
+            per["total"] = exponent(agg(a["jobs"][j][metric] for j in common),
+                                    agg(b["jobs"][j][metric] for j in common),
+                                    a["events"], b["events"]) if common else None
             pair[metric] = per
         out[f"{name_a}->{name_b}"] = pair
     return out
@@ -381,14 +398,19 @@ def run_rung(name: str, rung: Rung, args: argparse.Namespace, report: dict,
           f"items) under {paths.root}", flush=True)
     world = land_world(rung, paths, args.days, args.seed)
     start, end = datetime.fromisoformat(world["start"]), datetime.fromisoformat(world["end"])
+    # a rerun of some tasks of a rung (same world) keeps the other tasks' earlier numbers
+    before = report["rungs"].get(name, {})
+    same = (before.get("events"), before.get("users")) == (world["events"], rung.users)
     entry = {"users": rung.users, "items": rung.items, "events": world["events"],
              "interval": [world["start"], world["end"]], "generate_s": world["generate_s"],
-             "jobs": {}, "total_s": 0.0, "complete": False, "home": str(paths.root),
-             "master": args.master, "driver_memory": report["spark_driver_memory"],
-             "cpus": report["cpus"], "measured_at": report["measured_at"]}
+             "jobs": before.get("jobs", {}) if same else {}, "total_s": 0.0,
+             "complete": False, "home": str(paths.root), "master": args.master,
+             "driver_memory": report["spark_driver_memory"], "cpus": report["cpus"],
+             "measured_at": report["measured_at"]}
     report["rungs"][name] = entry
-    server = (start_server(paths.mlflow, free_port()) if any(t.registry for t in tasks)
-              else None)
+    # a loaded machine can take minutes to start the server (60 s was not enough on 2 cores)
+    server = (start_server(paths.mlflow, free_port(), timeout=600)
+              if any(t.registry for t in tasks) else None)
     try:
         env = job_env(paths, server.url if server else None, args.driver_memory)
         for task in tasks:
@@ -408,7 +430,7 @@ def run_rung(name: str, rung: Rung, args: argparse.Namespace, report: dict,
     finally:
         if server is not None:
             server.stop()
-    entry["complete"] = len(entry["jobs"]) == len(TASKS)
+    entry["complete"] = all(t.name in entry["jobs"] for t in TASKS)
     entry["bundle"] = str(paths.models / run_id_of(end))
     write_report(args.out, report)
 
@@ -429,6 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=REPO / "var" / "bench-pipeline")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "bench_pipeline.json")
     args = ap.parse_args(argv)
+    # SIGTERM (a timeout, Ctrl-C of make) unwinds like an exception: servers and jobs stop
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = [n.strip() for n in args.rungs.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNGS]
     if unknown:

@@ -38,14 +38,15 @@ def test_exponent_is_the_log_log_slope():
 
 def test_exponents_between_consecutive_rungs_per_job_and_total():
     rungs = {
-        "10m": _rung(10_000_000, {"a": 100.0, "b": 20.0}, {"a": 1000.0, "b": 400.0}),
+        "10m": _rung(10_000_000, {"a": 100.0, "b": 20.0, "c": 5.0},
+                     {"a": 1000.0, "b": 400.0, "c": 1.0}),
         "1m": _rung(1_000_000, {"a": 10.0, "b": 20.0}, {"a": 1000.0, "b": 100.0}),
-        "half": {**_rung(5_000_000, {"a": 1.0}, {"a": 1.0}), "complete": False},
+        "none": {**_rung(5_000_000, {}, {}), "complete": False},  # nothing measured yet
     }
     out = P.exponents(rungs)
-    assert list(out) == ["1m->10m"]  # sorted by events; an incomplete rung is left out
+    assert list(out) == ["1m->10m"]  # sorted by events; a rung without jobs is left out
     pair = out["1m->10m"]
-    assert pair["events_ratio"] == 10.0
+    assert pair["events_ratio"] == 10.0 and pair["jobs"] == ["a", "b"]  # c: only in 10m
     assert pair["wall_s"] == {"a": 1.0, "b": 0.0, "total": pytest.approx(0.602, abs=1e-3)}
     # total RSS is the largest job's: 1000 -> 1000 MB
     assert pair["peak_rss_mb"] == {"a": 0.0, "b": pytest.approx(0.602, abs=1e-3), "total": 0.0}
