@@ -12,7 +12,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup java system-deps proto test demo eval bench bench-generator stop lint clean
+.PHONY: setup java system-deps proto test demo eval bench bench-generator bench-pipeline stop lint clean
 
 setup: java $(STAMP) proto
 
@@ -57,6 +57,10 @@ bench: setup
 
 bench-generator: setup
 	$(BIN)/python bench/generator.py $(GEN_ARGS)
+
+# The hourly and nightly jobs per world size (PIPELINE_ARGS="--rungs 1m,10m,50m"; default 1m).
+bench-pipeline: setup
+	$(BIN)/python bench/pipeline.py $(PIPELINE_ARGS)
 
 stop:
 	@test -x $(BIN)/python && $(BIN)/python -m tandem.cli stop || echo "nothing to stop"

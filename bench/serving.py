@@ -15,6 +15,12 @@
 
 Request mix: 90 % users with online rows (known), 10 % ids drawn from all ``--users`` (most
 unknown to the store; those with ALS factors are warm, the rest cold start).
+
+``--pipeline-rung NAME`` (or ``--bundle DIR``) serves a bundle the pipeline built instead
+(``make bench-pipeline`` writes where each rung's bundle and state root are): its catalog and
+users set the scale, the rung's Feast store (materialized by the hourly chain) serves the user
+and item features, "known" users are the bundle's users and requests carry the world's end as
+their time. The JSON's ``bundle`` says which bundle the numbers came from.
 """
 
 from __future__ import annotations
@@ -78,6 +84,37 @@ def prepare(work: Path, items: int, users: int, stored_users: int, stored_items:
             "item_features.parquet", "feast_home": feast_home, "stored_users": user_rows}
 
 
+def pipeline_bundle(bundle: Path, source: dict) -> dict:
+    """What serving a pipeline-built bundle (``<state root>/models/<run>``) needs: the state
+    root's Feast store (the hourly chain materialized it), the bundle's users as the known users
+    (world ids ``u<i>``), its scale, and the world's end as the request time."""
+    import pyarrow.parquet as pq
+
+    from tandem import bundle as B
+
+    bundle = bundle.resolve()
+    manifest = B.BundleManifest.load(bundle)
+    home = bundle.parents[1]
+    users = pq.read_table(bundle / B.USERS, columns=[s.USER_ID]).column(0).to_pylist()
+    world = home / "world.json"  # written by bench/pipeline.py
+    meta = json.loads(world.read_text()) if world.exists() else {}
+    return {"bundle": bundle, "features": None, "feast_home": home,
+            "stored_users": np.array(sorted(int(u[1:]) for u in users)),
+            "items": pq.read_metadata(bundle / B.ITEMS).num_rows,
+            "users": meta.get("users", len(users)), "ts_ms": meta.get("world_end_ms", S.NOW_MS),
+            "source": {**source, "dir": str(bundle), "dataset": manifest.dataset,
+                       "created_at": manifest.created_at, "run_ids": manifest.run_ids}}
+
+
+def pipeline_rung_bundle(report: Path, rung: str) -> dict:
+    """The bundle the pipeline benchmark's rung ``rung`` built and registered."""
+    entry = json.loads(report.read_text())["rungs"][rung]
+    registered = (entry["jobs"].get("register_bundle") or {}).get("counts") or {}
+    return pipeline_bundle(Path(entry["bundle"]), {
+        "source": f"bench/pipeline.py rung {rung}", "events": entry["events"],
+        "interval": entry["interval"], "registered": registered})
+
+
 def _fill_feast(home: Path, world: Path, user_ids: np.ndarray, stored_items: int,
                 n_items: int) -> None:
     """Apply the repo and write user, session and item rows straight to the online store."""
@@ -120,14 +157,18 @@ def _refresh_sessions(home: Path, user_ids: np.ndarray, n_items: int) -> None:
 
 # ------------------------------------------------------------------------------- server procs
 
-def start_server(script: list[str], bundle: Path, features: Path, feast_home: Path,
+def start_server(script: list[str], bundle: Path, features: Path | None, feast_home: Path,
                  backend: str, log_path: Path, processes: int = 1
                  ) -> tuple[subprocess.Popen, int, list[int]]:
-    """The server on a free port; returns (process, port, one metrics port per process)."""
+    """The server on a free port; returns (process, port, one metrics port per process).
+
+    ``features``: an item-features parquet; None reads item features from the Feast store."""
     port, metrics_ports = free_port(), free_ports(processes)
-    cmd = [sys.executable, *script, "--bundle-dir", str(bundle), "--item-features",
-           str(features), "--feast-home", str(feast_home), "--port", str(port),
-           "--metrics-port", str(metrics_ports[0]), "--ranker-backend", backend]
+    cmd = [sys.executable, *script, "--bundle-dir", str(bundle), "--feast-home",
+           str(feast_home), "--port", str(port), "--metrics-port", str(metrics_ports[0]),
+           "--ranker-backend", backend]
+    if features is not None:
+        cmd += ["--item-features", str(features)]
     if processes > 1:
         cmd += ["--processes", str(processes)]
     env = child_env({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
@@ -185,15 +226,16 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 # ------------------------------------------------------------------------------- load drivers
 
-def make_requests(n: int, stored: np.ndarray, users: int, seed: int = 0) -> list:
+def make_requests(n: int, stored: np.ndarray, users: int, seed: int = 0,
+                  ts_ms: int = S.NOW_MS) -> list:
     rng = np.random.default_rng(seed)
     known = rng.random(n) < 0.9
     rows = np.where(known, stored[rng.integers(0, len(stored), n)], rng.integers(0, users, n))
     ids = S.user_id(rows)
     devices = np.array(["web", "ios", "android", "tv"], dtype=object)[rng.integers(0, 4, n)]
     return [pb.RecommendRequest(user_id=u, k=20, context=pb.Context(
-        device=d, country="DE", surface="home", ts=S.NOW_MS)) for u, d in zip(ids, devices,
-                                                                          strict=True)]
+        device=d, country="DE", surface="home", ts=ts_ms)) for u, d in zip(ids, devices,
+                                                                       strict=True)]
 
 
 def _stubs(port: int) -> tuple[list, list]:
@@ -460,6 +502,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--processes", type=int, default=1,
                         help="Tandem server processes (serving.server --processes), each with "
                              "its own GIL and its own copy of the bundle")
+    parser.add_argument("--pipeline-rung", default=None,
+                        help="serve the bundle this rung of make bench-pipeline built (e.g. 50m)")
+    parser.add_argument("--pipeline-report", type=Path,
+                        default=REPO / "reports" / "bench_pipeline.json")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="serve this pipeline-built bundle (<state root>/models/<run>)")
     parser.add_argument("--work", type=Path, default=REPO / "var" / "bench")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench_serving.json")
     args = parser.parse_args(argv)
@@ -469,12 +517,21 @@ def main(argv: list[str] | None = None) -> dict:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    w = prepare(args.work, args.items, args.users, args.stored_users, args.stored_items,
-                args.trees, args.leaves)
-    stored_ids = S.user_id(w["stored_users"])
-    _refresh_sessions(w["feast_home"], stored_ids, args.items)
-    requests = make_requests(20_000, w["stored_users"], args.users)
-    report: dict = {"scale": {"items": args.items, "users": args.users,
+    if args.pipeline_rung or args.bundle:
+        w = (pipeline_rung_bundle(args.pipeline_report, args.pipeline_rung) if args.pipeline_rung
+             else pipeline_bundle(args.bundle, {"source": "--bundle"}))
+        args.items, args.users, args.stored_items = w["items"], w["users"], w["items"]
+        stored_ids = S.user_id(w["stored_users"])
+    else:
+        w = prepare(args.work, args.items, args.users, args.stored_users, args.stored_items,
+                    args.trees, args.leaves)
+        w["source"] = {"source": "tandem.synthetic_bundle", "dir": str(w["bundle"])}
+        stored_ids = S.user_id(w["stored_users"])
+        _refresh_sessions(w["feast_home"], stored_ids, args.items)
+    requests = make_requests(20_000, w["stored_users"], args.users,
+                             ts_ms=w.get("ts_ms", S.NOW_MS))
+    report: dict = {"bundle": w["source"],
+                    "scale": {"items": args.items, "users": args.users,
                               "stored_online_users": len(stored_ids),
                               "stored_online_items_for_naive": min(args.stored_items,
                                                                    args.items)}}
@@ -527,7 +584,8 @@ def main(argv: list[str] | None = None) -> dict:
 def _summary(r: dict, out: Path, png: Path) -> None:
     f, c = r["fixed_rate"], r["closed_loop"]
     print(f"\nTandem serving benchmark: {r['scale']['items']:,} items, "
-          f"{r['scale']['users']:,} users")
+          f"{r['scale']['users']:,} users, bundle from {r['bundle']['source']} "
+          f"({r['bundle']['dir']})")
     print(f"  fixed rate {f['target_qps']:g} QPS: achieved {f['achieved_qps']}, p50 {f['p50_ms']}"
           f" ms, p95 {f['p95_ms']}, p99 {f['p99_ms']}, p99.9 {f['p999_ms']}, errors "
           f"{f['errors']} (server processes used {f['server_cpu_cores']} cores, other processes "
