@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 import textwrap
 from datetime import UTC, datetime
@@ -105,15 +104,17 @@ def test_last_json_takes_the_jobs_counts_line():
     assert P.last_json("nothing here") is None
 
 
-def _render(command: str, master: str) -> list[list[str]]:
-    """A BashOperator command with the trigger form's params, split like bash would."""
+def _render(commands: list[list[str]], master: str) -> list[list[str]]:
+    """An ArgvOperator's argument lists with the trigger form's params (empty arguments are
+    dropped, as the operator drops them)."""
     import jinja2
 
     params = {"start": START.isoformat(), "end": END.isoformat(), "window_days": 28,
               "dataset": P.DATASET, "force_promotion": False, "skip_two_tower": False}
     conn = SimpleNamespace(spark_default=SimpleNamespace(host=master))
-    text = jinja2.Template(command).render(params=params, conn=conn)
-    return [shlex.split(part) for part in text.split("&&")]
+    rendered = [[jinja2.Template(arg).render(params=params, conn=conn) for arg in argv]
+                for argv in commands]
+    return [[arg for arg in argv if arg != ""] for argv in rendered]
 
 
 @pytest.mark.airflow
@@ -129,7 +130,7 @@ def test_task_table_runs_the_dag_commands(tmp_path, monkeypatch):
                  for t in bag.dags[dag_id].topological_sort()]
     assert [t.task_id for t in dag_tasks] == [t.name for t in P.TASKS]
     for dag_task, task in zip(dag_tasks, P.TASKS, strict=True):
-        assert _render(dag_task.bash_command, "local[*]") == P.task_argv(
+        assert _render(dag_task.commands, "local[*]") == P.task_argv(
             task, "local[*]", START, END), task.name
 
 
