@@ -340,7 +340,8 @@ def session_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray,
     tie = pd.util.hash_pandas_object(hist[S.EVENT_ID], index=False).to_numpy()
     hist = hist.iloc[np.lexsort((tie, hist[S.TS].to_numpy(), hist["user_idx"].to_numpy()))]
     u, ts = hist["user_idx"].to_numpy(), hist[S.TS].to_numpy(np.int64)
-    new_session = np.r_[True, (u[1:] != u[:-1]) | (np.diff(ts) >= S.SESSION_GAP_MS)]
+    # [:len(u)]: an empty history (no request user has a non-impression event) has no sessions
+    new_session = np.r_[True, (u[1:] != u[:-1]) | (np.diff(ts) >= S.SESSION_GAP_MS)][:len(u)]
     session_no = np.cumsum(new_session)
     last_session = pd.Series(session_no).groupby(u).transform("max").to_numpy()
     sess = hist[session_no == last_session]

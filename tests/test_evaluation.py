@@ -131,3 +131,21 @@ def test_quality_bar_and_reports(tmp_path):
     table = paths["md"].read_text()
     assert "| two_stage | 0.2000 | 0.1000 |" in table and "-> met" in table
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_session_rows_of_users_without_engagements_are_defaults():
+    """Request users whose history holds only impressions (or nothing) get empty sessions,
+    not a crash (a pipeline run's train_ranker failed on such a batch)."""
+    events = _ratings([("u1", "i1", 4.0, 1_000), ("u2", "i2", 3.0, 2_000)])
+    items = conform(pd.DataFrame({S.ITEM_ID: ["i1", "i2"], S.GENRES: [["Drama"], ["Horror"]],
+                                  S.RELEASE_YEAR: 1990, S.DURATION_S: 5400,
+                                  S.CREATED_AT: 0}), ITEM_COLUMNS)
+    users = conform(pd.DataFrame({S.USER_ID: ["u1", "u2"], S.SIGNUP_TS: 0}), USER_COLUMNS)
+    catalog = E.Catalog.of(Dataset(events, items, users, "t"))
+    only_impressions = events.assign(**{S.EVENT_TYPE: S.IMPRESSION})
+    for history in (only_impressions, events.iloc[:0]):
+        raw, recent = E.session_rows(history, catalog, np.array([0, 1]), n_recent=3)
+        assert len(raw) == 2 and raw[S.SESSION_LENGTH].tolist() == [0, 0]
+        assert recent.shape == (2, 3)
+    raw, _ = E.session_rows(events, catalog, np.array([0, 1]), n_recent=3)
+    assert raw[S.SESSION_LENGTH].tolist() == [1, 1]
