@@ -7,6 +7,7 @@ the explicit schema keeps ``date`` a ``yyyy-MM-dd`` string (Spark would infer a 
 table                       partition  rows
 ==========================  =========  ====================================================
 lake/events                 date, hour one valid, deduplicated event (flat, ctx_*), arrival hour
+lake/event_ids              date, hour xxhash64 of one kept event's id (ingest's dedup horizon)
 lake/quarantine/events      date, hour one rejected landing line: reason, raw, file, line number
 lake/labels/ranking         date       one impression (or rating) with its engagement labels
 lake/negatives/retrieval    date       one sampled negative item for one positive event
@@ -49,6 +50,14 @@ def _struct(fields: list[tuple[str, DataType]]) -> StructType:
 def events_schema() -> StructType:
     """lake/events: the flat event.v1 columns, then date, hour."""
     return with_partitions(lake_event_schema())
+
+
+ID_HASH = "id_hash"  # event_ids: xxhash64(event_id)
+
+
+def event_ids_schema() -> StructType:
+    """lake/event_ids: one 64-bit hash per kept event id, then date, hour."""
+    return with_partitions(_struct([(ID_HASH, LongType())]))
 
 
 def quarantine_schema() -> StructType:
