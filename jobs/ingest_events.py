@@ -28,8 +28,8 @@ are there when an hour is ingested.
 Memory model (platform: 50M events/day, ~2.1M an hour, ~1 KB a landing line): an hourly run
 streams ~2 GB of landing text through the validator; the per-file line numbering and the
 in-interval dedup shuffle the hour's lines once (bounded by the hour's size, not history); the
-seen ids are ``lookback`` x 2.1M x 8 B = ~800 MB of longs for 48 h, joined (a shuffle with a
-runtime bloom filter on this hour's ids), never collected. Nothing is collected to the driver but
+seen ids are ``lookback`` x 2.1M x 8 B = ~800 MB of longs for 48 h (vs ~3.6 GB of id strings
+before), joined in one shuffle, never collected. Nothing is collected to the driver but
 counts. Executors need only Spark's spillable shuffle memory.
 
 Counts returned and logged: ``read = valid + invalid + duplicate`` (non-blank lines).
