@@ -9,24 +9,7 @@ affinity, smoothed CTR, last-event times. Every known user (lake/users or events
 Snapshots are taken at ``end, end - 1 day, end - 2 days, ...`` while after ``start``: a daily
 run writes one snapshot (at ``end``); a backfill over a range writes one per day in one pass
 (the MovieLens demo builds its whole history this way). Pure function of the events before
-``end`` and the config; the snapshot days' partitions are replaced atomically (``tandem.spark.io``).
-
-Incremental: the windows are sums of per (entity, event hour) partials (engagements, positives,
-ratings, impressions, clicks, last event time, a user's positive weight per genre) kept in
-``lake/features/partials/{user,item}/date=/hour=``. A run computes the partials of its own hours
-(``[start - lateness, end)``, by event time; an event arriving later than ``lateness`` after its
-hour is counted only by a backfill over its hour) and of any earlier hour inside the lookback
-that has none yet (a fresh lake, a backfill), writes them once, and reads the others. An hourly
-run therefore reads two hours of events, not ``lookback_days`` of them.
-
-Memory model (platform: 5M users, 1M items, 50M events/day): the events read are the run's
-hours (~2.1M an hour, ~60 B of the six columns used); partials hold one row per active
-(entity, hour) (<= the hour's events, ~70 B, a user row +18 doubles), so the windows read
-``lookback`` of partials (~1/3 of the events' rows at 5 events per active user-hour) and sum
-them per (entity, snapshot) in one shuffle. The snapshot grid is every known entity x snapshot
-(6M rows, ~200 B each, ~1.2 GB written an hour), the one output that grows with the catalog and
-audience rather than with the interval. Nothing is collected to the driver but the partials'
-folder listing and counts.
+``end`` and the config; dynamic partition overwrite makes re-runs idempotent.
 
 "Engagement" is every event but an impression; "positive" is a positive event type, a rating
 ``>= POSITIVE_RATING`` or a play with ``dwell_ms >= positive_dwell_ms``. MovieLens has no
@@ -48,24 +31,11 @@ from pyspark.sql import types as T
 from tandem import features as feat
 from tandem import schema as s
 from tandem.config import Paths
-from tandem.spark.events import read_events
-from tandem.spark.io import (
-    DAY,
-    HOUR,
-    delete,
-    list_names,
-    overwrite_interval,
-    read_table,
-    touch,
-    utc,
-    with_partitions,
-)
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 CONFIG: dict[str, Any] = {
     "lookback_days": 365,  # totals and last-event times look this far back from a snapshot
-    "lateness_hours": 1,  # partials of the hours this long before start are recomputed
     "positive_dwell_ms": 30_000,  # a play at least this long is a positive
     "ctr_prior_a": feat.CTR_PRIOR_A,  # smoothed CTR = (clicks + a) / (impressions + a + b)
     "ctr_prior_b": feat.CTR_PRIOR_B,
@@ -88,158 +58,41 @@ def _ms(t: datetime) -> int:
     return int(t.timestamp() * 1000)
 
 
-# -------------------------------------------------------------------------------------- partials
+# --------------------------------------------------------------------------------------- extract
 
-GENRE_W = "genre_w"  # a user partial's positive weight per GENRE_VOCAB genre (array<double>)
-_SUMS = (("n_eng", T.LongType()), ("n_pos", T.LongType()), ("n_rat", T.LongType()),
-         ("sum_rat", T.DoubleType()), ("n_imp", T.LongType()), ("n_click", T.LongType()),
-         ("last_ts", T.LongType()))
-
-
-def partials_schema(key: str) -> T.StructType:
-    """lake/features/partials/<entity>: key, hour_ms, the sums (users: + genre_w), date, hour."""
-    fields = [T.StructField(key, T.StringType()), T.StructField("hour_ms", T.LongType()),
-              *(T.StructField(n, t) for n, t in _SUMS)]
-    if key == s.USER_ID:
-        fields.append(T.StructField(GENRE_W, T.ArrayType(T.DoubleType())))
-    return with_partitions(T.StructType(fields))
+def extract(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
+            lookback_days: int) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """Events in ``[first snapshot - lookback, end)``, items and users."""
+    first = snapshot_times(start, end)[0] - timedelta(days=lookback_days)
+    events = (spark.read.parquet(str(paths.events))
+              .where(F.col(s.DATE).between(first.strftime("%Y-%m-%d"), end.strftime("%Y-%m-%d")))
+              .where((F.col(s.TS) >= _ms(first)) & (F.col(s.TS) < _ms(end))))
+    items = spark.read.parquet(str(paths.items))
+    users = spark.read.parquet(str(paths.users))
+    return events, items, users
 
 
-def _positive(cfg: dict[str, Any]):
-    etype = F.col(s.EVENT_TYPE)
-    return (etype.isin(*s.POSITIVE_EVENT_TYPES)
-            | ((etype == s.RATING) & (F.col(s.VALUE) >= s.POSITIVE_RATING))
-            | ((etype == s.PLAY) & (F.col(s.DWELL_MS) >= cfg["positive_dwell_ms"])))
-
+# ------------------------------------------------------------------------------------- transform
 
 def _hourly(events: DataFrame, key: str, cfg: dict[str, Any]) -> DataFrame:
     """Per (entity, hour) sums: engagements, positives, ratings, impressions, clicks, last ts."""
     etype = F.col(s.EVENT_TYPE)
+    positive = (etype.isin(*s.POSITIVE_EVENT_TYPES)
+                | ((etype == s.RATING) & (F.col(s.VALUE) >= s.POSITIVE_RATING))
+                | ((etype == s.PLAY) & (F.col(s.DWELL_MS) >= cfg["positive_dwell_ms"])))
     is_rating = (etype == s.RATING) & F.col(s.VALUE).isNotNull()
     engaged = etype != s.IMPRESSION
     return (events
             .withColumn("hour_ms", F.floor(F.col(s.TS) / HOUR_MS) * HOUR_MS)
             .groupBy(key, "hour_ms")
             .agg(F.sum(engaged.cast("long")).alias("n_eng"),
-                 F.sum(_positive(cfg).cast("long")).alias("n_pos"),
+                 F.sum(positive.cast("long")).alias("n_pos"),
                  F.sum(is_rating.cast("long")).alias("n_rat"),
                  F.sum(F.when(is_rating, F.col(s.VALUE)).otherwise(0.0)).alias("sum_rat"),
                  F.sum((etype == s.IMPRESSION).cast("long")).alias("n_imp"),
                  F.sum((etype == s.CLICK).cast("long")).alias("n_click"),
                  F.max(F.when(engaged, F.col(s.TS))).alias("last_ts")))
 
-
-def _genre_weights(events: DataFrame, items: DataFrame, cfg: dict[str, Any]) -> DataFrame:
-    """Per (user, hour): positive weight per genre of ``GENRE_VOCAB`` (array of N_GENRES).
-
-    Each positive spreads weight 1 evenly over its item's in-vocabulary genres.
-    """
-    vocab = F.array(*(F.lit(g) for g in feat.GENRE_VOCAB))
-    item_genres = (items.select(s.ITEM_ID, F.explode(F.array_intersect(s.GENRES, vocab))
-                                .alias("genre"))
-                   .withColumn("g_idx", (F.array_position(vocab, F.col("genre")) - 1).cast("int"))
-                   .withColumn("w", 1.0 / F.count("*").over(Window.partitionBy(s.ITEM_ID))))
-    slots = (events.where(_positive(cfg)).select(s.USER_ID, s.ITEM_ID, s.TS)
-             .join(item_genres, s.ITEM_ID)
-             .withColumn("hour_ms", F.floor(F.col(s.TS) / HOUR_MS) * HOUR_MS)
-             .groupBy(s.USER_ID, "hour_ms", "g_idx").agg(F.sum("w").alias("w"))
-             .groupBy(s.USER_ID, "hour_ms")
-             .agg(F.map_from_entries(F.collect_list(F.struct("g_idx", "w"))).alias("m")))
-    return slots.select(s.USER_ID, "hour_ms", F.array(*(
-        F.coalesce(F.col("m")[i], F.lit(0.0)) for i in range(feat.N_GENRES))).alias(GENRE_W))
-
-
-def _stamp(frame: DataFrame) -> DataFrame:
-    """Add the (date, hour) partition of ``hour_ms``."""
-    return (frame.withColumn(s.DATE, F.date_format(F.timestamp_millis(F.col("hour_ms")),
-                                                   "yyyy-MM-dd"))
-            .withColumn(s.HOUR, F.hour(F.timestamp_millis(F.col("hour_ms"))).cast("int")))
-
-
-COMPUTED = "_computed"  # <partials>/_computed/<first ms>-<end ms>: hours already summed
-
-
-def _stored_hours(spark: SparkSession, root: Path) -> set[int]:
-    """Epoch ms of the hours whose partials were computed (empty hours write no partition, so
-    each write leaves a marker naming its hours; one folder listing)."""
-    hours: set[int] = set()
-    for name in list_names(spark, f"{root}/{COMPUTED}"):
-        a, b = (int(x) for x in name.split("-"))
-        hours.update(range(a, b, HOUR_MS))
-    return hours
-
-
-def _ranges(hours: list[int]) -> list[tuple[int, int]]:
-    """Sorted hour starts (ms) -> maximal runs of consecutive hours as [first, last + 1 h)."""
-    runs: list[tuple[int, int]] = []
-    for h in hours:
-        if runs and runs[-1][1] == h:
-            runs[-1] = (runs[-1][0], h + HOUR_MS)
-        else:
-            runs.append((h, h + HOUR_MS))
-    return runs
-
-
-def update_partials(spark: SparkSession, paths: Paths, first: datetime, start: datetime,
-                    end: datetime, cfg: dict[str, Any]) -> int:
-    """Compute and store the user and item partials of ``[start - lateness, end)`` and of every
-    hour of ``[first, end)`` that has none yet (events read once); returns the hours computed."""
-    fresh = max(first, start.replace(minute=0, second=0, microsecond=0)
-                - cfg["lateness_hours"] * HOUR)
-    roots = {key: paths.feature_partials / name
-             for key, name in ((s.USER_ID, "user"), (s.ITEM_ID, "item"))}
-    stored = set.intersection(*(_stored_hours(spark, root) for root in roots.values()))
-    todo = sorted({h for h in range(_ms(first), _ms(fresh), HOUR_MS) if h not in stored}
-                  | set(range(_ms(fresh), _ms(end), HOUR_MS)))
-    if not todo:
-        return 0
-    runs = _ranges(todo)
-    lo, hi = (datetime.fromtimestamp(ms / 1000, tz=UTC) for ms in (runs[0][0], runs[-1][1]))
-    events = (read_events(spark, paths, lo, hi, cfg["lateness_hours"] * HOUR)
-              .select(s.USER_ID, s.ITEM_ID, s.TS, s.EVENT_TYPE, s.VALUE, s.DWELL_MS)
-              .where(_in_runs(F.floor(F.col(s.TS) / HOUR_MS) * HOUR_MS, runs)).cache())
-    items = spark.read.parquet(str(paths.items))
-    for key, root in roots.items():
-        part = _hourly(events, key, cfg)
-        if key == s.USER_ID:
-            part = part.join(_genre_weights(events, items, cfg), [s.USER_ID, "hour_ms"], "left")
-        part = _stamp(part).select(*partials_schema(key).names).cache()
-        for a, b in runs:
-            overwrite_interval(part.where((F.col("hour_ms") >= a) & (F.col("hour_ms") < b)), root,
-                               datetime.fromtimestamp(a / 1000, tz=UTC),
-                               datetime.fromtimestamp(b / 1000, tz=UTC), sort_by=[key])
-        part.unpersist()
-        _mark_computed(spark, root, _stored_hours(spark, root) | set(todo))
-    events.unpersist()
-    return len(todo)
-
-
-def _mark_computed(spark: SparkSession, root: Path, hours: set[int]) -> None:
-    """Leave one marker per run of consecutive computed hours (new markers first, then the old
-    ones go: a crash in between leaves overlapping markers, which read the same)."""
-    folder = f"{root}/{COMPUTED}"
-    names = {f"{a}-{b}" for a, b in _ranges(sorted(hours))}
-    for name in names:
-        touch(spark, f"{folder}/{name}")
-    for name in set(list_names(spark, folder)) - names:
-        delete(spark, f"{folder}/{name}")
-
-
-def _in_runs(hour_ms, runs: list[tuple[int, int]]):
-    cond = F.lit(False)
-    for a, b in runs:
-        cond = cond | ((hour_ms >= a) & (hour_ms < b))
-    return cond
-
-
-def read_partials(spark: SparkSession, paths: Paths, key: str, first: datetime,
-                  end: datetime) -> DataFrame:
-    """The stored partials of the hours ``[first, end)``."""
-    name = "user" if key == s.USER_ID else "item"
-    return read_table(spark, paths.feature_partials / name, partials_schema(key), first, end)
-
-
-# ------------------------------------------------------------------------------------- transform
 
 def _windowed(hourly: DataFrame, snaps: DataFrame, key: str, lookback_ms: int) -> DataFrame:
     """Per (entity, snapshot) window sums over the hourly rows before the snapshot."""
@@ -260,13 +113,25 @@ def _windowed(hourly: DataFrame, snaps: DataFrame, key: str, lookback_ms: int) -
                  F.max("last_ts").alias("last_ts")))
 
 
-def _genre_affinity(partials: DataFrame, snaps: DataFrame, lookback_ms: int) -> DataFrame:
-    """Per (user, snapshot): share of positives per genre of ``GENRE_VOCAB`` (array, sums to 1)."""
-    pos = (partials.where(F.col(GENRE_W).isNotNull())
-           .select(s.USER_ID, "hour_ms", F.posexplode(GENRE_W).alias("g_idx", "w"))
-           .where(F.col("w") > 0)
-           .join(F.broadcast(snaps), (F.col("hour_ms") < F.col("snap_ms"))
-                 & (F.col("hour_ms") >= F.col("snap_ms") - lookback_ms))
+def _genre_affinity(events: DataFrame, items: DataFrame, snaps: DataFrame, positive_dwell_ms,
+                    lookback_ms: int) -> DataFrame:
+    """Per (user, snapshot): share of positives per genre of ``GENRE_VOCAB`` (array, sums to 1).
+
+    Each positive spreads weight 1 evenly over its item's in-vocabulary genres.
+    """
+    vocab = F.array(*(F.lit(g) for g in feat.GENRE_VOCAB))
+    etype = F.col(s.EVENT_TYPE)
+    positive = (etype.isin(*s.POSITIVE_EVENT_TYPES)
+                | ((etype == s.RATING) & (F.col(s.VALUE) >= s.POSITIVE_RATING))
+                | ((etype == s.PLAY) & (F.col(s.DWELL_MS) >= positive_dwell_ms)))
+    item_genres = (items.select(s.ITEM_ID, F.explode(F.array_intersect(s.GENRES, vocab))
+                                .alias("genre"))
+                   .withColumn("g_idx", (F.array_position(vocab, F.col("genre")) - 1).cast("int"))
+                   .withColumn("w", 1.0 / F.count("*").over(Window.partitionBy(s.ITEM_ID))))
+    pos = (events.where(positive).select(s.USER_ID, s.ITEM_ID, s.TS)
+           .join(item_genres, s.ITEM_ID)
+           .join(F.broadcast(snaps), (F.col(s.TS) < F.col("snap_ms"))
+                 & (F.col(s.TS) >= F.col("snap_ms") - lookback_ms))
            .groupBy(s.USER_ID, "snap_ms", "g_idx").agg(F.sum("w").alias("w")))
     total = F.sum("w").over(Window.partitionBy(s.USER_ID, "snap_ms"))
     slots = (pos.withColumn("share", F.col("w") / total)
@@ -301,14 +166,13 @@ def _counts(prefix: str, names: dict[str, str]):
             for src, dst in names.items()]
 
 
-def user_features(partials: DataFrame, users: DataFrame, snaps: DataFrame,
+def user_features(events: DataFrame, items: DataFrame, users: DataFrame, snaps: DataFrame,
                   cfg: dict[str, Any]) -> DataFrame:
-    """One row per (user, snapshot) with ``USER_FIELDS`` (+ user_id, event_timestamp, date),
-    from the user partials of the lookback before the first snapshot up to the last."""
+    """One row per (user, snapshot) with ``USER_FIELDS`` (+ user_id, event_timestamp, date)."""
     lookback = cfg["lookback_days"] * DAY_MS
-    win = _windowed(partials, snaps, s.USER_ID, lookback)
-    aff = _genre_affinity(partials, snaps, lookback)
-    ids = users.select(s.USER_ID).unionByName(partials.select(s.USER_ID))
+    win = _windowed(_hourly(events, s.USER_ID, cfg), snaps, s.USER_ID, lookback)
+    aff = _genre_affinity(events, items, snaps, cfg["positive_dwell_ms"], lookback)
+    ids = users.select(s.USER_ID).unionByName(events.select(s.USER_ID))
     zeros = F.array(*(F.lit(0.0).cast("float") for _ in range(feat.N_GENRES)))
     frame = (_grid(ids, snaps, s.USER_ID)
              .join(users, s.USER_ID, "left").join(win, [s.USER_ID, "snap_ms"], "left")
@@ -328,12 +192,12 @@ def user_features(partials: DataFrame, users: DataFrame, snaps: DataFrame,
     return _finish(frame)
 
 
-def item_features(partials: DataFrame, items: DataFrame, snaps: DataFrame,
+def item_features(events: DataFrame, items: DataFrame, snaps: DataFrame,
                   cfg: dict[str, Any]) -> DataFrame:
     """One row per (item, snapshot) with ``ITEM_FIELDS`` (+ item_id, event_timestamp, date)."""
     lookback = cfg["lookback_days"] * DAY_MS
-    win = _windowed(partials, snaps, s.ITEM_ID, lookback)
-    ids = items.select(s.ITEM_ID).unionByName(partials.select(s.ITEM_ID))
+    win = _windowed(_hourly(events, s.ITEM_ID, cfg), snaps, s.ITEM_ID, lookback)
+    ids = items.select(s.ITEM_ID).unionByName(events.select(s.ITEM_ID))
     a, b = cfg["ctr_prior_a"], cfg["ctr_prior_b"]
     clicks, imps = F.coalesce(F.col("click_7d"), F.lit(0)), F.coalesce(F.col("imp_7d"), F.lit(0))
     frame = (_grid(ids, snaps, s.ITEM_ID)
@@ -361,15 +225,11 @@ def item_features(partials: DataFrame, items: DataFrame, snaps: DataFrame,
 
 # ------------------------------------------------------------------------------------------ load
 
-def load(frame: DataFrame, out: Path, times: list[datetime]) -> int:
-    """Replace the snapshot days' partitions under ``out``; returns the rows written."""
+def load(frame: DataFrame, out: Path) -> int:
+    """Overwrite the frame's date partitions under ``out``; returns the rows written."""
     frame = frame.cache()
     n = frame.count()
-    first = utc(times[0] - timedelta(milliseconds=1)).replace(hour=0, minute=0, second=0,
-                                                              microsecond=0)
-    last = utc(times[-1] - timedelta(milliseconds=1)).replace(hour=0, minute=0, second=0,
-                                                              microsecond=0)
-    overwrite_interval(frame, out, first, last + DAY, hourly=False)
+    frame.repartition(s.DATE).write.mode("overwrite").partitionBy(s.DATE).parquet(str(out))
     frame.unpersist()
     return n
 
@@ -378,27 +238,25 @@ def run(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
         cfg: dict[str, Any] | None = None) -> dict[str, int]:
     """Build the user and item snapshots for ``(start, end]``; returns row counts.
 
-    ``end`` must be on a whole hour (windows are summed from hourly partials).
+    ``end`` must be on a whole hour (windows are summed from hourly buckets).
     """
     cfg = {**CONFIG, **(cfg or {})}
     # UTC-adjusted int64 micros (readers see tz-aware UTC), not Spark's legacy naive INT96
     spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-    start, end = utc(start), utc(end)
+    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     if _ms(end) % HOUR_MS:
         raise ValueError(f"end must be on a whole hour, got {end.isoformat()}")
     times = snapshot_times(start, end)
     snaps = spark.createDataFrame([(_ms(t),) for t in times],
                                   T.StructType([T.StructField("snap_ms", T.LongType())]))
-    first = times[0] - timedelta(days=cfg["lookback_days"])
-    computed = update_partials(spark, paths, first, start, end, cfg)
-    items = spark.read.parquet(str(paths.items))
-    users = spark.read.parquet(str(paths.users))
+    events, items, users = extract(spark, paths, start, end, cfg["lookback_days"])
+    # both feature tables read the events five times: scan the lake's files once
+    events = events.select(s.USER_ID, s.ITEM_ID, s.TS, s.EVENT_TYPE, s.VALUE, s.DWELL_MS).cache()
     counts = {"snapshots": len(times),
-              "user_rows": load(user_features(read_partials(spark, paths, s.USER_ID, first, end),
-                                              users, snaps, cfg), paths.user_features, times),
-              "item_rows": load(item_features(read_partials(spark, paths, s.ITEM_ID, first, end),
-                                              items, snaps, cfg), paths.item_features, times),
-              "partial_hours": computed}
+              "user_rows": load(user_features(events, items, users, snaps, cfg),
+                                paths.user_features),
+              "item_rows": load(item_features(events, items, snaps, cfg), paths.item_features)}
+    events.unpersist()
     return counts
 
 

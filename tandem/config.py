@@ -14,7 +14,6 @@ Lake layout (all parquet unless said otherwise)::
     lake/labels/ranking/date=/                        labelled impressions for the ranker
     lake/negatives/{retrieval,ranking}/date=/         sampled negatives
     lake/features/{user,item}/date=/                  time-stamped feature rows (event_timestamp)
-    lake/features/partials/{user,item}/date=/hour=/   per (entity, event hour) sums the windows add
     models/  mlflow/  feast/  kafka/  airflow/        component state
 """
 
@@ -92,12 +91,6 @@ class Paths:
     @property
     def item_features(self) -> Path:
         return self.lake / "features" / "item"
-
-    @property
-    def feature_partials(self) -> Path:
-        """lake/features/partials/{user,item}/date=/hour=/: per (entity, event hour) sums that
-        ``jobs.build_features`` writes once and sums into windows (outside Feast's globs)."""
-        return self.lake / "features" / "partials"
 
     @property
     def models(self) -> Path:

@@ -82,9 +82,7 @@ def built(spark, tmp_path_factory):
 
 def test_snapshot_at_end_has_the_stated_windows(built):
     paths, counts = built
-    # every hour from the lookback (365 d) before the first snapshot (END - 2 d) up to END
-    assert counts == {"snapshots": 3, "user_rows": 6, "item_rows": 9,
-                      "partial_hours": (365 + 2) * 24}
+    assert counts == {"snapshots": 3, "user_rows": 6, "item_rows": 9}
     assert str(_read(paths.user_features)[s.EVENT_TIMESTAMP].dt.tz) == "UTC"
     assert sorted(p.name for p in paths.user_features.iterdir()) == [
         "date=2024-01-07", "date=2024-01-08", "date=2024-01-09"]
@@ -125,35 +123,9 @@ def test_each_day_sees_only_its_past_and_reruns_do_not_duplicate(spark, built):
     # two days before END only the rating at END - 3 days had happened
     assert list(u1.user_events_total) == [1, 1, 3]
     assert list(u1.user_events_7d) == [1, 1, 3]
-    again = build_features.run(spark, paths, END - timedelta(days=1), END)
-    assert (again["user_rows"], again["partial_hours"]) == (2, 25)  # its day + 1 h of lateness
+    assert build_features.run(spark, paths, END - timedelta(days=1), END)["user_rows"] == 2
     assert len(_read(paths.user_features)) == 6  # date=2024-01-09 replaced, not appended
     assert len(_read(paths.item_features)) == 9
-
-
-def test_hourly_runs_roll_forward_to_the_same_snapshot(spark, built, tmp_path):
-    """Hour by hour from stored partials: two hours of events read per run, same values at END."""
-    from jobs import build_features
-
-    paths, _ = built
-    hourly = Paths(tmp_path / "hourly")
-    tiny_lake(hourly)
-    build_features.run(spark, hourly, END - timedelta(hours=3), END - timedelta(hours=2))
-    runs = [build_features.run(spark, hourly, END - h * timedelta(hours=1),
-                               END - (h - 1) * timedelta(hours=1)) for h in (2, 1)]
-    assert [r["partial_hours"] for r in runs] == [2, 2]  # its hour + one hour of lateness
-    assert [(r["user_rows"], r["item_rows"]) for r in runs] == [(2, 3), (2, 3)]
-
-    def at_end(p, out):
-        frame = _read(out(p))
-        frame = frame[frame[s.EVENT_TIMESTAMP] == END].drop(columns=[s.DATE])
-        for col in ("user_genre_affinity", "item_genres"):
-            if col in frame:
-                frame[col] = frame[col].map(tuple)
-        return frame.sort_values(list(frame.columns[:1])).reset_index(drop=True)
-
-    for out in (lambda p: p.user_features, lambda p: p.item_features):
-        pd.testing.assert_frame_equal(at_end(hourly, out), at_end(paths, out))
 
 
 def test_end_must_be_on_an_hour(spark, paths):

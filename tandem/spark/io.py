@@ -145,20 +145,6 @@ def delete(spark: SparkSession, path: str | Path) -> None:
         fs.delete(jpath, True)
 
 
-def touch(spark: SparkSession, path: str | Path) -> None:
-    """Create an empty file (a marker), replacing one already there."""
-    fs, jpath = _fs(spark, path)
-    fs.create(jpath, True).close()
-
-
-def list_names(spark: SparkSession, folder: str | Path) -> list[str]:
-    """Names of the entries of ``folder``, sorted (empty when it does not exist)."""
-    fs, jpath = _fs(spark, folder)
-    if not fs.exists(jpath):
-        return []
-    return sorted(st.getPath().getName() for st in fs.listStatus(jpath))
-
-
 def rename(spark: SparkSession, src: str | Path, dst: str | Path) -> None:
     """Move ``src`` to ``dst`` (which must not exist), creating ``dst``'s parent folder.
 
