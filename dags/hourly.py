@@ -1,7 +1,9 @@
 """tandem_hourly: land -> lake -> labels -> features -> online store, once per hour.
 
 Each task reads and overwrites only its data interval's partitions, so clearing and re-running a
-run (or backfilling a range with the ``start``/``end`` params) is safe.
+run (or backfilling a range with the ``start``/``end`` params) is safe. Every task waits for the
+same task of the previous hour (``depends_on_past``): ingest deduplicates against the ids the
+earlier hours wrote, and the features roll forward from the previous hour's partials.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tandem.orchestration import interval_param, materialize_features, spark_job
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
+    default_args={"depends_on_past": True},
     tags=["tandem", "data"],
     params={
         "start": interval_param("Interval start (ISO, UTC)"),

@@ -8,6 +8,7 @@ Lake layout (all parquet unless said otherwise)::
 
     landing/events/date=YYYY-MM-DD/hour=HH/*.jsonl   raw JSON lines, by arrival hour (Kafka landing)
     lake/events/date=/hour=/                          validated, deduplicated events (flat columns)
+    lake/event_ids/date=/hour=/                       hashes of the kept event ids (ingest dedup)
     lake/quarantine/events/date=/hour=/               rejected rows + reason + raw text
     lake/items/  lake/users/                          catalog and profiles (contracts item/user v1)
     lake/labels/ranking/date=/                        labelled impressions for the ranker
@@ -55,6 +56,12 @@ class Paths:
     @property
     def events(self) -> Path:
         return self.lake / "events"
+
+    @property
+    def event_ids(self) -> Path:
+        """lake/event_ids/date=/hour=/: the 64-bit hash of every event id ingest kept, by landing
+        hour: what ingest deduplicates replays against (8 bytes an event, not the events)."""
+        return self.lake / "event_ids"
 
     @property
     def quarantine_events(self) -> Path:
@@ -142,6 +149,29 @@ def within_driver_budget(n_bytes: float, what: str) -> None:
         raise MemoryError(f"{what} needs ~{n_bytes / (1 << 20):,.0f} MB, over the driver budget "
                           f"of {budget / (1 << 20):,.0f} MB: raise {DRIVER_BUDGET_SETTING} "
                           "(and the machine's memory) or shrink the window")
+
+
+def spark_shuffle_partitions() -> int | None:
+    """``TANDEM_SHUFFLE_PARTITIONS``: shuffle partitions of the Spark jobs.
+
+    Unset (the default) means three per core of the cluster (``defaultParallelism``), which
+    adaptive execution coalesces when the data is small; raise it when tasks spill.
+    """
+    value = os.environ.get("TANDEM_SHUFFLE_PARTITIONS")
+    return int(value) if value else None
+
+
+def spark_write_partition_bytes() -> int:
+    """``TANDEM_WRITE_PARTITION_MB`` (default 128): the data one writer task gets; a bigger
+    partition (a busy day or hour) is split over several writers."""
+    return int(os.environ.get("TANDEM_WRITE_PARTITION_MB", "128")) << 20
+
+
+def driver_max_rows() -> int:
+    """``TANDEM_DRIVER_MAX_ROWS`` (default 5,000,000): the most rows a job may collect to the
+    driver (an item table at platform scale is ~1M rows); past it the job stops with an error
+    that names this setting."""
+    return int(os.environ.get("TANDEM_DRIVER_MAX_ROWS", "5000000"))
 
 
 def kafka_bootstrap() -> str | None:

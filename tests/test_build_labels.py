@@ -46,6 +46,14 @@ EXPECTED = {  # impression -> (clicked, played, liked, dwell_ms, label)
 }
 
 
+def _run(spark, paths, start=DAY, end=NEXT, cfg=None):
+    """Label the impressions of ``[start, end)``: run over the interval where they close."""
+    from jobs.build_labels import LabelsConfig, closing_interval, run
+
+    cfg = cfg or LabelsConfig()
+    return run(spark, paths, *closing_interval(start, end, cfg), cfg)
+
+
 def _labels(spark, paths):
     from tandem.spark.tables import ranking_labels_schema
 
@@ -53,32 +61,28 @@ def _labels(spark, paths):
 
 
 def test_impressions_labelled_with_attributed_engagements(spark, paths):
-    from jobs.build_labels import run
-
     write_lake_events(spark, paths, EVENTS)
-    assert run(spark, paths, DAY, NEXT) == {"mode": "impressions", "rows": 7, "positives": 3}
+    assert _run(spark, paths) == {"mode": "impressions", "rows": 7, "positives": 3}
     rows = {r.event_id: r for r in _labels(spark, paths).collect()}
     assert {k: (r.clicked, r.played, r.liked, r.dwell_ms, r.label) for k, r in rows.items()} \
         == EXPECTED
     r = rows["imp2-1"]
-    assert (r.ts, r.date, r.request_id, r.position, r.ctx_device, r.propensity) == (
-        T2350, "2024-01-01", "r2", 0, "tv", 0.5)
+    assert (r.ts, r.date, r.hour, r.request_id, r.position, r.ctx_device, r.propensity) == (
+        T2350, "2024-01-01", 23, "r2", 0, "tv", 0.5)
     stamps = _labels(spark, paths).selectExpr("unix_millis(event_timestamp) = ts AS ok")
     assert all(r.ok for r in stamps.collect())
 
 
 def test_rerun_is_identical(spark, paths):
-    from jobs.build_labels import run
-
     write_lake_events(spark, paths, EVENTS)
-    first = run(spark, paths, DAY, NEXT)
+    first = _run(spark, paths)
     rows = sorted(map(tuple, _labels(spark, paths).collect()))
-    assert run(spark, paths, DAY, NEXT) == first
+    assert _run(spark, paths) == first
     assert sorted(map(tuple, _labels(spark, paths).collect())) == rows
 
 
 def test_ratings_mode_without_impressions(spark, paths):
-    from jobs.build_labels import LabelsConfig, run
+    from jobs.build_labels import run
 
     values = [5.0, 4.0, 3.0, 1.0, 4.5]
     write_lake_events(spark, paths, [
@@ -86,10 +90,28 @@ def test_ratings_mode_without_impressions(spark, paths):
           for k, v in enumerate(values)],
         ev("late", s.RATING, "u9", "i9", T0 + 25 * HOUR_MS, value=5.0),
     ])
-    assert run(spark, paths, DAY, NEXT) == {"mode": "ratings", "rows": 5, "positives": 3}
+    assert _run(spark, paths) == {"mode": "ratings", "rows": 5, "positives": 3}
     got = {r.event_id: (r.value, r.label, r.clicked) for r in _labels(spark, paths).collect()}
     assert got == {f"m{k}": (v, int(v >= s.POSITIVE_RATING), 0) for k, v in enumerate(values)}
-    # an hourly run (tandem_hourly) recomputes the whole day it falls in: same partition, same rows
-    assert run(spark, paths, DAY + timedelta(hours=3), DAY + timedelta(hours=4),
-               LabelsConfig()) == {"mode": "ratings", "rows": 5, "positives": 3}
-    assert _labels(spark, paths).count() == 5
+    # an hourly run (tandem_hourly) at 04:00-05:00 labels the hour whose window closed: 02:00
+    assert run(spark, paths, DAY + timedelta(hours=4), DAY + timedelta(hours=5)) == {
+        "mode": "ratings", "rows": 1, "positives": 0}
+    assert _labels(spark, paths).count() == 5  # that hour replaced, the others kept
+
+
+def test_hourly_runs_label_each_closed_hour_once_and_equal_one_run(spark, paths, tmp_path):
+    """Run by run, two hours late: the same rows as one run over the whole day."""
+    from jobs.build_labels import run
+    from tandem.config import Paths
+
+    write_lake_events(spark, paths, EVENTS)
+    whole = _run(spark, paths)
+    hourly = Paths(tmp_path / "hourly")
+    write_lake_events(spark, hourly, EVENTS)
+    cuts = [2, 10, 14, 15, 26]  # consecutive runs, one of them the single hour 14:00-15:00
+    counts = [run(spark, hourly, DAY + timedelta(hours=a), DAY + timedelta(hours=b))
+              for a, b in zip(cuts, cuts[1:], strict=False)]
+    assert [c["rows"] for c in counts] == [0, 4, 1, 2]  # 10:00 closes at 12:00, 12:00 at 14:00
+    assert sum(c["positives"] for c in counts) == whole["positives"]
+    assert sorted(map(tuple, _labels(spark, hourly).collect())) == sorted(
+        map(tuple, _labels(spark, paths).collect()))

@@ -33,6 +33,13 @@ def test_chain_order_and_settings(dagbag, dag_id, tasks):
     assert dag.catchup is False
 
 
+def test_hourly_tasks_wait_for_the_previous_hour(dagbag):
+    """Ingest dedups against the earlier hours' ids: an hour never runs before the one before."""
+    hourly = dagbag.dags["tandem_hourly"]
+    assert all(task.depends_on_past for task in hourly.tasks)
+    assert not any(task.depends_on_past for task in dagbag.dags["tandem_daily"].tasks)
+
+
 def test_daily_params_in_trigger_form(dagbag):
     params = dagbag.dags["tandem_daily"].params
     assert {"start", "end", "dataset", "force_promotion", "skip_two_tower"} <= set(params.keys())

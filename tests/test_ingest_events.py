@@ -126,6 +126,23 @@ def test_hourly_runs_equal_one_run_and_replays_are_dropped(spark, paths, tmp_pat
     assert _rows(spark, hourly.events, cols) == _rows(spark, paths.events, cols)
 
 
+def test_a_file_read_in_several_splits_keeps_its_line_numbers(spark, paths):
+    """Line by line, a big landing file is cut into splits; numbers stay the file's lines."""
+    from jobs.ingest_events import run
+
+    records = [ev(i) for i in range(2_000)]
+    records[1_500] = INVALID["enum:event_type"]
+    land(paths, H0, "big.jsonl", records)
+    spark.conf.set("spark.sql.files.maxPartitionBytes", str(64 << 10))  # ~6 splits
+    try:
+        counts = run(spark, paths, H0, H1)
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
+    assert (counts["valid"], counts["invalid"]) == (1_999, 1)
+    bad = _read(spark, paths.quarantine_events).first()
+    assert (bad.line_number, bad.reason) == (1_500, "enum:event_type")
+
+
 def test_empty_interval_writes_nothing(spark, paths):
     from jobs.ingest_events import run
 
@@ -139,6 +156,7 @@ def test_world_generator_data_end_to_end(spark, paths):
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from jobs.build_labels import LabelsConfig, closing_interval
     from jobs.build_labels import run as build_labels
     from jobs.ingest_events import run
     from jobs.negative_sampling import run as negative_sampling
@@ -161,7 +179,8 @@ def test_world_generator_data_end_to_end(spark, paths):
     imp = table.filter(pc.is_in(table[s.EVENT_ID], first))
     in_day = pc.and_(pc.greater_equal(imp[s.TS], T0 - 10 * 3_600_000),
                      pc.less(imp[s.TS], T0 + 14 * 3_600_000))
-    labels = build_labels(spark, paths, day, day + timedelta(days=1))
+    labels = build_labels(spark, paths, *closing_interval(day, day + timedelta(days=1),
+                                                         LabelsConfig()))
     assert labels["mode"] == "impressions"
     assert labels["rows"] == len(pc.unique(imp.filter(in_day)[s.EVENT_ID]))
     assert 0 < labels["positives"] < labels["rows"]

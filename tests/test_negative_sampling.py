@@ -83,6 +83,16 @@ def test_rerun_is_identical_and_seed_matters(spark, paths):
     assert sorted(map(tuple, _read(spark, paths.retrieval_negatives))) != rows
 
 
+def test_a_driver_side_step_over_budget_names_the_setting(spark, paths, monkeypatch):
+    from tandem.spark.driver import DriverBudgetError
+
+    write_lake_events(spark, paths, EVENTS)
+    monkeypatch.setenv("TANDEM_DRIVER_MAX_ROWS", "5")  # popularity: hot and i1..i8
+    with pytest.raises(DriverBudgetError, match="9 rows .* TANDEM_DRIVER_MAX_ROWS"):
+        _run(spark, paths, labels=False)
+    assert not paths.retrieval_negatives.exists()
+
+
 def test_smoothed_cdf_follows_alpha():
     import numpy as np
     import pandas as pd

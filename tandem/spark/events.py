@@ -23,7 +23,10 @@ from tandem.spark.tables import events_schema
 def read_events(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
                 slack: timedelta = timedelta(hours=1)) -> DataFrame:
     """Lake events with ``start <= ts < end`` (epoch ms), whatever hour they arrived in."""
-    df = read_table(spark, paths.events, events_schema(), start - slack, end + slack)
+    last = end + slack
+    if last.minute or last.second or last.microsecond:  # the arrival hour ``last`` falls in
+        last = last.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    df = read_table(spark, paths.events, events_schema(), start - slack, last)
     return df.where((F.col(s.TS) >= epoch_ms(start)) & (F.col(s.TS) < epoch_ms(end)))
 
 
@@ -47,3 +50,8 @@ def day_of(ts: str = s.TS) -> Column:
     """Epoch ms -> the UTC ``date`` partition string (independent of the session time zone)."""
     return F.date_format(F.date_from_unix_date(
         F.floor(F.col(ts) / 86_400_000).cast("int")), "yyyy-MM-dd").alias(s.DATE)
+
+
+def hour_of(ts: str = s.TS) -> Column:
+    """Epoch ms -> the UTC ``hour`` partition int (0-23)."""
+    return F.pmod(F.floor(F.col(ts) / 3_600_000), F.lit(24)).cast("int").alias(s.HOUR)

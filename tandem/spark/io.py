@@ -2,10 +2,19 @@
 
 Lake tables are partitioned by ``date`` (``yyyy-MM-dd`` string, UTC) and, for events, ``hour``
 (int 0-23; Spark writes ``hour=5``, unpadded). Jobs read the partitions of an interval with
-pruning-friendly filters on the partition columns and replace exactly the interval's partitions:
-:func:`overwrite_interval` first deletes every partition of the interval (so a partition that is
-empty this time does not keep stale rows), then writes with dynamic partition overwrite. That
-makes a re-run of the same interval produce the same files' contents and never duplicates.
+pruning-friendly filters on the partition columns and replace exactly the interval's partitions.
+
+:func:`overwrite_interval` is an atomic partition swap, so a killed or failing task never leaves a
+hole where the previous data was. It writes the interval into a staging folder under the table
+(``<root>/_swap-<token>/new``; Spark and pyarrow skip ``_``-prefixed folders when reading), and
+only once that write has succeeded moves each partition into place: the old folder aside
+(``.../old``), the new one in; then it deletes the swap folder. An exception during the renames
+puts the old folders back; a process killed between them leaves the swap folder, from which the
+next write to the table restores every partition left empty (:func:`recover_swaps`). A
+partition that is empty this time is removed (no stale rows). Re-running an interval gives the
+same files' contents and never duplicates. Writes are rebalanced (``REBALANCE`` hint: adaptive
+execution splits a big day or hour over several writers of
+``spark.sql.adaptive.advisoryPartitionSizeInBytes`` each) instead of one writer per partition.
 
 Paths go through Hadoop's FileSystem API, so the same code works on local disk, HDFS or S3.
 """
@@ -15,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import uuid4
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -135,6 +145,26 @@ def delete(spark: SparkSession, path: str | Path) -> None:
         fs.delete(jpath, True)
 
 
+def rename(spark: SparkSession, src: str | Path, dst: str | Path) -> None:
+    """Move ``src`` to ``dst`` (which must not exist), creating ``dst``'s parent folder.
+
+    One ``FileSystem.rename``: a metadata operation on local disk and HDFS (S3 copies).
+    """
+    fs, jsrc = _fs(spark, src)
+    jdst = _fs(spark, dst)[1]
+    fs.mkdirs(jdst.getParent())
+    if not fs.rename(jsrc, jdst):
+        raise OSError(f"rename {src} -> {dst} failed")
+
+
+def _children(spark: SparkSession, folder: str) -> list[str]:
+    """Names of the sub-folders of ``folder`` (empty when it does not exist)."""
+    fs, jpath = _fs(spark, folder)
+    if not fs.exists(jpath):
+        return []
+    return sorted(st.getPath().getName() for st in fs.listStatus(jpath) if st.isDirectory())
+
+
 def read_table(spark: SparkSession, root: str | Path, schema: StructType, start: datetime,
                end: datetime, hourly: bool = True) -> DataFrame:
     """The partitions of ``[start, end)`` of a lake table; an empty frame when it doesn't exist.
@@ -147,19 +177,85 @@ def read_table(spark: SparkSession, root: str | Path, schema: StructType, start:
     return spark.read.schema(schema).parquet(str(root)).where(in_interval(start, end, hourly))
 
 
+SWAP_PREFIX = "_swap-"  # <root>/_swap-<token>/{new,old}/date=.../hour=...: staging of a swap
+
+
+def _relative(root: str, folder: str) -> str:
+    return folder[len(root) + 1:]
+
+
+def _swap(spark: SparkSession, root: str, token: str, folders: Sequence[str]) -> None:
+    """Move the staged partitions of ``token`` into place; on an exception put the old back.
+
+    Per partition: old folder -> ``old/``, staged folder -> its place. The partition is absent
+    only between those two renames; an exception anywhere puts every old partition back.
+    """
+    base = f"{root}/{SWAP_PREFIX}{token}"
+    moved: list[tuple[str, str]] = []  # (target, aside) already moved aside
+    try:
+        for folder in folders:
+            rel = _relative(root, folder)
+            aside, staged = f"{base}/old/{rel}", f"{base}/new/{rel}"
+            if exists(spark, folder):
+                rename(spark, folder, aside)
+                moved.append((folder, aside))
+            if exists(spark, staged):
+                rename(spark, staged, folder)
+    except BaseException:
+        _swap_rollback(spark, base, moved)
+        raise
+    delete(spark, base)
+
+
+def _swap_rollback(spark: SparkSession, base: str, moved: Sequence[tuple[str, str]]) -> None:
+    """Put every moved-aside partition back, moving a swapped-in one out of its way first."""
+    for folder, aside in reversed(moved):
+        if exists(spark, folder):
+            rename(spark, folder, f"{base}/undone/{_relative(base, aside)}")
+        rename(spark, aside, folder)
+
+
+def recover_swaps(spark: SparkSession, root: str | Path) -> int:
+    """Undo what a killed writer left half-swapped under ``root``; returns the swaps found.
+
+    Every partition moved aside whose place is empty comes back from ``old/``; the ones already
+    swapped keep their new data, so each partition holds one complete version, old or new, and
+    the task's retry rewrites the interval. Staged data is then dropped. Call it only from the
+    table's one writer (the DAG runs one at a time).
+    """
+    swaps = [name for name in _children(spark, root) if name.startswith(SWAP_PREFIX)]
+    for name in swaps:
+        base = f"{root}/{name}"
+        for rel in _partition_folders(spark, f"{base}/old"):
+            if not exists(spark, f"{root}/{rel}"):
+                rename(spark, f"{base}/old/{rel}", f"{root}/{rel}")
+        delete(spark, base)
+    return len(swaps)
+
+
+def _partition_folders(spark: SparkSession, folder: str) -> list[str]:
+    """``date=...`` and ``date=.../hour=...`` leaf partition folders under ``folder``."""
+    out = []
+    for day in _children(spark, folder):
+        hours = [h for h in _children(spark, f"{folder}/{day}") if h.startswith(f"{s.HOUR}=")]
+        out += [f"{day}/{h}" for h in hours] or [day]
+    return out
+
+
 def overwrite_interval(df: DataFrame, root: str | Path, start: datetime, end: datetime,
                        hourly: bool = True, sort_by: Sequence[str] = ()) -> None:
-    """Replace the partitions of ``[start, end)`` with ``df`` (which holds only those).
+    """Replace the partitions of ``[start, end)`` with ``df`` (which holds only those), atomically.
 
-    Clears the interval's partition folders, then writes with dynamic partition overwrite
-    (``tandem.spark.session``). ``df`` must not be lazily reading those same folders.
+    Writes ``df`` into ``<root>/_swap-<token>/new`` (rebalanced over writers within each
+    partition), then swaps each partition folder of the interval in (module docstring).
     ``sort_by`` orders rows within each file so re-runs write identical files.
     """
-    spark = df.sparkSession
-    for folder in interval_dirs(root, start, end, hourly):
-        delete(spark, folder)
+    spark, root = df.sparkSession, str(root)
+    recover_swaps(spark, root)
+    token = uuid4().hex
     parts = [s.DATE, s.HOUR] if hourly else [s.DATE]
-    out = df.repartition(*parts)
+    out = df.hint("rebalance", *parts)
     if sort_by:
         out = out.sortWithinPartitions(*parts, *sort_by)
-    out.write.mode("overwrite").partitionBy(*parts).parquet(str(root))
+    out.write.mode("overwrite").partitionBy(*parts).parquet(f"{root}/{SWAP_PREFIX}{token}/new")
+    _swap(spark, root, token, interval_dirs(root, start, end, hourly))

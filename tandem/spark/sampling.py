@@ -6,9 +6,11 @@ re-run on another cluster (or after a shuffle change) would sample differently. 
 of its inputs. Items are weighted ``popularity(item) ** alpha`` (word2vec's smoothing: alpha = 1
 is popularity, alpha = 0 uniform over the items seen); the CDF (items sorted by id) is built on
 the driver with numpy. The inverse-CDF lookup is pure Spark (no Python workers): [0, 1) is cut
-into ``cells`` equal cells, a small table lists for each cell the items whose CDF interval
-``[lo, hi)`` overlaps it (about ``cells + n_items`` rows), and a draw ``u`` is equi-joined on its
-cell and kept on the one row with ``lo <= u < hi``; exact, and about two candidates per draw.
+into ``cells`` equal cells (one per item, at least 1024), a table lists for each cell the items
+whose CDF interval ``[lo, hi)`` overlaps it (about ``2 x n_items`` rows, ~100 MB at 1M items), and
+a draw ``u`` is equi-joined on its cell and kept on the one row with ``lo <= u < hi``; exact, and
+about two candidates per draw. The table is always broadcast, so the draws are never shuffled
+(the item count it may hold is bounded by the driver's budget, ``tandem.spark.driver``).
 
 Each anchor makes ``n = ratio * oversample`` draws, stratified: draw ``d`` takes
 ``u = (d + h(d)) / n``, so every draw is still distributed exactly by the weights over all ``d``
@@ -79,14 +81,14 @@ def sample_negatives(anchors: DataFrame, key: str, exclude: DataFrame, counts: p
     if len(items) == 0 or ratio <= 0:
         return anchors.select(key, s.USER_ID, F.lit(None).cast("string").alias(s.ITEM_ID),
                               F.lit(None).cast("int").alias(DRAW)).limit(0)
-    n, cells = ratio * oversample, max(1024, 2 * len(items))
+    n, cells = ratio * oversample, max(1024, len(items))
     table = anchors.sparkSession.createDataFrame(cdf_cells(items, cdf, cells))
     u = (F.col("_draw") + hash_uniform(seed, salt, key, "_draw")) / n
     draws = (anchors.select(key, s.USER_ID,
                             F.explode(F.sequence(F.lit(0), F.lit(n - 1))).alias("_draw"))
              .select(key, s.USER_ID, u.alias("_u"), F.floor(u * cells).alias("_cell"),
                      hash_uniform(seed, salt + "/order", key, "_draw").alias("_order"))
-             .join(F.broadcast(table) if cells <= 1 << 20 else table, "_cell")
+             .join(F.broadcast(table), "_cell")
              .where((F.col("_u") >= F.col("_lo")) & (F.col("_u") < F.col("_hi")))
              .join(exclude.select(s.USER_ID, s.ITEM_ID), [s.USER_ID, s.ITEM_ID], "left_anti")
              .groupBy(key, s.USER_ID, s.ITEM_ID).agg(F.min("_order").alias("_order")))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from tandem.config import spark_master
+from tandem.config import spark_master, spark_shuffle_partitions, spark_write_partition_bytes
 
 
 def get_spark(app_name: str = "tandem", master: str | None = None,
@@ -17,6 +17,11 @@ def get_spark(app_name: str = "tandem", master: str | None = None,
     ``master`` defaults to ``SPARK_MASTER`` (``local[*]``). Partition overwrite is *dynamic* so a
     job that writes one interval replaces exactly that interval's partitions (idempotent re-runs).
     Timestamps are UTC everywhere.
+
+    Shuffle partitions: ``shuffle_partitions``, else ``TANDEM_SHUFFLE_PARTITIONS``, else three per
+    core the cluster has (``defaultParallelism``), so a bigger cluster gets more, smaller tasks;
+    adaptive execution coalesces them when the data is small and splits skewed ones. A write
+    aims at ``TANDEM_WRITE_PARTITION_MB`` per task (``REBALANCE`` in ``tandem.spark.io``).
     """
     os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON", "python3"))
     builder = (
@@ -24,7 +29,10 @@ def get_spark(app_name: str = "tandem", master: str | None = None,
         .master(master or spark_master())
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.sources.partitionOverwriteMode", "dynamic")
-        .config("spark.sql.shuffle.partitions", str(shuffle_partitions or 4))
+        .config("spark.sql.adaptive.enabled", "true")
+        .config("spark.sql.adaptive.coalescePartitions.enabled", "true")
+        .config("spark.sql.adaptive.advisoryPartitionSizeInBytes",
+                str(spark_write_partition_bytes()))
         .config("spark.ui.enabled", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "2g"))
@@ -44,5 +52,8 @@ def get_spark(app_name: str = "tandem", master: str | None = None,
     if local_dir is not None:
         builder = builder.config("spark.local.dir", str(local_dir))
     spark = builder.getOrCreate()
+    partitions = (shuffle_partitions or spark_shuffle_partitions()
+                  or 3 * spark.sparkContext.defaultParallelism)
+    spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
     spark.sparkContext.setLogLevel("ERROR")
     return spark

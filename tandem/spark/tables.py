@@ -7,8 +7,9 @@ the explicit schema keeps ``date`` a ``yyyy-MM-dd`` string (Spark would infer a 
 table                       partition  rows
 ==========================  =========  ====================================================
 lake/events                 date, hour one valid, deduplicated event (flat, ctx_*), arrival hour
+lake/event_ids              date, hour xxhash64 of one kept event's id (ingest's dedup horizon)
 lake/quarantine/events      date, hour one rejected landing line: reason, raw, file, line number
-lake/labels/ranking         date       one impression (or rating) with its engagement labels
+lake/labels/ranking         date, hour one impression (or rating) with its engagement labels
 lake/negatives/retrieval    date       one sampled negative item for one positive event
 lake/negatives/ranking      date       impressed-not-engaged rows and sampled negatives
 ==========================  =========  ====================================================
@@ -51,19 +52,28 @@ def events_schema() -> StructType:
     return with_partitions(lake_event_schema())
 
 
+ID_HASH = "id_hash"  # event_ids: xxhash64(event_id)
+
+
+def event_ids_schema() -> StructType:
+    """lake/event_ids: one 64-bit hash per kept event id, then date, hour."""
+    return with_partitions(_struct([(ID_HASH, LongType())]))
+
+
 def quarantine_schema() -> StructType:
     return with_partitions(_struct([(s.REASON, StringType()), (s.RAW, StringType()),
                                     (SOURCE_FILE, StringType()), (LINE_NUMBER, IntegerType())]))
 
 
 def ranking_labels_schema() -> StructType:
-    """lake/labels/ranking: event columns of the impression, labels, event_timestamp, date."""
+    """lake/labels/ranking: event columns of the impression, labels, event_timestamp, date, hour
+    (of the impression: an hourly run writes the hours whose attribution windows closed)."""
     event = {f.name: f.dataType for f in lake_event_schema()}
     return with_partitions(_struct([
         *[(c, event[c]) for c in LABEL_CARRIED],
         (CLICKED, IntegerType()), (PLAYED, IntegerType()), (LIKED, IntegerType()),
         (s.DWELL_MS, LongType()), (s.LABEL, IntegerType()), (s.EVENT_TIMESTAMP, TimestampType()),
-    ]), hourly=False)
+    ]))
 
 
 def negatives_schema() -> StructType:
