@@ -241,10 +241,9 @@ def test_daily_chain_without_two_tower_serves_als_only(spark, lake, registry, tm
 @pytest.mark.airflow
 @pytest.mark.parametrize("skip_two_tower", [False, True])
 def test_dag_commands_match_the_jobs_command_lines(tmp_path, monkeypatch, skip_two_tower):
-    """Each tandem_daily task's command, rendered as Airflow renders it, parses in its job's
-    main() and reaches run() with the interval and the run id (runs stubbed out)."""
+    """Each tandem_daily task's argument list, rendered as Airflow renders it, parses in its
+    job's main() and reaches run() with the interval and the run id (runs stubbed out)."""
     import importlib
-    import shlex
     from pathlib import Path
 
     import jinja2
@@ -272,7 +271,8 @@ def test_dag_commands_match_the_jobs_command_lines(tmp_path, monkeypatch, skip_t
     monkeypatch.setattr(tandem.spark.entry, "get_spark", lambda *a, **k: Session())
     calls = {}
     for task in dag.topological_sort():
-        argv = shlex.split(jinja2.Template(task.bash_command).render(**context))
+        (command,) = task.commands  # one argument list per daily task, no shell
+        argv = [arg for arg in (jinja2.Template(a).render(**context) for a in command) if arg]
         if argv[0].endswith("spark-submit"):  # spark-submit ... jobs/<name>.py <job args>
             script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
             name, args = Path(argv[script]).stem, argv[script + 1:]
