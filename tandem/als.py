@@ -167,15 +167,14 @@ def fold_in_one(item_factors: np.ndarray, yty: np.ndarray, rows: np.ndarray,
     full refit would: recent items move the vector further, which is what a fold-in between
     nightly runs is for; the nightly fit then weighs everything exactly again.
     """
-    y = np.asarray(item_factors, dtype=np.float64)
-    f = y.shape[1]
+    f = item_factors.shape[1]
     a = yty + cfg["regularization"] * np.eye(f)
     b = a @ np.asarray(prior, dtype=np.float64) if prior is not None else np.zeros(f)
     rows = np.asarray(rows, dtype=np.int64)
     c = cfg["alpha"] * np.asarray(confidence, dtype=np.float64)
     keep = c > 0
     if keep.any():
-        ys, c = y[rows[keep]], c[keep]
+        ys, c = np.asarray(item_factors[rows[keep]], dtype=np.float64), c[keep]
         a = a + (ys.T * (c - 1.0)) @ ys
         b = b + ys.T @ c
     elif prior is None:
