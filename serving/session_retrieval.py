@@ -34,7 +34,9 @@ from tandem import schema as s
 from tandem.retrieval import content_candidates
 
 N_GENRE_TOP = 200  # popular items kept per genre for content retrieval
-SESSION_GENRE_WEIGHT = 2.0  # the session's genre profile against the history's (sum 1 each)
+# the session's genre profile (share of its newest items per genre, so a burst's genre is 1)
+# against the history's (user_genre_affinity scaled to sum 1)
+SESSION_GENRE_WEIGHT = 2.0
 N_SESSION_GENRE_ITEMS = 10  # newest session items whose genres form the session profile
 # the session's per-type counts that the ALS confidence of its items is read from
 _WEIGHTED_COUNTS = tuple((s.SESSION_COUNT_PREFIX + t, w)
@@ -88,8 +90,8 @@ class SessionRetrieval:
             user.get("user_genre_affinity") or np.zeros(F.N_GENRES), np.float32)))
         recent = history[:N_SESSION_GENRE_ITEMS]
         if len(recent):
-            session = self.item_genres[recent].sum(axis=0, dtype=np.float32)
-            profile = profile + SESSION_GENRE_WEIGHT * _unit_sum(session)
+            share = self.item_genres[recent].sum(axis=0, dtype=np.float32) / len(recent)
+            profile = profile + SESSION_GENRE_WEIGHT * share
         return content_candidates(self.genre_top, self.item_genres, self.popularity, profile, n)
 
 
