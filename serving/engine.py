@@ -273,8 +273,12 @@ class Engine:
             popular = self.popular[: cfg.n_popular]
             lists.append(("fresh", fresh, self.created_at[fresh].astype(np.float32)))
             lists.append(("popularity", popular, self.popularity[popular]))
-            lists.append(("content", *self.session_retrieval.content(user_raw, history,
-                                                                     cfg.n_content)))
+            try:
+                lists.append(("content", *self.session_retrieval.content(user_raw, history,
+                                                                         cfg.n_content)))
+            except Exception:  # noqa: BLE001 - a bad profile row costs the source, not the reply
+                log.exception("content retrieval failed")
+                fallbacks.append("content_error")
             pool = merge(lists, exclude, self.n_items)
         scores = None
         if clock.elapsed_ms() > cfg.rank_deadline_ms:

@@ -86,8 +86,7 @@ class SessionRetrieval:
                 n: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, scores) of the content source for a genre profile from the user's history
         (``user_genre_affinity``) and the session's newest items' genres."""
-        profile = _unit_sum(np.nan_to_num(np.asarray(
-            user.get("user_genre_affinity") or np.zeros(F.N_GENRES), np.float32)))
+        profile = _unit_sum(_affinity(user.get("user_genre_affinity")))
         recent = history[:N_SESSION_GENRE_ITEMS]
         if len(recent):
             share = self.item_genres[recent].sum(axis=0, dtype=np.float32) / len(recent)
@@ -105,6 +104,15 @@ def session_confidence(session: Mapping[str, Any] | None, n_items: int) -> float
         return floor
     total = sum(float(session.get(name) or 0) * w for name, w in _WEIGHTED_COUNTS)
     return float(np.clip(total / n_items, floor, cfg["max_confidence"]))
+
+
+def _affinity(value: Any) -> np.ndarray:
+    """``user_genre_affinity`` as float32 [N_GENRES] (a list or an array from the store; zeros
+    when absent or malformed, like the feature's default)."""
+    out = np.zeros(F.N_GENRES, np.float32) if value is None else np.asarray(value, np.float32)
+    if out.shape != (F.N_GENRES,):
+        return np.zeros(F.N_GENRES, np.float32)
+    return np.clip(np.nan_to_num(out), 0.0, None)
 
 
 def _unit_sum(x: np.ndarray) -> np.ndarray:

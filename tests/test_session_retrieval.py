@@ -59,3 +59,7 @@ def test_content_follows_the_session_over_the_history():
     assert rows[:20].tolist() == list(range(20, 40))  # the session's genre leads ...
     assert rows[20:].tolist() == [0, 1, 2, 3, 4]  # ... the history's follows
     assert len(sr.content({}, np.zeros(0, np.int64), 5)[0]) == 0  # no profile, no content
+    # the online store returns the affinity as an array; a malformed one reads as the default
+    as_array = {"user_genre_affinity": np.asarray(comedy_fan["user_genre_affinity"])}
+    assert sr.content(as_array, np.zeros(0, np.int64), 5)[0].tolist() == [0, 1, 2, 3, 4]
+    assert len(sr.content({"user_genre_affinity": [1.0, 2.0]}, np.zeros(0, np.int64), 5)[0]) == 0
