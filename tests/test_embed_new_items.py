@@ -73,3 +73,32 @@ def test_a_tampered_delta_is_refused_and_no_bundle_means_no_work(paths, tmp_path
     npz.write_bytes(npz.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ValueError, match="sha256"):
         B.ItemDelta.load(folder, stamp)
+
+
+def test_serving_appends_a_delta_and_skips_a_bad_one(paths, tmp_path):
+    from serving import item_deltas
+    from tandem.ann import build_index
+
+    bundle_dir = nightly_with_new_items(paths, tmp_path)
+    deltas = paths.models / B.DELTAS
+    known = pd.Index(pd.read_parquet(bundle_dir / B.ITEMS)[s.ITEM_ID].astype(str))
+    assert item_deltas.load(bundle_dir, deltas, known) is None  # none filed yet
+    stamp = job.run(None, paths, END, END)["stamp"]
+    delta = item_deltas.load(bundle_dir, deltas, known)
+    assert delta.stamp == stamp and delta.item_ids.tolist() == ["new-horror"]
+    # two-tower: vectors appended and searchable under the next catalog row
+    vectors = np.load(bundle_dir / B.TT_ITEM_VECTORS)
+    index = build_index(vectors, metric="ip")
+    n = len(known) + 1
+    extended = item_deltas.extend_vectors(vectors, index, delta, n)
+    assert extended.shape == (n, vectors.shape[1])
+    assert index.search(delta.vectors, 1)[1][0, 0] == n - 1
+    # ALS-only: zero rows; the new item's factors are zero until the next nightly fit
+    als = item_deltas.pad_rows(np.ones((len(known), 4), np.float32), n)
+    np.testing.assert_array_equal(als[-1], 0.0)
+    no_vectors = B.ItemDelta(stamp, delta.item_ids, delta.created_at, np.zeros((1, 0)))
+    np.testing.assert_array_equal(item_deltas.extend_vectors(als[:-1], None, no_vectors, n), als)
+    # a delta whose bytes do not match its digest is skipped: the bundle serves as built
+    npz = deltas / B.bundle_key(bundle_dir) / f"items-{stamp}.npz"
+    npz.write_bytes(npz.read_bytes()[:-8] + b"\0" * 8)
+    assert item_deltas.load(bundle_dir, deltas, known) is None
