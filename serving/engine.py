@@ -6,8 +6,11 @@ Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)
     user_tower    profile + recent items -> user vector (numpy)
     ann           FAISS top-N over item vectors (user and session queries in one call)
                   + FAISS top-N over ALS item factors (for a user with ALS factors this runs
-                  while the online-store read is in flight: it needs nothing from the store)
-    merge         + fresh + popular; union, dedupe, drop seen/excluded  (tandem.retrieval)
+                  while the online-store read is in flight: it needs nothing from the store;
+                  a session then refolds the vector and searches again, see
+                  serving.session_retrieval)
+    merge         + fresh + popular + genre content (history + session); union, dedupe, drop
+                  seen/excluded  (tandem.retrieval)
     features      one matrix for all candidates (tandem.ranking_features, as in training)
     ranker        one LightGBM (or lleaves-compiled) call
     mmr           MMR over the top of the ranked list (tandem.diversify)
