@@ -144,9 +144,14 @@ def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix,
 
 def gram(item_factors: np.ndarray) -> np.ndarray:
     """``Y^T Y`` [f, f] float64 of the item factors: the shared part of every user's ALS system,
-    computed once per model (at serving load) and reused by :func:`fold_in_one`."""
-    y = np.asarray(item_factors, dtype=np.float64)
-    return y.T @ y
+    computed once per model (at serving load) and reused by :func:`fold_in_one`. Summed in
+    float64 over blocks of rows, so 1M items never hold a float64 copy of the factors."""
+    f = item_factors.shape[1]
+    out = np.zeros((f, f), dtype=np.float64)
+    for start in range(0, len(item_factors), 65_536):
+        y = np.asarray(item_factors[start:start + 65_536], dtype=np.float64)
+        out += y.T @ y
+    return out
 
 
 def fold_in_one(item_factors: np.ndarray, yty: np.ndarray, rows: np.ndarray,
