@@ -105,6 +105,7 @@ HOURLY = (
     Task("build_labels", "spark", reads=("events",), writes=("ranking_labels",)),
     Task("build_features", "spark", reads=("events",), writes=("user_features", "item_features")),
     Task("materialize", "feast", reads=("user_features", "item_features")),
+    Task("embed_new_items", "python", reads=("items",)),
 )
 NIGHTLY = (
     Task("negative_sampling", "spark", run_id=True, reads=("events",),

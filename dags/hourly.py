@@ -1,4 +1,5 @@
-"""tandem_hourly: land -> lake -> labels -> features -> online store, once per hour.
+"""tandem_hourly: land -> lake -> labels -> features -> online store -> new items' vectors, once
+per hour (``embed_new_items``: items created since the nightly build become retrievable).
 
 Each task reads and overwrites only its data interval's partitions, so clearing and re-running a
 run (or backfilling a range with the ``start``/``end`` params) is safe. Every task waits for the
@@ -12,7 +13,7 @@ from datetime import UTC, datetime
 
 from airflow.sdk import dag
 
-from tandem.orchestration import interval_param, materialize_features, spark_job
+from tandem.orchestration import interval_param, materialize_features, python_job, spark_job
 
 
 @dag(
@@ -29,9 +30,10 @@ from tandem.orchestration import interval_param, materialize_features, spark_job
     },
 )
 def tandem_hourly():
-    """Hourly data pipeline: ingest_events -> build_labels -> build_features -> materialize."""
+    """Hourly data pipeline: ingest_events -> build_labels -> build_features -> materialize ->
+    embed_new_items."""
     (spark_job("ingest_events") >> spark_job("build_labels") >> spark_job("build_features")
-     >> materialize_features())
+     >> materialize_features() >> python_job("embed_new_items", run_id=False))
 
 
 tandem_hourly()

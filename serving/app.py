@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from serving import item_deltas
 from serving import metrics as m
 from serving.breaker import CircuitBreaker
 from serving.bundle_sync import BundleLedger, BundleRejected
@@ -217,17 +218,27 @@ class App:
 
     # ------------------------------------------------------------------------- hot reload
     def poll_once(self) -> list[str]:
-        """Reload every alias whose version moved; returns the aliases swapped."""
+        """Reload every alias whose version moved, or whose bundle has a newer item delta
+        (``serving.item_deltas``); returns the aliases swapped."""
         swapped = []
         for alias in self.experiment.aliases:
             try:
                 version = self.probe_version(alias)
                 current = self.engines.get(alias)
                 if version is None or (current is not None and current.version == str(version)):
-                    continue
-                if self.ledger.is_bad(alias, str(version)) is not None:
+                    if current is None or not item_deltas.moved(current, self.cfg.deltas_dir):
+                        continue
+                    # new items since the build: the same bundle folder again, with the delta
+                    try:
+                        engine = self._load(alias, current.bundle_dir, current.version)
+                    except BundleRejected as exc:  # the version is fine: not marked bad
+                        log.error("alias %s: version %s with its new items failed (%s); still "
+                                  "serving it without them", alias, current.version, exc.reason)
+                        continue
+                elif self.ledger.is_bad(alias, str(version)) is not None:
                     continue  # refused before: not fetched again until the alias moves
-                engine = self._build(alias)
+                else:
+                    engine = self._build(alias)
             except BundleRejected as exc:  # the old engine keeps serving
                 self._reject(alias, exc)
                 continue

@@ -25,6 +25,7 @@ class ServingConfig:
     n_session: int = 100
     n_fresh: int = 50
     n_popular: int = 100
+    n_content: int = 100  # genre-profile candidates of a known user (serving.session_retrieval)
     fresh_days: float = 14.0
     mmr_lambda: float = 0.7
     mmr_pool: int = 100
@@ -39,6 +40,7 @@ class ServingConfig:
     ranker_backend: str = "auto"  # auto (lleaves when installed) | lleaves | lightgbm
     store_breaker_failures: int = 3  # consecutive failed/late store reads that open the breaker
     store_breaker_cooldown_s: float = 5.0  # open this long, then one trial read
+    deltas_dir: str | None = None  # <models>/deltas: hourly new items (serving.item_deltas)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> ServingConfig:
         return replace(self, **dict(overrides)) if overrides else self

@@ -6,8 +6,11 @@ Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)
     user_tower    profile + recent items -> user vector (numpy)
     ann           FAISS top-N over item vectors (user and session queries in one call)
                   + FAISS top-N over ALS item factors (for a user with ALS factors this runs
-                  while the online-store read is in flight: it needs nothing from the store)
-    merge         + fresh + popular; union, dedupe, drop seen/excluded  (tandem.retrieval)
+                  while the online-store read is in flight: it needs nothing from the store;
+                  a session then refolds the vector and searches again, see
+                  serving.session_retrieval)
+    merge         + fresh + popular + genre content (history + session); union, dedupe, drop
+                  seen/excluded  (tandem.retrieval)
     features      one matrix for all candidates (tandem.ranking_features, as in training)
     ranker        one LightGBM (or lleaves-compiled) call
     mmr           MMR over the top of the ranked list (tandem.diversify)
@@ -39,11 +42,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from serving import item_deltas
 from serving.breaker import CircuitBreaker
 from serving.config import ServingConfig
 from serving.item_table import ItemFeatures, ItemTableFactory
 from serving.ranker_model import Ranker
 from serving.result import Result, StageClock
+from serving.session_retrieval import SessionRetrieval
 from serving.stores import OnlineStore, UserRows
 from serving.validation import RecommendQuery
 from tandem import bundle as B
@@ -98,6 +103,10 @@ class Engine:
         self.bundle_dir, self.version = root, str(version)
         self.manifest = B.BundleManifest.load(root)
         items = pd.read_parquet(root / B.ITEMS)
+        # items created since the build (hourly, jobs/embed_new_items.py) get rows after these
+        self.item_delta = item_deltas.load(root, cfg.deltas_dir,
+                                           pd.Index(items[s.ITEM_ID].astype(str)))
+        items = item_deltas.extend_items(items, self.item_delta)
         self.item_ids = items[s.ITEM_ID].astype(str).to_numpy(object)
         self.item_index = pd.Index(self.item_ids)
         self.n_items = len(self.item_ids)
@@ -105,12 +114,13 @@ class Engine:
         self.created_at = items[s.CREATED_AT].to_numpy(np.int64)
         users = pd.read_parquet(root / B.USERS) if (root / B.USERS).exists() else None
         self.user_index = pd.Index(users[s.USER_ID].astype(str) if users is not None else [])
-        self.als_items = np.load(root / B.ALS_ITEM_FACTORS)
+        self.als_items = item_deltas.pad_rows(np.load(root / B.ALS_ITEM_FACTORS), self.n_items)
         self.als_users = np.load(root / B.ALS_USER_FACTORS)
         self.als_index = AnnIndex.load(root / B.INDEX_ALS)
         if (root / B.TT_ITEM_VECTORS).exists():
-            self.item_vectors = np.load(root / B.TT_ITEM_VECTORS, mmap_mode=None)
             self.main_index = AnnIndex.load(root / B.INDEX_MAIN)
+            self.item_vectors = item_deltas.extend_vectors(
+                np.load(root / B.TT_ITEM_VECTORS), self.main_index, self.item_delta, self.n_items)
             self.tower = UserTower.load(root / B.TT_USER_TOWER, self.item_vectors)
         else:  # an ALS-only bundle
             self.item_vectors = RF.unit_rows(self.als_items)
@@ -134,6 +144,7 @@ class Engine:
         by_pop = np.argsort(-self.popularity, kind="stable")
         self.genre_top = {g: by_pop[genres[by_pop, j]][: cfg.n_cold_exploit]
                           for j, g in enumerate(F.GENRE_VOCAB)}
+        self.session_retrieval = SessionRetrieval.build(self.als_items, genres, self.popularity)
         self._profiles: dict[tuple, np.ndarray] = {}  # see _encode_profile
 
     # --------------------------------------------------------------------------- helpers
@@ -256,14 +267,21 @@ class Engine:
             except Exception:  # noqa: BLE001
                 log.exception("two-tower retrieval failed")
                 fallbacks.append("two_tower_error")
-            lists += als if als is not None else self._als_guarded(user_row, history, cfg,
-                                                                   fallbacks)
+            # the early search used the nightly vector; a session refolds it (fold-in)
+            lists += (als if als is not None and len(history) == 0 else
+                      self._als_guarded(user_row, history, cfg, fallbacks, rows.session))
         with clock.stage("merge"):
             fresh = self.newest[self.created_at[self.newest] >= now_ms - cfg.fresh_days * DAY_MS]
             fresh = fresh[: cfg.n_fresh]
             popular = self.popular[: cfg.n_popular]
             lists.append(("fresh", fresh, self.created_at[fresh].astype(np.float32)))
             lists.append(("popularity", popular, self.popularity[popular]))
+            try:
+                lists.append(("content", *self.session_retrieval.content(user_raw, history,
+                                                                         cfg.n_content)))
+            except Exception:  # noqa: BLE001 - a bad profile row costs the source, not the reply
+                log.exception("content retrieval failed")
+                fallbacks.append("content_error")
             pool = merge(lists, exclude, self.n_items)
         scores = None
         if clock.elapsed_ms() > cfg.rank_deadline_ms:
@@ -286,6 +304,7 @@ class Engine:
             order = top[mmr(scores[top], self.item_vectors[pool.rows[top]], q.k, cfg.mmr_lambda,
                             genres, cfg.genre_cap)]
         picked = pool.take(order)
+        # no randomisation on this path: each item is shown with probability 1 (exactly)
         return Result(_request_id(), self.version, list(self.item_ids[picked.rows]),
                       scores[order], picked.source_mask, np.ones(len(order)),
                       [_explain(int(mk)) for mk in picked.source_mask],
@@ -313,24 +332,26 @@ class Engine:
             out.append((name, hits, self.item_vectors[hits] @ qv))
         return out
 
-    def _als_list(self, user_row: int, history: np.ndarray,
-                  cfg: ServingConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """ALS neighbours of the user's factors (or of the recent items' mean factor)."""
-        if user_row >= 0:
-            query = self.als_users[user_row]
-        elif len(history):
-            query = self.als_items[history].mean(axis=0)
-        else:
+    def _als_list(self, user_row: int, history: np.ndarray, cfg: ServingConfig,
+                  session: Mapping[str, Any] | None = None
+                  ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """ALS neighbours of the user's factors refolded with the session's recent items
+        (``serving.session_retrieval``); folded from the session alone for a user who was not
+        in the build."""
+        query = self.session_retrieval.als_query(
+            self.als_users[user_row] if user_row >= 0 else None, history, session)
+        if query is None:
             return []
         hits = self._search(self.als_index, query[None], cfg.n_als)[0]
         hits = hits[hits >= 0]
         return [("als", hits, self.als_items[hits] @ query)]
 
     def _als_guarded(self, user_row: int, history: np.ndarray, cfg: ServingConfig,
-                     fallbacks: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+                     fallbacks: list[str], session: Mapping[str, Any] | None = None
+                     ) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """:meth:`_als_list`, degrading to no ALS candidates on any error."""
         try:
-            return self._als_list(user_row, history, cfg)
+            return self._als_list(user_row, history, cfg, session)
         except Exception:  # noqa: BLE001
             log.exception("ALS retrieval failed")
             fallbacks.append("als_error")
@@ -482,12 +503,15 @@ class WarmUp:
 
 
 def _load_cooc(root: Path, n_items: int):
-    """The ranker's co-occurrence matrix if the bundle ships one, else an empty one."""
+    """The ranker's co-occurrence matrix if the bundle ships one, else an empty one; items
+    added after the build (``serving.item_deltas``) get empty rows and columns."""
     import scipy.sparse as sp
 
     path = root / getattr(B, "RANKER_COOC", "ranker/cooc.npz")
     if path.exists():
-        return sp.load_npz(path).tocsr().astype(np.float32)
+        cooc = sp.load_npz(path).tocsr().astype(np.float32)
+        cooc.resize((n_items, n_items))
+        return cooc
     return sp.csr_matrix((n_items, n_items), dtype=np.float32)
 
 

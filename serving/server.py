@@ -49,7 +49,7 @@ from serving.config import ServingConfig  # noqa: E402
 from serving.servicer import RecommenderServicer  # noqa: E402
 from serving.stores import FeastStore  # noqa: E402
 from tandem.ab import Experiment  # noqa: E402
-from tandem.bundle import BundleManifest  # noqa: E402
+from tandem.bundle import DELTAS, BundleManifest  # noqa: E402
 from tandem.config import Paths  # noqa: E402
 from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
@@ -169,6 +169,15 @@ def local_source(bundle_dir: Path):
     return (lambda alias: (bundle_dir, version)), (lambda alias: version)
 
 
+def _deltas_dir(args: argparse.Namespace) -> str | None:
+    """Where the hourly job files new items: ``--deltas-dir``, else the TANDEM_HOME's."""
+    if args.deltas_dir:
+        return str(Path(args.deltas_dir).resolve())
+    if args.feast_home:
+        return str(Paths(Path(args.feast_home).resolve()).models / DELTAS)
+    return None
+
+
 def build_app(args: argparse.Namespace, engine_cls=None) -> App:
     """The App the command-line flags describe."""
     import pandas as pd
@@ -182,7 +191,7 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
                         online_store_timeout_ms=args.store_timeout_ms,
                         store_breaker_failures=args.breaker_failures,
                         store_breaker_cooldown_s=args.breaker_cooldown_s,
-                        genre_cap=args.genre_cap)
+                        genre_cap=args.genre_cap, deltas_dir=_deltas_dir(args))
     ledger = None
     if args.bundle_dir:
         fetch, probe = local_source(Path(args.bundle_dir))
@@ -230,6 +239,9 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
     parser.add_argument("--poll-s", type=float, default=30.0, help="registry poll interval")
     parser.add_argument("--feast-home", default=None,
                         help="TANDEM_HOME whose feast/ repo is the online store")
+    parser.add_argument("--deltas-dir", default=None,
+                        help="hourly new-item deltas (jobs/embed_new_items.py); default "
+                             "<feast-home>/models/deltas when --feast-home is given")
     parser.add_argument("--item-features", default=None,
                         help="parquet of raw item feature rows (instead of Feast)")
     parser.add_argument("--cache-dir", default=None,

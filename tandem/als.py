@@ -142,6 +142,51 @@ def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix,
     return np.asarray(model.recalculate_user(np.arange(rows.shape[0]), rows), np.float32)
 
 
+def gram(item_factors: np.ndarray) -> np.ndarray:
+    """``Y^T Y`` [f, f] float64 of the item factors: the shared part of every user's ALS system,
+    computed once per model (at serving load) and reused by :func:`fold_in_one`. Summed in
+    float64 over blocks of rows, so 1M items never hold a float64 copy of the factors."""
+    f = item_factors.shape[1]
+    out = np.zeros((f, f), dtype=np.float64)
+    for start in range(0, len(item_factors), 65_536):
+        y = np.asarray(item_factors[start:start + 65_536], dtype=np.float64)
+        out += y.T @ y
+    return out
+
+
+def fold_in_one(item_factors: np.ndarray, yty: np.ndarray, rows: np.ndarray,
+                confidence: np.ndarray, cfg: dict[str, Any] = ALS_CONFIG,
+                prior: np.ndarray | None = None) -> np.ndarray:
+    """One user's factors [f] (float32) by the closed-form ALS user step, the math of
+    :func:`fold_in` for one row, in numpy so serving can run it per request (~30 us at f=32).
+
+    ``x = (Y^T C Y + reg I)^-1 Y^T C p`` with implicit's confidences ``C = alpha * confidence``
+    on the user's items ``rows`` (p = 1 there) and ``C = 1, p = 0`` elsewhere, i.e.
+    ``A = YtY + reg I + sum_i (C_i - 1) y_i y_i^T`` and ``b = sum_i C_i y_i``
+    (``tests/test_als.py`` pins it to :func:`fold_in`, i.e. to implicit's solver).
+
+    ``prior``: the user's nightly vector ``x0``, standing for the history it was solved from.
+    That history's system ``A0 x0 = b0`` is not stored (f x f per user); it is taken as
+    ``A0 = YtY + reg I`` (its items' extra confidence terms dropped), so ``b0 = A0 x0`` and the
+    new items add to both sides. Dropping those terms weighs the stored history less than a
+    full refit would: recent items move the vector further, which is what a fold-in between
+    nightly runs is for; the nightly fit then weighs everything exactly again.
+    """
+    f = item_factors.shape[1]
+    a = yty + cfg["regularization"] * np.eye(f)
+    b = a @ np.asarray(prior, dtype=np.float64) if prior is not None else np.zeros(f)
+    rows = np.asarray(rows, dtype=np.int64)
+    c = cfg["alpha"] * np.asarray(confidence, dtype=np.float64)
+    keep = c > 0
+    if keep.any():
+        ys, c = np.asarray(item_factors[rows[keep]], dtype=np.float64), c[keep]
+        a = a + (ys.T * (c - 1.0)) @ ys
+        b = b + ys.T @ c
+    elif prior is None:
+        return np.zeros(f, dtype=np.float32)
+    return np.linalg.solve(a, b).astype(np.float32)
+
+
 def top_k_items(scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` columns per row, best first: (indices (n, k) int64, scores (n, k) float32).

@@ -35,6 +35,7 @@ console = Console(highlight=False)
 AIRFLOW_PORT, MLFLOW_PORT, KAFKA_PORT, GRPC_PORT, METRICS_PORT = 8080, 5000, 9092, 50051, 9108
 # the supervisors of the stream consumers export their restart counters here
 CONSUMER_METRICS_PORTS = {"landing-consumer": 9109, "feature-consumer": 9110}
+BURST_TARGET = 3  # items of the burst's genre in the 10-item feed the burst should bring
 
 
 @dataclass(frozen=True)
@@ -287,25 +288,37 @@ def burst(stack: Stack, user_ids: list[str], titles) -> None:
     producer.close()
     # The burst has reached serving (Kafka -> feature consumer -> online store -> the request's
     # session row) once neighbours of its items are in the feed. A changed feed alone proves
-    # nothing: the impressions the "before" request logged change the session counts too.
+    # nothing: the impressions the "before" request logged change the session counts too. The
+    # feed is then followed until BURST_TARGET of its items are of the burst's genre (the
+    # session's ALS fold-in and genre content moved retrieval: serving.session_retrieval).
+    def in_genre(reply) -> int:
+        return sum(genre in titles.get(i.item_id, ("", []))[1] for i in reply.items)
+
     sent = time.monotonic()
+    reacted = reached = None
     while time.monotonic() < sent + 30:
         time.sleep(0.25)
         after = recommend(user_id)
-        if any(pb.CANDIDATE_SOURCE_SESSION in i.sources for i in after.items):
+        waited = time.monotonic() - sent
+        if reacted is None and any(pb.CANDIDATE_SOURCE_SESSION in i.sources
+                                   for i in after.items):
+            reacted = waited
+        if reacted is not None and in_genre(after) >= BURST_TARGET:
+            reached = waited
             break
-    else:
+        if reacted is not None and waited > reacted + 5:  # the session is in; it has settled
+            break
+    if reacted is None:
         console.print("  [red]no session neighbours in the feed after 30 s[/]: is the feature "
                       f"consumer running? ({stack.paths.run / 'feature-consumer.log'})")
-    _done(t0, f"(the feed showed it {time.monotonic() - sent:.1f}s after the send)")
-
-    def share(reply) -> str:
-        n = sum(genre in titles.get(i.item_id, ("", []))[1] for i in reply.items)
-        return f"{n}/{len(reply.items)}"
-
+    else:
+        _done(t0, f"(the feed showed it {reacted:.1f}s after the send)")
     changed = len({i.item_id for i in after.items} - {i.item_id for i in before.items})
+    target = (f"{BURST_TARGET}/{len(after.items)} reached {reached:.1f}s after the send"
+              if reached is not None else f"[red]{BURST_TARGET}/{len(after.items)} not reached[/]")
     console.print(f"  the feed reacted: {changed} of {len(after.items)} items are new; {genre} "
-                  f"films before {share(before)}, after {share(after)}")
+                  f"films before {in_genre(before)}/{len(before.items)}, after "
+                  f"{in_genre(after)}/{len(after.items)} ({target})")
     print_feed(stack.paths, user_id, after, titles)
 
 

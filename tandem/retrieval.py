@@ -81,6 +81,43 @@ def merge(lists: Sequence[tuple[str, np.ndarray, np.ndarray]], exclude: np.ndarr
     return CandidatePool(unique, mask, table)
 
 
+def content_candidates(genre_top: np.ndarray, item_genres: np.ndarray, popularity: np.ndarray,
+                       profile: np.ndarray, n: int, n_genres: int = 3
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Content-based retrieval: items whose genres match a user's genre profile.
+
+    Parameters
+    ----------
+    genre_top : int array [n_vocab, m]
+        Per genre, its ``m`` most popular catalog rows (-1 padded), precomputed at load.
+    item_genres : bool or float array [n_items, n_vocab]
+        Genre multi-hot of the catalog.
+    popularity : float array [n_items]
+        Breaks ties between equally matching items (more popular first).
+    profile : float array [n_vocab]
+        Weight per genre (>= 0): the user's history and session, see the caller.
+    n, n_genres
+        Candidates to return; how many of the profile's heaviest genres to draw from.
+
+    Returns
+    -------
+    (rows [<= n] int64, scores [<= n] float32), best first: score is the cosine between the
+    item's genre multi-hot and ``profile``. Only the drawn genres' lists are scored (no pass
+    over the catalog), so the cost is ``n_genres * m`` whatever the catalog size.
+    """
+    weights = np.asarray(profile, dtype=np.float32)
+    norm = float(np.linalg.norm(weights))
+    if norm == 0.0 or n <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    top = np.argsort(-weights, kind="stable")[:n_genres]
+    rows = np.unique(genre_top[top[weights[top] > 0]].ravel())
+    rows = rows[rows >= 0]
+    hot = np.asarray(item_genres[rows], dtype=np.float32)
+    scores = (hot @ weights) / (np.sqrt(np.maximum(hot.sum(axis=1), 1.0)) * norm)
+    order = np.lexsort((-popularity[rows], -scores))[:n]
+    return rows[order].astype(np.int64), scores[order].astype(np.float32)
+
+
 def source_names(mask: int) -> list[str]:
     """Names of the sources set in one ``source_mask`` value (for building a reply)."""
     return [name for name, bit in SOURCE_BITS.items() if mask & bit]

@@ -106,3 +106,28 @@ def test_factors_save_and_load_roundtrip(tmp_path):
     g = A.AlsFactors.load(tmp_path / "als")
     assert list(g.item_ids) == ["a", "b"]
     np.testing.assert_array_equal(g.item_factors, f.item_factors)
+
+
+def test_fold_in_one_is_the_user_step_of_fold_in_and_a_burst_moves_it():
+    m = _checkerboard()
+    ids = pd.Index([str(i) for i in range(8)])
+    cfg = {**A.ALS_CONFIG, "factors": 4, "iterations": 20}
+    f = A.fit_als(m, ids, ids, cfg)
+    yty = A.gram(f.item_factors)
+    # no prior: exactly implicit's user step (fold_in) for the same row
+    row = m.getrow(0)
+    one = A.fold_in_one(f.item_factors, yty, row.indices, row.data, cfg)
+    np.testing.assert_allclose(one, A.fold_in(f.item_factors, row, cfg)[0], rtol=1e-4, atol=1e-5)
+    # no items and no prior -> zero vector; no items with a prior -> the prior itself
+    np.testing.assert_array_equal(A.fold_in_one(f.item_factors, yty, [], [], cfg), 0.0)
+    x0 = f.user_factors[0]
+    np.testing.assert_allclose(A.fold_in_one(f.item_factors, yty, [], [], cfg, prior=x0), x0,
+                               rtol=1e-5, atol=1e-6)
+    # user 0 lives in block 0-3; a burst on block 4-7 (confidence 4: a click and a like)
+    # turns its best items to that block, refolded from its nightly vector
+    before = x0 @ f.item_factors.T
+    assert before[:4].mean() > before[4:].mean()
+    burst = A.fold_in_one(f.item_factors, yty, np.arange(4, 8), np.full(4, 4.0), cfg, prior=x0)
+    after = burst @ f.item_factors.T
+    assert after[4:].mean() > after[:4].mean()
+    assert after[:4].mean() > 0  # the history still counts

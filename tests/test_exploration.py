@@ -58,6 +58,22 @@ def test_thompson_propensity_bounds():
     assert s.propensity.mean() == pytest.approx(5 / 20, abs=0.15)  # uniform posteriors
 
 
+def test_thompson_propensity_is_the_frequency_it_shows_the_item():
+    """The Monte-Carlo propensity estimates P(item in the slate): over many slates the share
+    of slates showing each item matches the propensity reported with it."""
+    clicks, imps = np.array([30, 12, 5, 1, 0]), np.array([100, 60, 40, 10, 0])
+    rng = np.random.default_rng(3)
+    shown, reported = np.zeros(5), [[] for _ in range(5)]
+    n = 3000
+    for _ in range(n):
+        s = thompson(clicks, imps, 2, rng, n_draws=256)
+        shown[s.picks] += 1
+        for item, p in zip(s.picks, s.propensity, strict=True):
+            reported[item].append(p)
+    for item in range(5):
+        assert np.mean(reported[item]) == pytest.approx(shown[item] / n, abs=0.04), item
+
+
 def test_ucb_index_by_hand_and_unexplored_first():
     # N = 6 impressions, ln 6 = 1.791759
     # item 0: 1/2 + sqrt(2 ln6 / 2) = 0.5 + 1.338566 = 1.838566

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tandem.retrieval import SOURCE_BITS, merge, source_names
+from tandem.retrieval import SOURCE_BITS, content_candidates, merge, source_names
 
 
 def test_merge_dedupes_and_keeps_every_source():
@@ -21,3 +21,25 @@ def test_merge_dedupes_and_keeps_every_source():
 def test_merge_empty():
     pool = merge([], np.zeros(0, dtype=np.int64), 10)
     assert len(pool) == 0 and pool.scores.shape == (0, len(SOURCE_BITS))
+
+
+def test_content_candidates_rank_by_genre_match_then_popularity():
+    # genres: 0 Horror, 1 Comedy, 2 Drama; 6 items
+    genres = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1]], bool)
+    popularity = np.array([5.0, 9.0, 8.0, 7.0, 6.0, 1.0], np.float32)
+    by_pop = np.argsort(-popularity, kind="stable")
+    genre_top = np.full((3, 4), -1)
+    for g in range(3):
+        hits = by_pop[genres[by_pop, g]][:4]
+        genre_top[g, : len(hits)] = hits
+    # a Horror-only profile: pure Horror items first (popular first), then the Horror|Comedy one
+    rows, scores = content_candidates(genre_top, genres, popularity, np.array([1.0, 0, 0]), 10)
+    assert rows.tolist() == [4, 0, 1]
+    np.testing.assert_allclose(scores, [1.0, 1.0, 1 / np.sqrt(2)], rtol=1e-6)
+    # mostly Comedy with some Horror: Comedy-only items lead; n caps; Drama-only items never come
+    rows, _ = content_candidates(genre_top, genres, popularity, np.array([0.3, 1.0, 0]), 3)
+    assert rows.tolist() == [2, 1, 5]
+    rows, _ = content_candidates(genre_top, genres, popularity, np.array([0.3, 1.0, 0]), 10)
+    assert rows.tolist() == [2, 1, 5, 4, 0]
+    # an empty profile retrieves nothing
+    assert len(content_candidates(genre_top, genres, popularity, np.zeros(3), 10)[0]) == 0
