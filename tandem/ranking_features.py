@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from tandem import features as F
 
-SOURCES: tuple[str, ...] = ("als", "two_tower", "popularity")
+SOURCES: tuple[str, ...] = ("als", "two_tower", "popularity", "sequence")
 N_RECENT = 5
 PAD = -1  # empty slot in a recent-items row
 _FEW_COLUMNS = 256  # ItemSpace.cooc_values slices columns up to this many distinct ones
