@@ -13,8 +13,9 @@ Memory model at 5M users x 1M items x 50M events (~30M pairs, ~15M positive): th
 15M x 16 B = 240 MB (checked against ``TANDEM_DRIVER_BUDGET_MB``), the sort order and chunk keys
 as much again; the training rows are capped at ``max_sequences`` (1M x 51 x 4 B = 200 MB); the
 model is the item embedding 1M x 64 x 4 B = 256 MB plus Adam's two moments (x3) and a few
-hundred KB of Transformer weights. Time: epochs x rows / batch steps of [128, 50, 64]; the
-defaults take ~1 min on MovieLens-100K with one thread.
+hundred KB of Transformer weights. Time: epochs x rows / batch_size steps over [128, 50, 64]
+batches; on MovieLens-100K (30 epochs) one fit took ~150 s of wall time on the shared 2-core box
+under heavy load, one thread.
 
     python -m jobs.train_sequence --start 2026-01-01T00:00:00 --end 2026-02-01T00:00:00
 """

@@ -30,7 +30,7 @@ from tandem.sequence import PAD, block_names
 
 @dataclass
 class SequenceConfig:
-    """Hyper-parameters; the defaults train on MovieLens-100K in about half a minute, one thread.
+    """Hyper-parameters; the defaults train on MovieLens-100K in minutes on one thread.
 
     Attributes
     ----------
