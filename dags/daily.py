@@ -1,6 +1,7 @@
 """tandem_daily: the nightly retrain, from negative sampling to a promoted champion.
 
-negative_sampling -> int-coded training table -> ALS -> two-tower -> FAISS indexes -> ranker
+negative_sampling -> int-coded training table -> ALS -> two-tower -> session sequence model
+-> FAISS indexes -> ranker
 -> evaluate -> register the bundle as `challenger` -> promote to `champion` if the offline
 gates pass (or ``force_promotion``).
 """
@@ -44,6 +45,7 @@ def tandem_daily():
      >> spark_job("build_training_table", run_id=True)
      >> python_job("train_als")
      >> python_job("train_two_tower", skip_tt)
+     >> python_job("train_sequence")
      >> python_job("build_index")
      >> python_job("train_ranker")
      >> python_job("evaluate", dataset)

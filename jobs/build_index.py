@@ -1,12 +1,14 @@
 """Nightly ANN build: the run's item vectors -> FAISS indexes in the bundle, recall logged.
 
-extract: ``<models>/<run_id>/two_tower/item_vectors.npy`` (+ ``query_sample.npy``) and
-``als/item_factors.npy`` (+ ``als/user_factors.npy``), whichever the run produced.
+extract: ``<models>/<run_id>/two_tower/item_vectors.npy`` (+ ``query_sample.npy``),
+``als/item_factors.npy`` (+ ``als/user_factors.npy``) and ``sequence/item_vectors.npy``
+(+ ``query_sample.npy``), whichever the run produced.
 transform: ``tandem.ann.build_index`` — exact below 20k items, IVF above with nprobe tuned to
 recall@500 >= 0.95 on the first half of the queries; recall@500 against exact search is then
 MEASURED on the other half (mean, min, p5) and returned, so every build reports it.
-load: ``index/main.faiss`` (metric "ip", two-tower) and ``index/als.faiss`` (metric "mips", the
-inner-product -> L2 transform), each with a ``.json`` sidecar (kind, nprobe, transform, report).
+load: ``index/main.faiss`` (metric "ip", two-tower), ``index/als.faiss`` and
+``index/sequence.faiss`` (metric "mips", the inner-product -> L2 transform), each with a
+``.json`` sidecar (kind, nprobe, transform, report).
 
     python -m jobs.build_index --start 2026-01-01T00:00:00 --end 2026-02-01T00:00:00
 """
@@ -25,6 +27,9 @@ from tandem.bundle import (
     ALS_USER_FACTORS,
     INDEX_ALS,
     INDEX_MAIN,
+    INDEX_SEQUENCE,
+    SEQ_ITEM_VECTORS,
+    SEQ_QUERY_SAMPLE,
     TT_ITEM_VECTORS,
 )
 from tandem.catalog import run_bundle_dir
@@ -43,6 +48,7 @@ INDEX_CONFIG: dict[str, Any] = {
 PARTS = {
     "main": (INDEX_MAIN, TT_ITEM_VECTORS, QUERY_SAMPLE, "ip"),
     "als": (INDEX_ALS, ALS_ITEM_FACTORS, ALS_USER_FACTORS, "mips"),
+    "sequence": (INDEX_SEQUENCE, SEQ_ITEM_VECTORS, SEQ_QUERY_SAMPLE, "mips"),
 }
 
 

@@ -162,7 +162,8 @@ def run_dataset(data_dir: Path, out_dir: Path, cfg: dict[str, Any] | None = None
 
 # the bundle files a manifest lists as parts (manifest.json itself is not a part)
 PARTS = (B.ITEMS, B.USERS, B.ALS_USER_FACTORS, B.ALS_ITEM_FACTORS, B.TT_ITEM_VECTORS,
-         B.TT_USER_TOWER, B.INDEX_MAIN, B.INDEX_ALS, B.RANKER_MODEL, B.RANKER_COOC, B.FEATURE_SPEC)
+         B.TT_USER_TOWER, B.INDEX_MAIN, B.INDEX_ALS, B.RANKER_MODEL, B.RANKER_COOC, B.FEATURE_SPEC,
+         B.SEQ_ITEM_VECTORS, B.SEQ_MODEL, B.INDEX_SEQUENCE)
 REPORT = "eval.json"  # the full lake-mode report, beside the manifest
 
 

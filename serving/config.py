@@ -23,6 +23,7 @@ class ServingConfig:
     n_two_tower: int = 500
     n_als: int = 200
     n_session: int = 100
+    n_sequence: int = 200
     n_fresh: int = 50
     n_popular: int = 100
     n_content: int = 100  # genre-profile candidates of a known user (serving.session_retrieval)

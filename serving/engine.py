@@ -5,6 +5,7 @@ Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)
     online_store  user + session rows from the online store, under a deadline
     user_tower    profile + recent items -> user vector (numpy)
     ann           FAISS top-N over item vectors (user and session queries in one call)
+                  + the sequence model's next items over its own index (serving.sequence_source)
                   + FAISS top-N over ALS item factors (for a user with ALS factors this runs
                   while the online-store read is in flight: it needs nothing from the store;
                   a session then refolds the vector and searches again, see
@@ -28,6 +29,7 @@ items and a propensity for every shown item.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 import uuid
@@ -48,6 +50,7 @@ from serving.config import ServingConfig
 from serving.item_table import ItemFeatures, ItemTableFactory
 from serving.ranker_model import Ranker
 from serving.result import Result, StageClock
+from serving.sequence_source import SequenceSource
 from serving.session_retrieval import SessionRetrieval
 from serving.stores import OnlineStore, UserRows
 from serving.validation import RecommendQuery
@@ -70,7 +73,8 @@ _NO_ROWS = np.zeros(0, dtype=np.int64)
 # fallbacks that mean the online store did not answer (the user is then unknown only for now)
 STORE_FALLBACKS = ("online_store_timeout", "online_store_error", "online_store_open")
 # fallbacks that mean a part of the bundle failed: a warm-up with any of them refuses the bundle
-PART_FALLBACKS = frozenset({"user_tower_error", "two_tower_error", "als_error", "ranker_error"})
+PART_FALLBACKS = frozenset({"user_tower_error", "two_tower_error", "als_error", "ranker_error",
+                            "sequence_error"})
 _PROFILE_CACHE = 4096  # encoded tower profiles memoised per engine
 
 
@@ -88,6 +92,9 @@ class Engine:
     als_items : float32 [n_items, f]; ``als_users`` [n_users, f] rows of ``user_index``;
         ``als_index`` searches item factors (inner product, possibly via the L2 transform)
     tower : numpy user tower; ranker : :class:`Ranker`; space : ranking_features.ItemSpace
+    feature_columns : the ranker's columns of the ranking_features matrix (None = all), from
+        the bundle's ``features.json``, so a bundle trained on fewer features still ranks
+    sequence : :class:`SequenceSource`, None in a bundle without the sequence model
     item_features : :class:`ItemFeatures` aligned to the catalog
 
     The two-tower parts are optional (the nightly DAG's ``skip_two_tower``): without them
@@ -125,10 +132,14 @@ class Engine:
         else:  # an ALS-only bundle
             self.item_vectors = RF.unit_rows(self.als_items)
             self.main_index, self.tower = None, None
+        self.sequence = SequenceSource.load(root)
         self.ranker = Ranker(root / B.RANKER_MODEL, cfg.ranker_backend, cache_dir)
-        if self.ranker.n_features != len(RF.FEATURE_NAMES):
+        names = (json.loads((root / B.FEATURE_SPEC).read_text())["names"]
+                 if (root / B.FEATURE_SPEC).exists() else RF.FEATURE_NAMES)
+        self.feature_columns = RF.columns_of(names)
+        if self.ranker.n_features != len(names):
             raise ValueError(f"ranker expects {self.ranker.n_features} features, "
-                             f"ranking_features builds {len(RF.FEATURE_NAMES)}")
+                             f"features.json names {len(names)}")
         self.space = RF.ItemSpace(RF.unit_rows(self.als_items), _load_cooc(root, self.n_items))
         self.space.cooc_columns()  # column form for recency lookups, built before requests
         self.item_features = (item_features(self.item_ids) if item_features is not None
@@ -270,6 +281,12 @@ class Engine:
             # the early search used the nightly vector; a session refolds it (fold-in)
             lists += (als if als is not None and len(history) == 0 else
                       self._als_guarded(user_row, history, cfg, fallbacks, rows.session))
+            if self.sequence is not None:
+                try:
+                    lists += self.sequence.lists(history, cfg.n_sequence)
+                except Exception:  # noqa: BLE001
+                    log.exception("sequence retrieval failed")
+                    fallbacks.append("sequence_error")
         with clock.stage("merge"):
             fresh = self.newest[self.created_at[self.newest] >= now_ms - cfg.fresh_days * DAY_MS]
             fresh = fresh[: cfg.n_fresh]
@@ -379,9 +396,10 @@ class Engine:
         recent[0, : min(len(history), RF.N_RECENT)] = history[: RF.N_RECENT]
         hour = np.array([(now_ms // 3_600_000) % 24], dtype=np.float32)
         device = _device_code(q.device)
-        return RF.build_features(np.zeros(n, dtype=np.int64), pool.rows, sources, user_m,
-                                 self._item_matrix(pool.rows, now_ms), session_m, hour,
-                                 device, recent, self.space)
+        x = RF.build_features(np.zeros(n, dtype=np.int64), pool.rows, sources, user_m,
+                              self._item_matrix(pool.rows, now_ms), session_m, hour,
+                              device, recent, self.space)
+        return x if self.feature_columns is None else x[:, self.feature_columns]
 
     def _degraded(self, q: RecommendQuery, exclude: np.ndarray, clock: StageClock) -> Result:
         """Popularity only (the online store failed and nothing else identifies the user)."""
@@ -553,7 +571,7 @@ _EXPLAIN = {
     "two_tower": "matches your taste profile", "als": "liked by people with similar history",
     "session": "related to what you just watched", "fresh": "new on the catalog",
     "popularity": "popular right now", "content": "in a genre you picked",
-    "similar": "similar item",
+    "similar": "similar item", "sequence": "what people watch next after your recent items",
 }
 
 

@@ -13,6 +13,9 @@ indexed by the bundle's own catalog order: row ``i`` of every item array is ``it
     two_tower/user_tower.npz      numpy MLP weights (tandem.two_tower_export runs it without torch)
     index/main.faiss              ANN over two_tower/item_vectors (ids = catalog row)
     index/als.faiss               ANN over ALS item factors (inner-product -> L2 transform)
+    sequence/item_vectors.npy     float32 [n_items, d], the sequence model's item embedding
+    sequence/model.npz            its other weights (tandem.sequence runs them without torch)
+    index/sequence.faiss          ANN over sequence/item_vectors ("mips")
     ranker/model.txt              LightGBM text model
     ranker/cooc.npz               scipy CSR [n_items, n_items] item co-occurrence (recency features)
     features.json                 the ranker's ordered feature names + defaults (tandem.features)
@@ -50,6 +53,10 @@ TT_ITEM_VECTORS = "two_tower/item_vectors.npy"
 TT_USER_TOWER = "two_tower/user_tower.npz"
 INDEX_MAIN = "index/main.faiss"
 INDEX_ALS = "index/als.faiss"
+SEQ_ITEM_VECTORS = "sequence/item_vectors.npy"
+SEQ_MODEL = "sequence/model.npz"
+SEQ_QUERY_SAMPLE = "sequence/query_sample.npy"  # tuning queries of index/sequence.faiss
+INDEX_SEQUENCE = "index/sequence.faiss"
 RANKER_MODEL = "ranker/model.txt"
 RANKER_COOC = "ranker/cooc.npz"
 FEATURE_SPEC = "features.json"

@@ -9,9 +9,10 @@ Protocol (issue 4):
 - **relevant**: :func:`tandem.dataset.positives` (rating >= 4 for explicit data, any positive
   engagement otherwise); items seen in training are never recommended; metrics average over users
   with at least one relevant test item.
-- **models**, all fit on the same training data: popularity, ALS alone, two-tower alone, and the
-  two-stage system (union of ALS top-``als_k``, two-tower top-``two_tower_k`` and popular fill,
-  re-ranked by LightGBM).
+- **models**, all fit on the same training data: popularity, ALS alone, two-tower alone, the
+  session sequence model alone (``tandem.sequence``: next items after the user's last positives),
+  and the two-stage system (union of ALS top-``als_k``, two-tower top-``two_tower_k``, sequence
+  top-``sequence_k`` and popular fill, re-ranked by LightGBM).
 - **ranker labels** come from an INNER temporal split of the training data (same rule): sources
   are fit on the inner training part, their candidates for each user are labelled with that
   user's inner-holdout positives, and the ranker learns on them. The sources are then refit on
@@ -57,8 +58,10 @@ EVAL_CONFIG: dict[str, Any] = {
     # TwoTowerConfig overrides; None disables the source. One thread: deterministic, and
     # OpenMP spinning made 2 threads ~10x slower on a busy 2-core machine.
     "two_tower": {"num_threads": 1},
+    "sequence": {"num_threads": 1},  # SequenceConfig overrides; None disables the source
+    "sequence_k": 200,
 }
-MODELS = ("popularity", "als", "two_tower", "two_stage")
+MODELS = ("popularity", "als", "two_tower", "sequence", "two_stage")
 SESSION_RECENT_MAX = 20  # items a user_session row keeps (tandem.schema)
 WINDOWS_MS = {"1h": 3_600_000, "24h": 86_400_000, "7d": 7 * 86_400_000}
 Progress = Callable[[str], None]
@@ -132,6 +135,8 @@ class Fitted:
     als : ALS factors over the catalog's user/item order
     tower : two-tower model (or None when disabled/unavailable)
     space : ALS unit vectors and co-occurrence for the recency features
+    sequence : the sequence model's numpy runtime (``tandem.sequence.SequenceEncoder``) or None
+    sequence_recent : int [n_users, max_len] each user's last positives, newest first (its query)
     """
 
     history: pd.DataFrame
@@ -141,6 +146,8 @@ class Fitted:
     tower: Any
     space: RF.ItemSpace
     timings: dict[str, float] = field(default_factory=dict)
+    sequence: Any = None
+    sequence_recent: np.ndarray | None = None
 
 
 def _indexed(events: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:
@@ -171,8 +178,29 @@ def fit_sources(history: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any] = E
         t0 = time.perf_counter()
         tower = _fit_tower(hist, catalog, cfg)
         timings["two_tower_fit_s"] = time.perf_counter() - t0
+    sequence = recent = None
+    if cfg.get("sequence") is not None:
+        progress("fitting the sequence model")
+        t0 = time.perf_counter()
+        sequence, recent = _fit_sequence(hist, catalog, cfg)
+        timings["sequence_fit_s"] = time.perf_counter() - t0
     space = RF.ItemSpace(RF.unit_rows(als.item_factors), RF.cooccurrence(seen))
-    return Fitted(history, seen, popularity, als, tower, space, timings)
+    return Fitted(history, seen, popularity, als, tower, space, timings, sequence, recent)
+
+
+def _fit_sequence(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
+    """The sequence model on the history's positives in time order: (numpy runtime, each user's
+    last ``max_len`` positives newest first)."""
+    from tandem.sequence_train import SequenceConfig, train_sequence
+    from tandem.two_tower import recent_histories
+
+    train = hist.loc[positives(hist, cfg["play_dwell_ms"]), ["user_idx", "item_idx", S.TS]]
+    users, items = train["user_idx"].to_numpy(np.int64), train["item_idx"].to_numpy(np.int64)
+    ts = train[S.TS].to_numpy(np.int64)
+    seq_cfg = SequenceConfig(**cfg["sequence"])
+    model = train_sequence(users, items, ts, len(catalog.item_ids), seq_cfg)
+    _, recent = recent_histories(users, items, ts, seq_cfg.max_len, len(catalog.user_ids))
+    return model.encoder(), recent
 
 
 def _fit_tower(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
@@ -198,6 +226,9 @@ def source_scores(fitted: Fitted, user_rows: np.ndarray) -> dict[str, np.ndarray
     if fitted.tower is not None:
         out["two_tower"] = (fitted.tower.user_vectors()[user_rows]
                             @ fitted.tower.item_vectors().T).astype(np.float32)
+    if fitted.sequence is not None:
+        queries = fitted.sequence.encode_batch(fitted.sequence_recent[user_rows])
+        out["sequence"] = (queries @ fitted.sequence.item_vectors.T).astype(np.float32)
     return out
 
 
@@ -219,7 +250,8 @@ def candidates(fitted: Fitted, user_rows: np.ndarray, cfg: dict[str, Any],
     Sorted by (user_row, item) so rows of one user are contiguous (one ranker group).
     """
     scores = scores if scores is not None else source_scores(fitted, user_rows)
-    depth = {"als": cfg["als_k"], "two_tower": cfg["two_tower_k"], "popularity": cfg["popular_k"]}
+    depth = {"als": cfg["als_k"], "two_tower": cfg["two_tower_k"], "popularity": cfg["popular_k"],
+             "sequence": cfg.get("sequence_k", 0)}
     frames = []
     for src, s in scores.items():
         top = top_lists(s, depth[src], fitted.seen, user_rows)
@@ -507,6 +539,8 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
               for name in MODELS if name in preds}
     if "two_tower" not in preds:
         models["two_tower"] = {"missing": "two-tower source disabled or unavailable"}
+    if "sequence" not in preds:
+        models["sequence"] = {"missing": "sequence source disabled or unavailable"}
     return {
         "dataset": data.name,
         "protocol": {

@@ -13,6 +13,8 @@ before ``cut``? Labels are the user's pairs first engaged positively in ``[cut, 
   pairs only (``tandem.als.fold_in``), so the user side never sees the labels;
 - two-tower: the exported user tower (numpy) over the user's profile and last pre-cut positive
   items; item vectors and the index are the night's;
+- sequence (when the bundle has it): the session sequence model's query from the user's last
+  pre-cut positive items (``tandem.sequence``), searched in its own index;
 - popularity: distinct users per item before ``cut``;
 - every source retrieves through its ANN index (``tandem.ann``) ``k + (most seen items)`` deep and
   drops the user's pre-cut items, so no users x items score matrix is ever built.
@@ -141,6 +143,8 @@ class Night:
     tower: Any  # tandem.user_tower.UserTower, or None when the run skipped the two-tower
     main_index: AnnIndex | None
     als_cfg: dict[str, Any]
+    sequence: Any = None  # tandem.sequence.SequenceEncoder, or None for a bundle without it
+    sequence_index: AnnIndex | None = None
 
     @classmethod
     def load(cls, bundle_dir: Path, als_cfg: dict[str, Any] = A.ALS_CONFIG) -> Night:
@@ -151,8 +155,16 @@ class Night:
             tower = UserTower.load(bundle_dir / B.TT_USER_TOWER,
                                    np.load(bundle_dir / B.TT_ITEM_VECTORS))
             main = AnnIndex.load(bundle_dir / B.INDEX_MAIN)
+        sequence = sequence_index = None
+        if (bundle_dir / B.SEQ_MODEL).exists():
+            from tandem.sequence import SequenceEncoder
+
+            sequence = SequenceEncoder.load(bundle_dir / B.SEQ_MODEL,
+                                            np.load(bundle_dir / B.SEQ_ITEM_VECTORS))
+            sequence_index = AnnIndex.load(bundle_dir / B.INDEX_SEQUENCE)
         return cls(np.load(bundle_dir / B.ALS_ITEM_FACTORS),
-                   AnnIndex.load(bundle_dir / B.INDEX_ALS), tower, main, als_cfg)
+                   AnnIndex.load(bundle_dir / B.INDEX_ALS), tower, main, als_cfg, sequence,
+                   sequence_index)
 
     def query_vectors(self, req: Requests, profiles: pd.DataFrame | None
                       ) -> dict[str, np.ndarray]:
@@ -162,6 +174,8 @@ class Night:
             spec = self.tower.user_spec
             feats = spec.encode(profiles) if spec is not None and profiles is not None else None
             out["two_tower"] = self.tower.encode_batch(feats, req.recent)
+        if self.sequence is not None:
+            out["sequence"] = self.sequence.encode_batch(req.recent)
         return out
 
 
@@ -189,7 +203,8 @@ def retrieve(night: Night, req: Requests, queries: dict[str, np.ndarray], depth:
     extra = int(min(np.diff(seen.indptr).max(initial=0), max_seen))
     n_items = seen.shape[1]
     out = {}
-    for src, index in (("als", night.als_index), ("two_tower", night.main_index)):
+    for src, index in (("als", night.als_index), ("two_tower", night.main_index),
+                       ("sequence", night.sequence_index)):
         if src in queries and src in depth:
             scores, ids = index.search(queries[src], min(depth[src] + extra, index.ntotal))
             out[src] = _drop_seen(ids, scores, seen, depth[src])
@@ -242,7 +257,8 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
             request_events_only: bool) -> Batch:
     """Requests, retrieval through the night's indexes, and the feature inputs of ``role``.
 
-    ``cfg`` carries the candidate depths (``als_k``, ``two_tower_k``, ``popular_k``; a
+    ``cfg`` carries the candidate depths (``als_k``, ``two_tower_k``, ``sequence_k``,
+    ``popular_k``; a
     ``retrieval_k`` deeper list when set, for recall), ``als`` (fold-in) and ``night``
     (:data:`NIGHT_CONFIG` overrides). ``request_events_only`` reads only the request users' events
     (entity features come from the feature store; only their recent items are derived here);
@@ -264,6 +280,8 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
     depth = {"als": cfg["als_k"], "popularity": cfg["popular_k"]}
     if night.tower is not None and cfg.get("two_tower") is not None:
         depth["two_tower"] = cfg["two_tower_k"]
+    if night.sequence is not None and cfg.get("sequence") is not None:
+        depth["sequence"] = cfg["sequence_k"]
     queries = night.query_vectors(req, profiles.reindex(asked).reset_index())
     deep = {src: max(d, cfg.get("retrieval_k", 0)) for src, d in depth.items()}
     lists = retrieve(night, req, queries, deep, night_cfg["max_seen"])

@@ -19,6 +19,7 @@ Training (``tandem.evaluation``, ``jobs/train_ranker.py``) and serving call
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ import scipy.sparse as sp
 
 from tandem import features as F
 
-SOURCES: tuple[str, ...] = ("als", "two_tower", "popularity")
+SOURCES: tuple[str, ...] = ("als", "two_tower", "popularity", "sequence")
 N_RECENT = 5
 PAD = -1  # empty slot in a recent-items row
 _FEW_COLUMNS = 256  # ItemSpace.cooc_values slices columns up to this many distinct ones
@@ -153,6 +154,19 @@ def recency_features(items: np.ndarray, user_rows: np.ndarray, recent: np.ndarra
     out[has, 3] = np.where(valid, cooc, 0.0).max(axis=1)[has]
     out[has, 4] = (np.where(valid, cooc, 0.0).sum(axis=1) / count)[has]
     return out
+
+
+def columns_of(names: Sequence[str]) -> np.ndarray | None:
+    """Positions in :data:`FEATURE_NAMES` of a ranker's input columns (a bundle's
+    ``features.json`` names), so an older bundle's ranker gets exactly the columns it was
+    trained on; None when ``names`` is :data:`FEATURE_NAMES` itself (no copy needed)."""
+    names = tuple(names)
+    if names == FEATURE_NAMES:
+        return None
+    unknown = sorted(set(names) - set(FEATURE_NAMES))
+    if unknown:
+        raise ValueError(f"the ranker expects features ranking_features does not build: {unknown}")
+    return np.array([FEATURE_NAMES.index(n) for n in names], dtype=np.int64)
 
 
 def device_codes(devices: np.ndarray) -> np.ndarray:

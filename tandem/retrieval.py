@@ -15,7 +15,7 @@ import numpy as np
 
 # order = bit position = column of CandidatePool.scores; names match the proto's CandidateSource
 SOURCES: tuple[str, ...] = ("two_tower", "als", "session", "fresh", "popularity", "content",
-                            "similar")
+                            "similar", "sequence")
 SOURCE_BITS: dict[str, int] = {name: 1 << i for i, name in enumerate(SOURCES)}
 
 

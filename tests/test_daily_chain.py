@@ -3,9 +3,9 @@
 A small synthetic world (300 users, 200 items, ~30k events over 7 days) is written as landing
 files and ingested once for the module. Each test then runs every job of ``tandem_daily``
 in-process, in DAG order, with one run id -- negative_sampling -> build_training_table ->
-train_als -> train_two_tower (or skipped) -> build_index -> train_ranker -> evaluate ->
-register_bundle -> promote -- against the session's MLflow server, downloads the ``champion``
-and asks serving for recommendations.
+train_als -> train_two_tower (or skipped) -> train_sequence -> build_index -> train_ranker ->
+evaluate -> register_bundle -> promote -- against the session's MLflow server, downloads the
+``champion`` and asks serving for recommendations.
 
 The alignment checks are the point: every array of the bundle must be indexed by the catalog
 order of its ``items.parquet`` / ``users.parquet``, whichever job wrote them.
@@ -33,12 +33,13 @@ END_MS = int(END.timestamp() * 1000)
 DATASET = "world-300x200"
 # smaller models than production: the chain's wiring is under test, not model quality
 TWO_TOWER = {"epochs": 3, "num_threads": 1}
+SEQUENCE = {"sequence": {"epochs": 3, "dim": 32, "max_len": 20}}
 RANKER = {**R.RANKER_CONFIG, "n_estimators": 40, "min_child_samples": 20}
 ALS = {**A.ALS_CONFIG, "iterations": 10}
 MODELS = {"two_tower": TWO_TOWER, "als": ALS, "ranker": RANKER}  # ranker and evaluate
 FULL = (B.ITEMS, B.USERS, B.ALS_USER_FACTORS, B.ALS_ITEM_FACTORS, B.TT_ITEM_VECTORS,
         B.TT_USER_TOWER, B.INDEX_MAIN, B.INDEX_ALS, B.RANKER_MODEL, B.RANKER_COOC,
-        B.FEATURE_SPEC)
+        B.FEATURE_SPEC, B.SEQ_ITEM_VECTORS, B.SEQ_MODEL, B.INDEX_SEQUENCE)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,7 @@ def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[st
         register_bundle,
         train_als,
         train_ranker,
+        train_sequence,
         train_two_tower,
     )
 
@@ -91,6 +93,7 @@ def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[st
         train_two_tower.skip(paths, END, run_id) if skip_two_tower  # main()'s --skip
         else train_two_tower.run(None, paths, START, END, {"two_tower": TWO_TOWER},
                                  run_id=run_id))
+    out["train_sequence"] = train_sequence.run(None, paths, START, END, SEQUENCE, run_id=run_id)
     out["build_index"] = build_index.run(None, paths, START, END, run_id=run_id)
     out["train_ranker"] = train_ranker.run(None, paths, START, END, MODELS, run_id=run_id)
     out["evaluate"] = evaluate.run(None, paths, START, END, MODELS, run_id=run_id,
@@ -228,7 +231,8 @@ def test_daily_chain_without_two_tower_serves_als_only(spark, lake, registry, tm
     assert manifest.parts == [p for p in FULL if not p.startswith(("two_tower/", B.INDEX_MAIN))]
     assert manifest.params["two_tower"] is False
     assert "two_tower.ndcg@10" not in manifest.metrics
-    assert set(out["build_index"]) == {k for k in out["build_index"] if k.startswith("als_")}
+    assert set(out["build_index"]) == {k for k in out["build_index"]
+                                       if k.startswith(("als_", "sequence_"))}
 
     version = out["register_bundle"]["version"]
     assert out["promote"]["promoted"] and resolve_alias(CHAMPION, registry) == version

@@ -69,12 +69,15 @@ def _world(n_users=60, n_items=30, seed=0):
 def test_evaluate_end_to_end_on_a_tiny_world():
     cfg = {**E.EVAL_CONFIG, "two_tower": None, "als_k": 10, "popular_k": 5, "retrieval_k": 20,
            "als": {**E.EVAL_CONFIG["als"], "factors": 4, "iterations": 5},
-           "ranker": {**E.EVAL_CONFIG["ranker"], "n_estimators": 10, "min_child_samples": 5}}
+           "ranker": {**E.EVAL_CONFIG["ranker"], "n_estimators": 10, "min_child_samples": 5},
+           "sequence": {"num_threads": 1, "dim": 8, "max_len": 8, "epochs": 3},
+           "sequence_k": 10}
     report = E.evaluate(_world(), cfg)
     assert report["dataset"] == "tiny"
-    assert set(report["models"]) == {"popularity", "als", "two_tower", "two_stage"}
+    assert set(report["models"]) == {"popularity", "als", "two_tower", "sequence", "two_stage"}
     assert "missing" in report["models"]["two_tower"]
-    for name in ("popularity", "als", "two_stage"):
+    assert "sequence" in report["retrieval"]["recall@20"]
+    for name in ("popularity", "als", "sequence", "two_stage"):
         values = report["models"][name]
         assert {"ndcg@10", "recall@10", "precision@10", "map@10", "mrr@10", "hit_rate@10",
                 "coverage@10", "diversity@10", "novelty@10", "serendipity@10"} <= set(values)
