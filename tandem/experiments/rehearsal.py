@@ -24,11 +24,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from tandem import schema as s
 from tandem.ab import Experiment, Variant
 from tandem.experiments import ope
 from tandem.experiments.canary import ArmHealth, decide
-from tandem.experiments.definitions import ROLLED_BACK, Canary, Guardrails
+from tandem.experiments.definitions import ROLLED_BACK, Canary, Definition, Guardrails
 from tandem.experiments.stats import Moments, delta_ratio
 from tandem.world import DAY_MS, World, WorldConfig
 
@@ -177,6 +180,33 @@ def canary(world: World, cfg: RehearsalConfig, regression: float | None = None
     return {"planted_regression": regression, "rolled_back": rolled,
             "steps_to_rollback": len(state.history) if rolled else None,
             "reason": state.reason, "history": [dict(h) for h in state.history]}
+
+
+def experiment_events(world: World, definition: Definition, day: int, n_sessions: int,
+                      lift: float = 0.0, seed: int = 0) -> pa.Table:
+    """One day of the world's events as the experiment would log them: every event stamped with
+    its user's variant (``definition``'s split); with ``lift`` > 0 the control's engagements are
+    thinned so the other variants truly click ``1 + lift`` times as often (planted lift)."""
+    table = world.chunk_events(day, 0, n_sessions)
+    split = definition.to_ab()
+    users = table.column(s.USER_ID).to_numpy(zero_copy_only=False)
+    uniq, inverse = np.unique(users, return_inverse=True)
+    variant = np.array([split.assign(u).name for u in uniq])[inverse]
+    n = table.num_rows
+    table = table.set_column(table.schema.get_field_index(s.EXPERIMENT), s.EXPERIMENT,
+                             pa.array([definition.name] * n, pa.string()))
+    table = table.set_column(table.schema.get_field_index(s.VARIANT), s.VARIANT,
+                             pa.array(variant, pa.string()))
+    if lift <= 0:
+        return table
+    rng = np.random.default_rng([seed, 19, day])
+    slot = pc.binary_join_element_wise(table.column(s.REQUEST_ID),
+                                       pc.cast(table.column(s.POSITION), pa.string()), ".")
+    slots, slot_inv = np.unique(slot.to_numpy(zero_copy_only=False), return_inverse=True)
+    dropped = (rng.random(len(slots)) < lift / (1 + lift))[slot_inv]
+    engagement = table.column(s.EVENT_TYPE).to_numpy(zero_copy_only=False) != s.IMPRESSION
+    control = variant == definition.control
+    return table.filter(pa.array(~(dropped & engagement & control)))
 
 
 def statistics(cfg: RehearsalConfig) -> dict[str, Any]:
