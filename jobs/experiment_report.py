@@ -44,7 +44,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
 
 from tandem import schema as s
-from tandem.config import REPO_ROOT, Paths
+from tandem.config import Paths
 from tandem.experiments import definitions as defs
 from tandem.experiments import stats
 from tandem.spark.entry import job_main
@@ -68,7 +68,7 @@ VARIANT_DAY = StructType([StructField(c, StringType()) for c in ("experiment", s
 class ReportConfig:
     """Knobs of :func:`run`: where reports go and how engagements are attributed."""
 
-    out_dir: Path = field(default_factory=lambda: REPO_ROOT / "reports")
+    out_dir: Path = field(default_factory=defs.reports_dir)
     attribution_window: timedelta = timedelta(minutes=30)
     alpha: float = 0.05
 
@@ -266,6 +266,8 @@ def run(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
                   "control": d.control, "primary_metric": d.primary_metric, "alpha": cfg.alpha,
                   **result, "sequential": _looks(paths, d, end, result, cfg.alpha),
                   "daily": _daily(vd, n_items),
+                  "moments": {v: {k: (vars(m) if isinstance(m, stats.Moments) else m)
+                                  for k, m in per.items()} for v, per in moments.items()},
                   "canary": d.to_dict().get("canary")}
         jpath, hpath = write_report(report, cfg.out_dir)
         _track(d, report, jpath, hpath)

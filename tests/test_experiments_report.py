@@ -20,18 +20,21 @@ pytestmark = pytest.mark.spark
 DAY0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 
-def build_lake(paths, lift: float, days: int = 2, sessions: int = 3000) -> pa.Table:
-    """Items + ``days`` days of experiment events in lake/events; returns all events."""
+def build_lake(paths, keep: dict[str, float], days: int = 2, sessions: int = 3000,
+               canary: dict | None = None) -> pa.Table:
+    """Items + ``days`` days of experiment events in lake/events (engagements kept with
+    probability ``keep[variant]``); returns all events."""
     world = World.generate(WorldConfig(n_users=4000, n_items=300, n_events_target=10_000,
                                        late_share=0.0, seed=5))
     d = defs.Definition.from_dict({
         "name": "exp1", "salt": "exp1", "start": DAY0.isoformat(),
-        "variants": [{"name": "control"}, {"name": "treatment", "alias": "challenger"}]})
+        "variants": [{"name": "control"}, {"name": "treatment", "alias": "challenger"}],
+        **({"canary": canary} if canary else {})})
     defs.save(defs.definitions_path(paths), [d])
     write_items(world.items_table(), paths)
     tables = []
     for day in range(days):
-        t = experiment_events(world, d, day, sessions, lift=lift)
+        t = experiment_events(world, d, day, sessions, keep)
         write_events_parquet(t, paths.events, f"exp-d{day}", by=ARRIVAL_TS)
         tables.append(t)
     return pa.concat_tables(tables)
@@ -53,7 +56,7 @@ def test_report_matches_hand_counts_detects_a_planted_lift_and_reruns_idempotent
         spark, paths, tmp_path):
     from jobs.experiment_report import ReportConfig, run
 
-    events = build_lake(paths, lift=0.3)
+    events = build_lake(paths, {"control": 1 / 1.3})
     cfg = ReportConfig(out_dir=tmp_path / "reports")
     run(spark, paths, DAY0, DAY0 + timedelta(days=1), cfg)
     end = DAY0 + timedelta(days=2)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.ab import Experiment, Variant
-from tandem.config import Paths
+from tandem.config import REPO_ROOT, Paths
 
 RAMPING, ROLLED_BACK, DONE = "ramping", "rolled_back", "done"
 
@@ -167,6 +167,12 @@ def _time(text: str | None) -> datetime | None:
 def definitions_path(paths: Paths | None = None) -> Path:
     """``$TANDEM_HOME/experiments.json``."""
     return (paths or Paths.default()).root / "experiments.json"
+
+
+def reports_dir() -> Path:
+    """``TANDEM_REPORTS`` or ``<repo>/reports``: the experiment reports people and the canary
+    task read."""
+    return Path(os.environ.get("TANDEM_REPORTS", REPO_ROOT / "reports"))
 
 
 def load(path: Path) -> list[Definition]:

@@ -20,6 +20,7 @@ Slots are drawn independently (with replacement), so the per-slot propensity is 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -183,10 +184,11 @@ def canary(world: World, cfg: RehearsalConfig, regression: float | None = None
 
 
 def experiment_events(world: World, definition: Definition, day: int, n_sessions: int,
-                      lift: float = 0.0, seed: int = 0) -> pa.Table:
+                      keep: Mapping[str, float] | None = None, seed: int = 0) -> pa.Table:
     """One day of the world's events as the experiment would log them: every event stamped with
-    its user's variant (``definition``'s split); with ``lift`` > 0 the control's engagements are
-    thinned so the other variants truly click ``1 + lift`` times as often (planted lift)."""
+    its user's variant (``definition``'s split). ``keep`` plants effects: a variant's
+    engagements survive with that probability per slot (``{"control": 1 / 1.05}`` makes every
+    other variant truly click 5% more; ``{"treatment": 0.8}`` plants a -20% regression)."""
     table = world.chunk_events(day, 0, n_sessions)
     split = definition.to_ab()
     users = table.column(s.USER_ID).to_numpy(zero_copy_only=False)
@@ -197,16 +199,16 @@ def experiment_events(world: World, definition: Definition, day: int, n_sessions
                              pa.array([definition.name] * n, pa.string()))
     table = table.set_column(table.schema.get_field_index(s.VARIANT), s.VARIANT,
                              pa.array(variant, pa.string()))
-    if lift <= 0:
+    if not keep:
         return table
     rng = np.random.default_rng([seed, 19, day])
     slot = pc.binary_join_element_wise(table.column(s.REQUEST_ID),
                                        pc.cast(table.column(s.POSITION), pa.string()), ".")
     slots, slot_inv = np.unique(slot.to_numpy(zero_copy_only=False), return_inverse=True)
-    dropped = (rng.random(len(slots)) < lift / (1 + lift))[slot_inv]
+    survive = np.vectorize(lambda v: keep.get(v, 1.0), otypes=[float])(variant)
+    dropped = rng.random(len(slots))[slot_inv] >= survive
     engagement = table.column(s.EVENT_TYPE).to_numpy(zero_copy_only=False) != s.IMPRESSION
-    control = variant == definition.control
-    return table.filter(pa.array(~(dropped & engagement & control)))
+    return table.filter(pa.array(~(dropped & engagement)))
 
 
 def statistics(cfg: RehearsalConfig) -> dict[str, Any]:
