@@ -19,9 +19,18 @@ Slots are drawn independently (with replacement), so the per-slot propensity is 
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,9 +39,17 @@ import pyarrow.compute as pc
 
 from tandem import schema as s
 from tandem.ab import Experiment, Variant
+from tandem.config import REPO_ROOT
 from tandem.experiments import ope
 from tandem.experiments.canary import ArmHealth, decide
-from tandem.experiments.definitions import ROLLED_BACK, Canary, Definition, Guardrails
+from tandem.experiments.definitions import (
+    ROLLED_BACK,
+    Canary,
+    Definition,
+    Guardrails,
+    definitions_path,
+    save,
+)
 from tandem.experiments.stats import Moments, delta_ratio
 from tandem.world import DAY_MS, World, WorldConfig
 
@@ -231,3 +248,68 @@ def needed_users(ctr: float, lift: float, alpha: float = 0.05, power: float = 0.
     z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
     var = 2 * ctr * (1 - ctr) * design_effect / impressions_per_user
     return math.ceil(z * z * var / (ctr * lift) ** 2)
+
+
+def lake_readout(cfg: RehearsalConfig, work: Path) -> dict[str, Any]:
+    """The end-to-end path on the same world: two days of a planted-lift experiment written to
+    a lake under ``work``, then ``jobs/experiment_report`` run as its own process per day (the
+    way the DAG runs it). Returns the report's CTR comparison and SRM check."""
+    from tandem.config import Paths
+    from tandem.landing import write_events_parquet, write_items
+    from tandem.world import ARRIVAL_TS
+
+    paths = Paths(work / "state")
+    world = World.generate(WorldConfig(n_users=20_000, n_items=500, n_events_target=10_000,
+                                       late_share=0.0, seed=cfg.seed))
+    start = datetime.fromtimestamp(world.cfg.start_ms / 1000, UTC)
+    d = Definition.from_dict({"name": "rehearsal", "start": start.isoformat(),
+                              "variants": [{"name": "control"},
+                                           {"name": "treatment", "alias": "challenger"}]})
+    save(definitions_path(paths), [d])
+    write_items(world.items_table(), paths)
+    for day in range(2):
+        table = experiment_events(world, d, day, 8000, {"control": 1 / (1 + cfg.lift * 4)})
+        write_events_parquet(table, paths.events, f"rehearsal-d{day}", by=ARRIVAL_TS)
+    env = {**os.environ, "TANDEM_REPORTS": str(work / "reports")}
+    for day in range(2):
+        lo = start + timedelta(days=day)
+        subprocess.run([sys.executable, "-m", "jobs.experiment_report", "--home",
+                        str(paths.root), "--start", lo.isoformat(), "--end",
+                        (lo + timedelta(days=1)).isoformat()], check=True, env=env,
+                       cwd=REPO_ROOT)
+    report = json.loads((work / "reports" / "experiment_rehearsal.json").read_text())
+    return {"planted_relative": cfg.lift * 4, "ctr": report["comparisons"]["treatment"]["ctr"],
+            "srm_p_value": report["srm"]["p_value"],
+            "always_valid_p": report["sequential"]["treatment"]["always_valid_p"]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``make experiment``: write ``reports/experiment.json`` (``--quick``: the CI subset)."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--quick", action="store_true", help="smaller OPE, no lake/Spark readout")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "experiment.json")
+    ap.add_argument("--bench", type=Path, default=REPO_ROOT / "reports" / "bench_serving.json",
+                    help="make bench BENCH_ARGS=--shadow output, for the shadow p99s")
+    args = ap.parse_args(argv)
+    cfg = RehearsalConfig.quick() if args.quick else RehearsalConfig()
+    t0 = time.perf_counter()
+    report = statistics(cfg)
+    bench = json.loads(args.bench.read_text()) if args.bench.exists() else {}
+    report["shadow"] = bench.get("shadow", {
+        "p99_ms_without": None, "p99_ms_with": None,
+        "note": "run `make bench BENCH_ARGS=--shadow` first"})
+    if not args.quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["lake_readout"] = lake_readout(cfg, Path(tmp))
+    report["mode"] = "quick" if args.quick else "full"
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["canary"].pop("history")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("aa", "lift", "ope", "canary", "shadow")},
+                     indent=1, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()
