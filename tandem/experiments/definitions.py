@@ -13,7 +13,7 @@ atomically (write a temporary file, then rename), so a reader never sees half a 
                       "overrides": {"mmr_lambda": 0.5}},
                      {"name": "shadow", "alias": "challenger", "shadow": true}],
         "guardrails": {"max_error_rate": 0.01, "max_p99_ms": 150, "alpha": 0.05,
-                       "min_impressions": 2000},
+                       "ctr_drop": 0.1, "min_impressions": 2000},
         "canary": {"variant": "treatment", "ramp": [0.01, 0.05, 0.25, 0.5], "step": 0,
                    "status": "ramping", "reason": null, "history": []}}]}
 
@@ -51,7 +51,8 @@ class Guardrails:
 
     max_error_rate: float = 0.01
     max_p99_ms: float = 150.0
-    alpha: float = 0.05  # one-sided level of "the challenger's CTR is lower"
+    alpha: float = 0.05  # always-valid level of "the challenger's CTR is lower"
+    ctr_drop: float = 0.1  # relative CTR harm the sequential test is tuned to (mSPRT tau)
     min_impressions: int = 2000  # per variant, before a step may advance
 
 
