@@ -249,8 +249,8 @@ class App:
     # ------------------------------------------------------------------------- hot reload
     def poll_once(self) -> list[str]:
         """Reload every alias whose version moved; returns the aliases swapped."""
-        self._sync_experiment(self._build)
         swapped = []
+        self._sync_experiment(self._build)  # a changed experiment file first (its new aliases)
         for alias in self.runtime.aliases():
             try:
                 version = self.probe_version(alias)
