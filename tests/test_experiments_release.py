@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import numpy as np
@@ -76,3 +77,34 @@ def test_canary_finishes_and_stays_put():
     done = decide(c, defs.Guardrails(), _arm(0.1), _arm(0.1, seed=2))
     assert done.status == defs.DONE and done.share == 0.5
     assert decide(done, defs.Guardrails(), _arm(0.1), _arm(0.01)) == done
+
+
+def test_canary_task_reads_serving_metrics_and_the_report(tmp_path):
+    """Prometheus text -> (requests, errors, p99) per variant; a report's moments -> a step."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from tandem.experiments.canary_task import serving_health, step_all
+
+    reg = CollectorRegistry()
+    seconds = Histogram("tandem_variant_seconds", "", ["experiment", "variant"],
+                        buckets=(0.01, 0.05, 0.2), registry=reg)
+    errors = Counter("tandem_variant_errors", "", ["experiment", "variant"], registry=reg)
+    for _ in range(95):
+        seconds.labels("e", "treatment").observe(0.005)
+    for _ in range(5):
+        seconds.labels("e", "treatment").observe(0.1)  # 5% of requests in (0.05, 0.2]
+    errors.labels("e", "treatment").inc(3)
+    seconds.labels("other", "treatment").observe(1.0)  # another experiment: ignored
+    health = serving_health(generate_latest(reg).decode(), "e")
+    assert health == {"treatment": (100, 3, 200.0)}  # p99 falls in the 200 ms bucket
+
+    path = tmp_path / "experiments.json"
+    d = defs.Definition.from_dict({**DEF, "name": "e"})
+    defs.save(path, [d])
+    arm = {"n": 3000, "sx": 60000.0, "sy": 6000.0, "sxx": 1.5e6, "syy": 15000.0,
+           "sxy": 150000.0}
+    (tmp_path / "experiment_e.json").write_text(json.dumps(
+        {"moments": {"control": {"ctr": arm}, "treatment": {"ctr": arm}}}))
+    (changed,) = step_all(path, tmp_path, generate_latest(reg).decode())
+    assert changed["status"] == defs.ROLLED_BACK and "error rate 0.0300" in changed["reason"]
+    assert defs.load(path)[0].canary.status == defs.ROLLED_BACK
