@@ -12,7 +12,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup java system-deps proto test demo eval bench bench-generator bench-pipeline stop lint clean
+.PHONY: setup java system-deps proto test demo eval bench bench-generator bench-pipeline experiment stop lint clean
 
 setup: java $(STAMP) proto
 
@@ -61,6 +61,10 @@ bench-generator: setup
 # The hourly and nightly jobs per world size (PIPELINE_ARGS="--rungs 1m,10m,50m"; default 1m).
 bench-pipeline: setup
 	$(BIN)/python bench/pipeline.py $(PIPELINE_ARGS)
+
+# A/A, power, OPE and canary rehearsal on the simulator (EXPERIMENT_ARGS=--quick: the CI subset).
+experiment: setup
+	$(BIN)/python -m tandem.experiments.rehearsal $(EXPERIMENT_ARGS)
 
 stop:
 	@test -x $(BIN)/python && $(BIN)/python -m tandem.cli stop || echo "nothing to stop"

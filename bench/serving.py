@@ -158,7 +158,7 @@ def _refresh_sessions(home: Path, user_ids: np.ndarray, n_items: int) -> None:
 # ------------------------------------------------------------------------------- server procs
 
 def start_server(script: list[str], bundle: Path, features: Path | None, feast_home: Path,
-                 backend: str, log_path: Path, processes: int = 1
+                 backend: str, log_path: Path, processes: int = 1, extra: tuple[str, ...] = ()
                  ) -> tuple[subprocess.Popen, int, list[int]]:
     """The server on a free port; returns (process, port, one metrics port per process).
 
@@ -171,6 +171,7 @@ def start_server(script: list[str], bundle: Path, features: Path | None, feast_h
         cmd += ["--item-features", str(features)]
     if processes > 1:
         cmd += ["--processes", str(processes)]
+    cmd += list(extra)
     env = child_env({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                      "OPENBLAS_NUM_THREADS": "1"})
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "w"),
@@ -496,6 +497,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smaller", action="store_true",
                         help="100k items, 500k users, 20 s runs (a quick check)")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--shadow", action="store_true",
+                        help="run the fixed-rate load again with a shadow variant scoring every "
+                             "request; report both p99s (\"shadow\")")
     # One process: side by side on the 2-core box (1M items, 100 QPS) one process gave p99
     # 21.8 ms / p99.9 30 ms and 145 QPS closed loop, two gave 32.4 / 181 ms and 183 QPS: more
     # throughput, but a longer fixed-rate tail (twice the memory, and the client shares the cores)
@@ -557,6 +561,9 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         stop_server(proc)
 
+    if args.shadow:
+        report["shadow"] = shadow_side_by_side(w, args, requests, report["fixed_rate"])
+
     naive_lat = np.zeros(0)
     if not args.skip_naive:
         proc, port, mport = start_server(["-m", "bench.naive_server"], w["bundle"], w["features"],
@@ -581,6 +588,50 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def shadow_side_by_side(w: dict, args: argparse.Namespace, requests: list,
+                        without: dict) -> dict:
+    """The same fixed-rate run against a server whose active experiment has a shadow variant
+    (the champion scoring every request a second time, off the hot path): p99 side by side."""
+    from tandem.experiments import definitions as defs
+
+    path = args.work / "shadow_experiments.json"
+    start = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 86_400))
+    defs.save(path, [defs.Definition.from_dict({
+        "name": "bench-shadow", "start": start,
+        "variants": [{"name": "control", "alias": "champion"},
+                     {"name": "shadow", "alias": "champion", "shadow": True}]})])
+    proc, port, mport = start_server(["-m", "serving.server"], w["bundle"], w["features"],
+                                     w["feast_home"], "auto", args.work / "shadow_server.log",
+                                     args.processes, ("--experiments-file", str(path)))
+    try:
+        warm_connections(port, requests)
+        fixed = fixed_rate(port, requests, args.qps, args.duration)
+        scraped = _scrape(mport[0])
+    finally:
+        stop_server(proc)
+    return {"p99_ms_without": without["p99_ms"], "p99_ms_with": fixed["p99_ms"],
+            "p50_ms_without": without["p50_ms"], "p50_ms_with": fixed["p50_ms"],
+            "errors_with": fixed["errors"],
+            "shadow_scored": scraped.get("tandem_shadow_seconds_count", 0.0),
+            "shadow_dropped": scraped.get("tandem_shadow_dropped_total", 0.0)}
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Sums of the shadow samples on one metrics endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("tandem_shadow_"):
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
 def _summary(r: dict, out: Path, png: Path) -> None:
     f, c = r["fixed_rate"], r["closed_loop"]
     print(f"\nTandem serving benchmark: {r['scale']['items']:,} items, "
@@ -603,6 +654,10 @@ def _summary(r: dict, out: Path, png: Path) -> None:
           f"p99 {c['p99_ms']} ms")
     print("  stage p99 (ms): " + ", ".join(f"{k} {v}" for k, v in r["stages_p99_ms"].items()))
     print(f"  server RSS {r['server_rss_mb']} MB")
+    if "shadow" in r:
+        sh = r["shadow"]
+        print(f"  shadow variant on: p99 {sh['p99_ms_with']} ms vs {sh['p99_ms_without']} ms "
+              f"without ({sh['shadow_scored']:g} scored, {sh['shadow_dropped']:g} dropped)")
     if "naive" in r:
         n = r["naive"]
         print(f"  naive at {n['target_qps']:g} QPS: achieved {n['achieved_qps']}, p50 "

@@ -29,6 +29,7 @@ from serving.breaker import CircuitBreaker
 from serving.bundle_sync import BundleLedger, BundleRejected
 from serving.config import ServingConfig
 from serving.engine import Engine
+from serving.experiments import DefinitionsWatcher, ExperimentRuntime, ShadowScorer
 from serving.item_table import ItemFeatures, ItemTableFactory
 from serving.ranker_model import Ranker
 from serving.result import Result
@@ -95,6 +96,8 @@ class App:
         from the bundle only (created_at), everything else at its default
     ledger : last good / refused versions per alias (:mod:`serving.bundle_sync`); default in
         memory only
+    definitions : follow an experiment definitions file (``serving.experiments``): its active
+        split replaces ``experiment`` and its shadow aliases score off the hot path
 
     A bundle serves only after a warm-up without part fallbacks (``PART_FALLBACKS``); one that
     fails to fetch, load or warm up is refused and remembered (``BundleRejected``), and the
@@ -107,9 +110,10 @@ class App:
                  store: OnlineStore | None = None, sink: ImpressionSink | None = None,
                  item_features: ItemTableFactory | None = None,
                  cache_dir: Path | None = None, engine_cls: type[Engine] = Engine,
-                 ledger: BundleLedger | None = None):
+                 ledger: BundleLedger | None = None,
+                 definitions: DefinitionsWatcher | None = None):
         self.fetch_bundle, self.probe_version = fetch_bundle, probe_version
-        self.experiment = experiment or Experiment.single()
+        self.runtime = ExperimentRuntime(experiment or Experiment.single(), definitions)
         self.cfg = cfg or ServingConfig()
         self.store = store or NoStore()
         self.breaker = CircuitBreaker("online_store", self.cfg.store_breaker_failures,
@@ -122,9 +126,30 @@ class App:
         self.engines: dict[str, Engine] = {}
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        for alias in self.experiment.aliases:
-            self.engines = {**self.engines, alias: self._start(alias)}
+        self._sync_experiment(self._start)
+        for alias in self.runtime.aliases():
+            if alias not in self.engines:
+                self.engines = {**self.engines, alias: self._start(alias)}
         _freeze_heap(collect=True)
+
+    @property
+    def experiment(self) -> Experiment:
+        return self.runtime.experiment
+
+    def _sync_experiment(self, load: Callable[[str], Engine]) -> None:
+        """Apply a changed definitions file: load the aliases it adds, then swap the split."""
+        want = self.runtime.pending()
+        if want is None:
+            return
+        try:
+            added = {a: load(a) for a in self.runtime.aliases(want[0].aliases + want[1])
+                     if a not in self.engines}
+        except Exception:  # noqa: BLE001 - the old split keeps serving; retried next poll
+            log.exception("experiment %s: an alias failed to load", want[0].name)
+            return
+        self.engines = {**self.engines, **added}
+        self.runtime.apply(*want, lambda: ShadowScorer(lambda: self.engines, self.store,
+                                                       self.cfg))
 
     def _start(self, alias: str) -> Engine:
         """The alias's registry bundle, else its last good one (registry down, or refused)."""
@@ -190,8 +215,14 @@ class App:
         variant = self.experiment.assign(q.user_id)
         engines = self.engines  # one snapshot for the whole request
         cfg = self.cfg.with_overrides(variant.overrides)
-        result = engines[variant.alias].recommend(q, cfg.within(budget_ms), self.store,
-                                                  self.breaker)
+        t0 = time.perf_counter()
+        try:
+            result = engines[variant.alias].recommend(q, cfg.within(budget_ms), self.store,
+                                                      self.breaker)
+        except Exception:
+            self.runtime.failed(variant)
+            raise
+        self.runtime.observe(variant, time.perf_counter() - t0, q, cfg, result.item_ids)
         result.experiment, result.variant = self.experiment.name, variant.name
         m.VARIANTS.labels(self.experiment.name, variant.name).inc()
         m.observe(result)
@@ -221,7 +252,8 @@ class App:
         """Reload every alias whose version moved, or whose bundle has a newer item delta
         (``serving.item_deltas``); returns the aliases swapped."""
         swapped = []
-        for alias in self.experiment.aliases:
+        self._sync_experiment(self._build)  # a changed experiment file first (its new aliases)
+        for alias in self.runtime.aliases():
             try:
                 version = self.probe_version(alias)
                 current = self.engines.get(alias)
@@ -269,4 +301,5 @@ class App:
         self._stop.set()
         if self._poller is not None:
             self._poller.join(timeout=5)
+        self.runtime.close()
         self.sink.close()

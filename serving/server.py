@@ -46,6 +46,7 @@ from serving.app import App  # noqa: E402
 from serving.auth import Access  # noqa: E402
 from serving.bundle_sync import BundleLedger, BundleRejected  # noqa: E402
 from serving.config import ServingConfig  # noqa: E402
+from serving.experiments import DefinitionsWatcher  # noqa: E402
 from serving.servicer import RecommenderServicer  # noqa: E402
 from serving.stores import FeastStore  # noqa: E402
 from tandem.ab import Experiment  # noqa: E402
@@ -212,6 +213,8 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
         frame = pd.read_parquet(args.item_features)
         item_features = lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids))  # noqa: E731
     extra = {"engine_cls": engine_cls} if engine_cls is not None else {}
+    if args.experiments_file:
+        extra["definitions"] = DefinitionsWatcher(Path(args.experiments_file))
     return App(fetch, probe, experiment, cfg, store, sink=_sink(args.impression_sink),
                item_features=item_features, ledger=ledger, **extra)
 
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
     parser.add_argument("--tracking-uri", default=None, help="MLflow server (MLFLOW_TRACKING_URI)")
     parser.add_argument("--bundle-dir", default=None, help="serve this local bundle instead")
     parser.add_argument("--experiment", default=None, help="A/B experiment JSON (tandem.ab)")
+    parser.add_argument("--experiments-file", default=None,
+                        help="experiment definitions to follow hot (tandem.experiments."
+                             "definitions; overrides --experiment while one is active)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus; 0 = off")

@@ -20,7 +20,8 @@ from .conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.airflow
-STRING_PARAMS = {"tandem_hourly": ("start", "end"), "tandem_daily": ("start", "end", "dataset")}
+STRING_PARAMS = {"tandem_hourly": ("start", "end"), "tandem_daily": ("start", "end", "dataset"),
+                 "tandem_experiments": ("start", "end")}
 
 
 def evil_values(marker: Path) -> list[str]:
@@ -102,7 +103,7 @@ def test_rest_trigger_with_shell_metacharacters_is_refused(tmp_path):
                     refused += 1
             runs = client._request("GET", f"/api/v2/dags/{dag_id}/dagRuns")
             assert runs["total_entries"] == 0, runs
-        assert refused == 5 * len(evil_values(marker))
+        assert refused == 7 * len(evil_values(marker))
         assert not marker.exists()
     finally:
         stop(paths.run, "airflow")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.airflow
 
 def test_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert set(dagbag.dag_ids) == {"tandem_hourly", "tandem_daily"}
+    assert set(dagbag.dag_ids) == {"tandem_hourly", "tandem_daily", "tandem_experiments"}
 
 
 @pytest.mark.parametrize("dag_id, tasks", [
@@ -24,6 +24,7 @@ def test_no_import_errors(dagbag):
     ("tandem_daily", ["negative_sampling", "build_training_table", "train_als",
                       "train_two_tower", "train_sequence", "build_index", "train_ranker",
                       "evaluate", "register_bundle", "promote"]),
+    ("tandem_experiments", ["experiment_report", "canary"]),
 ])
 def test_chain_order_and_settings(dagbag, dag_id, tasks):
     dag = dagbag.dags[dag_id]
@@ -46,7 +47,7 @@ def test_daily_params_in_trigger_form(dagbag):
     assert {"start", "end", "dataset", "force_promotion", "skip_two_tower"} <= set(params.keys())
 
 
-@pytest.mark.parametrize("name", ["hourly.py", "daily.py"])
+@pytest.mark.parametrize("name", ["hourly.py", "daily.py", "experiments.py"])
 def test_dag_file_runs_standalone(name, tmp_path):
     """A DAG file is configuration: running it imports no job code and exits cleanly."""
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW_CONFIG": str(REPO / "airflow.cfg"),

@@ -1,0 +1,113 @@
+"""Serving follows the experiment definitions file hot; shadow scoring stays off the hot path."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+import pytest
+from prometheus_client import REGISTRY
+
+from serving.app import App, ItemFeatures, ServingConfig
+from serving.experiments import (
+    DefinitionsWatcher,
+    ShadowScorer,
+    overlap_at_k,
+    rank_correlation,
+)
+from serving.server import local_source
+from serving.validation import RecommendQuery
+from tandem import synthetic_bundle as S
+from tandem.experiments import definitions as defs
+from tests.test_serving import SPEC, SynthStore
+
+pytestmark = pytest.mark.serving
+CFG = ServingConfig(ranker_backend="lightgbm", online_store_timeout_ms=200.0,
+                    rank_deadline_ms=5000.0)
+
+
+def test_overlap_and_rank_correlation_hand_values():
+    assert overlap_at_k(["a", "b", "c"], ["c", "a", "x"], 3) == pytest.approx(2 / 3)
+    # shared a, c: served ranks (0, 2), shadow ranks (1, 0): one discordant pair
+    assert rank_correlation(["a", "b", "c"], ["c", "a", "x"]) == pytest.approx(-1.0)
+    assert rank_correlation(["a", "b", "c", "d"], ["a", "b", "d", "c"]) == pytest.approx(2 / 3)
+    assert rank_correlation(["a"], ["b"]) is None
+
+
+def _sample(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _definition(canary_status: str = defs.RAMPING) -> defs.Definition:
+    now = datetime.now(UTC)
+    return defs.Definition.from_dict({
+        "name": "hot", "salt": "hot", "start": (now - timedelta(days=1)).isoformat(),
+        "variants": [{"name": "control", "alias": "champion"},
+                     {"name": "treatment", "alias": "challenger"},
+                     {"name": "shadow", "alias": "challenger", "shadow": True}],
+        "canary": {"variant": "treatment", "ramp": [0.25, 0.5], "status": canary_status}})
+
+
+def test_app_follows_definitions_and_scores_the_shadow(tmp_path):
+    v1, features = S.build(tmp_path / "v1", SPEC)
+    v2, _ = S.build(tmp_path / "v2", S.SyntheticSpec(**{**SPEC.__dict__, "seed": 7}))
+    frame = pd.read_parquet(features)
+    sources = {"champion": local_source(v1), "challenger": local_source(v2)}
+    path = tmp_path / "experiments.json"
+    defs.save(path, [_definition()])
+    app = App(lambda a: sources[a][0](a), lambda a: sources[a][1](a), None, CFG, SynthStore(),
+              item_features=lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids)),
+              definitions=DefinitionsWatcher(path))
+    try:
+        assert set(app.engines) == {"champion", "challenger"}
+        assert [v.name for v in app.experiment.variants] == ["treatment", "control"]
+        before = _sample("tandem_shadow_overlap_count", alias="challenger")
+        users = [f"u{i}" for i in range(120)]
+        seen = {u: app.recommend(RecommendQuery(u, 10, ts=S.NOW_MS)).variant for u in users}
+        assert 10 < sum(v == "treatment" for v in seen.values()) < 50  # ~25%
+        assert all(seen[u] == app.experiment.assign(u).name for u in users)
+        app.runtime.shadow.join()
+        scored = _sample("tandem_shadow_overlap_count", alias="challenger") - before
+        dropped = _sample("tandem_shadow_dropped_total", alias="challenger")
+        assert scored + dropped >= 120 and scored > 0
+        assert _sample("tandem_shadow_seconds_count", alias="challenger") >= scored
+        assert 0 <= _sample("tandem_shadow_overlap_sum", alias="challenger") <= scored
+        assert _sample("tandem_variant_seconds_count", experiment="hot",
+                       variant="control") >= 70
+        # the canary task rolls back: the next poll serves everyone the control
+        time.sleep(0.01)
+        defs.save(path, [_definition(defs.ROLLED_BACK)])
+        app.poll_once()
+        assert [v.name for v in app.experiment.variants] == ["control"]
+        assert {app.recommend(RecommendQuery(u, 5, ts=S.NOW_MS)).variant
+                for u in users[:30]} == {"control"}
+    finally:
+        app.close()
+
+
+class _SlowEngine:
+    def __init__(self, release: threading.Event):
+        self.release = release
+
+    def recommend(self, q, cfg, store, breaker):
+        self.release.wait(5)
+        raise RuntimeError("slow shadow fails after the test")
+
+
+def test_full_shadow_queue_drops_and_never_blocks():
+    release = threading.Event()
+    scorer = ShadowScorer(lambda: {"slow": _SlowEngine(release)}, SynthStore(), CFG, maxsize=2)
+    scorer.aliases = ("slow",)
+    before = _sample("tandem_shadow_dropped_total", alias="slow")
+    t0 = time.perf_counter()
+    for i in range(50):
+        scorer.submit(RecommendQuery(f"u{i}", 5), CFG, ["i1"])
+    assert time.perf_counter() - t0 < 0.05  # 50 submits against a stuck worker
+    dropped = _sample("tandem_shadow_dropped_total", alias="slow") - before
+    assert 47 <= dropped <= 48  # 1 taken by the worker (maybe), 2 queued, the rest dropped
+    release.set()
+    scorer.join()
+    assert _sample("tandem_shadow_failed_total", alias="slow") >= 2
+    scorer.close()
