@@ -436,6 +436,23 @@ def score_models(pred: pd.DataFrame, rel: pd.DataFrame, train: pd.DataFrame, cat
     return out
 
 
+def explicit_negatives(heldout: pd.DataFrame, play_dwell_ms: int | None) -> pd.DataFrame:
+    """Distinct (user_id, item_id) the held-out events touched without any positive event:
+    shown or played but not engaged, or rated below the positive threshold -- the label-0 rows
+    ``jobs/build_labels.py`` writes to ``lake/labels/ranking`` (impressions with their outcome,
+    ratings otherwise)."""
+    pairs = heldout[[S.USER_ID, S.ITEM_ID]].assign(pos=positives(heldout, play_dwell_ms))
+    any_pos = pairs.groupby([S.USER_ID, S.ITEM_ID], sort=False)["pos"].any()
+    return any_pos[~any_pos].reset_index()[[S.USER_ID, S.ITEM_ID]]
+
+
+def _pair_mask(cands: pd.DataFrame, pairs: pd.DataFrame, catalog: Catalog) -> np.ndarray:
+    """bool [len(cands)]: the candidate's (user, item) is one of ``pairs`` (id columns)."""
+    keys = pd.MultiIndex.from_arrays([catalog.user_ids.get_indexer(pairs[S.USER_ID]),
+                                      catalog.item_ids.get_indexer(pairs[S.ITEM_ID])])
+    return pd.MultiIndex.from_arrays([cands["user_row"], cands["item"]]).isin(keys)
+
+
 def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
                     progress: Progress = _quiet):
     """Ranker from the inner temporal split of ``train``: (model, n rows, n groups)."""
@@ -446,12 +463,10 @@ def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
     req = requests_from(inner_val, catalog, users)
     progress("ranker candidates")
     cands = candidates(fitted, req.user_rows, cfg)
-    label_keys = pd.MultiIndex.from_arrays([catalog.user_ids.get_indexer(rel[S.USER_ID]),
-                                            catalog.item_ids.get_indexer(rel[S.ITEM_ID])])
-    labels = pd.MultiIndex.from_arrays([cands["user_row"], cands["item"]]).isin(label_keys)
-    has_pos = pd.Series(labels).groupby(cands["user_row"].to_numpy()).transform("any").to_numpy()
-    keep = has_pos & R.sample_negatives(labels, cfg["ranker_negative_rate"],
-                                        cfg["ranker"]["random_state"])
+    labels = _pair_mask(cands, rel, catalog)
+    shown = _pair_mask(cands, explicit_negatives(inner_val, cfg["play_dwell_ms"]), catalog)
+    keep = R.training_rows(labels, shown, cands["user_row"].to_numpy(),
+                           cfg["ranker_negative_rate"], cfg["ranker"]["random_state"])
     cands, labels = cands[keep].reset_index(drop=True), labels[keep]
     progress("ranker features")
     X = feature_matrix(fitted, catalog, req, cands, cfg)
