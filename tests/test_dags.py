@@ -22,7 +22,7 @@ def test_no_import_errors(dagbag):
     ("tandem_hourly", ["ingest_events", "build_labels", "build_features", "materialize"]),
     ("tandem_daily", ["negative_sampling", "build_training_table", "train_als",
                       "train_two_tower", "build_index", "train_ranker", "evaluate",
-                      "register_bundle", "promote"]),
+                      "feature_skew", "register_bundle", "promote"]),
 ])
 def test_chain_order_and_settings(dagbag, dag_id, tasks):
     dag = dagbag.dags[dag_id]
