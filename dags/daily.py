@@ -1,9 +1,9 @@
 """tandem_daily: the nightly retrain, from negative sampling to a promoted champion.
 
 negative_sampling -> int-coded training table -> ALS -> two-tower -> session sequence model
--> FAISS indexes -> ranker
--> evaluate -> register the bundle as `challenger` -> promote to `champion` if the offline
-gates pass (or ``force_promotion``).
+-> FAISS indexes -> ranker -> evaluate -> the feature-skew gate (serve-time feature vectors
+against the training features; fails above ``TANDEM_SKEW_THRESHOLD``) -> register the bundle
+as `challenger` -> promote to `champion` if the offline gates pass (or ``force_promotion``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def tandem_daily():
      >> python_job("build_index")
      >> python_job("train_ranker")
      >> python_job("evaluate", dataset)
+     >> python_job("feature_skew")
      >> python_job("register_bundle", dataset)
      >> python_job("promote", force))
 

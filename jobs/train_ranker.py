@@ -14,8 +14,17 @@ transform:
        pre-cut pairs (ALS user vectors folded in from them, the user tower over the last pre-cut
        positives, popularity before ``cut``), seen items dropped -- ALS top-``als_k``, two-tower
        top-``two_tower_k``, popular top-``popular_k``; a candidate is labelled 1 when it is one
-       of the user's label pairs;
-    3. features through :func:`tandem.ranking_features.build_features` -- the function serving
+       of the user's label pairs or labelled 1 in ``lake/labels/ranking`` (``build_labels``:
+       impressions with their outcome, ratings where there are no impressions);
+    3. rows: groups with a positive; in them every positive, every explicit negative (label 0
+       in ``lake/labels/ranking``: shown but not engaged, rated low; or a row of
+       ``lake/negatives/ranking``, ``negative_sampling``) and a ``ranker_negative_rate`` sample
+       of the other candidates (:func:`tandem.ranker.training_rows`);
+    4. each request at its own time: the user's first labelled row after ``cut`` (its ts and
+       ``ctx_device``), so the hour and device features and the point-in-time entity and session
+       features (``lake/features/session``, written by the feature consumer) vary as in the
+       events; a user without such a row is asked at ``cut``, device unknown;
+    5. features through :func:`tandem.ranking_features.build_features` -- the function serving
        calls -- with the bundle's ALS unit vectors and top-K co-occurrence (the arrays serving
        loads); entity features from the feature store's point-in-time join as of ``cut``
        (``tandem.feature_store.training_frame``), or with ``feature_source="history"`` computed
@@ -26,9 +35,11 @@ load, into the run's bundle ``<models>/<run_id>``: ``ranker/model.txt`` (LightGB
     CSR in catalog order), ``features.json`` and ``ranker/meta.json``.
 
 Memory model at 5M users x 1M items x 50M events: the table's pair columns (~30M pairs x 36 B =
-1.1 GB), the candidates of ``max_users`` (20k) users x ~700 = 14M rows x ~50 features x 4 B =
-2.8 GB before negative sampling, the request users' pre-cut events in pandas (20k x ~100 x 400 B
-= 0.8 GB), the cooc CSR 1M x 100 x 8 B = 0.8 GB: ~6 GB peak; every read is checked against
+1.1 GB), the candidates of ``max_users`` (20k) users x ~700 = 14M rows (ids and source scores,
+~0.5 GB), features only for the kept rows (~30% + explicit negatives: ~4M x ~50 x 4 B = 0.8 GB),
+the request users' label and negative rows after ``cut`` (20k x ~200 x 120 B = 0.5 GB),
+their pre-cut events in pandas (20k x ~100 x 400 B = 0.8 GB), the cooc CSR 1M x 100 x 8 B =
+0.8 GB: ~5 GB peak; every read is checked against
 ``TANDEM_DRIVER_BUDGET_MB`` and the cap ``max_users`` is the knob.
 
     python -m jobs.train_ranker --start 2026-01-01T00:00:00 --end 2026-01-02T00:00:00 \
@@ -70,15 +81,26 @@ def feast_applied(paths: Paths) -> bool:
     return (paths.feast / "feature_store.yaml").exists() and (paths.feast / "registry.db").exists()
 
 
-def training_set(batch: N.Batch, cfg: dict[str, Any], store=None
+def training_set(batch: N.Batch, lake: N.LakeLabels, cfg: dict[str, Any], store=None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features [n, F], labels [n], group keys [n]) of the ranker's request users."""
+    """(features [n, F], labels [n], group keys [n]) of the ranker's request users.
+
+    Rows are the candidates the night's models retrieve; a row is positive when its pair is a
+    label pair of the table or labelled 1 in ``lake/labels/ranking``; explicit negatives (label
+    0 there, or in ``lake/negatives/ranking``) are all kept, the other negatives sampled
+    (:func:`tandem.ranker.training_rows`). Features are built for the kept rows only.
+    """
+    y = batch.labels | N.pair_mask(batch.cands, lake.positive)
+    explicit = N.pair_mask(batch.cands, lake.negative)
+    groups = batch.cands["user_row"].to_numpy()
+    keep = R.training_rows(y, explicit, groups, cfg["ranker_negative_rate"],
+                           cfg["ranker"]["random_state"])
+    cands = batch.cands[keep].reset_index(drop=True)
     if cfg["feature_source"] == "history":
-        X = E.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, cfg)
+        X = E.feature_matrix(batch.fitted, batch.catalog, batch.requests, cands, cfg)
     else:
-        X = _features_from_store(store, batch.fitted, batch.catalog, batch.requests,
-                                 batch.cands)
-    return X, batch.labels.astype(np.int32), batch.cands["user_row"].to_numpy()
+        X = _features_from_store(store, batch.fitted, batch.catalog, batch.requests, cands)
+    return X, y[keep].astype(np.int32), groups[keep]
 
 
 def _features_from_store(store, fitted: E.Fitted, catalog: E.Catalog, req: E.Requests,
@@ -146,15 +168,20 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
         cfg["two_tower"] = None  # serve-time features must match: no two-tower, no such source
     batch = N.prepare(paths, bundle_dir, start, end, cut_ms, N.RANKER, cfg,
                       request_events_only=source == "feast")
-    X, y, groups = training_set(batch, cfg, store)
-    keep = pd.Series(y).groupby(groups).transform("max").to_numpy() > 0
-    keep &= R.sample_negatives(y, cfg["ranker_negative_rate"], cfg["ranker"]["random_state"])
-    if not keep.any():
+    lake = N.lake_labels(paths, batch.catalog.user_ids, batch.catalog.item_ids, batch.req,
+                         cut_ms, epoch_ms(end))
+    batch.requests = N.requests_at_labels(batch.requests, lake)
+    X, y, groups = training_set(batch, lake, cfg, store)
+    if not len(y):
         raise ValueError(f"no positive labels in [{pd.Timestamp(cut_ms, unit='ms')}, {end}): "
                          "the ranker has nothing to learn from")
-    model = R.train_ranker(X[keep], y[keep], groups[keep], cfg["ranker"])
-    counts = {"rows": int(keep.sum()), "groups": int(len(np.unique(groups[keep]))),
-              "positives": int(y[keep].sum()), "request_users": len(batch.req.user_rows),
+    model = R.train_ranker(X, y, groups, cfg["ranker"])
+    explicit = N.pair_mask(batch.cands, lake.negative)
+    counts = {"rows": len(y), "groups": int(len(np.unique(groups))),
+              "positives": int(y.sum()), "explicit_negative_candidates": int(explicit.sum()),
+              "requests_at_label_time": int(len(lake.first)),
+              "distinct_hours": int(len(np.unique(batch.requests.now_ms // 3_600_000))),
+              "request_users": len(batch.req.user_rows),
               "history_pairs": batch.req.n_history_pairs,
               "label_pairs": batch.req.n_label_pairs,
               "history_events": int(len(batch.fitted.history)),

@@ -240,7 +240,8 @@ class App:
             self.sink.log(Feed(result.request_id, q.user_id, q.ts or int(time.time() * 1000),
                                result.item_ids, [float(p) for p in result.propensities],
                                result.model_version, result.experiment, result.variant,
-                               q.device or None, q.country or None, q.surface or None))
+                               q.device or None, q.country or None, q.surface or None,
+                               result.logged))
         except Exception:  # noqa: BLE001 - logging never fails a request
             log.exception("impression sink failed")
 

@@ -42,6 +42,7 @@ class ServingConfig:
     store_breaker_failures: int = 3  # consecutive failed/late store reads that open the breaker
     store_breaker_cooldown_s: float = 5.0  # open this long, then one trial read
     deltas_dir: str | None = None  # <models>/deltas: hourly new items (serving.item_deltas)
+    feature_log_share: float = 0.01  # ranked candidates whose feature rows are logged
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> ServingConfig:
         return replace(self, **dict(overrides)) if overrides else self

@@ -55,6 +55,7 @@ from serving.session_retrieval import SessionRetrieval
 from serving.stores import OnlineStore, UserRows
 from serving.validation import RecommendQuery
 from tandem import bundle as B
+from tandem import feature_log
 from tandem import features as F
 from tandem import ranking_features as RF
 from tandem import schema as s
@@ -300,7 +301,8 @@ class Engine:
                 log.exception("content retrieval failed")
                 fallbacks.append("content_error")
             pool = merge(lists, exclude, self.n_items)
-        scores = None
+        scores = logged = None
+        request_id = _request_id()
         if clock.elapsed_ms() > cfg.rank_deadline_ms:
             fallbacks.append("rank_deadline")
         elif len(pool):
@@ -314,6 +316,10 @@ class Engine:
                 fallbacks.append("ranker_error")
         if scores is None:
             scores = _retrieval_order(pool)
+        else:  # what the ranker saw, for a sampled share of the candidates (skew checks)
+            logged = feature_log.sample(request_id, self.item_ids, pool.rows, x,
+                                        RF.FEATURE_NAMES, cfg.feature_log_share, now_ms,
+                                        q.device or None)
         with clock.stage("mmr"):
             top = np.argsort(-scores, kind="stable")[: cfg.mmr_pool]
             genres = (self.item_features.static[pool.rows[top], F.ITEM_GENRE_SLICE] > 0
@@ -322,10 +328,10 @@ class Engine:
                             genres, cfg.genre_cap)]
         picked = pool.take(order)
         # no randomisation on this path: each item is shown with probability 1 (exactly)
-        return Result(_request_id(), self.version, list(self.item_ids[picked.rows]),
+        return Result(request_id, self.version, list(self.item_ids[picked.rows]),
                       scores[order], picked.source_mask, np.ones(len(order)),
                       [_explain(int(mk)) for mk in picked.source_mask],
-                      candidates=pool.count_by_source(), pool_size=len(pool))
+                      candidates=pool.count_by_source(), pool_size=len(pool), logged=logged)
 
     def _two_tower_lists(self, user_vec: np.ndarray | None, history: np.ndarray,
                          cfg: ServingConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tandem.impressions import FeatureSample
+
 
 @dataclass
 class Result:
@@ -28,6 +30,7 @@ class Result:
     stages_ms: dict[str, float] = field(default_factory=dict)
     candidates: dict[str, int] = field(default_factory=dict)  # ranked pool, per source
     pool_size: int = 0  # deduplicated candidates ranked
+    logged: FeatureSample | None = None  # sampled ranker rows (``tandem.feature_log``)
 
 
 class StageClock:

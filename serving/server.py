@@ -183,6 +183,7 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
     """The App the command-line flags describe."""
     import pandas as pd
 
+    from serving.item_refresh import MaterializationWatcher
     from serving.item_table import ItemFeatures
 
     experiment = (Experiment.load(args.experiment) if args.experiment
@@ -208,7 +209,9 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
 
         fs = feature_store.open_store(Paths(Path(args.feast_home).resolve()))
         store = FeastStore(fs, socket_timeout_s=args.store_socket_timeout_ms / 1000.0)
-        item_features = lambda ids: feature_store.ItemFeatureTable(fs, ids)  # noqa: E731
+        watcher = MaterializationWatcher(lambda: feature_store.materialization_watermark(fs),
+                                         args.item_refresh_s).start()
+        item_features = watcher.track(lambda ids: feature_store.ItemFeatureTable(fs, ids))
     if args.item_features:
         frame = pd.read_parquet(args.item_features)
         item_features = lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids))  # noqa: E731
@@ -248,6 +251,9 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
     parser.add_argument("--deltas-dir", default=None,
                         help="hourly new-item deltas (jobs/embed_new_items.py); default "
                              "<feast-home>/models/deltas when --feast-home is given")
+    parser.add_argument("--item-refresh-s", type=float, default=60.0,
+                        help="how often the Feast item table checks for a new materialization "
+                             "(and reloads its rows when there was one)")
     parser.add_argument("--item-features", default=None,
                         help="parquet of raw item feature rows (instead of Feast)")
     parser.add_argument("--cache-dir", default=None,

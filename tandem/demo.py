@@ -34,7 +34,8 @@ console = Console(highlight=False)
 
 AIRFLOW_PORT, MLFLOW_PORT, KAFKA_PORT, GRPC_PORT, METRICS_PORT = 8080, 5000, 9092, 50051, 9108
 # the supervisors of the stream consumers export their restart counters here
-CONSUMER_METRICS_PORTS = {"landing-consumer": 9109, "feature-consumer": 9110}
+CONSUMER_METRICS_PORTS = {"landing-consumer": 9109, "feature-consumer": 9110,
+                          "feature-log-landing": 9111}
 BURST_TARGET = 3  # items of the burst's genre in the 10-item feed the burst should bring
 
 
@@ -101,23 +102,29 @@ def start_stack(paths: Paths) -> Stack:
     _done(t0)
     stack = Stack(paths, bootstrap, f"http://127.0.0.1:{MLFLOW_PORT}")
     start_consumer(stack, "landing_consumer")
+    # serving's sampled feature rows (tandem.feature_log), read by tandem_daily's skew gate
+    start_consumer(stack, "landing_consumer", "feature-log-landing", ["--kind", "feature_log"])
     if (paths.feast / "feature_store.yaml").exists():
         start_consumer(stack, "feature_consumer")
     return stack
 
 
-def start_consumer(stack: Stack, module: str) -> None:
+def start_consumer(stack: Stack, module: str, name: str | None = None,
+                   extra: list[str] | None = None) -> None:
     """Start (or reuse) a stream consumer under a supervisor that restarts it when it exits. The
-    feature consumer pushes to the Feast repo, so it starts once ``tandem_hourly`` applied it."""
-    name = module.replace("_", "-")
+    feature consumer pushes to the Feast repo, so it starts once ``tandem_hourly`` applied it.
+    ``name`` (default: the module's) and ``extra`` flags run a second instance of a module."""
+    name = name or module.replace("_", "-")
     port = CONSUMER_METRICS_PORTS[name]
     processes.start(stack.paths.run, name, [
         sys.executable, "-m", "tandem.streaming.supervisor", "--name", name,
         "--metrics-port", str(port), "--status", str(_supervisor_status(stack.paths, name)),
         "--", sys.executable, "-m", f"tandem.streaming.{module}",
         "--home", str(stack.paths.root), "--bootstrap", stack.bootstrap,
-        "--stats", str(stack.paths.run / f"{name}.stats.json")], env=stack.env())
-    group = "tandem-lake" if module == "landing_consumer" else "tandem-features"
+        "--stats", str(stack.paths.run / f"{name}.stats.json"), *(extra or [])],
+        env=stack.env())
+    group = {"landing-consumer": "tandem-lake", "feature-consumer": "tandem-features",
+             "feature-log-landing": "tandem-feature-log"}[name]
     console.print(f"  {name} running (group {group}), restarts on "
                   f"http://127.0.0.1:{port}/metrics")
 

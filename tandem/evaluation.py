@@ -13,10 +13,13 @@ Protocol (issue 4):
   session sequence model alone (``tandem.sequence``: next items after the user's last positives),
   and the two-stage system (union of ALS top-``als_k``, two-tower top-``two_tower_k``, sequence
   top-``sequence_k`` and popular fill, re-ranked by LightGBM).
-- **ranker labels** come from an INNER temporal split of the training data (same rule): sources
-  are fit on the inner training part, their candidates for each user are labelled with that
-  user's inner-holdout positives, and the ranker learns on them. The sources are then refit on
-  the full training data for the test pass (quality probe in ``../shared/notes``).
+- **ranker labels** come from INNER temporal splits of the training data (same rule), nested
+  ``ranker_splits`` deep (each splits the previous one's training part): sources are fit on the
+  inner training part, their candidates for each user are labelled with that user's
+  inner-holdout positives, the inner holdout's explicit negatives (rated below the positive
+  threshold, shown but not engaged: what ``lake/labels/ranking`` holds as label 0) are all
+  kept, and the ranker learns on every split's requests. The sources are then refit on the full
+  training data for the test pass (quality probe in ``../shared/notes``).
 
 Entity features are computed point-in-time at each user's request time (the time of the user's
 first held-out event) with the :mod:`tandem.features` transforms, from raw rows that
@@ -55,6 +58,7 @@ EVAL_CONFIG: dict[str, Any] = {
     "als": A.ALS_CONFIG,
     "ranker": R.RANKER_CONFIG,
     "ranker_negative_rate": 0.3,  # share of negative candidates kept for ranker training
+    "ranker_splits": 2,  # nested inner temporal splits the ranker's requests come from
     # TwoTowerConfig overrides; None disables the source. One thread: deterministic, and
     # OpenMP spinning made 2 threads ~10x slower on a busy 2-core machine.
     "two_tower": {"num_threads": 1},
@@ -468,9 +472,28 @@ def score_models(pred: pd.DataFrame, rel: pd.DataFrame, train: pd.DataFrame, cat
     return out
 
 
-def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
-                    progress: Progress = _quiet):
-    """Ranker from the inner temporal split of ``train``: (model, n rows, n groups)."""
+def explicit_negatives(heldout: pd.DataFrame, play_dwell_ms: int | None) -> pd.DataFrame:
+    """Distinct (user_id, item_id) the held-out events touched without any positive event:
+    shown or played but not engaged, or rated below the positive threshold -- the label-0 rows
+    ``jobs/build_labels.py`` writes to ``lake/labels/ranking`` (impressions with their outcome,
+    ratings otherwise)."""
+    pairs = heldout[[S.USER_ID, S.ITEM_ID]].assign(pos=positives(heldout, play_dwell_ms))
+    any_pos = pairs.groupby([S.USER_ID, S.ITEM_ID], sort=False)["pos"].any()
+    return any_pos[~any_pos].reset_index()[[S.USER_ID, S.ITEM_ID]]
+
+
+def _pair_mask(cands: pd.DataFrame, pairs: pd.DataFrame, catalog: Catalog) -> np.ndarray:
+    """bool [len(cands)]: the candidate's (user, item) is one of ``pairs`` (id columns)."""
+    keys = pd.MultiIndex.from_arrays([catalog.user_ids.get_indexer(pairs[S.USER_ID]),
+                                      catalog.item_ids.get_indexer(pairs[S.ITEM_ID])])
+    return pd.MultiIndex.from_arrays([cands["user_row"], cands["item"]]).isin(keys)
+
+
+def _ranker_rows(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
+                 progress: Progress) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, pd.DataFrame]:
+    """One inner temporal split of ``train``: (kept candidates, labels, features, the inner
+    training part). Sources are fit on the inner training part; candidates are labelled with
+    the inner holdout's positives, its explicit negatives kept (:func:`R.training_rows`)."""
     inner_train, inner_val = temporal_split(train, cfg["test_fraction"])
     fitted = fit_sources(inner_train, catalog, cfg, progress)
     rel = relevant_pairs(inner_val, cfg["play_dwell_ms"])
@@ -478,19 +501,33 @@ def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
     req = requests_from(inner_val, catalog, users)
     progress("ranker candidates")
     cands = candidates(fitted, req.user_rows, cfg)
-    label_keys = pd.MultiIndex.from_arrays([catalog.user_ids.get_indexer(rel[S.USER_ID]),
-                                            catalog.item_ids.get_indexer(rel[S.ITEM_ID])])
-    labels = pd.MultiIndex.from_arrays([cands["user_row"], cands["item"]]).isin(label_keys)
-    has_pos = pd.Series(labels).groupby(cands["user_row"].to_numpy()).transform("any").to_numpy()
-    keep = has_pos & R.sample_negatives(labels, cfg["ranker_negative_rate"],
-                                        cfg["ranker"]["random_state"])
+    labels = _pair_mask(cands, rel, catalog)
+    shown = _pair_mask(cands, explicit_negatives(inner_val, cfg["play_dwell_ms"]), catalog)
+    keep = R.training_rows(labels, shown, cands["user_row"].to_numpy(),
+                           cfg["ranker_negative_rate"], cfg["ranker"]["random_state"])
     cands, labels = cands[keep].reset_index(drop=True), labels[keep]
     progress("ranker features")
-    X = feature_matrix(fitted, catalog, req, cands, cfg)
+    return cands, labels, feature_matrix(fitted, catalog, req, cands, cfg), inner_train
+
+
+def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
+                    progress: Progress = _quiet):
+    """Ranker from nested inner temporal splits of ``train``: (model, n rows, n groups).
+
+    Split ``j`` holds out the last fraction of split ``j-1``'s training part, so each user
+    contributes up to ``ranker_splits`` requests, each at its own time and with only its past
+    as features: more labelled requests from the same history, none of them from the test
+    period.
+    """
+    parts, history = [], train
+    for level in range(cfg["ranker_splits"]):
+        cands, labels, X, history = _ranker_rows(history, catalog, cfg, progress)
+        groups = cands["user_row"].to_numpy() + level * len(catalog.user_ids)
+        parts.append((X, labels, groups))
+    X, labels, groups = (np.concatenate(p) for p in zip(*parts, strict=True))
     progress("ranker training")
-    model = R.train_ranker(X, labels.astype(np.int32), cands["user_row"].to_numpy(),
-                           cfg["ranker"])
-    return model, len(cands), int(cands["user_row"].nunique())
+    model = R.train_ranker(X, labels.astype(np.int32), groups, cfg["ranker"])
+    return model, len(groups), int(len(np.unique(groups)))
 
 
 def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
@@ -551,8 +588,9 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
             "users": "averaged over users with >= 1 relevant test item",
             "k": k, "n_users": int(len(users)), "n_test_relevant": int(len(rel)),
             "n_train_events": int(len(train)), "n_test_events": int(len(test)),
-            "ranker": "LightGBM lambdarank on retrieval candidates, labels from an inner "
-                      "temporal split of training data; sources refit on full training data",
+            "ranker": "LightGBM lambdarank on retrieval candidates, labels from "
+                      f"{cfg['ranker_splits']} nested inner temporal splits of training data "
+                      "(explicit negatives kept); sources refit on full training data",
         },
         "models": models,
         "retrieval": {f"recall@{cfg['retrieval_k']}": {k_: v for k_, v in retrieval.items()

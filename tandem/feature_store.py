@@ -52,6 +52,7 @@ USER_REFS = tuple(
 ITEM_REFS = tuple(
     [f"{s.ITEM_CONTENT_VIEW}:{n}" for n, _ in s.ITEM_CONTENT_FIELDS]
     + [f"{s.ITEM_POPULARITY_VIEW}:{n}" for n, _ in s.ITEM_POPULARITY_FIELDS])
+ITEM_VIEWS = (s.ITEM_CONTENT_VIEW, s.ITEM_POPULARITY_VIEW)
 _ARROW = {"int64": pa.int64(), "float32": pa.float32(), "string": pa.string(),
           "string_list": pa.list_(pa.string()), "float32_list": pa.list_(pa.float32())}
 _ROW = "_tandem_row"
@@ -150,6 +151,19 @@ def materialize(paths: Paths, start: datetime, end: datetime, store=None) -> dic
              s.ITEM_POPULARITY_VIEW]
     store.materialize(start_date=start, end_date=end, feature_views=views)
     return {"start": start.isoformat(), "end": end.isoformat(), "views": len(views)}
+
+
+def materialization_watermark(store, views: Sequence[str] = ITEM_VIEWS) -> float | None:
+    """The end (epoch seconds) of the latest interval materialized into ``views``, re-read from
+    the registry (another process materializes); None when none has been materialized.
+
+    Serving's item table polls it (``serving.item_refresh``) to reload after each
+    materialization.
+    """
+    store.refresh_registry()
+    ends = [end.timestamp() for name in views
+            for _, end in store.get_feature_view(name).materialization_intervals]
+    return max(ends) if ends else None
 
 
 def session_frame(rows: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:

@@ -12,6 +12,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FeatureSample:
+    """A sampled share of one request's ranked candidates as the ranker saw them: row ``j`` of
+    ``values`` is ``item_ids[j]``'s input, columns in ``names`` order; ``ts`` is the time the
+    features were computed at (epoch ms), ``device`` the request's (``tandem.feature_log``)."""
+
+    item_ids: Sequence[str]
+    names: Sequence[str]
+    values: np.ndarray  # float32 [m, len(names)]
+    ts: int
+    device: str | None = None
+
 
 @dataclass(frozen=True)
 class Feed:
@@ -31,6 +46,7 @@ class Feed:
     device: str | None = None
     country: str | None = None
     surface: str | None = None
+    logged: FeatureSample | None = None  # feature vectors to log (``tandem.feature_log``)
 
 
 class ImpressionSink(Protocol):

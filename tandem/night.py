@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
 import scipy.sparse as sp
 
 from tandem import als as A
@@ -45,6 +47,7 @@ from tandem import bundle as B
 from tandem import lake as L
 from tandem import schema as S
 from tandem.ann import AnnIndex
+from tandem.config import within_driver_budget
 
 RANKER, EVALUATION = "ranker", "evaluation"
 # the label cut: the last ``label_days`` of the window, else its last ``label_fraction``
@@ -229,10 +232,93 @@ def candidates(lists: dict[str, pd.DataFrame], req: Requests, depth: dict[str, i
     return union
 
 
+_DAY = ds.partitioning(pa.schema([(S.DATE, pa.string())]), flavor="hive")
+LAKE_LABEL_ROW_BYTES = 120  # user, item (strings), ts, device, label in pandas
+
+
+def _lake_rows(path: Path, partitioning, columns: list[str], user_ids: pd.Index,
+               cut_ms: int, end_ms: int) -> pd.DataFrame:
+    """``columns`` of the rows of ``user_ids`` with ``cut_ms <= ts < end_ms`` under ``path``
+    (empty when the folder does not exist: the hourly jobs have not written it yet)."""
+    if not path.exists() or not any(path.rglob("*.parquet")):
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    lo, hi = pd.Timestamp(cut_ms, unit="ms"), pd.Timestamp(end_ms, unit="ms")
+    where = ((ds.field(S.DATE) >= lo.strftime("%Y-%m-%d"))
+             & (ds.field(S.DATE) <= hi.strftime("%Y-%m-%d"))
+             & (ds.field(S.TS) >= cut_ms) & (ds.field(S.TS) < end_ms)
+             & ds.field(S.USER_ID).isin(pa.array(list(user_ids), pa.string())))
+    data = ds.dataset(path, format="parquet", partitioning=partitioning)
+    within_driver_budget(data.count_rows(filter=where) * LAKE_LABEL_ROW_BYTES,
+                         f"the request users' rows of {path}")
+    return data.to_table(columns=columns, filter=where).to_pandas()
+
+
+@dataclass
+class LakeLabels:
+    """What the hourly jobs recorded about the request users after the cut.
+
+    Attributes
+    ----------
+    first : DataFrame indexed by user_row: ``ts`` and ``ctx_device`` of the user's first
+        labelled row after the cut (an impression, or a rating for data without impressions):
+        the moment and device of the request the ranker learns to answer
+    positive, negative : DataFrames (user_row, item) of the pairs labelled 1 in
+        ``lake/labels/ranking``, and of those labelled 0 there (shown but not engaged, rated
+        low) or sampled into ``lake/negatives/ranking`` (``jobs/negative_sampling.py``)
+    """
+
+    first: pd.DataFrame
+    positive: pd.DataFrame
+    negative: pd.DataFrame
+
+
+def lake_labels(paths, user_ids: pd.Index, item_ids: pd.Index, req: Requests, cut_ms: int,
+                end_ms: int) -> LakeLabels:
+    """Read ``lake/labels/ranking`` and ``lake/negatives/ranking`` for ``req``'s users in
+    ``[cut, end)``; pairs of items outside the bundle's catalog are dropped."""
+    asked = user_ids[req.user_rows]
+    labels = _lake_rows(paths.ranking_labels, L.PARTITIONS,
+                        [S.USER_ID, S.ITEM_ID, S.TS, S.CTX_DEVICE, S.LABEL], asked, cut_ms,
+                        end_ms)
+    negatives = _lake_rows(paths.ranking_negatives, _DAY, [S.USER_ID, S.ITEM_ID, S.TS], asked,
+                           cut_ms, end_ms)
+
+    def coded(frame: pd.DataFrame) -> pd.DataFrame:
+        out = pd.DataFrame({"user_row": user_ids.get_indexer(frame[S.USER_ID]),
+                            "item": item_ids.get_indexer(frame[S.ITEM_ID])})
+        return out[(out["user_row"] >= 0) & (out["item"] >= 0)].drop_duplicates()
+
+    label = pd.to_numeric(labels[S.LABEL]).to_numpy() if len(labels) else np.zeros(0)
+    first = (labels.assign(user_row=user_ids.get_indexer(labels[S.USER_ID]))
+             .sort_values([S.TS, S.ITEM_ID], kind="stable").drop_duplicates("user_row")
+             .set_index("user_row")[[S.TS, S.CTX_DEVICE]])
+    return LakeLabels(first, coded(labels[label > 0]),
+                      pd.concat([coded(labels[label == 0]), coded(negatives)]).drop_duplicates())
+
+
+def requests_at_labels(at_cut, lake: LakeLabels):
+    """``at_cut`` (a ``tandem.evaluation.Requests``) moved to each user's first labelled row:
+    its time and device, so the context features (hour, device) and the point-in-time entity
+    and session features vary as they do in the events; users without such a row stay at the
+    cut, device unknown."""
+    from tandem.evaluation import Requests as EvalRequests
+
+    first = lake.first.reindex(at_cut.user_rows)
+    now = first[S.TS].to_numpy(dtype=np.float64, na_value=np.nan)
+    return EvalRequests(at_cut.user_rows,
+                        np.where(np.isnan(now), at_cut.now_ms, now).astype(np.int64),
+                        first[S.CTX_DEVICE].to_numpy(object))
+
+
+def pair_mask(cands: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
+    """bool [n]: the candidate's (user_row, item) is one of ``pairs``."""
+    keys = pd.MultiIndex.from_arrays([pairs["user_row"], pairs["item"]])
+    return pd.MultiIndex.from_arrays([cands["user_row"], cands["item"]]).isin(keys)
+
+
 def label_mask(cands: pd.DataFrame, req: Requests) -> np.ndarray:
     """bool [n]: the candidate is one of its user's label pairs."""
-    keys = pd.MultiIndex.from_arrays([req.labels["user_row"], req.labels["item"]])
-    return pd.MultiIndex.from_arrays([cands["user_row"], cands["item"]]).isin(keys)
+    return pair_mask(cands, req.labels)
 
 
 @dataclass

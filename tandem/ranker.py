@@ -13,6 +13,7 @@ from typing import Any
 
 import lightgbm as lgb
 import numpy as np
+import pandas as pd
 
 from tandem.ranking_features import FEATURE_NAMES
 
@@ -50,6 +51,23 @@ def sample_negatives(labels: np.ndarray, rate: float, seed: int) -> np.ndarray:
     if rate >= 1.0:
         return np.ones(len(labels), dtype=bool)
     return (labels > 0) | (np.random.default_rng(seed).random(len(labels)) < rate)
+
+
+def training_rows(labels: np.ndarray, explicit_negative: np.ndarray, group_keys: np.ndarray,
+                  rate: float, seed: int) -> np.ndarray:
+    """Row mask [n] of the candidates the ranker learns from.
+
+    Groups without a positive carry no lambdarank gradient and are dropped. In the others every
+    positive and every EXPLICIT negative is kept -- a candidate the user was shown and did not
+    engage with, or rated below the positive threshold (``lake/labels/ranking`` label 0,
+    ``lake/negatives/ranking``) -- and the implicit ones (retrieved, never shown, never
+    engaged: unknown rather than disliked) with probability ``rate``
+    (:func:`sample_negatives`). An explicit negative is the one the feed must learn to push
+    down, so it is never thinned out.
+    """
+    has_positive = pd.Series(labels > 0).groupby(group_keys).transform("any").to_numpy()
+    keep = sample_negatives(labels, rate, seed) | (explicit_negative & (labels == 0))
+    return has_positive & keep
 
 
 def train_ranker(features: np.ndarray, labels: np.ndarray, group_keys: np.ndarray,

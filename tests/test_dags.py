@@ -23,7 +23,7 @@ def test_no_import_errors(dagbag):
                       "embed_new_items"]),
     ("tandem_daily", ["negative_sampling", "build_training_table", "train_als",
                       "train_two_tower", "train_sequence", "build_index", "train_ranker",
-                      "evaluate", "register_bundle", "promote"]),
+                      "evaluate", "feature_skew", "register_bundle", "promote"]),
     ("tandem_experiments", ["experiment_report", "canary"]),
 ])
 def test_chain_order_and_settings(dagbag, dag_id, tasks):

@@ -76,6 +76,7 @@ def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[st
         build_index,
         build_training_table,
         evaluate,
+        feature_skew,
         negative_sampling,
         promote,
         register_bundle,
@@ -98,6 +99,9 @@ def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[st
     out["train_ranker"] = train_ranker.run(None, paths, START, END, MODELS, run_id=run_id)
     out["evaluate"] = evaluate.run(None, paths, START, END, MODELS, run_id=run_id,
                                    dataset=DATASET)
+    # no serving ran in this world: nothing logged, nothing judged, the gate passes
+    out["feature_skew"] = feature_skew.run(None, paths, START, END, run_id=run_id)
+    assert out["feature_skew"]["passed"] and out["feature_skew"]["rows"] == 0
     out["register_bundle"] = register_bundle.run(None, paths, START, END, {"dataset": DATASET},
                                                  run_id=run_id)
     out["promote"] = promote.run(None, paths, START, END, {}, run_id=run_id)

@@ -42,11 +42,11 @@ def item_row(k: int, ts: pd.Timestamp) -> dict:
             "item_ratings_total": k, "item_last_event_ts": int(ts.value // 1_000_000) - k}
 
 
-def write_features(paths: Paths) -> None:
+def write_features(paths: Paths, t0: pd.Timestamp = T0, t1: pd.Timestamp = T1) -> None:
     """The lake's feature parquet as build_features lays it out (date partitions)."""
-    for out, rows in ((paths.user_features, [user_row("u1", T0, 4.0), user_row("u1", T1, 2.0),
-                                             user_row("u2", T1, 3.0)]),
-                      (paths.item_features, [item_row(k, T1) for k in range(len(ITEMS))])):
+    for out, rows in ((paths.user_features, [user_row("u1", t0, 4.0), user_row("u1", t1, 2.0),
+                                             user_row("u2", t1, 3.0)]),
+                      (paths.item_features, [item_row(k, t1) for k in range(len(ITEMS))])):
         frame = pd.DataFrame(rows)
         for ts, part in frame.groupby(s.EVENT_TIMESTAMP):
             folder = out / f"date={(ts - pd.Timedelta(milliseconds=1)).date()}"
@@ -146,12 +146,15 @@ def test_timeout_gives_defaults_and_not_ok(feast_repo):
 
 
 def test_training_and_serving_paths_give_equal_features(feast_repo):
+    from tandem.streaming.feature_consumer import feast_sink
+
     paths, store, _ = feast_repo
-    fs.push_session(store, [{s.USER_ID: "u1", s.EVENT_TIMESTAMP: T1 + pd.Timedelta(minutes=10),
-                             s.SESSION_LENGTH: 4, s.SESSION_START_TS: int(T1.value // 1e6),
-                             s.SESSION_LAST_TS: int(T1.value // 1e6) + 600_000,
-                             s.SESSION_RECENT_ITEMS: ["i2"], s.SESSION_RECENT_GENRES: ["Action"],
-                             "cnt_play": 1}], offline_dir=fs.session_source_path(paths))
+    # the feature consumer's own sink (the production path), not a hand-wired offline_dir
+    feast_sink(paths)(fs.session_frame([{
+        s.USER_ID: "u1", s.EVENT_TIMESTAMP: T1 + pd.Timedelta(minutes=10),
+        s.SESSION_LENGTH: 4, s.SESSION_START_TS: int(T1.value // 1e6),
+        s.SESSION_LAST_TS: int(T1.value // 1e6) + 600_000, s.SESSION_RECENT_ITEMS: ["i2"],
+        s.SESSION_RECENT_GENRES: ["Action"], "cnt_play": 1}]))
     now = T1 + pd.Timedelta(minutes=20)
     idx = np.array([3, 0, 2, 1])
     # training: point-in-time join of (u1, item, now) rows

@@ -36,3 +36,14 @@ def test_ranker_learns_a_feature_that_marks_positives(tmp_path):
     assert auc > 0.95
     R.save(model, tmp_path / "ranker" / "model.txt")
     np.testing.assert_allclose(R.predict(R.load(tmp_path / "ranker" / "model.txt"), X), scores)
+
+
+def test_training_rows_keep_explicit_negatives_and_drop_groups_without_positives():
+    groups = np.repeat([1, 2, 3], 6)
+    labels = np.array([1, 0, 0, 0, 0, 0] * 2 + [0] * 6)
+    explicit = np.array([0, 1, 1, 0, 0, 0] * 3, dtype=bool)
+    keep = R.training_rows(labels, explicit, groups, rate=0.0, seed=1)
+    # group 3 has no positive: dropped, its explicit negatives too
+    assert keep.tolist() == [True, True, True, False, False, False] * 2 + [False] * 6
+    some = R.training_rows(labels, explicit, groups, rate=0.5, seed=1)
+    assert (some >= keep).all() and not some[12:].any()

@@ -43,7 +43,7 @@ def _session_items(reply) -> set[str]:
 
 
 def test_burst_through_kafka_changes_the_feed(kafka_broker, paths, tmp_path):
-    from tandem.feature_store import apply, open_store
+    from tandem.feature_store import apply, open_store, session_source_path
 
     bundle, item_parquet = S.build(tmp_path / "synthetic", SPEC)
     paths.root.mkdir(parents=True)
@@ -89,3 +89,7 @@ def test_burst_through_kafka_changes_the_feed(kafka_broker, paths, tmp_path):
     assert not after.fallbacks
     assert not {i.item_id for i in after.items} & set(burst)  # engaged items count as seen
     assert {i.item_id for i in after.items} != {i.item_id for i in before.items}
+    # the consumer also wrote the rows it pushed to the offline source the ranker trains on
+    offline = pd.read_parquet(session_source_path(paths))
+    mine = offline[offline[s.USER_ID] == USER]
+    assert len(mine) and mine[s.SESSION_LENGTH].max() == 2 * len(burst)

@@ -184,3 +184,84 @@ def test_train_ranker_job_trains_on_retrieved_candidates(spark, paths):
     assert cooc[np.ix_(rows, cols)].sum() == 0.0
     spec = json.loads((bundle / B.FEATURE_SPEC).read_text())
     assert spec["names"] == list(RF.FEATURE_NAMES)
+
+
+def _write_label_tables(paths, n_users=24):
+    """lake/labels/ranking and lake/negatives/ranking as the hourly jobs lay them out.
+
+    Every user was shown their taste group's six items on day 7 at an hour and device of their
+    own, labelled 0 here (a pair the table holds as engaged after the cut stays positive: the
+    one never engaged is the shown-not-engaged row), and one sampled negative of the other
+    group per user.
+    """
+    labels, negatives = [], []
+    for u in range(n_users):
+        ts = T0 + 7 * DAY_MS + (u % 12) * 3_600_000
+        pool = range(0, 6) if u % 2 == 0 else range(6, 12)
+        for i in pool:
+            labels.append({S.USER_ID: f"u{u}", S.ITEM_ID: f"m{i}", S.TS: ts + i,
+                           S.CTX_DEVICE: ("ios", "tv", "web")[u % 3], S.LABEL: 0})
+        negatives.append({S.USER_ID: f"u{u}", S.ITEM_ID: "m11" if u % 2 == 0 else "m5",
+                          S.TS: ts, "source": "sampled"})
+    for frame, path, parts in ((pd.DataFrame(labels), paths.ranking_labels, [S.DATE, S.HOUR]),
+                               (pd.DataFrame(negatives), paths.ranking_negatives, [S.DATE])):
+        stamps = pd.to_datetime(frame[S.TS], unit="ms", utc=True)
+        frame[S.DATE] = stamps.dt.strftime("%Y-%m-%d")
+        frame[S.HOUR] = stamps.dt.hour.astype("int32")
+        frame.drop(columns=[c for c in (S.HOUR,) if c not in parts]).to_parquet(
+            path, partition_cols=parts, index=False)
+
+
+@pytest.mark.spark
+def test_ranker_training_set_reads_the_lake_labels_at_each_requests_time(spark, paths):
+    """No dead ends, no constant context: the lake's label-0 rows and sampled negatives are
+    kept as explicit negatives, and each request is asked at its own labelled row's hour and
+    device (the context features vary as in the events)."""
+    from jobs import build_index, build_training_table, train_als, train_ranker
+    from tandem import evaluation as E
+    from tandem import night as N
+    from tandem import ranking_features as RF
+    from tandem.catalog import run_bundle_dir
+    from tandem.lake import epoch_ms
+
+    _write_lake(paths)
+    cfg = {**train_ranker.CONFIG, "two_tower": None, "label_days": 3,
+           "feature_source": "history", "als_k": 6, "popular_k": 3,
+           "ranker_negative_rate": 0.0,  # only positives and explicit negatives remain
+           "als": {**train_ranker.CONFIG["als"], "factors": 4, "iterations": 5}}
+    start, end = datetime(2024, 1, 1), datetime(2024, 1, 10)
+    build_training_table.run(spark, paths, start, end)
+    train_als.run(None, paths, start, end, cfg["als"])
+    build_index.run(None, paths, start, end)
+    cut = epoch_ms(N.label_cut(start, end, cfg))
+    batch = N.prepare(paths, run_bundle_dir(paths, end), start, end, cut, N.RANKER, cfg, False)
+    at_cut = batch.requests
+
+    def training_set():
+        lake = N.lake_labels(paths, batch.catalog.user_ids, batch.catalog.item_ids, batch.req,
+                             cut, epoch_ms(end))
+        batch.requests = N.requests_at_labels(at_cut, lake)
+        return lake, train_ranker.training_set(batch, lake, cfg)
+
+    # before the hourly jobs wrote anything: every request at the cut, no device, no negatives
+    lake, (X, y, _) = training_set()
+    hour, device = (RF.FEATURE_NAMES.index(c) for c in ("ctx_hour", "ctx_device_code"))
+    assert len(lake.first) == 0 and (y == 1).all()
+    assert len(np.unique(X[:, hour])) == 1 and (X[:, device] == 0).all()
+    _write_label_tables(paths)
+    lake, (X, y, groups) = training_set()
+    users = batch.catalog.user_ids[batch.req.user_rows]
+    assert len(lake.first) == len(users)
+    # each request at its labelled row: hours and devices vary like the events'
+    expected_hours = {(int(u[1:]) % 12) for u in users}
+    assert set(X[:, hour].astype(int)) == expected_hours and len(expected_hours) > 1
+    assert set(X[:, device].astype(int)) == {RF.DEVICES.index(d) + 1 for d in
+                                              {("ios", "tv", "web")[int(u[1:]) % 3]
+                                               for u in users}}
+    # explicit negatives: the shown-not-engaged candidates, all kept at a zero sampling rate
+    negatives = batch.cands[N.pair_mask(batch.cands, lake.negative)
+                            & ~(batch.labels | N.pair_mask(batch.cands, lake.positive))]
+    with_positive = negatives["user_row"].isin(batch.cands["user_row"][batch.labels])
+    assert (y == 0).sum() == with_positive.sum() > 0
+    assert set(np.unique(groups)) <= set(batch.req.user_rows)
+    assert isinstance(batch.requests, E.Requests)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tandem.validation import ContractError, validate_event
@@ -60,8 +61,11 @@ def _parse(text: str) -> Any:
 
 
 def decode_event(value: bytes | None, reference_ms: int | None = None,
-                 max_bytes: int = MAX_RECORD_BYTES) -> dict[str, Any]:
-    """Parse and validate one record value.
+                 max_bytes: int = MAX_RECORD_BYTES,
+                 validator: Callable[[Any, int | None], None] = validate_event
+                 ) -> dict[str, Any]:
+    """Parse and validate one record value (an event; ``validator`` checks another contract,
+    e.g. ``tandem.feature_log.validate_record``).
 
     Raises ``ContractError`` and nothing else: reason ``oversized``, ``undecodable:utf8``,
     ``undecodable:json``, ``undecodable:depth``, ``undecodable:number``,
@@ -83,7 +87,7 @@ def decode_event(value: bytes | None, reference_ms: int | None = None,
         except UnicodeEncodeError:
             raise ContractError("undecodable:surrogate", "lone UTF-16 surrogate") from None
     try:
-        validate_event(event, reference_ms)
+        validator(event, reference_ms)
     except ContractError:
         raise
     except Exception as err:  # noqa: BLE001 - a validator bug must not stop the stream either

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaProducer
@@ -30,7 +31,7 @@ from prometheus_client import Counter
 from tandem.security import kafka_client_kwargs
 from tandem.streaming.codec import MAX_RECORD_BYTES, decode_event
 from tandem.streaming.topics import DLQ_TOPIC
-from tandem.validation import ContractError
+from tandem.validation import ContractError, validate_event
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,10 @@ class DeadLetterWriter:
     """
 
     def __init__(self, bootstrap: str, consumer: str, topic: str = DLQ_TOPIC,
-                 max_bytes: int = MAX_RECORD_BYTES) -> None:
+                 max_bytes: int = MAX_RECORD_BYTES,
+                 validator: Callable[[Any, int | None], None] = validate_event) -> None:
         self.topic = topic
+        self.validator = validator
         self.consumer = consumer
         self.max_bytes = max_bytes
         self.sent = 0
@@ -76,7 +79,7 @@ class DeadLetterWriter:
                ) -> dict[str, Any] | None:
         """The record's event, or None after dead-lettering it with the reason it was refused."""
         try:
-            return decode_event(record.value, reference_ms, self.max_bytes)
+            return decode_event(record.value, reference_ms, self.max_bytes, self.validator)
         except ContractError as err:
             self.send(record, err.reason)
             return None

@@ -73,14 +73,19 @@ def load_item_genres(paths: Paths) -> dict[str, list[str]]:
 
 def feast_sink(paths: Paths) -> Sink:
     """Push rows to ``SESSION_PUSH_SOURCE``'s online store in the Feast repo of ``paths``
-    (applied beforehand by ``tandem.feature_store.apply``)."""
-    from tandem.feature_store import open_store, push_session
+    (applied beforehand by ``tandem.feature_store.apply``) and append the same rows to the
+    session source's parquet folder (``lake/features/session``), which the ranker's training
+    joins point-in-time: training sees the session values serving saw, not defaults. A replay
+    after a crash appends the replayed rows again; they repeat (user, event_timestamp, values),
+    so the point-in-time join picks the same values."""
+    from tandem.feature_store import open_store, push_session, session_source_path
 
     # importing Feast takes seconds: overlap it with the consumer-group join
     store = ThreadPoolExecutor(1, thread_name_prefix="feast-open").submit(open_store, paths)
+    offline = session_source_path(paths)
 
     def push(frame: pd.DataFrame) -> None:
-        push_session(store.result(), frame)
+        push_session(store.result(), frame, offline_dir=offline)
 
     return push
 

@@ -25,13 +25,19 @@ Records that cannot be decoded or violate the contract, for whatever reason (see
 not landed; the consumer keeps going. Every dead letter is acknowledged by the broker before the
 batch's offsets are committed.
 
-Run: ``python -m tandem.streaming.landing_consumer --home DIR --bootstrap HOST:PORT``.
+The serve-time feature log (``feature_log.v1`` records on ``tandem.feature_log.v1``,
+:mod:`tandem.feature_log`) lands the same way under ``landing/feature_log/`` with
+``--kind feature_log`` (its own topic and group by default), checked against its own contract.
+
+Run: ``python -m tandem.streaming.landing_consumer --home DIR --bootstrap HOST:PORT
+[--kind feature_log]``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +49,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
 
+from tandem import feature_log
 from tandem.config import Paths
 from tandem.streaming.codec import encode_event
 from tandem.streaming.consumer import (
@@ -57,10 +64,17 @@ from tandem.streaming.consumer import (
 )
 from tandem.streaming.dead_letter import DeadLetterWriter
 from tandem.streaming.topics import EVENTS_TOPIC, topic_id
+from tandem.validation import validate_event
 
 log = logging.getLogger(__name__)
 
 GROUP = "tandem-lake"
+EVENTS, FEATURE_LOG = "events", "feature_log"
+# what a landing consumer lands: its folder and the contract its records are checked against
+KINDS = {EVENTS: (lambda paths: paths.landing_events, validate_event),
+         FEATURE_LOG: (feature_log.landing_dir, feature_log.validate_record)}
+# a feature-log lander's topic and group unless given
+FEATURE_LOG_DEFAULTS = {"topic": feature_log.FEATURE_LOG_TOPIC, "group": "tandem-feature-log"}
 
 
 def landing_file(root: Path, arrival: datetime, tp: TopicPartition, first: int,
@@ -87,8 +101,9 @@ class LandingConsumer(ConsumerRebalanceListener):
     def __init__(self, paths: Paths, bootstrap: str, topic: str = EVENTS_TOPIC,
                  group: str = GROUP, batch_max: int = 5000, batch_ms: int = 500,
                  stats_path: Path | None = None, crash_after_files: int | None = None,
-                 stats_window: int = 200_000) -> None:
-        self.root = paths.landing_events
+                 stats_window: int = 200_000, kind: str = EVENTS) -> None:
+        root, validator = KINDS[kind]
+        self.root = root(paths)
         self.batch_max = batch_max
         self.batch_ms = batch_ms
         self.buffers: dict[TopicPartition, list[ConsumerRecord]] = defaultdict(list)
@@ -98,7 +113,7 @@ class LandingConsumer(ConsumerRebalanceListener):
         self.crash_after_files = crash_after_files
         self.files = 0
         self.stats = StreamStats(group, stats_path, stats_window)
-        self.dlq = DeadLetterWriter(bootstrap, group)
+        self.dlq = DeadLetterWriter(bootstrap, group, validator=validator)
         self.consumer = make_consumer(bootstrap, group, topic, listener=self,
                                       max_poll_records=batch_max)
 
@@ -189,9 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--crash-after-files", type=int, default=None,
                     help="testing: die (exit 137, no cleanup) right after landing the N-th file, "
                          "before its offsets are committed: a kill -9 at the worst moment")
+    ap.add_argument("--kind", choices=sorted(KINDS), default=EVENTS,
+                    help="events (landing/events) or the serve-time feature log "
+                         "(landing/feature_log; topic and group default to its own)")
+    if FEATURE_LOG in (argv if argv is not None else sys.argv[1:]):
+        ap.set_defaults(**FEATURE_LOG_DEFAULTS)
     args, paths, bootstrap = start_process(ap, argv)
     LandingConsumer(paths, bootstrap, args.topic, args.group, args.batch_max, args.batch_ms,
-                    args.stats, args.crash_after_files, args.stats_window).run(StopFlag())
+                    args.stats, args.crash_after_files, args.stats_window,
+                    args.kind).run(StopFlag())
 
 if __name__ == "__main__":
     main()

@@ -25,12 +25,13 @@ from kafka import KafkaProducer
 from kafka.producer.future import FutureRecordMetadata
 from prometheus_client import Counter
 
+from tandem import feature_log
 from tandem import schema as s
 from tandem.impressions import Feed
 from tandem.security import kafka_client_kwargs
 from tandem.streaming.codec import encode_event, now_ms
 from tandem.streaming.topics import EVENTS_TOPIC
-from tandem.validation import ContractError, validate_event
+from tandem.validation import ContractError, validate, validate_event
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,14 @@ class EventProducer:
             self.send(event)
             n += 1
         return n
+
+    def send_record(self, topic: str, record: dict[str, Any], contract: str
+                    ) -> FutureRecordMetadata:
+        """Validate ``record`` against ``schemas/<contract>.v1`` and send it to ``topic``,
+        keyed by its ``user_id`` (e.g. the serve-time feature log); raises ``ContractError``."""
+        validate(record, contract)
+        return self._producer.send(topic, key=record[s.USER_ID].encode(),
+                                   value=encode_event(record))
 
     def send_raw(self, key: bytes | None, value: bytes) -> FutureRecordMetadata:
         """Send bytes unchecked: for tests and tools that must produce what the contract forbids."""
@@ -123,12 +132,18 @@ class ImpressionLogger:
     ----------
     producer : where impressions go (owned: :meth:`close` closes it).
     max_feeds : queue capacity in feeds (one feed = one request's impressions).
+    feature_log_topic : where a feed's sampled feature rows go (``Feed.logged``, one
+        ``feature_log.v1`` record per row, :mod:`tandem.feature_log`), through the same
+        producer and queue; they are dropped and counted like impressions.
     """
 
-    def __init__(self, producer: EventProducer, max_feeds: int = 10_000) -> None:
+    def __init__(self, producer: EventProducer, max_feeds: int = 10_000,
+                 feature_log_topic: str = feature_log.FEATURE_LOG_TOPIC) -> None:
         self._producer = producer
+        self.feature_log_topic = feature_log_topic
         self._queue: queue.Queue = queue.Queue(max_feeds)
         self.logged = 0
+        self.features_logged = 0
         self.dropped = 0
         self._thread = threading.Thread(target=self._drain, name="impression-logger",
                                         daemon=True)
@@ -152,23 +167,33 @@ class ImpressionLogger:
                 return
             try:
                 events = impression_events(feed)
+                logged = feature_log.records(feed)
             except Exception:  # a malformed feed must not kill the logging thread
                 log.exception("bad feed")
                 self._drop("bad_feed", len(feed.item_ids))
                 continue
             for imp in events:
-                try:
-                    future = self._producer.send(imp)
-                except ContractError as err:
-                    self._drop(f"contract:{err.reason}")
-                    continue
-                except Exception:
-                    log.exception("impression send failed")
-                    self._drop("send_error")
-                    continue
-                future.add_errback(lambda _exc: self._drop("send_error"))
-                self.logged += 1
-                IMPRESSIONS_LOGGED.inc()
+                if self._send(self._producer.send, imp):
+                    self.logged += 1
+                    IMPRESSIONS_LOGGED.inc()
+            for rec in logged:
+                if self._send(self._producer.send_record, self.feature_log_topic, rec,
+                              feature_log.CONTRACT):
+                    self.features_logged += 1
+
+    def _send(self, send, *args) -> bool:
+        """One send; a refusal or failure is counted as a drop, never raised."""
+        try:
+            future = send(*args)
+        except ContractError as err:
+            self._drop(f"contract:{err.reason}")
+            return False
+        except Exception:
+            log.exception("impression send failed")
+            self._drop("send_error")
+            return False
+        future.add_errback(lambda _exc: self._drop("send_error"))
+        return True
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is queued, flush and close the producer."""

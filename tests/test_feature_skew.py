@@ -1,0 +1,139 @@
+"""Serve-time feature logging and the skew gate: PSI, the report, and the whole path on real
+components (Feast on SQLite/DuckDB, the tansu broker, the landing consumer, serving's App).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jobs import feature_skew as FS
+from tandem import feature_log as FL
+from tandem import ranking_features as RF
+from tandem import schema as s
+from tandem.impressions import Feed
+from tandem.validation import ContractError
+
+
+def test_psi_is_zero_for_the_same_values_and_large_for_a_shift():
+    x = np.random.default_rng(0).normal(size=5000)
+    assert FS.psi(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert FS.psi(x, x + 0.05) < 0.1  # a small drift passes
+    assert FS.psi(x, x + 1.0) > 0.25
+    # missing values are their own bin: serving sending NaN where training had values shows
+    assert FS.psi(x, np.where(np.arange(5000) % 2 == 0, np.nan, x)) > 0.25
+    assert FS.psi(np.zeros(100), np.zeros(100)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_report_fails_above_the_threshold_and_skips_with_too_few_rows():
+    rng = np.random.default_rng(1)
+    trained = pd.DataFrame({"a": rng.normal(size=500), "b": rng.normal(size=500)})
+    logged = trained.assign(b=trained["b"] + 2.0)
+    cfg = {**FS.CONFIG, "threshold": 0.1, "min_rows": 50}
+    report = FS.compare(logged, trained, cfg)
+    assert report["features"]["a"] == {"psi": 0.0, "mean_diff": 0.0, "n": 500}
+    assert report["features"]["b"]["mean_diff"] == pytest.approx(2.0)
+    assert report["max_psi"] == report["features"]["b"]["psi"] > 0.1
+    assert report["passed"] is False and report["threshold"] == 0.1
+    few = FS.compare(logged.head(10), trained.head(10), cfg)
+    assert few["passed"] is True and "skipped" in few
+
+
+def test_sample_is_seeded_by_the_request_and_records_follow_the_contract():
+    items = np.array([f"i{j}" for j in range(1000)], dtype=object)
+    rows = np.arange(200, 900)
+    x = np.random.default_rng(2).normal(size=(len(rows), 3)).astype(np.float32)
+    x[0, 1] = np.nan
+    a = FL.sample("req-1", items, rows, x, ("f0", "f1", "f2"), 0.05, 1_700_000_000_000, "tv")
+    b = FL.sample("req-1", items, rows, x, ("f0", "f1", "f2"), 0.05, 1_700_000_000_000, "tv")
+    assert a is not None and list(a.item_ids) == list(b.item_ids) and 10 < len(a.item_ids) < 70
+    drawn = [int(i[1:]) - 200 for i in a.item_ids]
+    np.testing.assert_array_equal(a.values, x[drawn])
+    assert FL.sample("req-1", items, rows, x, ("f0", "f1", "f2"), 0.0, 0, None) is None
+    full = FL.sample("req-2", items, rows, x, ("f0", "f1", "f2"), 1.0, 5, None)
+    feed = Feed("req-2", "u1", 9, [], [], "v1", "", "", logged=full)
+    records = FL.records(feed)
+    assert len(records) == len(rows) and records[0]["features"]["f1"] is None
+    assert records[0][s.TS] == 5  # the features' time, not the feed's
+    for rec in records[:5]:
+        FL.validate_record(rec)
+    with pytest.raises(ContractError):
+        FL.validate_record({**records[0], "features": {"f0": "high"}})
+
+
+@pytest.mark.kafka
+@pytest.mark.feast
+@pytest.mark.serving
+def test_a_logged_vector_equals_the_training_row_of_the_same_entity_and_time(
+        kafka_broker, paths, tmp_path):
+    """Serving ranks with Feast, logs every candidate's row through Kafka; the landing consumer
+    lands them; the skew job's training path (point-in-time join, session rows the feature
+    consumer's sink wrote offline) rebuilds exactly the same values: PSI 0, no difference."""
+    from serving.app import App, FeastStore, ServingConfig
+    from serving.server import local_source
+    from serving.validation import RecommendQuery
+    from tandem import feature_store as fs
+    from tandem import synthetic_bundle as SB
+    from tandem.streaming.feature_consumer import feast_sink
+    from tandem.streaming.producer import EventProducer, ImpressionLogger
+    from tests.test_feature_store import write_features
+    from tests.test_streaming import new_topic, start, stop, wait_for
+
+    # an hour ago: the log lands by arrival hour, and the request is one of this hour
+    t1 = pd.Timestamp.now(tz="UTC").floor("h") - pd.Timedelta(hours=1)
+    t0 = t1 - pd.Timedelta(days=1)
+    write_features(paths, t0, t1)  # u1, u2 and items i0..i3 (the synthetic bundle's ids)
+    store = fs.apply(paths)
+    fs.materialize(paths, (t0 - timedelta(days=1)).to_pydatetime(), t1.to_pydatetime(), store)
+    now = t1 + pd.Timedelta(minutes=20)
+    start_ms = int(t1.value // 1_000_000)
+    feast_sink(paths)(fs.session_frame([{
+        s.USER_ID: "u1", s.EVENT_TIMESTAMP: t1 + pd.Timedelta(minutes=10), s.SESSION_LENGTH: 3,
+        s.SESSION_START_TS: start_ms, s.SESSION_LAST_TS: start_ms + 600_000,
+        s.SESSION_RECENT_ITEMS: ["i2"], s.SESSION_RECENT_GENRES: ["Comedy"], "cnt_click": 2}]))
+    bundle, _ = SB.build(tmp_path / "synthetic", SB.SyntheticSpec(
+        n_items=300, n_users=100, n_als_users=50, n_trees=5, num_leaves=7, n_train_groups=30,
+        group_size=20))
+    topic = new_topic(kafka_broker.bootstrap)
+    lander = start("tandem.streaming.landing_consumer", paths, kafka_broker.bootstrap, topic,
+                   "--kind", "feature_log")
+    fetch, probe = local_source(bundle)
+    cfg = ServingConfig(ranker_backend="lightgbm", feature_log_share=1.0,
+                        online_store_timeout_ms=5000.0, rank_deadline_ms=10_000.0)
+    sink = ImpressionLogger(EventProducer(kafka_broker.bootstrap, topic=new_topic(
+        kafka_broker.bootstrap)), feature_log_topic=topic)
+    app = App(fetch, probe, cfg=cfg, store=FeastStore(store), sink=sink,
+              item_features=lambda ids: fs.ItemFeatureTable(store, ids))
+    try:
+        result = app.recommend(RecommendQuery("u1", 10, device="tv", ts=int(now.value // 1e6)))
+        assert not result.fallbacks and result.logged is not None
+        n = len(result.logged.item_ids)
+        assert n == result.pool_size > 10  # share 1.0: every ranked candidate
+        start_t, end_t = t1.to_pydatetime(), (t1 + pd.Timedelta(hours=1)).to_pydatetime()
+        landed: list[pd.DataFrame] = []
+
+        def all_landed() -> bool:
+            landed[:] = [FL.read_logged(paths, start_t, end_t, 10_000)]
+            return len(landed[0]) == n
+
+        wait_for(all_landed, 60, "the feature log to land", lander)
+    finally:
+        app.close()
+        assert stop(lander) == 0
+    logged = landed[0]
+    assert set(logged["request_id"]) == {result.request_id}
+    training = FS.training_features(store, logged)
+    served = logged[list(FS.COMPARED)].to_numpy(np.float32)
+    np.testing.assert_array_equal(served, training.to_numpy(np.float32))
+    # the row is the logged one: real values, not defaults on both sides
+    u = logged.index[logged[s.ITEM_ID] == "i1"]
+    assert len(u) == 1 and training.loc[u, "session_length"].item() == 3
+    assert training.loc[u, "ctx_device_code"].item() == RF.DEVICES.index("tv") + 1
+    report = FS.run(None, paths, start_t, end_t, {"min_rows": 1}, store=store)
+    assert report["passed"] and report["max_psi"] == 0.0 and report["rows"] == n
+    assert all(f["mean_diff"] == 0.0 and f["n"] == n for f in report["features"].values())
+    assert "als_score" in report["not_compared"]
+    assert FS.report_path(paths).exists()

@@ -1,0 +1,51 @@
+"""Serving's Feast item table follows a materialization without a restart (a real Feast repo,
+SQLite online store): a changed popularity shows up after the watcher's next poll."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving.item_refresh import MaterializationWatcher
+from tandem import feature_store as fs
+from tandem import features as F
+from tandem.config import Paths
+from tests.test_feature_store import ITEMS, T0, T1, item_row, write_features
+
+pytestmark = pytest.mark.feast
+
+T2 = T1 + pd.Timedelta(hours=1)
+
+
+def test_item_table_refreshes_after_a_materialization(tmp_path):
+    paths = Paths(tmp_path)
+    write_features(paths)
+    store = fs.apply(paths)
+    assert fs.materialization_watermark(store) is None
+    fs.materialize(paths, (T0 - timedelta(days=1)).to_pydatetime(), T1.to_pydatetime(), store)
+    watcher = MaterializationWatcher(lambda: fs.materialization_watermark(store), 0.05)
+    table = watcher.track(lambda ids: fs.ItemFeatureTable(store, ids))(np.array(ITEMS))
+    pop = F.ITEM_FEATURES.index("item_log_pop_total")
+    before = table.static[:, pop].copy()
+    assert watcher.poll_once() == 0  # nothing new materialized: no reload
+    # the hourly job: i2 became ten times as popular, materialized an hour later
+    row = {**item_row(2, T2), "item_pop_total": 80}
+    folder = paths.item_features / f"date={T2.date()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([row]).to_parquet(folder / "part-1.parquet", index=False)
+    fs.materialize(paths, T1.to_pydatetime(), T2.to_pydatetime(), store)
+    assert fs.materialization_watermark(store) == T2.timestamp()
+    watcher.start()
+    try:
+        deadline = pd.Timestamp.now() + pd.Timedelta(seconds=30)
+        while watcher.refreshes == 0 and pd.Timestamp.now() < deadline:
+            watcher._stop.wait(0.05)
+    finally:
+        watcher.stop()
+    after = table.static[:, pop]
+    assert watcher.refreshes == 1
+    assert after[2] == pytest.approx(np.log1p(80)) and before[2] == pytest.approx(np.log1p(8))
+    np.testing.assert_array_equal(np.delete(after, 2), np.delete(before, 2))
