@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from serving.app import Engine  # noqa: E402
+from serving.engine import Engine  # noqa: E402
 from serving.server import main  # noqa: E402
 from tandem import features as F  # noqa: E402
 from tandem import schema as s  # noqa: E402

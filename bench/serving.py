@@ -249,7 +249,7 @@ def _stubs(port: int) -> tuple[list, list]:
 def warm_connections(port: int, requests: list) -> None:
     """One request on every connection, then 5 s closed loop: the client side warm.
 
-    (The server warms itself before it reports SERVING: ``serving.app.Engine.warm_up``.)
+    (The server warms itself before it reports SERVING: ``serving.engine.Engine.warm_up``.)
     """
     channels, stubs = _stubs(port)
     for i, stub in enumerate(stubs):

@@ -50,7 +50,7 @@ def serve(port: int, addr: str = "127.0.0.1") -> int:
 
 
 class Observed(Protocol):
-    """What :func:`observe` reads of an answered request (``serving.app.Result``)."""
+    """What :func:`observe` reads of an answered request (``serving.result.Result``)."""
 
     stages_ms: dict[str, float]
     candidates: dict[str, int]

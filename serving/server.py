@@ -42,10 +42,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection  # noqa: E402
 
 from serving import metrics  # noqa: E402
-from serving.app import App, FeastStore, ServingConfig  # noqa: E402
+from serving.app import App  # noqa: E402
 from serving.auth import Access  # noqa: E402
 from serving.bundle_sync import BundleLedger, BundleRejected  # noqa: E402
+from serving.config import ServingConfig  # noqa: E402
 from serving.servicer import RecommenderServicer  # noqa: E402
+from serving.stores import FeastStore  # noqa: E402
 from tandem.ab import Experiment  # noqa: E402
 from tandem.bundle import BundleManifest  # noqa: E402
 from tandem.config import Paths  # noqa: E402
@@ -171,7 +173,7 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
     """The App the command-line flags describe."""
     import pandas as pd
 
-    from serving.app import ItemFeatures
+    from serving.item_table import ItemFeatures
 
     experiment = (Experiment.load(args.experiment) if args.experiment
                   else Experiment.single(args.alias))

@@ -18,7 +18,8 @@ import time
 import grpc
 
 from serving import metrics as m
-from serving.app import App, Result
+from serving.app import App
+from serving.result import Result
 from serving.validation import InvalidRequest, parse_recommend, parse_similar
 from tandem.contracts import recommender_v1_pb2 as pb
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc

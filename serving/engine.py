@@ -1,0 +1,549 @@
+"""One bundle version loaded for serving: :class:`Engine` answers requests.
+
+Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)::
+
+    online_store  user + session rows from the online store, under a deadline
+    user_tower    profile + recent items -> user vector (numpy)
+    ann           FAISS top-N over item vectors (user and session queries in one call)
+                  + FAISS top-N over ALS item factors (for a user with ALS factors this runs
+                  while the online-store read is in flight: it needs nothing from the store)
+    merge         + fresh + popular; union, dedupe, drop seen/excluded  (tandem.retrieval)
+    features      one matrix for all candidates (tandem.ranking_features, as in training)
+    ranker        one LightGBM (or lleaves-compiled) call
+    mmr           MMR over the top of the ranked list (tandem.diversify)
+
+Any failing or slow part degrades the answer instead of failing it: no user features -> the
+retrieval sources that do not need them; no ranker -> retrieval order; and each such case is
+named in ``fallbacks`` and counted. The store read sits behind a circuit breaker
+(``serving.breaker``): after a few failed or late reads requests skip it at once
+(``online_store_open``) until a trial read succeeds. Client deadlines shrink the stage deadlines
+(``ServingConfig.within``). Unknown users with no history take the cold path:
+popularity + onboarding-genre content, with epsilon-greedy / Thompson exploration over fresh
+items and a propensity for every shown item.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from serving.breaker import CircuitBreaker
+from serving.config import ServingConfig
+from serving.item_table import ItemFeatures, ItemTableFactory
+from serving.ranker_model import Ranker
+from serving.result import Result, StageClock
+from serving.stores import OnlineStore, UserRows
+from serving.validation import RecommendQuery
+from tandem import bundle as B
+from tandem import features as F
+from tandem import ranking_features as RF
+from tandem import schema as s
+from tandem.ann import AnnIndex
+from tandem.diversify import mmr
+from tandem.exploration import epsilon_greedy, thompson, ucb
+from tandem.retrieval import SOURCE_BITS, SOURCES, CandidatePool, merge, source_names
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+# online-store reads run here so a slow store can be abandoned at its deadline (shared by all
+# engines: a hot reload must not leak threads)
+_STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="online-store")
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+# fallbacks that mean the online store did not answer (the user is then unknown only for now)
+STORE_FALLBACKS = ("online_store_timeout", "online_store_error", "online_store_open")
+# fallbacks that mean a part of the bundle failed: a warm-up with any of them refuses the bundle
+PART_FALLBACKS = frozenset({"user_tower_error", "two_tower_error", "als_error", "ranker_error"})
+_PROFILE_CACHE = 4096  # encoded tower profiles memoised per engine
+
+
+# ------------------------------------------------------------------------------------ engine
+
+class Engine:
+    """Everything one bundle version needs to answer requests; read-only after ``load``.
+
+    Attributes
+    ----------
+    version : registry version (or ``local``) reported as ``model_version``
+    item_ids : object array [n_items] in catalog order; ``item_index`` maps id -> row
+    popularity, created_at : [n_items] from ``items.parquet``
+    item_vectors : float32 [n_items, d] two-tower vectors; ``main_index`` searches them
+    als_items : float32 [n_items, f]; ``als_users`` [n_users, f] rows of ``user_index``;
+        ``als_index`` searches item factors (inner product, possibly via the L2 transform)
+    tower : numpy user tower; ranker : :class:`Ranker`; space : ranking_features.ItemSpace
+    item_features : :class:`ItemFeatures` aligned to the catalog
+
+    The two-tower parts are optional (the nightly DAG's ``skip_two_tower``): without them
+    ``tower`` and ``main_index`` are None, ``item_vectors`` are the unit ALS item factors (MMR),
+    similar-items searches the ALS index, and retrieval is ALS + fresh + popular.
+    """
+
+    def __init__(self, bundle_dir: Path, version: str, item_features: ItemTableFactory | None,
+                 cfg: ServingConfig, cache_dir: Path | None = None):
+        from tandem.user_tower import UserTower
+
+        root = Path(bundle_dir)
+        self.bundle_dir, self.version = root, str(version)
+        self.manifest = B.BundleManifest.load(root)
+        items = pd.read_parquet(root / B.ITEMS)
+        self.item_ids = items[s.ITEM_ID].astype(str).to_numpy(object)
+        self.item_index = pd.Index(self.item_ids)
+        self.n_items = len(self.item_ids)
+        self.popularity = items["popularity"].to_numpy(np.float32)
+        self.created_at = items[s.CREATED_AT].to_numpy(np.int64)
+        users = pd.read_parquet(root / B.USERS) if (root / B.USERS).exists() else None
+        self.user_index = pd.Index(users[s.USER_ID].astype(str) if users is not None else [])
+        self.als_items = np.load(root / B.ALS_ITEM_FACTORS)
+        self.als_users = np.load(root / B.ALS_USER_FACTORS)
+        self.als_index = AnnIndex.load(root / B.INDEX_ALS)
+        if (root / B.TT_ITEM_VECTORS).exists():
+            self.item_vectors = np.load(root / B.TT_ITEM_VECTORS, mmap_mode=None)
+            self.main_index = AnnIndex.load(root / B.INDEX_MAIN)
+            self.tower = UserTower.load(root / B.TT_USER_TOWER, self.item_vectors)
+        else:  # an ALS-only bundle
+            self.item_vectors = RF.unit_rows(self.als_items)
+            self.main_index, self.tower = None, None
+        self.ranker = Ranker(root / B.RANKER_MODEL, cfg.ranker_backend, cache_dir)
+        if self.ranker.n_features != len(RF.FEATURE_NAMES):
+            raise ValueError(f"ranker expects {self.ranker.n_features} features, "
+                             f"ranking_features builds {len(RF.FEATURE_NAMES)}")
+        self.space = RF.ItemSpace(RF.unit_rows(self.als_items), _load_cooc(root, self.n_items))
+        self.space.cooc_columns()  # column form for recency lookups, built before requests
+        self.item_features = (item_features(self.item_ids) if item_features is not None
+                              else ItemFeatures.from_frame(pd.DataFrame(
+                                  {s.ITEM_ID: self.item_ids, "item_created_at": self.created_at}),
+                                  self.item_index))
+        # precomputed source lists (catalog rows, best first)
+        self.popular = np.argsort(-self.popularity, kind="stable")[: max(cfg.n_popular,
+                                                                        cfg.n_cold_exploit)]
+        self.newest = np.argsort(-self.created_at, kind="stable")[: max(cfg.n_fresh,
+                                                                       cfg.n_cold_explore)]
+        genres = self.item_features.static[:, F.ITEM_GENRE_SLICE] > 0  # [n_items, N_GENRES]
+        by_pop = np.argsort(-self.popularity, kind="stable")
+        self.genre_top = {g: by_pop[genres[by_pop, j]][: cfg.n_cold_exploit]
+                          for j, g in enumerate(F.GENRE_VOCAB)}
+        self._profiles: dict[tuple, np.ndarray] = {}  # see _encode_profile
+
+    # --------------------------------------------------------------------------- helpers
+    def rows_of(self, item_ids) -> np.ndarray:
+        """Catalog rows of ``item_ids`` (unknown ids dropped), order kept."""
+        if len(item_ids) == 0:
+            return np.zeros(0, dtype=np.int64)
+        rows = self.item_index.get_indexer(list(item_ids))
+        return rows[rows >= 0].astype(np.int64)
+
+    def _start_fetch(self, store: OnlineStore, user_id: str,
+                     breaker: CircuitBreaker | None) -> tuple[Future, float] | None:
+        """The store read, started on ``_STORE_POOL`` (and when), so work can overlap it;
+        None when the breaker is open (no read)."""
+        if breaker is not None and not breaker.allow():
+            return None
+        return _STORE_POOL.submit(store.fetch, user_id), time.perf_counter()
+
+    def _finish_fetch(self, pending: tuple[Future, float] | None, cfg: ServingConfig,
+                      fallbacks: list[str], breaker: CircuitBreaker | None) -> UserRows:
+        """The read's rows, or empty rows once ``online_store_timeout_ms`` has passed since
+        it started (or it failed, or the breaker refused it); the outcome goes to ``breaker``."""
+        if pending is None:
+            fallbacks.append("online_store_open")
+            return UserRows()
+        future, started = pending
+        left = cfg.online_store_timeout_ms / 1000.0 - (time.perf_counter() - started)
+        rows = None
+        try:
+            rows = future.result(timeout=max(left, 0.0))
+        except FutureTimeout:
+            future.cancel()
+            fallbacks.append("online_store_timeout")
+        except Exception:  # noqa: BLE001 - any store failure degrades, never fails the request
+            log.exception("online store failed")
+            fallbacks.append("online_store_error")
+        if breaker is not None:
+            breaker.record(rows is not None)
+        return rows if rows is not None else UserRows()
+
+    def _tower_feats(self, user_raw: Mapping[str, Any]) -> np.ndarray | None:
+        """Tower profile input from raw online fields (``age_bucket`` <- ``user_age_bucket``)."""
+        spec = self.tower.user_spec
+        if spec is None or self.tower.user_feat_dim == 0:
+            return None
+        values = tuple(user_raw.get(name, user_raw.get(f"user_{name}")) for name, _ in spec.fields)
+        return self._encode_profile(values)
+
+    def _encode_profile(self, values: tuple) -> np.ndarray:
+        """``user_spec.encode`` of one profile: a pure function of a few categorical values,
+        memoised in this engine (a cache keyed on the engine, like ``lru_cache`` on a method,
+        would keep every swapped-out engine alive)."""
+        out = self._profiles.get(values)
+        if out is None:
+            spec = self.tower.user_spec
+            out = spec.encode({name: [v] for (name, _), v in zip(spec.fields, values,
+                                                                 strict=True)})[0]
+            out.setflags(write=False)  # shared by every request with this profile
+            if len(self._profiles) < _PROFILE_CACHE:  # few profiles; a bound all the same
+                self._profiles[values] = out
+        return out
+
+    def _search(self, index: AnnIndex, queries: np.ndarray, k: int) -> np.ndarray:
+        """Catalog rows [n_queries, k] (-1 padded) nearest by inner product."""
+        return index.search(queries, k)[1]
+
+    def _item_matrix(self, rows: np.ndarray, now_ms: int) -> np.ndarray:
+        """Ranker item features of catalog ``rows`` at ``now_ms`` (in-memory fast path)."""
+        return self.item_features.take(rows, now_ms)
+
+    # --------------------------------------------------------------------------- recommend
+    def recommend(self, q: RecommendQuery, cfg: ServingConfig, store: OnlineStore,
+                  breaker: CircuitBreaker | None = None) -> Result:
+        clock = StageClock()
+        fallbacks: list[str] = []
+        now_ms = q.ts or int(time.time() * 1000)
+        user_row = _row_of(self.user_index, q.user_id)
+        with clock.stage("online_store"):
+            pending = self._start_fetch(store, q.user_id, breaker)
+        als = None
+        if user_row >= 0:  # the ALS query needs nothing from the store: search while it reads
+            with clock.stage("ann"):
+                als = self._als_guarded(user_row, _NO_ROWS, cfg, fallbacks)
+        with clock.stage("online_store"):
+            rows = self._finish_fetch(pending, cfg, fallbacks, breaker)
+        session = rows.session or {}
+        recent_ids = list(q.session_item_ids) + list(session.get(s.SESSION_RECENT_ITEMS) or [])
+        history = pd.unique(self.rows_of(recent_ids))  # newest first, deduplicated
+        exclude = np.concatenate([history, self.rows_of(q.exclude_item_ids)])
+        if rows.user is None and user_row < 0 and len(history) == 0:
+            if any(f in STORE_FALLBACKS for f in fallbacks):
+                result = self._degraded(q, exclude, clock)  # unknown because the store failed
+            else:
+                result = self._cold(q, cfg, exclude, now_ms, clock)
+        else:
+            result = self._warm(q, cfg, rows, history, exclude, user_row, now_ms, clock,
+                                fallbacks, als)
+        result.fallbacks = fallbacks + result.fallbacks
+        result.stages_ms = clock.stages
+        return result
+
+    def _warm(self, q: RecommendQuery, cfg: ServingConfig, rows: UserRows, history: np.ndarray,
+              exclude: np.ndarray, user_row: int, now_ms: int, clock: StageClock,
+              fallbacks: list[str], als: list | None = None) -> Result:
+        """Retrieve, rank and diversify; ``als`` is the ALS list when :meth:`recommend`
+        already searched it (a user with ALS factors)."""
+        lists: list[tuple[str, np.ndarray, np.ndarray]] = []
+        user_raw = dict(rows.user or {})
+        with clock.stage("user_tower"):
+            try:
+                user_vec = (None if self.tower is None
+                            else self.tower.encode(self._tower_feats(user_raw), history[:20]))
+            except Exception:  # noqa: BLE001
+                log.exception("user tower failed")
+                fallbacks.append("user_tower_error")
+                user_vec = None
+        with clock.stage("ann"):
+            try:
+                lists += self._two_tower_lists(user_vec, history, cfg)
+            except Exception:  # noqa: BLE001
+                log.exception("two-tower retrieval failed")
+                fallbacks.append("two_tower_error")
+            lists += als if als is not None else self._als_guarded(user_row, history, cfg,
+                                                                   fallbacks)
+        with clock.stage("merge"):
+            fresh = self.newest[self.created_at[self.newest] >= now_ms - cfg.fresh_days * DAY_MS]
+            fresh = fresh[: cfg.n_fresh]
+            popular = self.popular[: cfg.n_popular]
+            lists.append(("fresh", fresh, self.created_at[fresh].astype(np.float32)))
+            lists.append(("popularity", popular, self.popularity[popular]))
+            pool = merge(lists, exclude, self.n_items)
+        scores = None
+        if clock.elapsed_ms() > cfg.rank_deadline_ms:
+            fallbacks.append("rank_deadline")
+        elif len(pool):
+            try:
+                with clock.stage("features"):
+                    x = self._features(pool, lists, user_raw, rows.session, history, q, now_ms)
+                with clock.stage("ranker"):
+                    scores = self.ranker.predict(x)
+            except Exception:  # noqa: BLE001
+                log.exception("ranking failed")
+                fallbacks.append("ranker_error")
+        if scores is None:
+            scores = _retrieval_order(pool)
+        with clock.stage("mmr"):
+            top = np.argsort(-scores, kind="stable")[: cfg.mmr_pool]
+            genres = (self.item_features.static[pool.rows[top], F.ITEM_GENRE_SLICE] > 0
+                      if cfg.genre_cap > 0 else None)
+            order = top[mmr(scores[top], self.item_vectors[pool.rows[top]], q.k, cfg.mmr_lambda,
+                            genres, cfg.genre_cap)]
+        picked = pool.take(order)
+        return Result(_request_id(), self.version, list(self.item_ids[picked.rows]),
+                      scores[order], picked.source_mask, np.ones(len(order)),
+                      [_explain(int(mk)) for mk in picked.source_mask],
+                      candidates=pool.count_by_source(), pool_size=len(pool))
+
+    def _two_tower_lists(self, user_vec: np.ndarray | None, history: np.ndarray,
+                         cfg: ServingConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """User-vector and session-centroid neighbours, in ONE index call."""
+        queries, names = [], []
+        if self.main_index is None:
+            return []
+        if user_vec is not None:
+            queries.append(user_vec)
+            names.append(("two_tower", cfg.n_two_tower))
+        if len(history):
+            queries.append(self.item_vectors[history[:5]].mean(axis=0))
+            names.append(("session", cfg.n_session))
+        if not queries:
+            return []
+        found = self._search(self.main_index, np.vstack(queries), max(n for _, n in names))
+        out = []
+        for (name, n), qv, hits in zip(names, queries, found, strict=True):
+            hits = hits[:n]
+            hits = hits[hits >= 0]
+            out.append((name, hits, self.item_vectors[hits] @ qv))
+        return out
+
+    def _als_list(self, user_row: int, history: np.ndarray,
+                  cfg: ServingConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """ALS neighbours of the user's factors (or of the recent items' mean factor)."""
+        if user_row >= 0:
+            query = self.als_users[user_row]
+        elif len(history):
+            query = self.als_items[history].mean(axis=0)
+        else:
+            return []
+        hits = self._search(self.als_index, query[None], cfg.n_als)[0]
+        hits = hits[hits >= 0]
+        return [("als", hits, self.als_items[hits] @ query)]
+
+    def _als_guarded(self, user_row: int, history: np.ndarray, cfg: ServingConfig,
+                     fallbacks: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """:meth:`_als_list`, degrading to no ALS candidates on any error."""
+        try:
+            return self._als_list(user_row, history, cfg)
+        except Exception:  # noqa: BLE001
+            log.exception("ALS retrieval failed")
+            fallbacks.append("als_error")
+            return []
+
+    def _features(self, pool: CandidatePool, lists, user_raw: Mapping[str, Any],
+                  session_raw: Mapping[str, Any] | None, history: np.ndarray,
+                  q: RecommendQuery, now_ms: int) -> np.ndarray:
+        """The ranker matrix through ``tandem.ranking_features`` (the training code path)."""
+        n = len(pool)
+        sources = {}
+        for name, hits, scores in lists:
+            if name not in RF.SOURCES:
+                continue
+            pos = np.searchsorted(pool.rows, hits)
+            ok = (pos < n) & (pool.rows[np.minimum(pos, n - 1)] == hits)
+            score = np.full(n, np.nan, dtype=np.float32)
+            rank = np.full(n, np.nan, dtype=np.float32)
+            score[pos[ok]] = np.asarray(scores, dtype=np.float32)[ok]
+            rank[pos[ok]] = np.flatnonzero(ok) + 1.0
+            sources[f"{name}_score"], sources[f"{name}_rank"] = score, rank
+        user_m = F.user_matrix(_one(user_raw), now_ms)
+        session_m = F.session_matrix(_one(session_raw or {}), now_ms)
+        recent = np.full((1, RF.N_RECENT), RF.PAD, dtype=np.int64)
+        recent[0, : min(len(history), RF.N_RECENT)] = history[: RF.N_RECENT]
+        hour = np.array([(now_ms // 3_600_000) % 24], dtype=np.float32)
+        device = _device_code(q.device)
+        return RF.build_features(np.zeros(n, dtype=np.int64), pool.rows, sources, user_m,
+                                 self._item_matrix(pool.rows, now_ms), session_m, hour,
+                                 device, recent, self.space)
+
+    def _degraded(self, q: RecommendQuery, exclude: np.ndarray, clock: StageClock) -> Result:
+        """Popularity only (the online store failed and nothing else identifies the user)."""
+        with clock.stage("merge"):
+            rows = self.popular[~np.isin(self.popular, exclude)][: q.k]
+        mask = np.full(len(rows), SOURCE_BITS["popularity"], dtype=np.int64)
+        return Result(_request_id(), self.version, list(self.item_ids[rows]),
+                      self.popularity[rows].astype(np.float64), mask, np.ones(len(rows)),
+                      [_explain(SOURCE_BITS["popularity"])] * len(rows))
+
+    def _cold(self, q: RecommendQuery, cfg: ServingConfig, exclude: np.ndarray, now_ms: int,
+              clock: StageClock) -> Result:
+        """Popularity + onboarding-genre content, exploring fresh items; propensities logged."""
+        with clock.stage("cold_start"):
+            content = [self.genre_top[g] for g in q.onboarding_genres if g in self.genre_top]
+            lists = [("content", r, self.popularity[r]) for r in content]
+            lists.append(("popularity", self.popular[: cfg.n_cold_exploit],
+                          self.popularity[self.popular[: cfg.n_cold_exploit]]))
+            fresh = self.newest[self.created_at[self.newest] >= now_ms - cfg.fresh_days * DAY_MS]
+            fresh = fresh[: cfg.n_cold_explore]
+            exploit = merge(lists, np.concatenate([exclude, fresh]), self.n_items)
+            # content matches first, then by popularity
+            has_content = (exploit.source_mask & SOURCE_BITS["content"]) > 0
+            order = np.lexsort((-self.popularity[exploit.rows], ~has_content))
+            exploit = exploit.take(order)
+            explore = fresh[~np.isin(fresh, exclude)]
+            rng = np.random.default_rng()
+            # one array over both pools: exploit rows first, then explore rows
+            pool_rows = np.concatenate([exploit.rows, explore])
+            masks = np.concatenate([exploit.source_mask,
+                                    np.full(len(explore), SOURCE_BITS["fresh"])])
+            if cfg.exploration in ("thompson", "ucb"):
+                clicks, imps = self._ctr_counts(pool_rows)
+                slate = (thompson(clicks, imps, q.k, rng) if cfg.exploration == "thompson"
+                         else ucb(clicks, imps, q.k, rng, cfg.ucb_c))
+                picks = slate.picks
+            else:
+                slate = epsilon_greedy(self.popularity[exploit.rows], len(explore), q.k,
+                                       cfg.epsilon, rng)
+                picks = np.where(slate.explored, len(exploit) + slate.picks, slate.picks)
+            rows, mask = pool_rows[picks], masks[picks]
+        return Result(_request_id(), self.version, list(self.item_ids[rows]), slate.score,
+                      mask.astype(np.int64), slate.propensity,
+                      [_explain(int(mk), explored=bool(x))
+                       for mk, x in zip(mask, slate.explored, strict=True)], cold_start=True)
+
+    def _ctr_counts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(clicks, impressions) over 7 days per row, from the item feature matrix (log1p)."""
+        cols = F.ITEM_FEATURES
+        imps = np.expm1(self.item_features.static[rows, cols.index("item_log_impressions_7d")])
+        ctr = self.item_features.static[rows, cols.index("item_ctr")]
+        return ctr * imps, imps
+
+    # --------------------------------------------------------------------------- similar
+    def similar(self, item_id: str, k: int) -> Result | None:
+        """``k`` nearest items to ``item_id`` in two-tower space (ALS space in an ALS-only
+        bundle); None for an unknown item."""
+        clock = StageClock()
+        row = int(self.item_index.get_indexer([item_id])[0])
+        if row < 0:
+            return None
+        index, vectors = ((self.main_index, self.item_vectors) if self.main_index is not None
+                          else (self.als_index, self.als_items))
+        with clock.stage("similar"):
+            vec = vectors[row]
+            hits = self._search(index, vec[None], k + 1)[0]
+            hits = hits[(hits >= 0) & (hits != row)][:k]
+            scores = vectors[hits] @ vec
+        mask = np.full(len(hits), SOURCE_BITS["similar"], dtype=np.int64)
+        return Result(_request_id(), self.version, list(self.item_ids[hits]),
+                      scores.astype(np.float64), mask, np.ones(len(hits)),
+                      ["close in the two-tower space"] * len(hits), stages_ms=clock.stages)
+
+    # --------------------------------------------------------------------------- warm-up
+    def warm_up(self, cfg: ServingConfig, store: OnlineStore, n_requests: int = 64,
+                budget_s: float = 5.0, breaker: CircuitBreaker | None = None) -> WarmUp:
+        """Answer ``n_requests`` made-up requests before this engine takes real ones.
+
+        A fresh process answers its first requests slowly (1M-item bench bundle: the first
+        five took 23-196 ms against ~5 ms warm, two of them past the online store's deadline,
+        so degraded): lazily built library state, the store's connection per pool thread,
+        memoised encodings. A second server process that took traffic cold gave p99 238 ms
+        over a 40 s run at 100 QPS, every slow request in its first 4 s. The warm-up runs
+        known users (evenly spread over the ALS users), users known only by their session, a
+        cold user and similar items, through the same code as real requests; nothing is
+        recorded (metrics are recorded by ``App``). It stops after ``budget_s`` so a slow store
+        cannot hold up a start or a reload. Returns how many requests it answered and the
+        fallbacks they took (``App`` refuses a bundle whose parts fell back).
+        """
+        end = time.perf_counter() + budget_s
+        devices = ("web", "ios", "android", "tv")
+        users = self.user_index[np.linspace(0, len(self.user_index) - 1,
+                                            min(n_requests, len(self.user_index))).astype(int)]
+        session = tuple(self.item_ids[self.popular[:3]])
+        queries = [RecommendQuery("__warm_up_session__", 20, "web", session_item_ids=session),
+                   RecommendQuery("__warm_up_cold__", 20, "tv"),
+                   *(RecommendQuery(str(u), 20, devices[i % 4]) for i, u in enumerate(users))]
+        done, fallbacks = 0, Counter()
+        for q in queries[:n_requests]:
+            if time.perf_counter() > end:
+                break
+            fallbacks.update(self.recommend(q, cfg, store, breaker).fallbacks)
+            done += 1
+        self.similar(str(self.item_ids[self.popular[0]]), 10)
+        return WarmUp(done, dict(fallbacks))
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What :meth:`Engine.warm_up` did: requests answered and their fallbacks by reason."""
+
+    requests: int
+    fallbacks: dict[str, int]
+
+    @property
+    def part_failures(self) -> dict[str, int]:
+        """Fallbacks that blame the bundle (not the online store or a slow machine)."""
+        return {k: n for k, n in self.fallbacks.items() if k in PART_FALLBACKS}
+
+
+def _load_cooc(root: Path, n_items: int):
+    """The ranker's co-occurrence matrix if the bundle ships one, else an empty one."""
+    import scipy.sparse as sp
+
+    path = root / getattr(B, "RANKER_COOC", "ranker/cooc.npz")
+    if path.exists():
+        return sp.load_npz(path).tocsr().astype(np.float32)
+    return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_code(device: str) -> np.ndarray:
+    """``ranking_features.device_codes`` of one device string ([1] float32), memoised."""
+    out = RF.device_codes(np.array([device], dtype=object))
+    out.setflags(write=False)
+    return out
+
+
+def _row_of(index: pd.Index, key: str) -> int:
+    """Position of ``key`` in a unique ``index``, -1 when absent (one hash lookup)."""
+    try:
+        loc = index.get_loc(key)
+    except KeyError:
+        return -1
+    return int(loc) if isinstance(loc, (int, np.integer)) else -1
+
+
+def _one(row: Mapping[str, Any]) -> dict[str, list]:
+    return {k: [v] for k, v in row.items()} if row else {s.USER_ID: [None]}
+
+
+def _retrieval_order(pool: CandidatePool) -> np.ndarray:
+    """Scores when the ranker is skipped: ALS order, then two-tower, then popularity.
+
+    Returns minus the position in that order, so higher is better like a ranker score.
+    """
+    cols = [pool.scores[:, SOURCES.index(name)] for name in ("popularity", "two_tower", "als")]
+    keys = [np.nan_to_num(-c, nan=np.inf) for c in cols]  # lexsort: last key is primary
+    order = np.lexsort(keys)
+    scores = np.empty(len(pool))
+    scores[order] = -np.arange(len(pool), dtype=np.float64)
+    return scores
+
+
+_EXPLAIN = {
+    "two_tower": "matches your taste profile", "als": "liked by people with similar history",
+    "session": "related to what you just watched", "fresh": "new on the catalog",
+    "popularity": "popular right now", "content": "in a genre you picked",
+    "similar": "similar item",
+}
+
+
+def _explain(mask: int, explored: bool = False) -> str:
+    """Short reason from the sources (first source leads, others are mentioned)."""
+    names = source_names(mask)
+    if not names:
+        return ""
+    text = _EXPLAIN[names[0]]
+    if len(names) > 1:
+        text += " (also: " + ", ".join(names[1:]) + ")"
+    return text + ("; exploring" if explored else "")
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex
+

@@ -1,0 +1,51 @@
+"""What one answered request carries, and the per-stage timer that fills ``stages_ms``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Result:
+    """One answered request (engine side; the servicer turns it into a reply)."""
+
+    request_id: str
+    model_version: str
+    item_ids: list[str]
+    scores: np.ndarray
+    source_masks: np.ndarray
+    propensities: np.ndarray
+    explanations: list[str]
+    cold_start: bool = False
+    fallbacks: list[str] = field(default_factory=list)
+    experiment: str = ""
+    variant: str = ""
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    candidates: dict[str, int] = field(default_factory=dict)  # ranked pool, per source
+    pool_size: int = 0  # deduplicated candidates ranked
+
+
+class StageClock:
+    """Per-request stage timer: sums the time per stage into ``stages``."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            ms = (time.perf_counter() - start) * 1000.0
+            self.stages[name] = self.stages.get(name, 0.0) + ms
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1000.0
+
