@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from airflow.sdk import dag
 
-from tandem.orchestration import interval_param, materialize_features, spark_job
+from tandem.orchestration import interval_param, materialize_features, python_job, spark_job
 
 
 @dag(
@@ -29,9 +29,11 @@ from tandem.orchestration import interval_param, materialize_features, spark_job
     },
 )
 def tandem_hourly():
-    """Hourly data pipeline: ingest_events -> build_labels -> build_features -> materialize."""
+    """Hourly data pipeline: ingest_events -> build_labels -> build_features -> materialize
+    -> precompute_feeds (the champion's feeds for the most active users, serving.precomputed)."""
     (spark_job("ingest_events") >> spark_job("build_labels") >> spark_job("build_features")
-     >> materialize_features())
+     >> materialize_features()
+     >> python_job("serving.precompute_feeds", run_id=False, task_id="precompute_feeds"))
 
 
 tandem_hourly()

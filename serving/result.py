@@ -28,6 +28,7 @@ class Result:
     stages_ms: dict[str, float] = field(default_factory=dict)
     candidates: dict[str, int] = field(default_factory=dict)  # ranked pool, per source
     pool_size: int = 0  # deduplicated candidates ranked
+    path: str = "computed"  # which path answered: precomputed | cached | computed
 
 
 class StageClock:

@@ -198,6 +198,10 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
 
         fs = feature_store.open_store(Paths(Path(args.feast_home).resolve()))
         store = FeastStore(fs, socket_timeout_s=args.store_socket_timeout_ms / 1000.0)
+        if not args.no_precomputed_feeds:  # feeds the hourly job stored (serving.precomputed)
+            from serving.precomputed import WithFeeds, open_feeds
+
+            store = WithFeeds(store, open_feeds(fs))
         item_features = lambda ids: feature_store.ItemFeatureTable(fs, ids)  # noqa: E731
     if args.item_features:
         frame = pd.read_parquet(args.item_features)
@@ -264,6 +268,8 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
                         help="Python's GIL switch interval (default 5 ms); see main()")
     parser.add_argument("--impression-sink", default=None,
                         help="module:factory of a tandem.impressions.ImpressionSink (e.g. Kafka)")
+    parser.add_argument("--no-precomputed-feeds", action="store_true",
+                        help="never read the feeds serving.precompute_feeds stored")
     parser.add_argument("--processes", type=int, default=1,
                         help="server processes on one port (SO_REUSEPORT), each with its own GIL "
                              "and its own copy of the bundle; metrics on --metrics-port + i")
