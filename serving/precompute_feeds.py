@@ -19,6 +19,7 @@ Time: one engine call per user (~5-10 ms on one core): 50k heavy users take a fe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -67,10 +68,14 @@ def active_users(folder: Path, end: datetime, share: float, max_users: int) -> l
 
 def compute_feeds(engine: Engine, store, users: list[str], cfg: ServingConfig, k: int,
                   feeds, batch: int = 1000, now_ms: int | None = None) -> dict:
-    """Answer each user with ``engine`` and store the feeds that took no fallback."""
+    """Answer each user with ``engine`` and store the feeds that took no fallback.
+
+    The request deadlines are a server's, not a batch job's: here they are generous (a busy
+    machine must not turn feeds into fallbacks); they are not part of the feed's config key."""
     written = skipped = 0
     pending: dict[str, Feed] = {}
     key = config_key(cfg)
+    cfg = dataclasses.replace(cfg, online_store_timeout_ms=5_000.0, rank_deadline_ms=60_000.0)
     for user_id in users:
         t = now_ms or int(time.time() * 1000)
         rows = store.fetch(user_id)  # the session mark the feed is valid for

@@ -395,9 +395,11 @@ class UserRowReader:
                                entity_values=[self._value(string_val=user_id)])
         out = {name: None for _, names in self._views for name in names}
         for view, names in self._views:
+            # a copy: Feast's Redis store appends "_ts:<view>" to the list it is given (0.67),
+            # which grew the shared list by one name per read
             _, values = self._provider.online_read(config=self._config, table=view,
                                                    entity_keys=[key],
-                                                   requested_features=names)[0]
+                                                   requested_features=list(names))[0]
             for name in names:
                 if values and name in values:
                     out[name] = self._to_python(values[name])

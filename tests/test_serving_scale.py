@@ -26,6 +26,7 @@ from serving.validation import RecommendQuery
 from tandem import schema as s
 from tandem import synthetic_bundle as S
 from tandem.streaming.session_state import apply_event, session_row
+from tests.conftest import free_port
 from tests.test_serving import SPEC, SynthStore
 
 pytestmark = pytest.mark.serving
@@ -221,3 +222,53 @@ def test_two_processes_share_the_mapped_bundle_arrays(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+
+
+@pytest.mark.redis
+@pytest.mark.feast
+def test_bulk_loaded_redis_users_read_like_feast_writes_and_serve_stored_feeds(world, tmp_path):
+    """``write_shared_rows`` (the benchmark's 5M-user load) stores exactly what Feast's own
+    ``write_to_online_store`` stores, and feeds in the same Redis are served by the App."""
+    from serving.precomputed import open_feeds
+    from serving.stores import FeastStore
+    from tandem import feature_store as FS
+    from tandem.config import Paths
+    from tandem.redis_server import RedisServer
+
+    try:
+        redis = RedisServer(tmp_path / "redis", free_port())
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    try:
+        fs = FS.apply(Paths(tmp_path / "home"), profile="redis", redis=redis.url)
+        views = [s.USER_PROFILE_VIEW, s.USER_ACTIVITY_VIEW]
+        now = pd.Timestamp(NOW, unit="ms", tz="UTC")
+        profiles = S.profile_rows(8, SPEC.n_items).assign(**{s.EVENT_TIMESTAMP: now})
+        rows = np.arange(300)
+        assert FS.write_shared_rows(fs, views, profiles, S.user_id(rows),
+                                    S.profile_of(rows, 8), batch=128) == 300
+        # the control: u299's profile written by Feast itself under another id
+        control = profiles.iloc[[S.profile_of(np.array([299]), 8)[0]]].assign(
+            **{s.USER_ID: "control"})
+        for view in views:
+            fields = [f.name for f in fs.get_feature_view(view).features]
+            fs.write_to_online_store(view, control[[s.USER_ID, s.EVENT_TIMESTAMP, *fields]])
+        reader = FS.user_row_reader(fs)
+        assert reader.read("u299") == reader.read("control")
+        assert reader.read("u299")["user_age_bucket"] is not None
+        names = {ref.split(":")[1] for ref in FS.USER_REFS}
+        assert set(reader.read("u1")) == set(reader.read("u2")) == names  # no names pile up
+        assert redis.used_memory_mb() > 0
+
+        feeds = open_feeds(fs)
+        app = _app(world, WithFeeds(FeastStore(fs), feeds), [world["bundle"]])
+        done = compute_feeds(app.engines["champion"], FeastStore(fs), ["u5", "u6"], CFG, 40,
+                             feeds, now_ms=NOW)
+        assert done["written"] == 2 and feeds.get("u5").item_ids
+        served = app.recommend(_q("u5"))
+        assert served.path == "precomputed"
+        assert served.item_ids == list(feeds.get("u5").item_ids[:10])
+        assert app.recommend(_q("u7")).path == "computed"  # no feed stored
+        app.close()
+    finally:
+        redis.stop()
