@@ -206,6 +206,10 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
     if args.item_features:
         frame = pd.read_parquet(args.item_features)
         item_features = lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids))  # noqa: E731
+    if engine_cls is None and args.index_shards > 1:  # scatter-gather over shard processes
+        from serving.shards import sharded_engine
+
+        engine_cls = sharded_engine(args.index_shards)
     extra = {"engine_cls": engine_cls} if engine_cls is not None else {}
     return App(fetch, probe, experiment, cfg, store, sink=_sink(args.impression_sink),
                item_features=item_features, ledger=ledger, **extra)
@@ -268,6 +272,9 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
                         help="Python's GIL switch interval (default 5 ms); see main()")
     parser.add_argument("--impression-sink", default=None,
                         help="module:factory of a tandem.impressions.ImpressionSink (e.g. Kafka)")
+    parser.add_argument("--index-shards", type=int, default=1,
+                        help="split the two-tower index into this many shards, each searched "
+                             "by its own process (serving.shards)")
     parser.add_argument("--no-precomputed-feeds", action="store_true",
                         help="never read the feeds serving.precompute_feeds stored")
     parser.add_argument("--processes", type=int, default=1,

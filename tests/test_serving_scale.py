@@ -272,3 +272,27 @@ def test_bulk_loaded_redis_users_read_like_feast_writes_and_serve_stored_feeds(w
         app.close()
     finally:
         redis.stop()
+
+
+def test_sharded_index_answers_like_the_whole_catalog(tmp_path):
+    """Two shard processes (flat shards: exact) return the exact top-k of all items, ids being
+    catalog rows, for several queries at once and for one."""
+    from serving.shards import ShardedIndex, build_shards
+    from tandem.ann import exact_top_k
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    paths = build_shards(vectors, 2, tmp_path, kind="flat", k=20, n_tune_queries=10)
+    assert len(paths) == 2 and build_shards(vectors, 2, tmp_path) == paths  # reused
+    index = ShardedIndex(paths)
+    try:
+        queries = rng.standard_normal((5, 16)).astype(np.float32)
+        scores, ids = index.search(queries, 20)
+        exact_scores, exact_ids = exact_top_k(vectors, queries, 20)
+        np.testing.assert_array_equal(ids, exact_ids)
+        np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+        assert set(ids[0] % 2) == {0, 1}  # both shards contributed
+        assert index.search(queries[0], 20)[1].shape == (1, 20)
+    finally:
+        index.close()
