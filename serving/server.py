@@ -203,9 +203,10 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
 
             store = WithFeeds(store, open_feeds(fs))
         item_features = lambda ids: feature_store.ItemFeatureTable(fs, ids)  # noqa: E731
-    if args.item_features:
-        frame = pd.read_parquet(args.item_features)
-        item_features = lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids))  # noqa: E731
+    if args.item_features:  # read per engine build: the frame is not held between builds
+        path = args.item_features                     # (1M items: several hundred MB)
+        item_features = lambda ids: ItemFeatures.from_frame(  # noqa: E731
+            pd.read_parquet(path), pd.Index(ids))
     if engine_cls is None and args.index_shards > 1:  # scatter-gather over shard processes
         from serving.shards import sharded_engine
 
