@@ -1,8 +1,13 @@
 """Serving benchmark (``make bench``): Tandem vs the naive design on one synthetic world.
 
 1. Builds (once, cached under ``var/bench``) a synthetic bundle of ``--items`` items and
-   ``--users`` users (tandem.synthetic_bundle) and a Feast repo (SQLite online store) holding the
-   online rows of ``--stored-users`` users and ``--stored-items`` items.
+   ``--users`` users (tandem.synthetic_bundle) and a Feast repo holding the online rows of
+   ``--stored-users`` users (default: all of them) and ``--stored-items`` items. The online store
+   is Redis by default (``--online redis``: a redis-server the bench starts and stops, loaded
+   each run through ``feature_store.write_shared_rows``; load time and ``used_memory`` are
+   reported) or SQLite (``--online sqlite``, cached between runs). The heaviest users
+   (``--precompute-share``, at most ``--precompute-max``) get precomputed feeds
+   (``serving.precompute_feeds``, the hourly job's code).
 2. Starts the Tandem server (``python -m serving.server``) as its own process, drives it with a
    gRPC load generator at a fixed rate (open loop: latency counts from the scheduled send time,
    so queueing is not hidden) and then in closed loop, ``--duration`` seconds each. During the
@@ -13,8 +18,13 @@
 4. Writes ``reports/bench_serving.json``, ``reports/bench_serving_latency.png`` and prints a
    summary. Per-stage p99s come from the server's Prometheus histograms (bucket-interpolated).
 
-Request mix: 90 % users with online rows (known), 10 % ids drawn from all ``--users`` (most
-unknown to the store; those with ALS factors are warm, the rest cold start).
+Request mix: 95 % stored users drawn by their activity (``synthetic_bundle.user_activity``, the
+lognormal of tandem.world: heavy users ask more often), 5 % new ids (cold start, with
+onboarding genres from a few combinations). ``paths`` says which path answered the 100 QPS run
+(precomputed feed, cached cold pool, computed), from the server's histograms. Closed loop runs
+with 1 and 2 server processes (``--closed-loop-processes``); ``process_uss_mb`` and
+``server_pss_mb`` are the memory of the 2-process server (RSS counts pages shared through the
+memory-mapped bundle in every process, USS and PSS do not).
 
 ``--pipeline-rung NAME`` (or ``--bundle DIR``) serves a bundle the pipeline built instead
 (``make bench-pipeline`` writes where each rung's bundle and state root are): its catalog and
@@ -48,6 +58,7 @@ from tandem import synthetic_bundle as S  # noqa: E402
 from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
 from tandem.processes import child_env  # noqa: E402
+from tandem.redis_server import RedisServer  # noqa: E402
 from tests.conftest import free_port, free_ports  # noqa: E402
 
 # Client connections the load generators spread requests over, as from several client hosts:
@@ -55,12 +66,16 @@ from tests.conftest import free_port, free_ports  # noqa: E402
 # (SO_REUSEPORT hashes each connection to one process), so a handful of connections can leave
 # one process with most of the load (8 connections: 0.67 / 0.24 cores in 3 runs of 4).
 CHANNELS = 32
+PROFILES = 4096  # distinct synthetic user profiles in the online store
+COLD_SHARE = 0.05  # requests from new users (cold start)
+ONBOARDING = (("Comedy",), ("Drama", "Romance"), ("Action", "Thriller"), ())
 
 # ------------------------------------------------------------------------------------ prepare
 
 def prepare(work: Path, items: int, users: int, stored_users: int, stored_items: int,
-            trees: int, leaves: int) -> dict:
-    """Synthetic bundle + Feast online store, cached by scale under ``work``."""
+            trees: int, leaves: int, redis: str | None = None) -> dict:
+    """Synthetic bundle + Feast online store (SQLite: cached by scale under ``work``; Redis at
+    ``redis``: loaded now, ``online_store`` says how long that took)."""
     world = work / f"synthetic-{items}-{users}-{trees}x{leaves}"
     if not (world / "bundle" / "manifest.json").exists():
         t0 = time.perf_counter()
@@ -70,18 +85,21 @@ def prepare(work: Path, items: int, users: int, stored_users: int, stored_items:
                                num_leaves=leaves, n_train_groups=800, group_size=50)
         S.build(world, spec)
         print(f"built synthetic bundle in {time.perf_counter() - t0:.0f} s: {world}")
-    rng = np.random.default_rng(1)
-    user_rows = np.sort(rng.choice(users, size=min(stored_users, users), replace=False))
-    feast_home = world / f"feast-{stored_users}-{stored_items}"
-    if not (feast_home / "ready").exists():
-        _fill_feast(feast_home, world, S.user_id(user_rows), stored_items, items)
-    else:  # the cached store's repo and registry as the current feature_repo/ defines them
-        from tandem import feature_store as FS
-        from tandem.config import Paths
+    from tandem import feature_store as FS
+    from tandem.config import Paths
 
+    rng = np.random.default_rng(1)
+    user_rows = (np.arange(users) if stored_users >= users
+                 else np.sort(rng.choice(users, size=stored_users, replace=False)))
+    online = {"kind": "redis" if redis else "sqlite"}
+    feast_home = world / f"feast-{online['kind']}-{stored_users}-{stored_items}"
+    if redis or not (feast_home / "ready").exists():
+        online["load_s"] = _fill_feast(feast_home, world, user_rows, stored_items, items, redis)
+    else:  # the cached store's repo and registry as the current feature_repo/ defines them
         FS.apply(Paths(feast_home))
     return {"world": world, "bundle": world / "bundle", "features": world /
-            "item_features.parquet", "feast_home": feast_home, "stored_users": user_rows}
+            "item_features.parquet", "feast_home": feast_home, "stored_users": user_rows,
+            "online_store": online}
 
 
 def pipeline_bundle(bundle: Path, source: dict) -> dict:
@@ -115,22 +133,26 @@ def pipeline_rung_bundle(report: Path, rung: str) -> dict:
         "interval": entry["interval"], "registered": registered})
 
 
-def _fill_feast(home: Path, world: Path, user_ids: np.ndarray, stored_items: int,
-                n_items: int) -> None:
-    """Apply the repo and write user, session and item rows straight to the online store."""
+def _fill_feast(home: Path, world: Path, user_rows: np.ndarray, stored_items: int,
+                n_items: int, redis: str | None) -> float:
+    """Apply the repo and write user and item rows straight to the online store; returns the
+    seconds the user rows took.
+
+    Each user holds one of ``PROFILES`` synthetic profiles (``synthetic_bundle.profile_of``),
+    written in bulk (``feature_store.write_shared_rows``), a million ids at a time."""
     from tandem import feature_store as FS
     from tandem.config import Paths
 
-    t0 = time.perf_counter()
-    store = FS.apply(Paths(home))
+    store = FS.apply(Paths(home), profile="redis" if redis else "sqlite", redis=redis)
     now = pd.Timestamp.now(tz="UTC")
-    rows = [S.user_rows(u, n_items) for u in user_ids]
-    users = pd.DataFrame([r[0] for r in rows]).assign(**{s.USER_ID: user_ids,
-                                                        s.EVENT_TIMESTAMP: now})
-    for view, fields in ((s.USER_PROFILE_VIEW, s.USER_PROFILE_FIELDS),
-                         (s.USER_ACTIVITY_VIEW, s.USER_ACTIVITY_FIELDS)):
-        store.write_to_online_store(view, users[[s.USER_ID, s.EVENT_TIMESTAMP]
-                                                + [n for n, _ in fields]])
+    profiles = S.profile_rows(PROFILES, n_items).assign(**{s.EVENT_TIMESTAMP: now})
+    t0 = time.perf_counter()
+    for start in range(0, len(user_rows), 1_000_000):
+        chunk = user_rows[start:start + 1_000_000]
+        FS.write_shared_rows(store, [s.USER_PROFILE_VIEW, s.USER_ACTIVITY_VIEW], profiles,
+                             S.user_id(chunk), S.profile_of(chunk, PROFILES))
+    load_s = round(time.perf_counter() - t0, 1)
+    print(f"wrote {len(user_rows):,} users to the online store in {load_s:.0f} s: {home}")
     items = pd.read_parquet(world / "item_features.parquet")
     items = items.iloc[np.linspace(0, len(items) - 1, min(stored_items, len(items))).astype(int)]
     items = items.assign(**{s.EVENT_TIMESTAMP: now})
@@ -139,7 +161,7 @@ def _fill_feast(home: Path, world: Path, user_ids: np.ndarray, stored_items: int
         store.write_to_online_store(view, items[[s.ITEM_ID, s.EVENT_TIMESTAMP]
                                                 + [n for n, _ in fields]])
     (home / "ready").write_text(now.isoformat())
-    print(f"filled Feast online store in {time.perf_counter() - t0:.0f} s: {home}")
+    return load_s
 
 
 def _refresh_sessions(home: Path, user_ids: np.ndarray, n_items: int) -> None:
@@ -217,6 +239,18 @@ def rss_mb(proc: subprocess.Popen) -> float:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
+def memory_mb(proc: subprocess.Popen) -> tuple[list[float], float]:
+    """(USS of each server process, first process first; PSS of all of them): memory unique to
+    each process, and the server's share of the pages it maps (shared pages split between the
+    processes mapping them), so N processes mapping one bundle count it once."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    info = [p.memory_full_info() for p in [root, *root.children(recursive=True)]]
+    return ([round(i.uss / 2**20, 1) for i in info],
+            round(sum(i.pss for i in info) / 2**20, 1))
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -229,14 +263,56 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def make_requests(n: int, stored: np.ndarray, users: int, seed: int = 0,
                   ts_ms: int = S.NOW_MS) -> list:
+    """``n`` requests: stored users drawn by activity, ``COLD_SHARE`` new ids (past
+    ``users``) with onboarding genres."""
     rng = np.random.default_rng(seed)
-    known = rng.random(n) < 0.9
-    rows = np.where(known, stored[rng.integers(0, len(stored), n)], rng.integers(0, users, n))
+    activity = S.user_activity(users)[stored]
+    cold = rng.random(n) < COLD_SHARE
+    rows = np.where(cold, users + rng.integers(0, 10 * users, n),
+                    stored[rng.choice(len(stored), n, p=activity / activity.sum())])
     ids = S.user_id(rows)
     devices = np.array(["web", "ios", "android", "tv"], dtype=object)[rng.integers(0, 4, n)]
+    genres = rng.integers(0, len(ONBOARDING), n)
     return [pb.RecommendRequest(user_id=u, k=20, context=pb.Context(
-        device=d, country="DE", surface="home", ts=ts_ms)) for u, d in zip(ids, devices,
-                                                                       strict=True)]
+        device=d, country="DE", surface="home", ts=ts_ms,
+        onboarding_genres=ONBOARDING[g] if c else ()))
+        for u, d, g, c in zip(ids, devices, genres, cold, strict=True)]
+
+
+def heavy_users(stored: np.ndarray, users: int, share: float, most: int) -> np.ndarray:
+    """The most active ``share`` of the stored users (at most ``most``), by activity."""
+    n = min(most, int(np.ceil(share * len(stored))))
+    activity = S.user_activity(users)[stored]
+    return stored[np.argsort(-activity, kind="stable")[:n]]
+
+
+def precompute(w: dict, users: np.ndarray) -> dict:
+    """Feeds of ``users`` stored in the online store by the hourly job's code
+    (``serving.precompute_feeds.compute_feeds``) with the bundle the server serves."""
+    from serving.config import ServingConfig
+    from serving.engine import Engine
+    from serving.item_table import ItemFeatures
+    from serving.precompute_feeds import compute_feeds
+    from serving.precomputed import open_feeds
+    from serving.server import local_source
+    from serving.stores import FeastStore
+    from tandem import feature_store as FS
+    from tandem.config import Paths
+
+    t0 = time.perf_counter()
+    fs = FS.open_store(Paths(w["feast_home"]))
+    bundle, version = local_source(w["bundle"])[0]("champion")
+    frame = pd.read_parquet(w["features"]) if w["features"] else None
+    items = ((lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids))) if frame is not None
+             else (lambda ids: FS.ItemFeatureTable(fs, ids)))
+    cfg = ServingConfig()
+    engine = Engine(bundle, version, items, cfg)
+    # the requests' time: feeds are fresh for requests at the world's "now"
+    out = compute_feeds(engine, FeastStore(fs), list(S.user_id(users)), cfg, cfg.max_k,
+                        open_feeds(fs), now_ms=w.get("ts_ms", S.NOW_MS))
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"precomputed feeds: {out}")
+    return out
 
 
 def _stubs(port: int) -> tuple[list, list]:
@@ -402,9 +478,10 @@ class BackgroundCpu:
 
 # ------------------------------------------------------------------------------- stage metrics
 
-def stage_p99(metrics_ports: list[int]) -> dict[str, float]:
-    """p99 per stage from ``tandem_stage_seconds`` buckets summed over the server's processes
-    (linear within a bucket)."""
+def histogram(metrics_ports: list[int], family_name: str, label: str
+              ) -> dict[str, dict[float, float]]:
+    """Cumulative bucket counts ``{label value: {le: count}}`` of histogram ``family_name``
+    summed over the server's processes."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -413,28 +490,47 @@ def stage_p99(metrics_ports: list[int]) -> dict[str, float]:
     for port in metrics_ports:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         for family in text_string_to_metric_families(text):
-            if family.name != "tandem_stage_seconds":
+            if family.name != family_name:
                 continue
             for sample in family.samples:
                 if sample.name.endswith("_bucket"):
-                    counts = buckets.setdefault(sample.labels["stage"], {})
+                    counts = buckets.setdefault(sample.labels[label], {})
                     le = float(sample.labels["le"])
                     counts[le] = counts.get(le, 0.0) + sample.value
-    out = {}
-    for stage, by_le in buckets.items():
-        pairs = sorted(by_le.items())
-        total = pairs[-1][1]
-        if total == 0:
-            continue
-        target, prev_le, prev_c = 0.99 * total, 0.0, 0.0
-        for le, count in pairs:
-            if count >= target:
-                hi = le if np.isfinite(le) else prev_le
-                frac = (target - prev_c) / max(count - prev_c, 1e-9)
-                out[stage] = round((prev_le + (hi - prev_le) * frac) * 1000.0, 3)
-                break
-            prev_le, prev_c = le, count
-    return out
+    return buckets
+
+
+def _p99_ms(by_le: dict[float, float]) -> float | None:
+    """p99 of cumulative buckets (linear within a bucket), None when empty."""
+    pairs = sorted(by_le.items())
+    total = pairs[-1][1]
+    if total <= 0:
+        return None
+    target, prev_le, prev_c = 0.99 * total, 0.0, 0.0
+    for le, count in pairs:
+        if count >= target:
+            hi = le if np.isfinite(le) else prev_le
+            frac = (target - prev_c) / max(count - prev_c, 1e-9)
+            return round((prev_le + (hi - prev_le) * frac) * 1000.0, 3)
+        prev_le, prev_c = le, count
+    return None
+
+
+def stage_p99(metrics_ports: list[int]) -> dict[str, float]:
+    """p99 per stage from ``tandem_stage_seconds`` buckets summed over the server's processes."""
+    out = {stage: _p99_ms(by_le) for stage, by_le in
+           histogram(metrics_ports, "tandem_stage_seconds", "stage").items()}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def paths_between(before: dict, after: dict) -> dict:
+    """``{path: {"share", "p99_ms"}}`` of the requests answered between two snapshots of
+    ``tandem_recommend_path_seconds`` (:func:`histogram`)."""
+    runs = {name: {le: c - before.get(name, {}).get(le, 0.0) for le, c in by_le.items()}
+            for name, by_le in after.items()}
+    total = sum(max(by_le.values()) for by_le in runs.values())
+    return {name: {"share": round(max(by_le.values()) / total, 4) if total else 0.0,
+                   "p99_ms": _p99_ms(by_le)} for name, by_le in sorted(runs.items())}
 
 
 # ------------------------------------------------------------------------------------- main
@@ -490,7 +586,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--qps", type=float, default=100.0)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--stored-users", type=int, default=10_000)
+    parser.add_argument("--stored-users", type=int, default=None,
+                        help="users with online rows (default: all --users)")
+    parser.add_argument("--online", choices=["redis", "sqlite"], default="redis",
+                        help="online store of the synthetic world (redis: started by the bench)")
+    parser.add_argument("--qps2", type=float, default=200.0, help="the second fixed rate")
+    parser.add_argument("--closed-loop-processes", default="1,2",
+                        help="server process counts of the closed-loop runs")
+    parser.add_argument("--precompute-share", type=float, default=0.01,
+                        help="share of the stored users (the most active) with a stored feed")
+    parser.add_argument("--precompute-max", type=int, default=50_000)
     parser.add_argument("--stored-items", type=int, default=100_000)
     parser.add_argument("--trees", type=int, default=150)
     parser.add_argument("--leaves", type=int, default=15)
@@ -504,8 +609,9 @@ def main(argv: list[str] | None = None) -> dict:
     # 21.8 ms / p99.9 30 ms and 145 QPS closed loop, two gave 32.4 / 181 ms and 183 QPS: more
     # throughput, but a longer fixed-rate tail (twice the memory, and the client shares the cores)
     parser.add_argument("--processes", type=int, default=1,
-                        help="Tandem server processes (serving.server --processes), each with "
-                             "its own GIL and its own copy of the bundle")
+                        help="Tandem server processes of the fixed-rate runs (serving.server "
+                             "--processes), each with its own GIL, the bundle's big arrays "
+                             "mapped once for all")
     parser.add_argument("--pipeline-rung", default=None,
                         help="serve the bundle this rung of make bench-pipeline built (e.g. 50m)")
     parser.add_argument("--pipeline-report", type=Path,
@@ -521,24 +627,53 @@ def main(argv: list[str] | None = None) -> dict:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    if args.pipeline_rung or args.bundle:
+    pipeline = bool(args.pipeline_rung or args.bundle)
+    redis = (RedisServer(args.work / "redis", free_port())
+             if args.online == "redis" and not pipeline else None)
+    try:
+        report, w, requests, fixed = _tandem_runs(args, pipeline, redis)
+        if args.shadow:
+            report["shadow"] = shadow_side_by_side(w, args, requests, report["fixed_rate"])
+        naive_lat = _naive_run(args, w, requests, report)
+    finally:
+        if redis is not None:
+            redis.stop()
+    args.out.write_text(json.dumps(report, indent=2))
+    png = args.out.with_name("bench_serving_latency.png")
+    plot(png, fixed, report["fixed_rate"]["host"], naive_lat, args.qps,
+         report.get("naive", {}).get("errors", 0))
+    _summary(report, args.out, png)
+    return report
+
+
+def _tandem_runs(args: argparse.Namespace, pipeline: bool, redis: RedisServer | None
+                 ) -> tuple[dict, dict, list, dict]:
+    """Prepare the world, then the Tandem server: fixed rates and closed loop with
+    ``args.processes``, closed loop again per ``--closed-loop-processes``."""
+    if pipeline:
         w = (pipeline_rung_bundle(args.pipeline_report, args.pipeline_rung) if args.pipeline_rung
              else pipeline_bundle(args.bundle, {"source": "--bundle"}))
         args.items, args.users, args.stored_items = w["items"], w["users"], w["items"]
-        stored_ids = S.user_id(w["stored_users"])
     else:
-        w = prepare(args.work, args.items, args.users, args.stored_users, args.stored_items,
-                    args.trees, args.leaves)
+        w = prepare(args.work, args.items, args.users, args.stored_users or args.users,
+                    args.stored_items, args.trees, args.leaves,
+                    redis.url if redis is not None else None)
         w["source"] = {"source": "tandem.synthetic_bundle", "dir": str(w["bundle"])}
-        stored_ids = S.user_id(w["stored_users"])
-        _refresh_sessions(w["feast_home"], stored_ids, args.items)
     requests = make_requests(20_000, w["stored_users"], args.users,
                              ts_ms=w.get("ts_ms", S.NOW_MS))
     report: dict = {"bundle": w["source"],
                     "scale": {"items": args.items, "users": args.users,
-                              "stored_online_users": len(stored_ids),
+                              "stored_online_users": len(w["stored_users"]),
                               "stored_online_items_for_naive": min(args.stored_items,
                                                                    args.items)}}
+    if not pipeline:
+        asked = np.unique([int(r.user_id[1:]) for r in requests])
+        _refresh_sessions(w["feast_home"], S.user_id(asked[asked < args.users]), args.items)
+        report["online_store"] = {**w["online_store"], "memory_mb": (
+            redis.used_memory_mb() if redis is not None else None)}
+        if args.precompute_share > 0:  # after the sessions: feeds hold their session mark
+            report["precomputed_feeds"] = precompute(w, heavy_users(
+                w["stored_users"], args.users, args.precompute_share, args.precompute_max))
 
     t0 = time.perf_counter()
     proc, port, mport = start_server(["-m", "serving.server"], w["bundle"], w["features"],
@@ -548,27 +683,56 @@ def main(argv: list[str] | None = None) -> dict:
     report["server_start_s"] = round(time.perf_counter() - t0, 1)
     try:
         warm_connections(port, requests)
+        before = histogram(mport, "tandem_recommend_path_seconds", "path")
         with BackgroundCpu(proc) as other, HostProbe() as host:
             fixed = fixed_rate(port, requests, args.qps, args.duration)
+        report["paths"] = paths_between(before, histogram(
+            mport, "tandem_recommend_path_seconds", "path"))
         report["stages_p99_ms"] = stage_p99(mport)
         report["fixed_rate"] = _public(fixed)
         report["fixed_rate"]["host"] = host.summary(fixed["_t0_wall"], args.duration)
         report["fixed_rate"].update(outside_host_events(fixed, report["fixed_rate"]["host"]))
         report["fixed_rate"]["other_cpu_cores"] = other.cores
         report["fixed_rate"]["server_cpu_cores"] = other.server
-        report["closed_loop"] = closed_loop(port, requests, args.concurrency, args.duration)
+        with BackgroundCpu(proc) as other:
+            fixed2 = fixed_rate(port, requests, args.qps2, args.duration)
+        report["fixed_rate_200"] = {**_public(fixed2), "other_cpu_cores": other.cores,
+                                    "server_cpu_cores": other.server}
         report["server_rss_mb"] = round(rss_mb(proc), 1)
+        loops = {args.processes: closed_loop(port, requests, args.concurrency, args.duration)}
+        report["closed_loop"] = loops[args.processes]
+        memory = memory_mb(proc)
     finally:
         stop_server(proc)
+    for n in (int(x) for x in args.closed_loop_processes.split(",")):
+        if n in loops:
+            continue
+        proc, port, _ = start_server(["-m", "serving.server"], w["bundle"], w["features"],
+                                     w["feast_home"], "auto",
+                                     args.work / f"tandem_server_{n}.log", n)
+        try:
+            warm_connections(port, requests)
+            loops[n] = closed_loop(port, requests, args.concurrency, args.duration)
+            if n > len(memory[0]):  # the memory of the most processes
+                memory = memory_mb(proc)
+        finally:
+            stop_server(proc)
+    report["closed_loop_by_processes"] = {str(n): r for n, r in sorted(loops.items())}
+    best = max(loops, key=lambda n: loops[n]["achieved_qps"])
+    report["closed_loop_best"] = {"processes": best, **{k: loops[best][k] for k in (
+        "concurrency", "achieved_qps", "p99_ms", "errors")}}
+    report["process_uss_mb"], report["server_pss_mb"] = memory
+    return report, w, requests, fixed
 
-    if args.shadow:
-        report["shadow"] = shadow_side_by_side(w, args, requests, report["fixed_rate"])
 
+def _naive_run(args: argparse.Namespace, w: dict, requests: list, report: dict) -> np.ndarray:
+    """The naive server at the first fixed rate (unless ``--skip-naive``); its latencies."""
     naive_lat = np.zeros(0)
     if not args.skip_naive:
         proc, port, mport = start_server(["-m", "bench.naive_server"], w["bundle"], w["features"],
                                          w["feast_home"], "lightgbm",
-                                         args.work / "naive_server.log")
+                                         args.work / "naive_server.log",
+                                         extra=("--no-precomputed-feeds",))
         try:
             closed_loop(port, requests[:50], 1, 3.0)
             naive = fixed_rate(port, requests, args.qps, args.duration)
@@ -580,12 +744,7 @@ def main(argv: list[str] | None = None) -> dict:
             stop_server(proc)
         report["naive_over_tandem_p99"] = round(report["naive"]["p99_ms"]
                                                 / report["fixed_rate"]["p99_ms"], 2)
-    args.out.write_text(json.dumps(report, indent=2))
-    png = args.out.with_name("bench_serving_latency.png")
-    plot(png, fixed, report["fixed_rate"]["host"], naive_lat, args.qps,
-         report.get("naive", {}).get("errors", 0))
-    _summary(report, args.out, png)
-    return report
+    return naive_lat
 
 
 def shadow_side_by_side(w: dict, args: argparse.Namespace, requests: list,
@@ -653,6 +812,18 @@ def _summary(r: dict, out: Path, png: Path) -> None:
     print(f"  closed loop x{c['concurrency']}: {c['achieved_qps']} QPS (ceiling), "
           f"p99 {c['p99_ms']} ms")
     print("  stage p99 (ms): " + ", ".join(f"{k} {v}" for k, v in r["stages_p99_ms"].items()))
+    f2, best = r["fixed_rate_200"], r["closed_loop_best"]
+    print(f"  fixed rate {f2['target_qps']:g} QPS: achieved {f2['achieved_qps']}, p99 "
+          f"{f2['p99_ms']} ms, errors {f2['errors']}")
+    print(f"  closed loop best: {best['processes']} process(es), {best['achieved_qps']} QPS, "
+          f"p99 {best['p99_ms']} ms, errors {best['errors']}")
+    print("  paths at the first rate: " + ", ".join(
+        f"{k} {v['share']:.1%} (p99 {v['p99_ms']} ms)" for k, v in r["paths"].items()))
+    print(f"  USS per process {r['process_uss_mb']} MB, server PSS {r['server_pss_mb']} MB")
+    if "online_store" in r:
+        o = r["online_store"]
+        print(f"  online store {o['kind']}: {r['scale']['stored_online_users']:,} users, "
+              f"{o['memory_mb']} MB, loaded in {o.get('load_s')} s")
     print(f"  server RSS {r['server_rss_mb']} MB")
     if "shadow" in r:
         sh = r["shadow"]

@@ -31,9 +31,11 @@ from tandem.orchestration import interval_param, materialize_features, python_jo
 )
 def tandem_hourly():
     """Hourly data pipeline: ingest_events -> build_labels -> build_features -> materialize ->
-    embed_new_items."""
+    embed_new_items -> precompute_feeds (the champion's feeds for the most active users,
+    serving.precomputed)."""
     (spark_job("ingest_events") >> spark_job("build_labels") >> spark_job("build_features")
-     >> materialize_features() >> python_job("embed_new_items", run_id=False))
+     >> materialize_features() >> python_job("embed_new_items", run_id=False)
+     >> python_job("serving.precompute_feeds", run_id=False, task_id="precompute_feeds"))
 
 
 tandem_hourly()

@@ -44,8 +44,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from serving import item_deltas
+from serving import item_deltas, precomputed
+from serving import shared_memory as shm
 from serving.breaker import CircuitBreaker
+from serving.caches import COLD_CACHE_ENTRIES, SIMILAR_CACHE_ENTRIES, BoundedCache
 from serving.config import ServingConfig
 from serving.item_table import ItemFeatures, ItemTableFactory
 from serving.ranker_model import Ranker
@@ -122,16 +124,25 @@ class Engine:
         self.created_at = items[s.CREATED_AT].to_numpy(np.int64)
         users = pd.read_parquet(root / B.USERS) if (root / B.USERS).exists() else None
         self.user_index = pd.Index(users[s.USER_ID].astype(str) if users is not None else [])
-        self.als_items = item_deltas.pad_rows(np.load(root / B.ALS_ITEM_FACTORS), self.n_items)
-        self.als_users = np.load(root / B.ALS_USER_FACTORS)
-        self.als_index = AnnIndex.load(root / B.INDEX_ALS)
+        # the big arrays mapped from the bundle: N server processes share one copy; hourly new
+        # items (serving.item_deltas) pad them, and their vectors go into a private copy of the
+        # main index (a mapped index is read-only)
+        self.als_items = item_deltas.pad_rows(shm.load_array(root / B.ALS_ITEM_FACTORS),
+                                              self.n_items)
+        self.als_users = shm.load_array(root / B.ALS_USER_FACTORS)
+        self.als_index = shm.load_index(root / B.INDEX_ALS)
+        als_unit = item_deltas.pad_rows(
+            shm.derived_array(root / B.ALS_ITEM_FACTORS, "unit", RF.unit_rows,
+                              Path(cache_dir) / "derived" if cache_dir else None), self.n_items)
         if (root / B.TT_ITEM_VECTORS).exists():
-            self.main_index = AnnIndex.load(root / B.INDEX_MAIN)
+            self.main_index = (shm.load_index(root / B.INDEX_MAIN) if self.item_delta is None
+                               else AnnIndex.load(root / B.INDEX_MAIN))
             self.item_vectors = item_deltas.extend_vectors(
-                np.load(root / B.TT_ITEM_VECTORS), self.main_index, self.item_delta, self.n_items)
+                shm.load_array(root / B.TT_ITEM_VECTORS), self.main_index, self.item_delta,
+                self.n_items)
             self.tower = UserTower.load(root / B.TT_USER_TOWER, self.item_vectors)
         else:  # an ALS-only bundle
-            self.item_vectors = RF.unit_rows(self.als_items)
+            self.item_vectors = als_unit
             self.main_index, self.tower = None, None
         self.sequence = SequenceSource.load(root)
         self.ranker = Ranker(root / B.RANKER_MODEL, cfg.ranker_backend, cache_dir)
@@ -141,7 +152,7 @@ class Engine:
         if self.ranker.n_features != len(names):
             raise ValueError(f"ranker expects {self.ranker.n_features} features, "
                              f"features.json names {len(names)}")
-        self.space = RF.ItemSpace(RF.unit_rows(self.als_items), _load_cooc(root, self.n_items))
+        self.space = RF.ItemSpace(als_unit, _load_cooc(root, self.n_items))
         self.space.cooc_columns()  # column form for recency lookups, built before requests
         self.item_features = (item_features(self.item_ids) if item_features is not None
                               else ItemFeatures.from_frame(pd.DataFrame(
@@ -158,6 +169,9 @@ class Engine:
                           for j, g in enumerate(F.GENRE_VOCAB)}
         self.session_retrieval = SessionRetrieval.build(self.als_items, genres, self.popularity)
         self._profiles: dict[tuple, np.ndarray] = {}  # see _encode_profile
+        # per engine: a swapped-in model starts with empty caches (serving.caches)
+        self.cold_cache = BoundedCache("cold_start", COLD_CACHE_ENTRIES)
+        self.similar_cache = BoundedCache("similar_items", SIMILAR_CACHE_ENTRIES)
 
     # --------------------------------------------------------------------------- helpers
     def rows_of(self, item_ids) -> np.ndarray:
@@ -246,7 +260,10 @@ class Engine:
         recent_ids = list(q.session_item_ids) + list(session.get(s.SESSION_RECENT_ITEMS) or [])
         history = pd.unique(self.rows_of(recent_ids))  # newest first, deduplicated
         exclude = np.concatenate([history, self.rows_of(q.exclude_item_ids)])
-        if rows.user is None and user_row < 0 and len(history) == 0:
+        result = self._stored(q, cfg, rows, exclude, now_ms, clock)
+        if result is not None:  # a precomputed feed, still valid
+            pass
+        elif rows.user is None and user_row < 0 and len(history) == 0:
             if any(f in STORE_FALLBACKS for f in fallbacks):
                 result = self._degraded(q, exclude, clock)  # unknown because the store failed
             else:
@@ -407,6 +424,24 @@ class Engine:
                               device, recent, self.space)
         return x if self.feature_columns is None else x[:, self.feature_columns]
 
+    def _stored(self, q: RecommendQuery, cfg: ServingConfig, rows: UserRows,
+                exclude: np.ndarray, now_ms: int, clock: StageClock) -> Result | None:
+        """The user's precomputed feed if still valid (``serving.precomputed.usable``) with the
+        live filters applied (seen and excluded items); None: compute the answer."""
+        feed = rows.feed
+        if not precomputed.usable(feed, self.version, cfg, q, rows.session, now_ms):
+            return None
+        with clock.stage("precomputed"):
+            idx = self.item_index.get_indexer(feed.item_ids)
+            keep = np.flatnonzero((idx >= 0) & ~np.isin(idx, exclude))[: q.k]
+            masks = np.asarray(feed.source_masks, dtype=np.int64)[keep]
+        if len(keep) < q.k:  # the filters left too few: compute
+            return None
+        return Result(_request_id(), self.version, list(self.item_ids[idx[keep]]),
+                      np.asarray(feed.scores, dtype=np.float64)[keep], masks,
+                      np.ones(len(keep)), [_explain(int(mk)) for mk in masks],
+                      path="precomputed")
+
     def _degraded(self, q: RecommendQuery, exclude: np.ndarray, clock: StageClock) -> Result:
         """Popularity only (the online store failed and nothing else identifies the user)."""
         with clock.stage("merge"):
@@ -420,17 +455,16 @@ class Engine:
               clock: StageClock) -> Result:
         """Popularity + onboarding-genre content, exploring fresh items; propensities logged."""
         with clock.stage("cold_start"):
-            content = [self.genre_top[g] for g in q.onboarding_genres if g in self.genre_top]
-            lists = [("content", r, self.popularity[r]) for r in content]
-            lists.append(("popularity", self.popular[: cfg.n_cold_exploit],
-                          self.popularity[self.popular[: cfg.n_cold_exploit]]))
-            fresh = self.newest[self.created_at[self.newest] >= now_ms - cfg.fresh_days * DAY_MS]
-            fresh = fresh[: cfg.n_cold_explore]
-            exploit = merge(lists, np.concatenate([exclude, fresh]), self.n_items)
-            # content matches first, then by popularity
-            has_content = (exploit.source_mask & SOURCE_BITS["content"]) > 0
-            order = np.lexsort((-self.popularity[exploit.rows], ~has_content))
-            exploit = exploit.take(order)
+            # ``newest`` is sorted by creation time: the fresh items are a prefix of it, so
+            # their count (with the genres) keys the cached pool exactly
+            n_fresh = int(np.count_nonzero(
+                self.created_at[self.newest] >= now_ms - cfg.fresh_days * DAY_MS))
+            key = (tuple(q.onboarding_genres), min(n_fresh, cfg.n_cold_explore),
+                   cfg.n_cold_exploit)
+            (exploit, fresh), hit = self.cold_cache.get(key, lambda: self._cold_pool(
+                q.onboarding_genres, self.newest[: key[1]], cfg))
+            if len(exclude):  # the live filter: a subset keeps the cached order
+                exploit = exploit.take(np.flatnonzero(~np.isin(exploit.rows, exclude)))
             explore = fresh[~np.isin(fresh, exclude)]
             rng = np.random.default_rng()
             # one array over both pools: exploit rows first, then explore rows
@@ -450,7 +484,21 @@ class Engine:
         return Result(_request_id(), self.version, list(self.item_ids[rows]), slate.score,
                       mask.astype(np.int64), slate.propensity,
                       [_explain(int(mk), explored=bool(x))
-                       for mk, x in zip(mask, slate.explored, strict=True)], cold_start=True)
+                       for mk, x in zip(mask, slate.explored, strict=True)], cold_start=True,
+                      path="cached" if hit else "computed")
+
+    def _cold_pool(self, genres, fresh: np.ndarray,
+                   cfg: ServingConfig) -> tuple[CandidatePool, np.ndarray]:
+        """The part of a cold answer no one's history changes (cached per genres and fresh
+        set): popularity + genre content minus ``fresh``, content matches first, then by
+        popularity; and ``fresh`` (the exploration pool)."""
+        content = [self.genre_top[g] for g in genres if g in self.genre_top]
+        lists = [("content", r, self.popularity[r]) for r in content]
+        lists.append(("popularity", self.popular[: cfg.n_cold_exploit],
+                      self.popularity[self.popular[: cfg.n_cold_exploit]]))
+        exploit = merge(lists, fresh, self.n_items)
+        has_content = (exploit.source_mask & SOURCE_BITS["content"]) > 0
+        return exploit.take(np.lexsort((-self.popularity[exploit.rows], ~has_content))), fresh
 
     def _ctr_counts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(clicks, impressions) over 7 days per row, from the item feature matrix (log1p)."""
@@ -470,10 +518,13 @@ class Engine:
         index, vectors = ((self.main_index, self.item_vectors) if self.main_index is not None
                           else (self.als_index, self.als_items))
         with clock.stage("similar"):
-            vec = vectors[row]
-            hits = self._search(index, vec[None], k + 1)[0]
-            hits = hits[(hits >= 0) & (hits != row)][:k]
-            scores = vectors[hits] @ vec
+            def search() -> tuple[np.ndarray, np.ndarray]:
+                vec = vectors[row]
+                hits = self._search(index, vec[None], k + 1)[0]
+                hits = hits[(hits >= 0) & (hits != row)][:k]
+                return hits, vectors[hits] @ vec
+
+            (hits, scores), _ = self.similar_cache.get((row, k), search)
         mask = np.full(len(hits), SOURCE_BITS["similar"], dtype=np.int64)
         return Result(_request_id(), self.version, list(self.item_ids[hits]),
                       scores.astype(np.float64), mask, np.ones(len(hits)),

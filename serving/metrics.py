@@ -42,6 +42,13 @@ BUNDLE_REJECTED = Counter("tandem_bundle_rejected_total",
 LAST_GOOD = Gauge("tandem_serving_last_good", "1 while an alias serves its last good local "
                   "bundle because the registry was unreachable at start", ["alias"])
 
+CACHE_LOOKUPS = Counter("tandem_cache_lookups_total", "Lookups of the serving caches "
+                        "(serving.caches), by cache and outcome (hit, miss)", ["cache", "outcome"])
+PATH_SECONDS = Histogram("tandem_recommend_path_seconds", "Recommend latency inside the "
+                         "servicer by the path that answered it (precomputed: a stored feed; "
+                         "cached: a cached cold-start pool; computed)", ["path"],
+                         buckets=_MS_BUCKETS)
+
 
 def serve(port: int, addr: str = "127.0.0.1") -> int:
     """Start the ``/metrics`` HTTP endpoint in a daemon thread; returns the port."""
@@ -83,6 +90,12 @@ def observe(result: Observed) -> None:
 def _stage(name: str):
     """The ``tandem_stage_seconds`` child of one stage (``labels()`` locks; look it up once)."""
     return STAGE_SECONDS.labels(name)
+
+
+@functools.lru_cache(maxsize=64)
+def path(name: str):
+    """The ``tandem_recommend_path_seconds`` child of one path."""
+    return PATH_SECONDS.labels(name)
 
 
 @functools.lru_cache(maxsize=64)

@@ -31,6 +31,7 @@ class Result:
     candidates: dict[str, int] = field(default_factory=dict)  # ranked pool, per source
     pool_size: int = 0  # deduplicated candidates ranked
     logged: FeatureSample | None = None  # sampled ranker rows (``tandem.feature_log``)
+    path: str = "computed"  # which path answered: precomputed | cached | computed
 
 
 class StageClock:

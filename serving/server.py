@@ -209,12 +209,21 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
 
         fs = feature_store.open_store(Paths(Path(args.feast_home).resolve()))
         store = FeastStore(fs, socket_timeout_s=args.store_socket_timeout_ms / 1000.0)
+        if not args.no_precomputed_feeds:  # feeds the hourly job stored (serving.precomputed)
+            from serving.precomputed import WithFeeds, open_feeds
+
+            store = WithFeeds(store, open_feeds(fs))
         watcher = MaterializationWatcher(lambda: feature_store.materialization_watermark(fs),
                                          args.item_refresh_s).start()
         item_features = watcher.track(lambda ids: feature_store.ItemFeatureTable(fs, ids))
-    if args.item_features:
-        frame = pd.read_parquet(args.item_features)
-        item_features = lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids))  # noqa: E731
+    if args.item_features:  # read per engine build: the frame is not held between builds
+        path = args.item_features                     # (1M items: several hundred MB)
+        item_features = lambda ids: ItemFeatures.from_frame(  # noqa: E731
+            pd.read_parquet(path), pd.Index(ids))
+    if engine_cls is None and args.index_shards > 1:  # scatter-gather over shard processes
+        from serving.shards import sharded_engine
+
+        engine_cls = sharded_engine(args.index_shards)
     extra = {"engine_cls": engine_cls} if engine_cls is not None else {}
     if args.experiments_file:
         extra["definitions"] = DefinitionsWatcher(Path(args.experiments_file))
@@ -288,6 +297,11 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
                         help="Python's GIL switch interval (default 5 ms); see main()")
     parser.add_argument("--impression-sink", default=None,
                         help="module:factory of a tandem.impressions.ImpressionSink (e.g. Kafka)")
+    parser.add_argument("--index-shards", type=int, default=1,
+                        help="split the two-tower index into this many shards, each searched "
+                             "by its own process (serving.shards)")
+    parser.add_argument("--no-precomputed-feeds", action="store_true",
+                        help="never read the feeds serving.precompute_feeds stored")
     parser.add_argument("--processes", type=int, default=1,
                         help="server processes on one port (SO_REUSEPORT), each with its own GIL "
                              "and its own copy of the bundle; metrics on --metrics-port + i")

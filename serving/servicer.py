@@ -65,6 +65,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             _done("Recommend", "INTERNAL", t0)
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
         _done("Recommend", "OK", t0)
+        m.path(result.path).observe(time.perf_counter() - t0)
         return pb.RecommendResponse(
             request_id=result.request_id, model_version=result.model_version,
             experiment=result.experiment, variant=result.variant, items=_items(result),

@@ -20,6 +20,7 @@ class UserRows:
 
     user: Mapping[str, Any] | None = None
     session: Mapping[str, Any] | None = None
+    feed: Any = None  # the user's precomputed feed (serving.precomputed.WithFeeds), if stored
 
 
 class OnlineStore(Protocol):

@@ -137,9 +137,15 @@ class AnnIndex:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> AnnIndex:
+    def load(cls, path: Path, mmap: bool = False) -> AnnIndex:
+        """The index saved at ``path``; ``mmap`` maps its vectors from the file instead of
+        reading them (IVF lists or flat codes): processes serving one file share one copy in
+        the page cache. A mapped index is read-only (no :meth:`add`)."""
         meta = json.loads(Path(f"{path}.json").read_text())
-        out = cls(faiss.read_index(str(path)), **meta)
+        flags = 0
+        if mmap:
+            flags = faiss.IO_FLAG_MMAP if meta["kind"] == "ivf" else faiss.IO_FLAG_MMAP_IFC
+        out = cls(faiss.read_index(str(path), flags), **meta)
         out.set_nprobe(out.nprobe)
         return out
 

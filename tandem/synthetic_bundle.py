@@ -96,6 +96,28 @@ def user_rows(uid: str, n_items: int) -> tuple[dict, dict]:
     return user, session
 
 
+def user_activity(n_users: int, seed: int = 0) -> np.ndarray:
+    """Relative request rate [n_users] of users ``u0..``: lognormal(0, 1), the activity
+    distribution of ``tandem.world`` (a few heavy users make a large share of requests)."""
+    return np.random.default_rng(seed + 2).lognormal(0.0, 1.0, n_users)
+
+
+def profile_rows(n_profiles: int, n_items: int) -> pd.DataFrame:
+    """``n_profiles`` raw user rows (:func:`user_rows` of ids ``p0..``) for a bulk online store
+    where each user holds one of them (:func:`profile_of`)."""
+    return pd.DataFrame([user_rows(f"p{j}", n_items)[0] for j in range(n_profiles)])
+
+
+def profile_of(rows: np.ndarray, n_profiles: int) -> np.ndarray:
+    """The profile (row of :func:`profile_rows`) user row ``rows`` holds: a hash of the row
+    (splitmix64), so neighbouring ids get unrelated profiles."""
+    z = np.asarray(rows, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((z ^ (z >> np.uint64(31))) % np.uint64(n_profiles)).astype(np.int64)
+
+
 def item_feature_frame(n_items: int, popularity: np.ndarray, created_at: np.ndarray,
                        seed: int = 0) -> pd.DataFrame:
     """Raw ``F.ITEM_FIELDS`` rows (plus item_id) in catalog order."""
