@@ -246,14 +246,20 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     ``cfg`` overrides ``jobs.train_ranker.CONFIG`` (candidate depths, label cut, ``night``).
     Returns the manifest's metrics.
     """
+    from tandem import als as A
     from tandem import evaluation as E
     from tandem import night as N
     from tandem import ranker as R
+    from tandem import tuning
     from tandem.lake import epoch_ms
 
     start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     bundle_dir = run_bundle_dir(paths, end, run_id)
-    cfg = {**E.EVAL_CONFIG, **N.CUT_CONFIG, **(cfg or {})}
+    explicit = cfg or {}
+    cfg = {**E.EVAL_CONFIG, **N.CUT_CONFIG, **explicit}
+    for model, defaults in ((tuning.ALS, A.ALS_CONFIG), (tuning.RANKER, R.RANKER_CONFIG)):
+        # what train_als / train_ranker used: the fold-in must solve with the fitted settings
+        cfg[model] = tuning.overlay(defaults, bundle_dir, model, explicit.get(model))
     if not (bundle_dir / B.TT_ITEM_VECTORS).exists():
         cfg["two_tower"] = None  # the bundle serves without two-tower: evaluate it that way
     cut_ms = epoch_ms(N.label_cut(start, end, cfg))

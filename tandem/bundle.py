@@ -16,6 +16,7 @@ indexed by the bundle's own catalog order: row ``i`` of every item array is ``it
     ranker/model.txt              LightGBM text model
     ranker/cooc.npz               scipy CSR [n_items, n_items] item co-occurrence (recency features)
     features.json                 the ranker's ordered feature names + defaults (tandem.features)
+    tuned.json                    the night's chosen hyper-parameters (tandem.tuning), when tuned
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ INDEX_ALS = "index/als.faiss"
 RANKER_MODEL = "ranker/model.txt"
 RANKER_COOC = "ranker/cooc.npz"
 FEATURE_SPEC = "features.json"
+TUNED_PARAMS = "tuned.json"
 
 
 @dataclass
