@@ -84,6 +84,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s} {v:.4f}" for s, v in ret[depth].items())
         + f"; combined candidates ({ret['candidates_per_user']:.0f}/user) "
           f"{ret['recall_combined']:.4f}"]
+    for model, study in report.get("tuning", {}).items():
+        lines += ["", f"Tuned {model} on the inner split ({study['trials']} trials): "
+                      f"{study['params']}; validation NDCG@10 {study['val_ndcg@10']:.4f} "
+                      f"(defaults {study['default_val_ndcg@10'] or float('nan'):.4f})."]
     bar = report.get("quality_bar")
     if bar:
         lift = "met" if bar["lift_ok"] else "NOT met"
@@ -289,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="dataset mode: a MovieLens folder (100K files or a CSV release)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--tune", action="store_true",
+                        help="dataset mode: tune every model on the inner split first "
+                             "(TANDEM_TUNE_TRIALS / TANDEM_TUNE_TIMEOUT_S per model)")
     parser.add_argument("--start", type=datetime.fromisoformat, default=None,
                         help="lake mode: window start (ISO, UTC); needs --end")
     parser.add_argument("--end", type=datetime.fromisoformat, default=None)
@@ -302,7 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     if (args.start is None) != (args.end is None):
         parser.error("lake mode needs both --start and --end")
     if args.start is None:
-        run_dataset(args.data, args.out, show_progress=not args.quiet)
+        from tandem.config import TuningSettings
+        from tandem.evaluation import EVAL_CONFIG
+
+        cfg = {**EVAL_CONFIG, "tune": TuningSettings.from_env()} if args.tune else None
+        run_dataset(args.data, args.out, cfg, show_progress=not args.quiet)
         return
     paths = Paths(args.home.resolve()) if args.home else Paths.default()
     print(json.dumps(run(None, paths, args.start, args.end, run_id=args.run_id,

@@ -219,20 +219,20 @@ def validation_split(table: L.TrainingTable, start_ms: int, cut_ms: int,
     return ValidationSplit(fit, train, seen, positives, local[val], relevant, val_cut, cut_ms)
 
 
-def retrieval_ndcg(user_vectors: np.ndarray, item_vectors: np.ndarray, split: ValidationSplit
-                   ) -> float:
-    """NDCG@10 of the validation users' top-10 unseen items by dot product (chunked, so the
-    largest array is ``SCORE_CHUNK x n_items``)."""
+def retrieval_ndcg(user_vectors: np.ndarray, item_vectors: np.ndarray, seen: sp.csr_matrix,
+                   rows: np.ndarray, relevant: pd.DataFrame) -> float:
+    """NDCG@10 of users ``rows`` (their vectors in ``user_vectors``, same order) ranking their
+    top-10 items by dot product, items in their ``seen`` row excluded; ``relevant`` holds
+    (user_id: row, item_id: item). Chunked: the largest array is ``SCORE_CHUNK x n_items``."""
     frames = []
-    for lo in range(0, len(split.val_rows), SCORE_CHUNK):
-        rows = split.val_rows[lo:lo + SCORE_CHUNK]
+    for lo in range(0, len(rows), SCORE_CHUNK):
+        chunk = rows[lo:lo + SCORE_CHUNK]
         idx, _ = A.top_k_items(user_vectors[lo:lo + SCORE_CHUNK] @ item_vectors.T, K,
-                               exclude=split.seen[rows])
-        frames.append(pd.DataFrame({M.USER: np.repeat(rows, idx.shape[1]),
+                               exclude=seen[chunk])
+        frames.append(pd.DataFrame({M.USER: np.repeat(chunk, idx.shape[1]),
                                     M.ITEM: idx.ravel(),
-                                    M.PREDICTION: -np.tile(np.arange(idx.shape[1]), len(rows))}))
-    pred = pd.concat(frames, ignore_index=True)
-    return M.ndcg_at_k(split.relevant, pred, k=K)
+                                    M.PREDICTION: -np.tile(np.arange(idx.shape[1]), len(chunk))}))
+    return M.ndcg_at_k(relevant, pd.concat(frames, ignore_index=True), k=K)
 
 
 def als_objective(split: ValidationSplit, base: Mapping[str, Any]
@@ -243,7 +243,8 @@ def als_objective(split: ValidationSplit, base: Mapping[str, Any]
         n_users, n_items = split.train.shape
         factors = A.fit_als(split.train, pd.RangeIndex(n_users), pd.RangeIndex(n_items),
                             {**base, **params})
-        return retrieval_ndcg(factors.user_factors[split.val_rows], factors.item_factors, split)
+        return retrieval_ndcg(factors.user_factors[split.val_rows], factors.item_factors,
+                              split.seen, split.val_rows, split.relevant)
 
     return objective
 
@@ -261,7 +262,8 @@ def two_tower_objective(split: ValidationSplit, items: pd.DataFrame, users: pd.D
                           {**base, "two_tower": {**base["two_tower"], **params}})
         vectors = model.user_vectors(model.user_feats[split.val_rows],
                                      model.histories[split.val_rows])
-        return retrieval_ndcg(vectors, model.item_vectors(), split)
+        return retrieval_ndcg(vectors, model.item_vectors(), split.seen, split.val_rows,
+                              split.relevant)
 
     return objective
 
