@@ -46,7 +46,7 @@ from tandem import lake as L
 from tandem import metrics as M
 from tandem.bundle import TUNED_PARAMS
 from tandem.config import TuningSettings
-from tandem.tracking import RunLogger, start_run
+from tandem.tracking import RunLogger, metric_key, start_run
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def summary_tags(doc: Mapping[str, Any]) -> dict[str, str]:
     for model, result in doc.get("models", {}).items():
         tags.update({f"tandem.tuned.{model}.{k}": str(v)
                      for k, v in result.get("params", {}).items()})
-        tags[f"tandem.tuned.{model}.{METRIC}"] = str(result.get("value"))
+        tags[f"tandem.tuned.{model}.{metric_key(METRIC)}"] = str(result.get("value"))
     return tags
 
 

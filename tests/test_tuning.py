@@ -5,6 +5,7 @@ parameters and their trip into the registered bundle are checked on the whole ni
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -193,8 +194,9 @@ def test_tune_ranker_studies_once_on_a_study_night(paths, monkeypatch):
     assert recorded["params"] == chosen and recorded["trials"] == 2
     # a re-run of the task finds tonight's choice and does not study again
     assert tuning.tune_ranker(bundle, X[:0], y[:0], groups[:0], RANKER_CONFIG, settings) == chosen
-    assert tuning.summary_tags(tuning.read(bundle))[
-        "tandem.tuned.ranker.num_leaves"] == str(chosen["num_leaves"])
+    tags = tuning.summary_tags(tuning.read(bundle))
+    assert tags["tandem.tuned.ranker.num_leaves"] == str(chosen["num_leaves"])
+    assert all(re.fullmatch(r"[\w.\- :/]+", key) for key in tags)  # MLflow's tag key rule
 
 
 def test_tuned_json_round_trip_keeps_types(paths):
