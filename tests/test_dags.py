@@ -20,7 +20,7 @@ def test_no_import_errors(dagbag):
 
 @pytest.mark.parametrize("dag_id, tasks", [
     ("tandem_hourly", ["ingest_events", "build_labels", "build_features", "materialize"]),
-    ("tandem_daily", ["negative_sampling", "build_training_table", "train_als",
+    ("tandem_daily", ["negative_sampling", "build_training_table", "tune", "train_als",
                       "train_two_tower", "build_index", "train_ranker", "evaluate",
                       "register_bundle", "promote"]),
 ])
