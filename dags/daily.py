@@ -1,9 +1,10 @@
 """tandem_daily: the nightly retrain, from negative sampling to a promoted champion.
 
-negative_sampling -> int-coded training table -> ALS -> two-tower -> session sequence model
--> FAISS indexes -> ranker -> evaluate -> the feature-skew gate (serve-time feature vectors
-against the training features; fails above ``TANDEM_SKEW_THRESHOLD``) -> register the bundle
-as `challenger` -> promote to `champion` if the offline gates pass (or ``force_promotion``).
+negative_sampling -> int-coded training table -> tune (Optuna; every TANDEM_TUNE_EVERY_DAYS
+nights, else the last choice) -> ALS -> two-tower -> session sequence model -> FAISS indexes
+-> ranker -> evaluate -> the feature-skew gate (serve-time feature vectors against the training
+features; fails above ``TANDEM_SKEW_THRESHOLD``) -> register the bundle as `challenger` ->
+promote to `champion` if the offline gates pass (or ``force_promotion``).
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def tandem_daily():
     dataset = ["--dataset", "{{ params.dataset }}"]
     skip_tt = ["{{ '--skip' if params.skip_two_tower else '' }}"]
     force = ["{{ '--force' if params.force_promotion else '' }}"]
+    skip_tt_tune = ["{{ '--skip-two-tower' if params.skip_two_tower else '' }}"]
     (spark_job("negative_sampling", run_id=True)
      >> spark_job("build_training_table", run_id=True)
+     >> python_job("tune", skip_tt_tune)
      >> python_job("train_als")
      >> python_job("train_two_tower", skip_tt)
      >> python_job("train_sequence")

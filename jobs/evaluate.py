@@ -84,6 +84,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s} {v:.4f}" for s, v in ret[depth].items())
         + f"; combined candidates ({ret['candidates_per_user']:.0f}/user) "
           f"{ret['recall_combined']:.4f}"]
+    for model, study in report.get("tuning", {}).items():
+        lines += ["", f"Tuned {model} on the inner split ({study['trials']} trials): "
+                      f"{study['params']}; validation NDCG@10 {study['val_ndcg@10']:.4f} "
+                      f"(defaults {study['default_val_ndcg@10'] or float('nan'):.4f})."]
     bar = report.get("quality_bar")
     if bar:
         lift = "met" if bar["lift_ok"] else "NOT met"
@@ -247,14 +251,20 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     ``cfg`` overrides ``jobs.train_ranker.CONFIG`` (candidate depths, label cut, ``night``).
     Returns the manifest's metrics.
     """
+    from tandem import als as A
     from tandem import evaluation as E
     from tandem import night as N
     from tandem import ranker as R
+    from tandem import tuning
     from tandem.lake import epoch_ms
 
     start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     bundle_dir = run_bundle_dir(paths, end, run_id)
-    cfg = {**E.EVAL_CONFIG, **N.CUT_CONFIG, **(cfg or {})}
+    explicit = cfg or {}
+    cfg = {**E.EVAL_CONFIG, **N.CUT_CONFIG, **explicit}
+    for model, defaults in ((tuning.ALS, A.ALS_CONFIG), (tuning.RANKER, R.RANKER_CONFIG)):
+        # what train_als / train_ranker used: the fold-in must solve with the fitted settings
+        cfg[model] = tuning.overlay(defaults, bundle_dir, model, explicit.get(model))
     if not (bundle_dir / B.TT_ITEM_VECTORS).exists():
         cfg["two_tower"] = None  # the bundle serves without two-tower: evaluate it that way
     cut_ms = epoch_ms(N.label_cut(start, end, cfg))
@@ -284,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="dataset mode: a MovieLens folder (100K files or a CSV release)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--tune", action="store_true",
+                        help="dataset mode: tune every model on the inner split first "
+                             "(TANDEM_TUNE_TRIALS / TANDEM_TUNE_TIMEOUT_S per model)")
     parser.add_argument("--start", type=datetime.fromisoformat, default=None,
                         help="lake mode: window start (ISO, UTC); needs --end")
     parser.add_argument("--end", type=datetime.fromisoformat, default=None)
@@ -297,7 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     if (args.start is None) != (args.end is None):
         parser.error("lake mode needs both --start and --end")
     if args.start is None:
-        run_dataset(args.data, args.out, show_progress=not args.quiet)
+        from tandem.config import TuningSettings
+        from tandem.evaluation import EVAL_CONFIG
+
+        cfg = {**EVAL_CONFIG, "tune": TuningSettings.from_env()} if args.tune else None
+        run_dataset(args.data, args.out, cfg, show_progress=not args.quiet)
         return
     paths = Paths(args.home.resolve()) if args.home else Paths.default()
     print(json.dumps(run(None, paths, args.start, args.end, run_id=args.run_id,

@@ -3,7 +3,10 @@
 extract: the run's bundle folder ``<models>/<run_id>`` (``tandem.catalog.run_bundle_dir``) and its
 ``manifest.json`` (parts, dataset, the evaluation metrics the ``evaluate`` job recorded).
 load: ``tandem.registry.log_bundle`` — one run (params, metrics, manifest) and one model version
-of ``tandem-recommender`` holding the whole folder; ``challenger`` moves to it.
+of ``tandem-recommender`` holding the whole folder; ``challenger`` moves to it. When the night
+was tuned (``jobs/tune.py``), the folder's ``tuned.json`` travels with it, its chosen parameters
+are logged as run params ``tuned.<model>.<param>`` and set as model-version tags
+``tandem.tuned.<model>.<param>`` (``tandem.tuning.summary_tags``).
 
 Not idempotent by nature (each call creates a new version); a re-run registers the same files again
 under a new number, which is harmless: serving follows aliases, never "the latest".
@@ -17,11 +20,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from tandem import tuning
 from tandem.bundle import BundleManifest
 from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
 from tandem.job_cli import interval_parser, name_arg, parse
-from tandem.registry import MODEL_NAME, log_bundle
+from tandem.registry import MODEL_NAME, client_for, log_bundle
 
 
 def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any] | None = None,
@@ -34,12 +38,20 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     cfg = cfg or {}
     bundle_dir = run_bundle_dir(paths, end, run_id)
     manifest = BundleManifest.load(bundle_dir)
+    tuned = tuning.read(bundle_dir) or {}
     params = {**manifest.params, "start": start.isoformat(), "end": end.isoformat(),
-              "run_id": bundle_dir.name, "dataset": cfg.get("dataset") or manifest.dataset}
+              "run_id": bundle_dir.name, "dataset": cfg.get("dataset") or manifest.dataset,
+              **{f"tuned.{m}.{k}": v for m, r in tuned.get("models", {}).items()
+                 for k, v in r["params"].items()}}
     version = log_bundle(bundle_dir, manifest, params=params,
                          tracking_uri=cfg.get("tracking_uri"))
+    if tuned:
+        client = client_for(cfg.get("tracking_uri"))
+        for key, value in tuning.summary_tags(tuned).items():
+            client.set_model_version_tag(MODEL_NAME, str(version), key, value)
     n_files = sum(1 for p in bundle_dir.rglob("*") if p.is_file())
-    return {"model": MODEL_NAME, "version": version, "files": n_files}
+    return {"model": MODEL_NAME, "version": version, "files": n_files,
+            "tuned": tuned.get("source", "defaults")}
 
 
 def main(argv: list[str] | None = None) -> None:

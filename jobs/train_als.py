@@ -4,7 +4,9 @@ extract: ``lake/training/run_id=<run_id>/interactions`` (``jobs/build_training_t
     the columns ``user_idx, item_idx, weight``, read with pyarrow straight into numpy; the
     confidence (``tandem.als.event_confidence``, summed per pair and capped) was computed there.
 transform: a users x items float32 CSR in the bundle's catalog order (the table's indexes are
-    the rows of ``items.parquet``/``users.parquet``), fit with ``tandem.als.fit_als``.
+    the rows of ``items.parquet``/``users.parquet``), fit with ``tandem.als.fit_als`` with the
+    night's tuned parameters (``<models>/<run_id>/tuned.json``, ``jobs/tune.py``) over the
+    defaults.
 load: ``<models>/<run_id>/als/{user_factors,item_factors}.npy`` (``tandem.bundle.ALS_*``) and
     ``als/meta.json`` (overwritten on re-run). The ranker, the index build and the evaluation
     read these factors; nothing else fits ALS in the nightly chain.
@@ -29,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from tandem import als as A
+from tandem import tuning
 from tandem.bundle import ALS_ITEM_FACTORS, ALS_USER_FACTORS
 from tandem.catalog import run_bundle_dir
 from tandem.config import Paths, within_driver_budget
@@ -57,9 +60,11 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 
     ``spark`` and ``start`` are unused (common job signature; the table holds the window).
     Deterministic for a fixed table and ``cfg`` (seeded, one BLAS thread); re-runs overwrite.
+    The night's tuned parameters (``tandem.tuning``) overlay the defaults; ``cfg`` overrides both.
+    ``als/meta.json`` records the configuration actually fitted (fold-in must use the same).
     """
-    cfg = {**A.ALS_CONFIG, **(cfg or {})}
     bundle_dir = run_bundle_dir(paths, end, run_id)
+    cfg = tuning.overlay(A.ALS_CONFIG, bundle_dir, tuning.ALS, cfg)
     table = TrainingTable.of(paths, bundle_dir.name)
     n_users, n_items = table.shape()
     within_driver_budget((n_users + n_items) * cfg["factors"] * 4 * FACTOR_COPIES,

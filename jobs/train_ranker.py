@@ -59,12 +59,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tandem import als as A
 from tandem import evaluation as E
 from tandem import features as FT
 from tandem import night as N
 from tandem import ranker as R
 from tandem import ranking_features as RF
 from tandem import schema as S
+from tandem import tuning
 from tandem.bundle import FEATURE_SPEC, RANKER_COOC, RANKER_MODEL, TT_ITEM_VECTORS
 from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
@@ -157,13 +159,17 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 
     ``spark`` is unused (common job signature). Returns row/group/label counts and the feature
     source used. Deterministic for a given lake, interval and ``cfg``; re-runs overwrite.
+    The night's tuned ALS (fold-in) and ranker parameters (``tandem.tuning``; on a study night
+    the ranker's study runs here, on these rows) overlay the defaults; ``cfg`` overrides both.
     """
-    cfg = {**CONFIG, **(cfg or {})}
+    explicit = cfg or {}
+    cfg = {**CONFIG, **explicit}
     start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     source, store = _store_for(paths, cfg, store)
     cfg["feature_source"] = source
     cut_ms = epoch_ms(N.label_cut(start, end, cfg))
     bundle_dir = run_bundle_dir(paths, end, run_id)
+    cfg["als"] = tuning.overlay(A.ALS_CONFIG, bundle_dir, tuning.ALS, explicit.get("als"))
     if not (bundle_dir / TT_ITEM_VECTORS).exists():
         cfg["two_tower"] = None  # serve-time features must match: no two-tower, no such source
     batch = N.prepare(paths, bundle_dir, start, end, cut_ms, N.RANKER, cfg,
@@ -175,10 +181,13 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     if not len(y):
         raise ValueError(f"no positive labels in [{pd.Timestamp(cut_ms, unit='ms')}, {end}): "
                          "the ranker has nothing to learn from")
+    tuned = tuning.tune_ranker(bundle_dir, X, y, groups, cfg["ranker"])
+    cfg["ranker"] = {**cfg["ranker"], **tuned, **explicit.get("ranker", {})}
     model = R.train_ranker(X, y, groups, cfg["ranker"])
-    explicit = N.pair_mask(batch.cands, lake.negative)
+    shown_negative = N.pair_mask(batch.cands, lake.negative)
     counts = {"rows": len(y), "groups": int(len(np.unique(groups))),
-              "positives": int(y.sum()), "explicit_negative_candidates": int(explicit.sum()),
+              "positives": int(y.sum()),
+              "explicit_negative_candidates": int(shown_negative.sum()),
               "requests_at_label_time": int(len(lake.first)),
               "distinct_hours": int(len(np.unique(batch.requests.now_ms // 3_600_000))),
               "request_users": len(batch.req.user_rows),

@@ -6,7 +6,8 @@ engagement (``tandem.dataset.positives`` with ``play_dwell_ms``, applied in Spar
 pyarrow into numpy -- the indexes are already the bundle's catalog rows; the catalog's content
 columns (items created before ``end``) and the profile columns the user tower encodes.
 transform: content and profile features (``tandem.tower_features``) in the bundle's order;
-``tandem.two_tower.train_two_tower`` (int32 histories).
+``tandem.two_tower.train_two_tower`` (int32 histories), with the night's tuned parameters
+(``<models>/<run_id>/tuned.json``, ``jobs/tune.py``) over the defaults.
 load: ``<models>/<run_id>/two_tower/{item_vectors.npy,user_tower.npz,query_sample.npy}``
 (overwritten on re-run; ``run_id`` defaults to the end date, YYYYMMDD, like the DAG's).
 
@@ -27,23 +28,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as ds
 
-from tandem import schema as s
+from tandem import tuning
 from tandem.bundle import INDEX_MAIN, TT_ITEM_VECTORS
 from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
 from tandem.job_cli import interval_parser, parse
-from tandem.lake import ITEM_IDX, POSITIVE_TS, USER_IDX, TrainingTable, epoch_ms
-from tandem.tower_features import ItemContentSpec, UserFeatureSpec
+from tandem.lake import TrainingTable
+from tandem.tower_inputs import TRAIN_CONFIG, catalog_frames, fit_tower, positive_pairs
 from tandem.user_tower import QUERY_SAMPLE
-
-TRAIN_CONFIG: dict[str, Any] = {
-    "two_tower": {},  # TwoTowerConfig overrides
-    "user_fields": (s.AGE_BUCKET, s.GENDER, s.OCCUPATION, s.COUNTRY),
-    "n_query_sample": 400,  # user vectors saved to tune and measure the main ANN index
-}
-ITEM_FIELDS = (s.ITEM_ID, s.GENRES, s.RELEASE_YEAR)
 
 
 def extract(paths: Paths, end: datetime, run_id: str, user_fields: tuple[str, ...]
@@ -51,37 +44,7 @@ def extract(paths: Paths, end: datetime, run_id: str, user_fields: tuple[str, ..
     """(positive pairs: user_idx, item_idx, ts; catalog content rows in bundle order; profiles
     in bundle order), all read with pyarrow, only the columns used."""
     table = TrainingTable.of(paths, run_id)
-    cols = table.interactions([USER_IDX, ITEM_IDX, POSITIVE_TS], positives_only=True)
-    pairs = pd.DataFrame({"user_idx": cols[USER_IDX], "item_idx": cols[ITEM_IDX],
-                          "ts": cols[POSITIVE_TS]})
-    item_ids = pd.Index(table.items([s.ITEM_ID, ITEM_IDX]).sort_by(ITEM_IDX)
-                        .column(s.ITEM_ID).to_pandas(), name=s.ITEM_ID)
-    items = ds.dataset(paths.items, format="parquet").to_table(
-        columns=list(ITEM_FIELDS), filter=ds.field(s.CREATED_AT) < epoch_ms(end)).to_pandas()
-    items = items.drop_duplicates(s.ITEM_ID).set_index(s.ITEM_ID).reindex(item_ids)
-    user_ids = pd.Index(table.users([s.USER_ID, USER_IDX]).sort_by(USER_IDX)
-                        .column(s.USER_ID).to_pandas(), name=s.USER_ID)
-    present = ds.dataset(paths.users, format="parquet").schema.names
-    users = ds.dataset(paths.users, format="parquet").to_table(
-        columns=[s.USER_ID, *(f for f in user_fields if f in present)]).to_pandas()
-    users = (users.assign(**{s.USER_ID: users[s.USER_ID].astype(str)})
-             .drop_duplicates(s.USER_ID).set_index(s.USER_ID).reindex(user_ids))
-    return pairs, items, users
-
-
-def transform(pairs: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame,
-              cfg: dict[str, Any]):
-    """Train on the positive pairs and return the model (``tandem.two_tower.TwoTowerModel``)."""
-    from tandem.two_tower import TwoTowerConfig, train_two_tower
-
-    genres = [g if isinstance(g, (list, np.ndarray)) else [] for g in items[s.GENRES]]
-    item_spec = ItemContentSpec.fit(genres)
-    content = item_spec.encode(genres, items[s.RELEASE_YEAR].tolist())
-    fields = [f for f in cfg["user_fields"] if f in users.columns]
-    user_spec = UserFeatureSpec.fit(users, fields)
-    return train_two_tower(pairs, content, user_spec.encode(users.reset_index()),
-                           TwoTowerConfig(**cfg["two_tower"]), n_users=len(users),
-                           item_spec=item_spec, user_spec=user_spec)
+    return (positive_pairs(table), *catalog_frames(paths, end, table, user_fields))
 
 
 def load(model, bundle_dir: Path, n_query_sample: int, random_state: int) -> dict[str, Path]:
@@ -100,13 +63,15 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     """Train and export; returns counts and the final training loss.
 
     ``spark`` and ``start`` are unused (common job signature; the table holds the window).
-    Deterministic for a given lake,
-    interval and ``cfg`` (seeded); a re-run overwrites the same files.
+    Deterministic for a given lake, interval and ``cfg`` (seeded); a re-run overwrites the same
+    files. The night's tuned parameters (``tandem.tuning``, when ``jobs/tune.py`` chose some)
+    overlay the defaults; ``cfg["two_tower"]`` overrides both.
     """
     cfg = {**TRAIN_CONFIG, **(cfg or {})}
     bundle_dir = run_bundle_dir(paths, end, run_id)
+    cfg["two_tower"] = tuning.overlay({}, bundle_dir, tuning.TWO_TOWER, cfg["two_tower"])
     pairs, items, users = extract(paths, end, bundle_dir.name, cfg["user_fields"])
-    model = transform(pairs, items, users, cfg)
+    model = fit_tower(pairs, items, users, cfg)
     load(model, bundle_dir, cfg["n_query_sample"], model.cfg.random_state)
     return {"interactions": len(pairs), "items": len(items), "users": len(users),
             "cold_items": int((model.item_counts == 0).sum()),

@@ -167,7 +167,8 @@ class Engine:
         by_pop = np.argsort(-self.popularity, kind="stable")
         self.genre_top = {g: by_pop[genres[by_pop, j]][: cfg.n_cold_exploit]
                           for j, g in enumerate(F.GENRE_VOCAB)}
-        self.session_retrieval = SessionRetrieval.build(self.als_items, genres, self.popularity)
+        self.session_retrieval = SessionRetrieval.build(self.als_items, genres, self.popularity,
+                                                        _fitted_als_config(root))
         self._profiles: dict[tuple, np.ndarray] = {}  # see _encode_profile
         # per engine: a swapped-in model starts with empty caches (serving.caches)
         self.cold_cache = BoundedCache("cold_start", COLD_CACHE_ENTRIES)
@@ -588,6 +589,13 @@ def _load_cooc(root: Path, n_items: int):
         cooc.resize((n_items, n_items))
         return cooc
     return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+
+
+def _fitted_als_config(root: Path) -> dict[str, Any]:
+    """The ALS configuration the bundle's factors were fitted with (``als/meta.json``, the
+    night's tuned values included); the defaults for a bundle without one."""
+    meta = (root / B.ALS_ITEM_FACTORS).with_name("meta.json")
+    return json.loads(meta.read_text()).get("config", {}) if meta.exists() else {}
 
 
 @functools.lru_cache(maxsize=1024)

@@ -23,7 +23,7 @@ of the events (``tandem.streaming.feature_consumer``), and the next request sees
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,8 @@ class SessionRetrieval:
     item_genres : bool [n_items, N_GENRES] genre multi-hot (``tandem.features.GENRE_VOCAB``)
     genre_top : int64 [N_GENRES, N_GENRE_TOP] each genre's most popular rows, -1 padded
     popularity : float32 [n_items]
+    als_cfg : the ALS configuration the bundle's factors were fitted with (``als/meta.json``:
+        the night's tuned regularization and alpha); fold-in must solve with the same
     """
 
     als_items: np.ndarray
@@ -60,17 +62,18 @@ class SessionRetrieval:
     item_genres: np.ndarray
     genre_top: np.ndarray
     popularity: np.ndarray
+    als_cfg: Mapping[str, Any] = field(default_factory=lambda: A.ALS_CONFIG)
 
     @classmethod
-    def build(cls, als_items: np.ndarray, item_genres: np.ndarray,
-              popularity: np.ndarray) -> SessionRetrieval:
+    def build(cls, als_items: np.ndarray, item_genres: np.ndarray, popularity: np.ndarray,
+              als_cfg: Mapping[str, Any] = A.ALS_CONFIG) -> SessionRetrieval:
         by_pop = np.argsort(-popularity, kind="stable")
         top = np.full((item_genres.shape[1], N_GENRE_TOP), -1, dtype=np.int64)
         for j in range(item_genres.shape[1]):  # once per load, over genres (not candidates)
             hits = by_pop[item_genres[by_pop, j]][:N_GENRE_TOP]
             top[j, : len(hits)] = hits
         return cls(als_items, A.gram(als_items), np.asarray(item_genres, bool), top,
-                   np.asarray(popularity, np.float32))
+                   np.asarray(popularity, np.float32), {**A.ALS_CONFIG, **als_cfg})
 
     def als_query(self, prior: np.ndarray | None, history: np.ndarray,
                   session: Mapping[str, Any] | None) -> np.ndarray | None:
@@ -80,7 +83,8 @@ class SessionRetrieval:
         if len(history) == 0:
             return prior
         conf = np.full(len(history), session_confidence(session, len(history)), np.float32)
-        return A.fold_in_one(self.als_items, self.yty, history, conf, prior=prior)
+        return A.fold_in_one(self.als_items, self.yty, history, conf, dict(self.als_cfg),
+                             prior=prior)
 
     def content(self, user: Mapping[str, Any], history: np.ndarray,
                 n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ indexed by the bundle's own catalog order: row ``i`` of every item array is ``it
     ranker/model.txt              LightGBM text model
     ranker/cooc.npz               scipy CSR [n_items, n_items] item co-occurrence (recency features)
     features.json                 the ranker's ordered feature names + defaults (tandem.features)
+    tuned.json                    the night's chosen hyper-parameters (tandem.tuning), when tuned
 
 Between nightly builds, ``jobs/embed_new_items.py`` adds the items created since: a versioned
 sidecar per bundle, never inside it (the registered bundle stays byte-identical to its digest)::
@@ -61,6 +62,7 @@ RANKER_MODEL = "ranker/model.txt"
 RANKER_COOC = "ranker/cooc.npz"
 FEATURE_SPEC = "features.json"
 DELTAS = "deltas"  # under <models>, see the module docstring
+TUNED_PARAMS = "tuned.json"
 
 
 @dataclass

@@ -182,3 +182,32 @@ def kafka_bootstrap() -> str | None:
 def movielens_100k_dir() -> Path:
     """Where MovieLens-100K is read from (``TANDEM_ML100K`` or ``../shared/data/ml-100k``)."""
     return Path(os.environ.get("TANDEM_ML100K", SHARED_DATA / "ml-100k"))
+
+
+@dataclass(frozen=True)
+class TuningSettings:
+    """Bounds of the nightly Optuna study (``jobs/tune.py``), from the environment.
+
+    The defaults keep the study cheap (the demo adds well under a minute): each model gets at
+    most ``n_trials`` trials AND ``timeout_s`` seconds (a trial that has started finishes),
+    trials fit on at most ``max_fit_users`` sampled users and score ``max_val_users``.
+    Tuning every night is costly at platform scale, so ``every_days`` says how often the study
+    really runs; in between, the nightly task reuses the last chosen parameters.
+    """
+
+    every_days: int = 1  # TANDEM_TUNE_EVERY_DAYS: 0 = never tune (trainers use the defaults)
+    n_trials: int = 6  # TANDEM_TUNE_TRIALS, per model (the first trial is the defaults)
+    timeout_s: float = 15.0  # TANDEM_TUNE_TIMEOUT_S, per model
+    max_fit_users: int = 50_000  # TANDEM_TUNE_FIT_USERS: users whose pairs a trial fits on
+    max_val_users: int = 1_000  # TANDEM_TUNE_VAL_USERS: users whose validation NDCG is scored
+    val_fraction: float = 0.2  # the tail of the pre-cut window that is validation
+    seed: int = 17  # TPE sampler and user samples
+
+    @classmethod
+    def from_env(cls) -> TuningSettings:
+        env = os.environ.get
+        return cls(every_days=int(env("TANDEM_TUNE_EVERY_DAYS", cls.every_days)),
+                   n_trials=int(env("TANDEM_TUNE_TRIALS", cls.n_trials)),
+                   timeout_s=float(env("TANDEM_TUNE_TIMEOUT_S", cls.timeout_s)),
+                   max_fit_users=int(env("TANDEM_TUNE_FIT_USERS", cls.max_fit_users)),
+                   max_val_users=int(env("TANDEM_TUNE_VAL_USERS", cls.max_val_users)))

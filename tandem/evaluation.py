@@ -20,6 +20,10 @@ Protocol (issue 4):
   threshold, shown but not engaged: what ``lake/labels/ranking`` holds as label 0) are all
   kept, and the ranker learns on every split's requests. The sources are then refit on the full
   training data for the test pass (quality probe in ``../shared/notes``).
+- **tuning** (``cfg["tune"]``: a ``tandem.config.TuningSettings``; absent by default): Optuna
+  studies (``tandem.tuning``) choose ALS's, the two-tower's and the ranker's parameters by
+  NDCG@10 on the inner split -- the test period is never seen -- and every later fit uses the
+  choice.
 
 Entity features are computed point-in-time at each user's request time (the time of the user's
 first held-out event) with the :mod:`tandem.features` transforms, from raw rows that
@@ -45,6 +49,8 @@ from tandem import metrics as M
 from tandem import ranker as R
 from tandem import ranking_features as RF
 from tandem import schema as S
+from tandem import tuning
+from tandem.config import TuningSettings
 from tandem.dataset import Dataset, positives
 
 EVAL_CONFIG: dict[str, Any] = {
@@ -472,6 +478,40 @@ def score_models(pred: pd.DataFrame, rel: pd.DataFrame, train: pd.DataFrame, cat
     return out
 
 
+def tune_sources(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
+                 settings: TuningSettings, progress: Progress = _quiet
+                 ) -> dict[str, tuning.StudyResult]:
+    """Optuna studies of ALS and (when configured) the two-tower, scored by NDCG@10 of the
+    inner split of ``train`` (the split the ranker's labels come from): the test period is
+    never seen. Returns each model's :class:`tandem.tuning.StudyResult`."""
+    inner_train, inner_val = temporal_split(train, cfg["test_fraction"])
+    rel = relevant_pairs(inner_val, cfg["play_dwell_ms"])
+    rel = pd.DataFrame({M.USER: catalog.user_ids.get_indexer(rel[S.USER_ID]),
+                        M.ITEM: catalog.item_ids.get_indexer(rel[S.ITEM_ID])})
+    rows = np.unique(rel[M.USER].to_numpy())
+    hist = _indexed(inner_train, catalog)
+    seen = sp.csr_matrix((np.ones(len(hist), np.float32), (hist["user_idx"], hist["item_idx"])),
+                         shape=(len(catalog.user_ids), len(catalog.item_ids)))
+    matrix = A.confidence_matrix(A.pair_confidence(inner_train, cfg["als"]), catalog.user_ids,
+                                 catalog.item_ids)
+
+    def als(params: dict[str, Any]) -> float:
+        fit = A.fit_als(matrix, catalog.user_ids, catalog.item_ids, {**cfg["als"], **params})
+        return tuning.retrieval_ndcg(fit.user_factors[rows], fit.item_factors, seen, rows, rel)
+
+    def two_tower(params: dict[str, Any]) -> float:
+        model = _fit_tower(hist, catalog, {**cfg, "two_tower": {**cfg["two_tower"], **params}})
+        return tuning.retrieval_ndcg(model.user_vectors()[rows], model.item_vectors(), seen,
+                                     rows, rel)
+
+    progress("tuning ALS on the inner split")
+    out = {tuning.ALS: tuning.run_study(tuning.ALS, als, settings)}
+    if cfg.get("two_tower") is not None:
+        progress("tuning the two-tower on the inner split")
+        out[tuning.TWO_TOWER] = tuning.run_study(tuning.TWO_TOWER, two_tower, settings)
+    return out
+
+
 def explicit_negatives(heldout: pd.DataFrame, play_dwell_ms: int | None) -> pd.DataFrame:
     """Distinct (user_id, item_id) the held-out events touched without any positive event:
     shown or played but not engaged, or rated below the positive threshold -- the label-0 rows
@@ -511,8 +551,10 @@ def _ranker_rows(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
 
 
 def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
-                    progress: Progress = _quiet):
-    """Ranker from nested inner temporal splits of ``train``: (model, n rows, n groups).
+                    progress: Progress = _quiet, settings: TuningSettings | None = None):
+    """Ranker from nested inner temporal splits of ``train``: (model, n rows, n groups, the
+    ranker's study or None). With ``settings`` the ranker's parameters are tuned first on its
+    own rows (a seeded 20 % of the inner splits' users held out).
 
     Split ``j`` holds out the last fraction of split ``j-1``'s training part, so each user
     contributes up to ``ranker_splits`` requests, each at its own time and with only its past
@@ -525,9 +567,16 @@ def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
         groups = cands["user_row"].to_numpy() + level * len(catalog.user_ids)
         parts.append((X, labels, groups))
     X, labels, groups = (np.concatenate(p) for p in zip(*parts, strict=True))
+    y = labels.astype(np.int32)
+    study = None
+    if settings is not None:
+        progress("tuning the ranker on the inner split")
+        study = tuning.run_study(tuning.RANKER, tuning.ranker_objective(
+            X, y, groups, cfg["ranker"], seed=settings.seed), settings)
+        cfg = {**cfg, "ranker": {**cfg["ranker"], **study.params}}
     progress("ranker training")
-    model = R.train_ranker(X, labels.astype(np.int32), groups, cfg["ranker"])
-    return model, len(groups), int(len(np.unique(groups)))
+    model = R.train_ranker(X, y, groups, cfg["ranker"])
+    return model, len(groups), int(len(np.unique(groups))), study
 
 
 def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
@@ -543,7 +592,15 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
     rows = catalog.user_ids.get_indexer(users)
 
     t0 = time.perf_counter()
-    ranker, n_rows, n_groups = train_two_stage(train, catalog, cfg, progress)
+    settings = cfg.get("tune")
+    studies = tune_sources(train, catalog, cfg, settings, progress) if settings else {}
+    cfg = {**cfg, **{m: {**cfg[m], **r.params} for m, r in studies.items()}}
+    t_tune = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ranker, n_rows, n_groups, ranker_study = train_two_stage(train, catalog, cfg, progress,
+                                                             settings)
+    if ranker_study is not None:
+        studies[tuning.RANKER] = ranker_study
     t_ranker = time.perf_counter() - t0
     progress("refitting sources on the full training data")
     fitted = fit_sources(train, catalog, cfg, progress)
@@ -597,7 +654,10 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
                                                         if k_ != "combined"},
                       "recall_combined": retrieval["combined"],
                       "candidates_per_user": float(len(cands) / max(len(users), 1))},
-        "timings_s": {"ranker_train_total": t_ranker, **fitted.timings,
+        "tuning": {m: {"params": r.params, "val_ndcg@10": r.value,
+                       "default_val_ndcg@10": r.default_value, "trials": r.trials}
+                   for m, r in studies.items()},
+        "timings_s": {"tuning": t_tune, "ranker_train_total": t_ranker, **fitted.timings,
                       "two_stage_test_pass": t_rank,
                       "total": time.perf_counter() - t_start},
         "ranker": {"rows": n_rows, "groups": n_groups},

@@ -106,7 +106,8 @@ def experiment_id(client, name: str = EXPERIMENT) -> str:
 
 @contextmanager
 def start_run(job_name: str, params: Mapping[str, Any] | None = None, uri: str | None = None,
-              experiment: str = EXPERIMENT) -> Iterator[RunLogger]:
+              experiment: str = EXPERIMENT, parent_run_id: str | None = None
+              ) -> Iterator[RunLogger]:
     """Open an MLflow run for ``job_name`` (or a no-op logger when tracking is off).
 
     Parameters
@@ -117,6 +118,9 @@ def start_run(job_name: str, params: Mapping[str, Any] | None = None, uri: str |
         Logged at start (hyper-parameters, interval, dataset).
     uri : str, optional
         Tracking URI; defaults to ``MLFLOW_TRACKING_URI``. Neither set -> nothing is tracked.
+    parent_run_id : str, optional
+        Nest the run under this one (MLflow's ``mlflow.parentRunId`` tag), e.g. a tuning trial
+        under its study.
 
     Yields
     ------
@@ -133,8 +137,11 @@ def start_run(job_name: str, params: Mapping[str, Any] | None = None, uri: str |
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    tags = {"tandem.job": job_name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     mlflow_run = client.create_run(experiment_id(client, experiment), run_name=job_name,
-                                   tags={"tandem.job": job_name})
+                                   tags=tags)
     run = RunLogger(job_name, client, mlflow_run.info.run_id)
     try:
         run.log_params(params or {})

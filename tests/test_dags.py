@@ -21,7 +21,7 @@ def test_no_import_errors(dagbag):
 @pytest.mark.parametrize("dag_id, tasks", [
     ("tandem_hourly", ["ingest_events", "build_labels", "build_features", "materialize",
                       "embed_new_items", "precompute_feeds"]),
-    ("tandem_daily", ["negative_sampling", "build_training_table", "train_als",
+    ("tandem_daily", ["negative_sampling", "build_training_table", "tune", "train_als",
                       "train_two_tower", "train_sequence", "build_index", "train_ranker",
                       "evaluate", "feature_skew", "register_bundle", "promote"]),
     ("tandem_experiments", ["experiment_report", "canary"]),

@@ -2,8 +2,8 @@
 
 A small synthetic world (300 users, 200 items, ~30k events over 7 days) is written as landing
 files and ingested once for the module. Each test then runs every job of ``tandem_daily``
-in-process, in DAG order, with one run id -- negative_sampling -> build_training_table ->
-train_als -> train_two_tower (or skipped) -> train_sequence -> build_index -> train_ranker ->
+in-process, in DAG order, with one run id -- negative_sampling -> build_training_table -> tune
+-> train_als -> train_two_tower (or skipped) -> train_sequence -> build_index -> train_ranker ->
 evaluate -> register_bundle -> promote -- against the session's MLflow server, downloads the
 ``champion`` and asks serving for recommendations.
 
@@ -13,6 +13,7 @@ order of its ``items.parquet`` / ``users.parquet``, whichever job wrote them.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -21,9 +22,7 @@ import pyarrow.dataset as ds
 import pytest
 import scipy.sparse as sp
 
-from tandem import als as A
 from tandem import bundle as B
-from tandem import ranker as R
 from tandem import schema as s
 from tandem.config import Paths
 
@@ -31,12 +30,11 @@ START = datetime(2024, 1, 1, tzinfo=UTC)  # WorldConfig.start_ms
 END = START + timedelta(days=7)
 END_MS = int(END.timestamp() * 1000)
 DATASET = "world-300x200"
-# smaller models than production: the chain's wiring is under test, not model quality
-TWO_TOWER = {"epochs": 3, "num_threads": 1}
+# the tuned parameters decide the models' sizes (a short study: the chain's wiring is under
+# test, not model quality); one torch thread; a small sequence model
+TWO_TOWER = {"num_threads": 1}
 SEQUENCE = {"sequence": {"epochs": 3, "dim": 32, "max_len": 20}}
-RANKER = {**R.RANKER_CONFIG, "n_estimators": 40, "min_child_samples": 20}
-ALS = {**A.ALS_CONFIG, "iterations": 10}
-MODELS = {"two_tower": TWO_TOWER, "als": ALS, "ranker": RANKER}  # ranker and evaluate
+MODELS = {"two_tower": TWO_TOWER}  # ranker and evaluate
 FULL = (B.ITEMS, B.USERS, B.ALS_USER_FACTORS, B.ALS_ITEM_FACTORS, B.TT_ITEM_VECTORS,
         B.TT_USER_TOWER, B.INDEX_MAIN, B.INDEX_ALS, B.RANKER_MODEL, B.RANKER_COOC,
         B.FEATURE_SPEC, B.SEQ_ITEM_VECTORS, B.SEQ_MODEL, B.INDEX_SEQUENCE)
@@ -55,6 +53,14 @@ def lake(spark, tmp_path_factory) -> Paths:
     counts = ingest_events.run(spark, paths, START, END + timedelta(days=1))
     assert counts["valid"] > 25_000 and counts["invalid"] == 0
     return paths
+
+
+@pytest.fixture(autouse=True)
+def short_study(monkeypatch):
+    """Three trials a model (the defaults and two TPE proposals), tuned every night."""
+    for key, value in {"TANDEM_TUNE_TRIALS": "3", "TANDEM_TUNE_TIMEOUT_S": "60",
+                       "TANDEM_TUNE_EVERY_DAYS": "1"}.items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture
@@ -84,12 +90,15 @@ def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[st
         train_ranker,
         train_sequence,
         train_two_tower,
+        tune,
     )
 
     out = {"negative_sampling": negative_sampling.run(spark, paths, START, END),
            "build_training_table": build_training_table.run(spark, paths, START, END,
                                                             run_id=run_id),
-           "train_als": train_als.run(None, paths, START, END, ALS, run_id=run_id)}
+           "tune": tune.run(None, paths, START, END, {"two_tower": TWO_TOWER}, run_id=run_id,
+                            skip_two_tower=skip_two_tower),
+           "train_als": train_als.run(None, paths, START, END, run_id=run_id)}
     out["train_two_tower"] = (
         train_two_tower.skip(paths, END, run_id) if skip_two_tower  # main()'s --skip
         else train_two_tower.run(None, paths, START, END, {"two_tower": TWO_TOWER},
@@ -161,6 +170,40 @@ def check_alignment(paths: Paths, bundle, two_tower: bool) -> None:
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
 
 
+def check_tuning(bundle, local, version: int, registry, two_tower: bool) -> dict:
+    """The night's chosen parameters are what every trainer used, and they travel with the
+    registered version (the file in the bundle, tags on the version)."""
+    import json
+
+    from tandem import tuning
+    from tandem.registry import MODEL_NAME
+
+    doc = tuning.read(bundle)
+    models = {"als", "ranker"} | ({"two_tower"} if two_tower else set())
+    assert set(doc["models"]) == models
+    als = doc["models"]["als"]["params"]
+    fitted = json.loads((bundle / B.ALS_ITEM_FACTORS).with_name("meta.json").read_text())
+    assert {k: fitted["config"][k] for k in als} == als
+    assert np.load(bundle / B.ALS_ITEM_FACTORS).shape[1] == als["factors"]
+    ranker = doc["models"]["ranker"]["params"]
+    text = (bundle / B.RANKER_MODEL).read_text()
+    for key, value in {"num_leaves": ranker["num_leaves"], "num_iterations": ranker[
+            "n_estimators"], "min_data_in_leaf": ranker["min_child_samples"],
+            "learning_rate": ranker["learning_rate"]}.items():
+        written = re.search(rf"\[{key}: ([^\]]+)\]", text)  # LightGBM's parameter lines
+        assert written and float(written.group(1)) == pytest.approx(value, rel=1e-6), key
+    if two_tower:
+        tower = json.loads(str(np.load(bundle / B.TT_USER_TOWER)["config"]))
+        tt = doc["models"]["two_tower"]["params"]
+        assert {k: tower[k] for k in tt} == tt
+        assert np.load(bundle / B.TT_ITEM_VECTORS).shape[1] == tt["dim"]
+    assert tuning.read(local) == doc  # downloaded with the version
+    tags = registry.get_model_version(MODEL_NAME, str(version)).tags
+    assert tags["tandem.tuned.als.factors"] == str(als["factors"])
+    assert tags["tandem.tuned.ranker.num_leaves"] == str(ranker["num_leaves"])
+    return doc
+
+
 def serve_champion(registry, tmp_path, version: int):
     """Download ``champion`` and build the serving App over it (the registry source's path)."""
     from serving.app import App, ServingConfig
@@ -219,6 +262,11 @@ def test_daily_chain_builds_promotes_and_serves_one_bundle(spark, lake, registry
     engine = app.engines[CHAMPION]
     assert engine.tower is not None and engine.main_index is not None
     check_serving(app, local)
+    doc = check_tuning(bundle, local, version, registry, two_tower=True)
+    assert out["tune"]["source"] == doc["source"] == "study"
+    for model in ("als", "two_tower", "ranker"):  # three trials, the first the defaults
+        result = doc["models"][model]
+        assert result["trials"] == 3 and result["value"] >= result["default_value"]
 
 
 @pytest.mark.spark
@@ -244,6 +292,9 @@ def test_daily_chain_without_two_tower_serves_als_only(spark, lake, registry, tm
     engine = app.engines[CHAMPION]
     assert engine.tower is None and engine.main_index is None
     check_serving(app, local)
+    # the first chain test's study (same interval) is reused, or studied here when run alone
+    assert check_tuning(bundle, local, version, registry, two_tower=False)["source"] in (
+        "reused", "study")
 
 
 @pytest.mark.airflow

@@ -93,6 +93,37 @@ def test_evaluate_end_to_end_on_a_tiny_world():
     assert report["protocol"]["n_users"] > 0
 
 
+def test_evaluate_tunes_every_model_on_the_inner_split_only(monkeypatch):
+    """With ``tune`` the studies score the inner split of the training data: the test events
+    never reach an objective, and every later fit uses the choice."""
+    from tandem import tuning
+    from tandem.config import TuningSettings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    world = _world()
+    _, test = E.temporal_split(world.events, 0.2)
+    seen_by_studies = []
+    real_fit = E.A.fit_als
+
+    def spy(matrix, user_ids, item_ids, cfg, show_progress=False):
+        seen_by_studies.append(matrix.nnz)
+        return real_fit(matrix, user_ids, item_ids, cfg, show_progress)
+
+    monkeypatch.setattr(E.A, "fit_als", spy)
+    cfg = {**E.EVAL_CONFIG, "two_tower": None, "als_k": 10, "popular_k": 5, "retrieval_k": 20,
+           "tune": TuningSettings(n_trials=3, timeout_s=120)}
+    report = E.evaluate(world, cfg)
+    assert set(report["tuning"]) == {tuning.ALS, tuning.RANKER}
+    for study in report["tuning"].values():
+        assert study["trials"] == 3
+        assert study["val_ndcg@10"] >= study["default_val_ndcg@10"]
+    # the three ALS trials fit the inner training part: fewer pairs than the training data
+    n_train_pairs = len(world.events) - len(test)
+    assert len(seen_by_studies) >= 3 and max(seen_by_studies[:3]) < 0.85 * n_train_pairs
+    assert report["models"]["two_stage"]["ndcg@10"] > 0.0
+    assert "tuning" in report["timings_s"]
+
+
 @pytest.mark.slow
 def test_ml100k_quality_bar(ml100k_dir, tmp_path):
     """Issue 4's bar: two-stage NDCG@10 >= 1.10 x best single stage; ALS within 0.17 +-15%."""
