@@ -12,7 +12,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup java system-deps proto test demo eval bench bench-generator bench-pipeline stop lint clean
+.PHONY: setup java system-deps proto test demo eval bench bench-generator bench-pipeline chaos stop lint clean
 
 setup: java $(STAMP) proto
 
@@ -61,6 +61,11 @@ bench-generator: setup
 # The hourly and nightly jobs per world size (PIPELINE_ARGS="--rungs 1m,10m,50m"; default 1m).
 bench-pipeline: setup
 	$(BIN)/python bench/pipeline.py $(PIPELINE_ARGS)
+
+# Every fault scenario under load against real processes -> reports/chaos.json
+# (CHAOS_ARGS="--only rebalance,overload_10x" for some); fails when one scenario did not pass.
+chaos: setup system-deps
+	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
 
 stop:
 	@test -x $(BIN)/python && $(BIN)/python -m tandem.cli stop || echo "nothing to stop"
