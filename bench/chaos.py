@@ -226,9 +226,8 @@ def stream_scenario(work: Path, spark, fault: Callable[[StreamRig, Load], dict],
         rig.child_pid("landing")
         load.start()
         wait_until(lambda: len(rig.landed_ids()) >= n_events // 4, 60)
-        sent_before = load.sent
         detail = fault(rig, load)
-        later = {e[s.EVENT_ID] for e in load.events[sent_before:]}
+        later = {e[s.EVENT_ID] for e in load.events[load.sent:]}  # sent once the fault ended
         load.finish()
         caught_up = _landed_all(rig, load.acked)
         if settle is not None:
@@ -237,12 +236,13 @@ def stream_scenario(work: Path, spark, fault: Callable[[StreamRig, Load], dict],
     finally:
         restarts = rig.stop()
     detail["landed_by"] = rig.landed_by()
-    detail["acked_from_fault_on"] = len(load.acked & later)
+    detail["acked_after_fault"] = len(load.acked & later)
     t_ingest = time.monotonic()
     counts, ids = lake_ids(spark, rig.paths)
     detail["stop_s"] = round(t_ingest - t_stop, 1)
     detail["ingest_s"] = round(time.monotonic() - t_ingest, 1)
     lost = len(load.acked - set(ids))
+    detail["lost_after_fault"] = len((load.acked & later) - set(ids))
     duplicated = len(ids) - len(set(ids))
     return {"lost": lost, "duplicated": duplicated, "failed_requests": load.failed,
             "send_errors": load.errors, "acked": len(load.acked), "lake_events": len(ids),
