@@ -144,10 +144,18 @@ class StreamRig:
         wait_until(lambda: bool(self.status(name).get("child_pid")), timeout)
         return int(self.status(name)["child_pid"])
 
+    def processed(self, name: str, pid: int) -> int:
+        """Records consumer ``name``'s child ``pid`` processed (its stats file; 0 before)."""
+        try:
+            stats = json.loads((self.work / f"{name}.stats.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0
+        return stats["counts"].get("records", 0) if stats.get("pid") == pid else 0
+
     def landed_by(self) -> dict[str, int]:
         """Events each consumer landed (its last stats file; a killed child's count is gone)."""
         out = {}
-        for name in self.supervisors:
+        for name in [n for n in self.supervisors if n.startswith("landing")]:
             f = self.work / f"{name}.stats.json"
             out[name] = json.loads(f.read_text())["counts"].get("landed", 0) if f.exists() else 0
         return out
@@ -253,20 +261,23 @@ def stream_scenario(work: Path, spark, fault: Callable[[StreamRig, Load], dict],
 
 
 def _kill9(rig: StreamRig, name: str) -> dict:
-    """kill -9 consumer ``name`` twice, a second apart, while events keep coming."""
+    """kill -9 consumer ``name`` twice while events keep coming, each time once the running
+    child has processed records (mid-work, not while it starts)."""
     killed: list[int] = []
+    working = 0
     for _ in range(2):
         pid = rig.child_pid(name)
+        working += wait_until(lambda p=pid: rig.processed(name, p) > 0, 60)
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
         wait_until(lambda: rig.status(name).get("child_pid") not in (None, *killed), 30)
-        time.sleep(1.0)
-    return {"killed": len(killed)}
+    return {"killed": len(killed), "killed_mid_work": working}
 
 
 def kill9_landing_consumer(work: Path, spark) -> Record:
     rec = stream_scenario(work, spark, lambda rig, _load: _kill9(rig, "landing"))
-    rec["passed"] = rec["passed"] and rec["restarts"]["landing"] >= 2
+    rec["passed"] = rec["passed"] and rec["restarts"]["landing"] >= 2 \
+        and rec["killed_mid_work"] == 2
     return rec
 
 
@@ -283,7 +294,6 @@ def kill9_feature_consumer(work: Path, spark) -> Record:
     def start_and_kill(rig: StreamRig, _load: Load) -> dict:
         rig.supervise("features", "tandem.streaming.feature_consumer", "--snapshot-ms", "1000",
                       group="chaos-features")
-        time.sleep(5)  # it joins and pushes a while before the first kill
         return _kill9(rig, "features")
 
     def converged(rig: StreamRig, load: Load) -> dict:
@@ -301,7 +311,7 @@ def kill9_feature_consumer(work: Path, spark) -> Record:
 
     rec = stream_scenario(work, spark, start_and_kill, settle=converged)
     rec["passed"] = rec["passed"] and rec["sessions_converged"] and \
-        rec["restarts"]["features"] >= 2
+        rec["restarts"]["features"] >= 2 and rec["killed_mid_work"] == 2
     return rec
 
 
@@ -609,13 +619,15 @@ def registry_faults(work: Path) -> dict[str, Record]:
             sorted(while_down), "synced_to": rpcs.version(), "promoted": v4,
             "seconds": round(time.monotonic() - t0, 1)}
     finally:
-        if rpcs is not None:
-            load = rpcs.finish()
-            for rec in out.values():
-                rec["rpcs_whole_run"] = load
-        if proc is not None:
-            _stop(proc)
-        mlflow.stop()
+        try:
+            if rpcs is not None:
+                load = rpcs.finish()
+                for rec in out.values():
+                    rec["rpcs_whole_run"] = load
+        finally:  # never leave a server or MLflow behind
+            if proc is not None:
+                _stop(proc)
+            mlflow.stop()
     return out
 
 
@@ -690,12 +702,14 @@ def online_store_faults(work: Path) -> dict[str, Record]:
                 "answered_from_store_during_fault": sum(not f for f in during),  # in flight
                 "recovered": recovered, "seconds": round(time.monotonic() - t0, 1)}
     finally:
-        load = rpcs.finish()
-        for rec in out.values():
-            rec["rpcs_whole_run"] = load
-        _stop(proc)
-        redis["proc"].send_signal(signal.SIGCONT)
-        redis["proc"].kill()
+        try:
+            load = rpcs.finish()
+            for rec in out.values():
+                rec["rpcs_whole_run"] = load
+        finally:  # never leave a server or Redis behind
+            _stop(proc)
+            redis["proc"].send_signal(signal.SIGCONT)
+            redis["proc"].kill()
     return out
 
 
