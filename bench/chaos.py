@@ -219,21 +219,26 @@ def lake_ids(spark, paths: Paths) -> tuple[dict, list[str]]:
 
 
 def stream_scenario(work: Path, spark, fault: Callable[[StreamRig, Load], dict],
-                    n_events: int = 8000, rate: float = 400.0,
-                    settle: Callable[[StreamRig, Load], dict] | None = None) -> Record:
-    """Load ``n_events`` through a supervised landing consumer, call ``fault`` mid-load, let
-    everything land (and ``settle``), ingest, and count lost and duplicated events against the
-    acknowledged ones."""
+                    n_events: int = 9000, rate: float = 300.0,
+                    settle: Callable[[StreamRig, Load], dict] | None = None,
+                    features: bool = False) -> Record:
+    """Load ``n_events`` through a supervised landing consumer (and feature consumer), call
+    ``fault`` mid-load, let everything land (and ``settle``), ingest, and count lost and
+    duplicated events against the acknowledged ones."""
     rig = StreamRig(work)
     t0 = time.monotonic()
     try:
         rig.supervise("landing", "tandem.streaming.landing_consumer", "--batch-ms", "200")
+        if features:
+            rig.supervise("features", "tandem.streaming.feature_consumer", "--snapshot-ms",
+                          "1000", group="chaos-features")
         start_ms = int(time.time() * 1000) - 10 * n_events - 60_000
         load = Load(rig.broker.bootstrap, rig.topic, make_events(n_events, "chaos", start_ms,
                                                                  n_users=97), rate)
         rig.child_pid("landing")
         load.start()
-        wait_until(lambda: len(rig.landed_ids()) >= n_events // 4, 60)
+        # the fault comes once the consumer lands, while most of the load is still to come
+        wait_until(lambda: len(rig.landed_ids()) >= n_events // 20, 90)
         detail = fault(rig, load)
         later = {e[s.EVENT_ID] for e in load.events[load.sent:]}  # sent once the fault ended
         load.finish()
@@ -291,11 +296,6 @@ def kill9_feature_consumer(work: Path, spark) -> Record:
 
     feature_repo(Paths(work / "tandem"))
 
-    def start_and_kill(rig: StreamRig, _load: Load) -> dict:
-        rig.supervise("features", "tandem.streaming.feature_consumer", "--snapshot-ms", "1000",
-                      group="chaos-features")
-        return _kill9(rig, "features")
-
     def converged(rig: StreamRig, load: Load) -> dict:
         acked = [e for e in load.events if e[s.EVENT_ID] in load.acked]
         want = {u: session_row(u, st)[s.SESSION_LAST_TS] for u, st in replay(acked, GENRES)
@@ -306,10 +306,11 @@ def kill9_feature_consumer(work: Path, spark) -> Record:
             rows = online_rows(store, want)
             return sum(rows[u][s.SESSION_LAST_TS] != ts for u, ts in want.items())
 
-        ok = wait_until(lambda: wrong() == 0, 90, 1.0)
+        ok = wait_until(lambda: wrong() == 0, 180, 2.0)
         return {"users": len(want), "sessions_wrong": wrong(), "sessions_converged": ok}
 
-    rec = stream_scenario(work, spark, start_and_kill, settle=converged)
+    rec = stream_scenario(work, spark, lambda rig, _load: _kill9(rig, "features"),
+                          settle=converged, features=True)
     rec["passed"] = rec["passed"] and rec["sessions_converged"] and \
         rec["restarts"]["features"] >= 2 and rec["killed_mid_work"] == 2
     return rec
