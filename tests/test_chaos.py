@@ -77,8 +77,7 @@ def test_a_job_killed_mid_swap_leaves_no_hole(work):
 @pytest.mark.slow
 @pytest.mark.kafka
 @pytest.mark.spark
-@pytest.mark.parametrize("name", ["kill9_landing_consumer", "kill9_feature_consumer",
-                                  "rebalance"])
+@pytest.mark.parametrize("name", ["kill9_landing_consumer", "rebalance"])
 def test_stream_faults_lose_and_duplicate_nothing(work, spark, name):
     record = chaos.run([name], work, spark)[name]
     assert (record["lost"], record["duplicated"]) == (0, 0), record
