@@ -21,6 +21,8 @@ Paths go through Hadoop's FileSystem API, so the same code works on local disk, 
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -178,6 +180,11 @@ def read_table(spark: SparkSession, root: str | Path, schema: StructType, start:
 
 
 SWAP_PREFIX = "_swap-"  # <root>/_swap-<token>/{new,old}/date=.../hour=...: staging of a swap
+# Chaos testing (bench/chaos.py): a job run with TANDEM_FAILPOINT=swap-after-aside kills itself
+# (SIGKILL, no cleanup, no rollback) right after its first partition was moved aside, the one
+# moment a partition is absent; the retry must find it restored (recover_swaps).
+FAILPOINT_ENV = "TANDEM_FAILPOINT"
+SWAP_FAILPOINT = "swap-after-aside"
 
 
 def _relative(root: str, folder: str) -> str:
@@ -199,6 +206,8 @@ def _swap(spark: SparkSession, root: str, token: str, folders: Sequence[str]) ->
             if exists(spark, folder):
                 rename(spark, folder, aside)
                 moved.append((folder, aside))
+                if os.environ.get(FAILPOINT_ENV) == SWAP_FAILPOINT:
+                    os.kill(os.getpid(), signal.SIGKILL)
             if exists(spark, staged):
                 rename(spark, staged, folder)
     except BaseException:

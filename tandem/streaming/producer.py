@@ -10,6 +10,15 @@ change gets a new schema version and a new topic (``tandem.events.v2``), never a
 Records are keyed by ``user_id`` (a user's events stay in order on one partition), sent with
 ``acks=all``, and batched by the client (``linger_ms``/``batch_size``). The record timestamp is
 the producer's create time; the consumers measure freshness from it.
+
+Idempotence is off (kafka-python 3 turns it on by default). An idempotent producer depends on
+its producer id surviving on the broker: the embedded in-memory broker forgets it when it
+restarts, and brokers without KIP-360 epoch bumps leave the producer failing every later send
+for good (``UnknownProducerIdError``, then ``KafkaError`` on all 854 sends after a restart in
+bench/chaos.py's broker_restart; without idempotence 86 in-flight sends failed and the rest
+were acknowledged). What idempotence would prevent, a retried batch written twice, is handled
+downstream: every event has an ``event_id`` and the lake and the feature consumer deduplicate
+by it; ``max_in_flight_requests_per_connection=1`` keeps a partition's order across retries.
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ class EventProducer:
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap, client_id=client_id, acks="all", linger_ms=linger_ms,
             batch_size=batch_size, retries=5, max_in_flight_requests_per_connection=1,
-            **kafka_client_kwargs())
+            enable_idempotence=False, **kafka_client_kwargs())
 
     def send(self, event: dict[str, Any]) -> FutureRecordMetadata:
         """Validate ``event`` (no future timestamps) and send it; raises ``ContractError``."""
