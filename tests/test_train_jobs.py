@@ -184,3 +184,25 @@ def test_train_ranker_job_trains_on_retrieved_candidates(spark, paths):
     assert cooc[np.ix_(rows, cols)].sum() == 0.0
     spec = json.loads((bundle / B.FEATURE_SPEC).read_text())
     assert spec["names"] == list(RF.FEATURE_NAMES)
+
+
+@pytest.mark.spark
+def test_dense_index_is_the_global_sorted_rank_across_partitions(spark):
+    """Unique keys over many sort partitions get 0..n-1 in key order, with no gap or repeat."""
+    from jobs.build_training_table import _dense_index
+
+    keys = [f"k{i:05d}" for i in np.random.default_rng(1).permutation(5000)]
+    df = spark.createDataFrame([(k, i % 3) for i, k in enumerate(keys)], "key string, g int")
+    before = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", "7")
+    spark.conf.set("spark.sql.adaptive.enabled", "false")  # keep all 7 ranges apart
+    try:
+        ranked = _dense_index(df.repartition(5), ["g", "key"], "idx").toPandas()
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", before)
+        spark.conf.set("spark.sql.adaptive.enabled", "true")
+    ranked = ranked.sort_values("idx")
+    assert ranked["idx"].tolist() == list(range(5000))
+    expected = sorted(zip((i % 3 for i in range(5000)), keys, strict=True))
+    assert list(zip(ranked["g"], ranked["key"], strict=True)) == expected
+    assert str(ranked["idx"].dtype) == "int32"
