@@ -4,7 +4,7 @@ extract: lake events with ``start <= ts < end`` (the window rule of ``tandem.lak
     ``date >= day(start)``), the catalog (items created before ``end``) and the user profiles.
 transform (Spark, nothing collected to the driver):
     - ``users``: profiled users and users with events, sorted by id, dense ``user_idx``
-      (``zipWithIndex`` over the sorted ids, so indexes are contiguous across partitions);
+      (ranked in the JVM from the sorted partitions, so indexes are contiguous across them);
     - ``items``: the catalog ordered by (created_at, item_id) with dense ``item_idx`` and
       ``popularity`` = distinct users per item in the window (``tandem.catalog``'s order);
     - ``interactions``: one row per (user, item) pair with any event in the window: ``weight``
@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import IntegerType, LongType, StructField, StructType
+from pyspark.sql.types import IntegerType
 
 from tandem import als as A
 from tandem import lake as L
@@ -80,12 +80,23 @@ def extract(spark: SparkSession, paths: Paths, start: datetime, end: datetime) -
 
 
 def _dense_index(df: DataFrame, order: list[str], idx: str) -> DataFrame:
-    """``df`` sorted by ``order`` with a dense int32 ``idx`` (0..n-1) in that order."""
-    ordered = df.orderBy(*order)
-    schema = StructType([*ordered.schema.fields, StructField(idx, LongType(), False)])
-    indexed = ordered.rdd.zipWithIndex().map(lambda row_i: (*row_i[0], row_i[1]))
-    return df.sparkSession.createDataFrame(indexed, schema).withColumn(
-        idx, F.col(idx).cast(IntegerType()))
+    """``df`` sorted by ``order`` (unique keys) with a dense int32 ``idx`` (0..n-1) in that order.
+
+    Why not ``zipWithIndex``: it round-trips every row through Python workers. Here the range-
+    partitioned sort tags each row with ``monotonically_increasing_id`` (partition index in the
+    upper 31 bits, row within the partition in the lower 33), and a per-partition offset (the
+    rows of the partitions before it: one tiny window over at most a few thousand counts,
+    broadcast back) turns that into the global rank, all in the JVM. ``localCheckpoint`` pins the
+    sorted partitions, so the counts and the ranks see the same split.
+    """
+    tagged = (df.orderBy(*order).withColumn("_pid", F.spark_partition_id())
+              .withColumn("_row", F.monotonically_increasing_id().bitwiseAND((1 << 33) - 1))
+              .localCheckpoint())
+    counts = tagged.groupBy("_pid").count()
+    offsets = counts.select("_pid", (F.sum("count").over(Window.orderBy("_pid"))
+                                     - F.col("count")).alias("_off"))
+    return (tagged.join(F.broadcast(offsets), "_pid")
+            .select(*df.columns, (F.col("_off") + F.col("_row")).cast(IntegerType()).alias(idx)))
 
 
 def dictionaries(spark: SparkSession, paths: Paths, end: datetime, events: DataFrame

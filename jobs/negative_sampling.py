@@ -6,6 +6,14 @@ probability proportional to ``popularity ** alpha`` (popularity = engagement eve
 ``[start - lookback, end)``), excluding every item the user engaged positively with in that window
 (``tandem.spark.sampling``: seeded by hashing, so re-runs give the same rows).
 
+Popularity and exclusions come from daily aggregates, not from the lookback's events: per event
+day, engagements per item (``lake/aggregates/item_day``) and the distinct positive (user, item)
+pairs (``lake/aggregates/pos_day``). A run writes the aggregates of its own days (from the
+events it reads anyway) and reads those of the lookback, which earlier nights wrote; lookback
+days after the last one written (the first night, nights that did not run) are computed once
+from their events. A day's
+aggregate sees the events that arrived within ``lateness`` of it, like every event read.
+
 Ranking (``lake/negatives/ranking/date=``), from ``lake/labels/ranking`` of the same days
 (run ``jobs.build_labels`` first): every label-0 row (``source`` "impressed": shown but not
 engaged; "rated": a rating below POSITIVE_RATING), plus ``ratio`` sampled items per label-1 row
@@ -16,13 +24,14 @@ go to that day's partition. An interval is widened to the whole UTC days it touc
 partitions are replaced (atomically, ``tandem.spark.io``).
 
 Memory model (platform: 5M users, 1M items, 50M events/day, ~60% engagements; the nightly DAG
-passes 28 days): the events of ``[start - lookback, end)`` are read once (item_id, user_id, ts,
-type, value, dwell: ~50 B a row, 56 days x 30M engagements = ~80 GB scanned, cached spillable)
-and reduced in two shuffles: popularity per item (<= 1M rows, the one driver-side step: ~50 MB
-of pandas, refused past ``TANDEM_DRIVER_MAX_ROWS``) and the distinct positive (user, item) pairs
-(the exclusions). The sampler's lookup table (~2 x 1M rows, ~100 MB) is broadcast, so the draws
-(``ratio x oversample`` per positive) are joined where they are made; only the exclusion
-anti-join and the per-positive ranking shuffle them.
+passes 28 days): the events of the interval are read once (user, item, ts, type, value, dwell:
+~50 B a row, 28 days x 30M engagements = ~40 GB scanned, cached spillable) and reduced to their
+days' aggregates (<= 1M item rows and ~30M positive pairs a day); the lookback adds only its
+aggregates (28 x (1M + 30M) rows of ~40 B, ~35 GB, scanned by the executors). Popularity per
+item (<= 1M rows) is the one driver-side step (~50 MB of pandas, refused past
+``TANDEM_DRIVER_MAX_ROWS``). The sampler's lookup table (~2 x 1M rows, ~100 MB) is broadcast, so
+the draws (``ratio x oversample`` per positive) are joined where they are made; only the
+exclusion anti-join and the per-positive ranking shuffle them.
 """
 
 from __future__ import annotations
@@ -39,13 +48,25 @@ from tandem.config import Paths
 from tandem.spark.driver import to_pandas_bounded
 from tandem.spark.entry import job_main
 from tandem.spark.events import day_of, event_timestamp, is_positive, read_events
-from tandem.spark.io import covering_days, epoch_ms, overwrite_interval, read_table
+from tandem.spark.io import (
+    covering_days,
+    day_starts,
+    exists,
+    overwrite_interval,
+    partition_dir,
+    read_table,
+)
 from tandem.spark.sampling import sample_negatives
 from tandem.spark.tables import (
+    COUNT,
     DRAW,
     POS_ITEM_ID,
     SOURCE,
+    item_day_root,
+    item_day_schema,
     negatives_schema,
+    positives_day_root,
+    positives_day_schema,
     ranking_labels_schema,
 )
 
@@ -88,18 +109,58 @@ def _sampled(anchors: DataFrame, exclude: DataFrame, counts, cfg: NegativesConfi
         event_timestamp(), day_of())
 
 
+def write_day_aggregates(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
+                         cfg: NegativesConfig, events: DataFrame | None = None) -> None:
+    """Replace the aggregates of the whole days ``[start, end)`` (from ``events``, the days'
+    events if given, else read from the lake)."""
+    if events is None:
+        events = read_events(spark, paths, start, end, cfg.lateness)
+    engaged = events.where(F.col(s.EVENT_TYPE) != s.IMPRESSION)
+    items = engaged.groupBy(day_of(), s.ITEM_ID).agg(F.count("*").alias(COUNT))
+    pairs = (engaged.where(is_positive(cfg.dwell_threshold_ms))
+             .select(s.USER_ID, s.ITEM_ID, day_of()).distinct())
+    overwrite_interval(items, item_day_root(paths), start, end, hourly=False,
+                       sort_by=[s.ITEM_ID])
+    overwrite_interval(pairs, positives_day_root(paths), start, end, hourly=False,
+                       sort_by=[s.USER_ID, s.ITEM_ID])
+
+
+def fill_lookback(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
+                  cfg: NegativesConfig) -> int:
+    """Write the aggregates of the days of ``[start, end)`` after the last one written; returns
+    the days computed (0 once the earlier nights wrote them).
+
+    "After the last written" rather than "every absent day": a day without engagements leaves
+    no partition, and must not send every night back to its events.
+    """
+    days = day_starts(start, end)
+    root = item_day_root(paths)
+    written = [i for i, d in enumerate(days)
+               if exists(spark, partition_dir(root, d, hourly=False))]
+    first = written[-1] + 1 if written else 0
+    if first < len(days):
+        write_day_aggregates(spark, paths, days[first], end, cfg)
+    return len(days) - first
+
+
 def run(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
         cfg: NegativesConfig = NegativesConfig()) -> dict[str, int]:
     """Write retrieval and ranking negatives for the whole UTC days ``[start, end)``."""
     start, end = covering_days(start, end)
-    window = read_events(spark, paths, start - cfg.lookback, end, cfg.lateness)
-    engagements = window.where(F.col(s.EVENT_TYPE) != s.IMPRESSION).cache()
-    counts = to_pandas_bounded(engagements.groupBy(s.ITEM_ID).count(), "item popularity")
-    positive = engagements.where(is_positive(cfg.dwell_threshold_ms))
-    exclude = positive.select(s.USER_ID, s.ITEM_ID).distinct().cache()
+    lookback_start = covering_days(start - cfg.lookback, start)[0]
+    filled = fill_lookback(spark, paths, lookback_start, start, cfg)
+    window = read_events(spark, paths, start, end, cfg.lateness).cache()
+    write_day_aggregates(spark, paths, start, end, cfg, window)
+    day_counts = read_table(spark, item_day_root(paths), item_day_schema(), lookback_start, end,
+                            hourly=False)
+    counts = to_pandas_bounded(day_counts.groupBy(s.ITEM_ID).agg(F.sum(COUNT).alias("count")),
+                               "item popularity")
+    exclude = (read_table(spark, positives_day_root(paths), positives_day_schema(),
+                          lookback_start, end, hourly=False)
+               .select(s.USER_ID, s.ITEM_ID).distinct().cache())
 
-    anchors = positive.where(F.col(s.TS) >= epoch_ms(start)).select(
-        s.EVENT_ID, s.USER_ID, s.ITEM_ID, s.TS)
+    anchors = (window.where(is_positive(cfg.dwell_threshold_ms))
+               .select(s.EVENT_ID, s.USER_ID, s.ITEM_ID, s.TS))
     retrieval = _sampled(anchors, exclude, counts, cfg, "retrieval").select(
         *negatives_schema().names).cache()
 
@@ -115,6 +176,7 @@ def run(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
 
     per_source = {r[SOURCE]: r["count"] for r in ranking.groupBy(SOURCE).count().collect()}
     result = {"positives": anchors.count(), "retrieval": retrieval.count(),
+              "lookback_days_computed": filled,
               "ranking_impressed": per_source.get(IMPRESSED, 0),
               "ranking_rated": per_source.get(RATED, 0),
               "ranking_sampled": per_source.get(SAMPLED, 0)}
@@ -122,7 +184,7 @@ def run(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
     overwrite_interval(retrieval, paths.retrieval_negatives, start, end, hourly=False,
                        sort_by=order)
     overwrite_interval(ranking, paths.ranking_negatives, start, end, hourly=False, sort_by=order)
-    for df in (engagements, exclude, retrieval, ranking):
+    for df in (window, exclude, retrieval, ranking):
         df.unpersist()
     log.info("negative_sampling [%s, %s): %s", start.isoformat(), end.isoformat(), result)
     return result

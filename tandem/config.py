@@ -13,6 +13,8 @@ Lake layout (all parquet unless said otherwise)::
     lake/items/  lake/users/                          catalog and profiles (contracts item/user v1)
     lake/labels/ranking/date=/                        labelled impressions for the ranker
     lake/negatives/{retrieval,ranking}/date=/         sampled negatives
+    lake/aggregates/{item_day,pos_day}/date=/         per day: engagements per item, positive
+                                                      (user, item) pairs (negative sampling)
     lake/features/{user,item}/date=/                  time-stamped feature rows (event_timestamp)
     lake/training/run_id=/{users,items,interactions,cooc}/  int-coded training table of a nightly
                                                       run (jobs/build_training_table.py)

@@ -51,7 +51,8 @@ def _run(spark, paths, labels: bool = True, **change):
 def test_counts_exclusions_and_popularity(spark, paths):
     write_lake_events(spark, paths, EVENTS)
     assert _run(spark, paths) == {"positives": 7, "retrieval": 21, "ranking_impressed": 1,
-                                  "ranking_rated": 0, "ranking_sampled": 6}
+                                  "ranking_rated": 0, "ranking_sampled": 6,
+                                  "lookback_days_computed": 28}  # the first night: all of it
     retrieval = _read(spark, paths.retrieval_negatives)
     assert all(r.item_id not in POSITIVES[r.user_id] for r in retrieval)
     per_positive = Counter(r.event_id for r in retrieval)
@@ -76,11 +77,44 @@ def test_rerun_is_identical_and_seed_matters(spark, paths):
     first = _run(spark, paths)
     rows = sorted(map(tuple, _read(spark, paths.retrieval_negatives)))
     ranking = sorted(map(tuple, _read(spark, paths.ranking_negatives)))
-    assert _run(spark, paths, labels=False) == first
+    again = {**first, "lookback_days_computed": 0}  # the lookback's aggregates are written
+    assert _run(spark, paths, labels=False) == again
     assert sorted(map(tuple, _read(spark, paths.retrieval_negatives))) == rows
     assert sorted(map(tuple, _read(spark, paths.ranking_negatives))) == ranking
-    assert _run(spark, paths, labels=False, seed=18) == first
+    assert _run(spark, paths, labels=False, seed=18) == again
     assert sorted(map(tuple, _read(spark, paths.retrieval_negatives))) != rows
+
+
+def test_the_lookback_comes_from_daily_aggregates_not_events(spark, paths):
+    """Yesterday's popularity and positives are read from its aggregates once written: with its
+    events gone from the lake, the next run samples exactly the same negatives."""
+    import shutil
+
+    from tandem.spark.tables import (
+        item_day_root,
+        item_day_schema,
+        positives_day_root,
+        positives_day_schema,
+    )
+
+    write_lake_events(spark, paths, [*EVENTS, ev("old", s.CLICK, "u1", "hot", PREV)])
+    _run(spark, paths)
+    rows = sorted(map(tuple, _read(spark, paths.retrieval_negatives)))
+    items = spark.read.schema(item_day_schema()).parquet(str(item_day_root(paths)))
+    yesterday = {r.item_id: r["count"] for r in items.where("date = '2023-12-31'").collect()}
+    assert yesterday == {"hot": 41, **{f"i{k}": 1 for k in range(1, 9)}}
+    today = {r.item_id: r["count"] for r in items.where("date = '2024-01-01'").collect()}
+    assert today == {"hot": 1, "i1": 1, "i2": 1, "i3": 1, "i4": 1, "i5": 1, "i6": 1, "i7": 1}
+    pairs = spark.read.schema(positives_day_schema()).parquet(str(positives_day_root(paths)))
+    assert ("u1", "hot") in {(r.user_id, r.item_id)
+                             for r in pairs.where("date = '2023-12-31'").collect()}
+
+    shutil.rmtree(paths.events / "date=2023-12-31")
+    assert _run(spark, paths, labels=False)["lookback_days_computed"] == 0
+    assert sorted(map(tuple, _read(spark, paths.retrieval_negatives))) == rows
+    # u1 liked "hot" yesterday: still excluded, from the aggregate alone
+    assert not [r for r in _read(spark, paths.retrieval_negatives)
+                if r.user_id == "u1" and r.item_id == "hot"]
 
 
 def test_a_driver_side_step_over_budget_names_the_setting(spark, paths, monkeypatch):

@@ -4,8 +4,10 @@ A master and two workers (1 core, 1 GiB each) are started from the pinned pyspar
 ``bin/spark-class``; ``tandem_hourly`` runs through Airflow (``dag.test()``, the DAG's operators)
 with the ``spark_default`` connection pointing at ``spark://127.0.0.1:<port>``, so every Spark task
 is a ``spark-submit --master spark://...`` whose executors live in the workers' JVMs. The same
-world is then run again with the connection at ``local[2]``; the lake each run leaves (events,
-quarantine, labels, user and item features) must be equal row for row.
+world is then run again in local mode, the same jobs' ``run`` in this process on the tests'
+``local[2]`` session (the DAG's command lines are pinned to the jobs' by ``test_daily_chain`` and
+``test_dags``); the lake each run leaves (events, quarantine, labels, user and item features)
+must be equal row for row. The Airflow metadata DB migrates while the cluster starts.
 
 The workers run on this machine, so they see the lake's local paths and the repo on PYTHONPATH;
 on a real cluster the lake is shared storage and the code ships with ``--py-files``.
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -103,26 +106,37 @@ def standalone(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def airflow_home(tmp_path_factory):
-    """One migrated Airflow metadata DB that both runs use (runs differ in TANDEM_HOME)."""
+def migrating(tmp_path_factory):
+    """(env, the running ``airflow db migrate``): requested before the cluster, so they overlap."""
     from tandem.airflow_client import airflow_env
 
     paths = Paths(tmp_path_factory.mktemp("standalone-airflow"))
     env = {**os.environ, **airflow_env(paths, port=free_port(),
                                        log_ports=(free_port(), free_port())),
            "TANDEM_TASK_RETRIES": "0", "SPARK_LOCAL_IP": "127.0.0.1"}
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True,
-                   capture_output=True, timeout=300)
-    return env
+    proc = subprocess.Popen([sys.executable, "-m", "airflow", "db", "migrate"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield env, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
-def run_hourly(env: dict, root: Path, master: str) -> Paths:
-    """Land the tiny world under ``root`` and run tandem_hourly with spark_default = master."""
+def land(root: Path) -> Paths:
+    """The tiny world's landing files under ``root``."""
     from tandem.world import World, WorldConfig
 
     paths = Paths(root)
     World.generate(WorldConfig(n_users=60, n_items=40, n_events_target=600, days=1,
                                seed=3)).write(paths)
+    return paths
+
+
+def run_hourly(env: dict, root: Path, master: str) -> Paths:
+    """Land the tiny world under ``root`` and run tandem_hourly with spark_default = master."""
+    paths = land(root)
     conn = json.dumps({"conn_type": "spark", "host": master})
     proc = subprocess.Popen([sys.executable, "-m", "tandem.airflow_client", "tandem_hourly",
                              json.dumps({"start": START, "end": END})],
@@ -167,16 +181,30 @@ def lake_rows(path: Path) -> tuple[list[str], list[str]]:
     return columns, sorted(repr(tuple(_value(r[c]) for c in columns)) for r in rows)
 
 
-@pytest.mark.timeout(2700)  # two hourly chains (3 spark-submits + Feast each), on 2 shared cores
-def test_hourly_chain_on_a_standalone_cluster_equals_local_mode(standalone, airflow_home,
+def run_local(spark, root: Path) -> Paths:
+    """The same world and Spark jobs, in this process on the local-mode session."""
+    from jobs import build_features, build_labels, ingest_events
+
+    paths = land(root)
+    start, end = datetime.fromisoformat(START), datetime.fromisoformat(END)
+    for job in (ingest_events, build_labels, build_features):
+        job.run(spark, paths, start, end)
+    return paths
+
+
+@pytest.mark.timeout(1800)  # one hourly chain (3 spark-submits + Feast) on 2 shared cores
+def test_hourly_chain_on_a_standalone_cluster_equals_local_mode(migrating, standalone, spark,
                                                                  tmp_path):
+    env, migrate = migrating
     url, ui = standalone
-    cluster = run_hourly(airflow_home, tmp_path / "cluster", url)
+    out, _ = migrate.communicate(timeout=300)
+    assert migrate.returncode == 0, out[-4000:]
+    cluster = run_hourly(env, tmp_path / "cluster", url)
     # the cluster really ran them: each Spark task's spark-submit was an application of its own
     with urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=5) as resp:
         apps = json.loads(resp.read())["completedapps"]
     assert len(apps) >= 3, apps
-    local = run_hourly(airflow_home, tmp_path / "local", "local[2]")
+    local = run_local(spark, tmp_path / "local")
     seen = []
     for name in OUTPUTS:
         cols_c, rows_c = lake_rows(getattr(cluster, name))

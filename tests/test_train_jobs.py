@@ -265,3 +265,23 @@ def test_ranker_training_set_reads_the_lake_labels_at_each_requests_time(spark, 
     assert (y == 0).sum() == with_positive.sum() > 0
     assert set(np.unique(groups)) <= set(batch.req.user_rows)
     assert isinstance(batch.requests, E.Requests)
+@pytest.mark.spark
+def test_dense_index_is_the_global_sorted_rank_across_partitions(spark):
+    """Unique keys over many sort partitions get 0..n-1 in key order, with no gap or repeat."""
+    from jobs.build_training_table import _dense_index
+
+    keys = [f"k{i:05d}" for i in np.random.default_rng(1).permutation(5000)]
+    df = spark.createDataFrame([(k, i % 3) for i, k in enumerate(keys)], "key string, g int")
+    before = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", "7")
+    spark.conf.set("spark.sql.adaptive.enabled", "false")  # keep all 7 ranges apart
+    try:
+        ranked = _dense_index(df.repartition(5), ["g", "key"], "idx").toPandas()
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", before)
+        spark.conf.set("spark.sql.adaptive.enabled", "true")
+    ranked = ranked.sort_values("idx")
+    assert ranked["idx"].tolist() == list(range(5000))
+    expected = sorted(zip((i % 3 for i in range(5000)), keys, strict=True))
+    assert list(zip(ranked["g"], ranked["key"], strict=True)) == expected
+    assert str(ranked["idx"].dtype) == "int32"

@@ -12,10 +12,17 @@ lake/quarantine/events      date, hour one rejected landing line: reason, raw, f
 lake/labels/ranking         date, hour one impression (or rating) with its engagement labels
 lake/negatives/retrieval    date       one sampled negative item for one positive event
 lake/negatives/ranking      date       impressed-not-engaged rows and sampled negatives
+lake/aggregates/item_day    date       engagement events per item on that (event) day
+lake/aggregates/pos_day     date       one distinct positive (user, item) pair of that day
 ==========================  =========  ====================================================
+
+The two ``lake/aggregates`` tables are ``jobs.negative_sampling``'s daily summaries: each day is
+written once it is in a night's interval and read (never the day's events) by later nights.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pyspark.sql.types import (
     DataType,
@@ -28,6 +35,7 @@ from pyspark.sql.types import (
 )
 
 from tandem import schema as s
+from tandem.config import Paths
 from tandem.spark.io import with_partitions
 from tandem.spark.validate import lake_event_schema
 
@@ -74,6 +82,29 @@ def ranking_labels_schema() -> StructType:
         (CLICKED, IntegerType()), (PLAYED, IntegerType()), (LIKED, IntegerType()),
         (s.DWELL_MS, LongType()), (s.LABEL, IntegerType()), (s.EVENT_TIMESTAMP, TimestampType()),
     ]))
+
+
+COUNT = "count"  # aggregates/item_day: engagement events of the item that day
+
+
+def item_day_root(paths: Paths) -> Path:
+    return paths.lake / "aggregates" / "item_day"
+
+
+def positives_day_root(paths: Paths) -> Path:
+    return paths.lake / "aggregates" / "pos_day"
+
+
+def item_day_schema() -> StructType:
+    """lake/aggregates/item_day: item_id, count (engagements with ``ts`` on that day), date."""
+    return with_partitions(_struct([(s.ITEM_ID, StringType()), (COUNT, LongType())]),
+                           hourly=False)
+
+
+def positives_day_schema() -> StructType:
+    """lake/aggregates/pos_day: user_id, item_id (a positive engagement that day), date."""
+    return with_partitions(_struct([(s.USER_ID, StringType()), (s.ITEM_ID, StringType())]),
+                           hourly=False)
 
 
 def negatives_schema() -> StructType:
