@@ -265,6 +265,8 @@ def test_ranker_training_set_reads_the_lake_labels_at_each_requests_time(spark, 
     assert (y == 0).sum() == with_positive.sum() > 0
     assert set(np.unique(groups)) <= set(batch.req.user_rows)
     assert isinstance(batch.requests, E.Requests)
+
+
 @pytest.mark.spark
 def test_dense_index_is_the_global_sorted_rank_across_partitions(spark):
     """Unique keys over many sort partitions get 0..n-1 in key order, with no gap or repeat."""
