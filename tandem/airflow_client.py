@@ -9,6 +9,7 @@ Auth: the SimpleAuthManager user ``admin`` from airflow.cfg; its generated passw
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from tandem import processes
 from tandem.config import REPO_ROOT, Paths
+
+log = logging.getLogger(__name__)
 
 TERMINAL = {"success", "failed"}
 
@@ -145,13 +148,23 @@ class AirflowClient:
 
     def wait_run(self, dag_id: str, run_id: str, timeout_s: float, on_poll=None,
                  poll_s: float = 2.0) -> str:
-        """Poll until the run ends; ``on_poll`` gets :meth:`task_instances` after each poll."""
+        """Poll until the run ends; ``on_poll`` gets :meth:`task_instances` after each poll.
+
+        A poll the API server does not answer in time (a busy machine: its workers share the
+        CPUs with the run's Spark jobs) or refuses for a moment is retried at the next poll, up
+        to ``timeout_s``; the run goes on regardless of whether anyone watches it.
+        """
         deadline = time.monotonic() + timeout_s
         state = "queued"
         while time.monotonic() < deadline:
-            state = self.run_state(dag_id, run_id)
-            if on_poll:
-                on_poll(self.task_instances(dag_id, run_id))
+            try:
+                state = self.run_state(dag_id, run_id)
+                if on_poll:
+                    on_poll(self.task_instances(dag_id, run_id))
+            except (TimeoutError, ConnectionError, urllib.error.URLError) as exc:
+                if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
+                    raise  # a wrong dag or run id: polling again will not help
+                log.warning("polling %s run %s: %s; retrying", dag_id, run_id, exc)
             if state in TERMINAL:
                 return state
             time.sleep(poll_s)
