@@ -3,7 +3,10 @@
 Client settings follow the broker notes (../shared/notes/stack-feasibility.md, section 7): a
 6 s session timeout with 1 s heartbeats (tansu holds a JoinGroup for about half the session
 timeout, so kafka-python's 45 s default means a 23 s join), manual commits only, and a short fetch
-wait so a quiet topic does not add 500 ms to freshness.
+wait so a quiet topic does not add 500 ms to freshness. The wait is the broker's whole budget for
+a fetch, though: tansu on s3 storage lists a partition's stored batches on every fetch, which
+soon takes longer than 50 ms, and then every fetch comes back empty (measured: 0 of 3,000
+events consumed at 50 ms, all at 500 ms); ``TANDEM_KAFKA_FETCH_MAX_WAIT_MS`` raises it there.
 
 Throughput needs the ``crc32c`` package (pinned in requirements.txt): without it kafka-python
 computes the record-batch CRC32C in pure Python at ~8 MB/s, ~50 us per event in the producer and
@@ -36,6 +39,7 @@ from tandem.streaming.topics import DLQ_TOPIC, EVENTS_TOPIC, ensure_topics
 
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_MS = 1000
+FETCH_MAX_WAIT_ENV = "TANDEM_KAFKA_FETCH_MAX_WAIT_MS"
 log = logging.getLogger(__name__)
 FRESHNESS = Histogram(
     "tandem_stream_freshness_seconds",
@@ -51,7 +55,8 @@ def make_consumer(bootstrap: str, group: str, topic: str,
         bootstrap_servers=bootstrap, group_id=group, client_id=f"{group}-{os.getpid()}",
         enable_auto_commit=False, auto_offset_reset="earliest",
         session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_MS,
-        fetch_max_wait_ms=50, max_poll_records=max_poll_records,
+        fetch_max_wait_ms=int(os.environ.get(FETCH_MAX_WAIT_ENV, "50")),
+        max_poll_records=max_poll_records,
         max_partition_fetch_bytes=4 * 1024 * 1024, **kafka_client_kwargs())
     if listener is None:
         consumer.subscribe([topic])
