@@ -207,24 +207,10 @@ def start_serving(stack: Stack) -> None:
         "--cache-dir", str(stack.paths.root / "serving-cache"),
         "--impression-sink", "tandem.streaming.producer:impression_logger_from_env"],
         env=stack.env())
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     from tandem import grpc_channel
 
-    deadline = time.monotonic() + 300
-    channel = grpc_channel.channel(f"127.0.0.1:{GRPC_PORT}")
-    health = health_pb2_grpc.HealthStub(channel)
-    while True:
-        try:
-            status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                break
-        except grpc.RpcError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit("the gRPC server did not become SERVING; see var/run/serving.log")
-        time.sleep(1)
+    if not grpc_channel.wait_serving(f"127.0.0.1:{GRPC_PORT}", 300):
+        raise SystemExit("the gRPC server did not become SERVING; see var/run/serving.log")
     _done(t0)
 
 

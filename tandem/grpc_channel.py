@@ -52,3 +52,23 @@ def channel(target: str, options: Sequence[tuple[str, object]] = (),
     if credentials is None:
         return grpc.insecure_channel(target, options=list(options))
     return grpc.secure_channel(target, credentials, options=list(options))
+
+
+def wait_serving(target: str, timeout_s: float) -> bool:
+    """Poll the server's health service until it says SERVING (True) or ``timeout_s`` ends."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with channel(target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(1)
+    return False

@@ -39,7 +39,7 @@ IDs: users ``u<index>``, items ``i<index>``, sessions ``s<seed>.<day>.<part>.<n>
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,6 +297,52 @@ class World:
         add = click & (r[5] < 0.1 * _sigmoid(3 * cos))
         return Engagement(click, play, np.minimum(dwell, DAY_MS), complete, like, dislike, share,
                           add, p_click)
+
+    def respond(self, user_ids: Sequence[str], slates: Sequence[Sequence[str]],
+                request_ids: Sequence[str], ts_ms: Sequence[int], rng: np.random.Generator
+                ) -> pa.Table:
+        """The engagement events (event.v1 columns; no impressions: whoever served the slates
+        logs those) of users ``user_ids`` [n] with slates something else served them, such as
+        the gRPC server in the closed-loop rehearsal: ``slates`` [n] lists of world item ids in
+        position order (ragged allowed), shown at ``ts_ms`` [n] for ``request_ids`` [n].
+
+        :meth:`simulate` decides what each user does. Time is compressed so a rehearsal never
+        waits for a film to end (and never stamps an event in the future): the click comes
+        1 s + 0.4 s per position after the impression, a play 1 s after the click and the
+        end-of-watch events (complete, like, dislike, share, add to list) 1 s after that;
+        ``dwell_ms`` keeps the modelled watch time.
+        """
+        n, k = len(user_ids), max((len(x) for x in slates), default=0)
+        valid = np.arange(k) < np.array([len(x) for x in slates])[:, None]
+        shown = np.zeros((n, k), np.int64)
+        shown[valid] = self.item_index(np.concatenate([np.asarray(x, object) for x in slates]))
+        e = self.simulate(self.user_index(np.asarray(user_ids, object)), shown, rng)
+        masks = (e.click, e.play, e.complete, e.like, e.dislike, e.share, e.add_to_list)
+        flat = [np.flatnonzero(m & valid) for m in masks]
+        idx = np.concatenate(flat)
+        kind = np.repeat(np.arange(1, len(_KINDS)), [len(f) for f in flat])
+        req, pos = idx // max(k, 1), idx % max(k, 1)
+        delay = 1000 + 400 * pos + 1000 * np.minimum(kind - 1, 2)
+        ts = np.asarray(ts_ms, np.int64)[req] + delay
+        order = np.lexsort((kind, ts))
+        req, pos, kind, ts = req[order], pos[order], kind[order], ts[order]
+        request = pa.array(list(request_ids), pa.string()).take(pa.array(req))
+        pos_a = pa.array(pos)
+        played = np.isin(kind, (2, 3))
+        m = len(req)
+        return pa.table({
+            s.EVENT_ID: pc.binary_join_element_wise(request, pc.cast(pos_a, pa.string()),
+                                                    _names(_CODES, kind), "."),
+            s.EVENT_TYPE: _names(_KINDS, kind),
+            s.USER_ID: pa.array(list(user_ids), pa.string()).take(pa.array(req)),
+            s.ITEM_ID: self.item_id.take(pa.array(shown[req, pos])),
+            s.TS: pa.array(ts), s.SESSION_ID: pa.nulls(m, pa.string()), s.REQUEST_ID: request,
+            s.POSITION: pos_a,
+            s.DWELL_MS: pa.array(np.where(played, e.dwell_ms[req, pos], 0), mask=~played),
+            **{c: pa.nulls(m, EVENT_ARROW_SCHEMA.field(c).type)
+               for c in (s.VALUE, s.CTX_DEVICE, s.CTX_COUNTRY, s.CTX_SURFACE, s.EXPERIMENT,
+                         s.VARIANT, s.MODEL_VERSION, s.PROPENSITY)},
+        }).cast(EVENT_ARROW_SCHEMA)
 
     # ------------------------------------------------------------------------ logging policy
     def _draw_users(self, n: int, t_ms: int, rng: np.random.Generator) -> np.ndarray:

@@ -7,8 +7,10 @@ the same world, assigns them with the real hash split (``tandem.ab``), shows the
 world's click model answer (``World.simulate``'s probabilities; the planted lift multiplies a
 variant's true click probabilities by ``1 + lift``), sums per user and runs exactly the tests the
 report job runs (:mod:`tandem.experiments.stats`) on the per-user moments. The end-to-end path
-(lake -> Spark job -> report) is exercised separately by ``jobs/experiment_report.py`` and the
-``tandem_experiments`` DAG test.
+runs once in the full mode: :mod:`tandem.experiments.closed_loop` (the gRPC server answers
+simulated users, their responses go producer -> tansu -> landing consumer -> ``ingest_events``
+-> ``experiment_report``; the ``closed_loop`` block), besides ``lake_readout`` (simulated events
+written straight to the lake) and the ``tandem_experiments`` DAG test.
 
 OPE: a logging policy (softmax over item popularity mixed with ``explore`` uniform exploration,
 its true per-slot probabilities logged) shows slates; a candidate policy (softmax over a noisy
@@ -40,7 +42,7 @@ import pyarrow.compute as pc
 from tandem import schema as s
 from tandem.ab import Experiment, Variant
 from tandem.config import REPO_ROOT
-from tandem.experiments import ope
+from tandem.experiments import closed_loop, ope
 from tandem.experiments.canary import ArmHealth, decide
 from tandem.experiments.definitions import (
     ROLLED_BACK,
@@ -286,7 +288,8 @@ def lake_readout(cfg: RehearsalConfig, work: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``make experiment``: write ``reports/experiment.json`` (``--quick``: the CI subset)."""
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--quick", action="store_true", help="smaller OPE, no lake/Spark readout")
+    ap.add_argument("--quick", action="store_true",
+                    help="smaller OPE, no lake/Spark readout and no closed loop")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "experiment.json")
     ap.add_argument("--bench", type=Path, default=REPO_ROOT / "reports" / "bench_serving.json",
                     help="make bench BENCH_ARGS=--shadow output, for the shadow p99s")
@@ -301,12 +304,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.quick:
         with tempfile.TemporaryDirectory() as tmp:
             report["lake_readout"] = lake_readout(cfg, Path(tmp))
+        with tempfile.TemporaryDirectory() as tmp:
+            report["closed_loop"] = closed_loop.run(
+                Path(tmp), closed_loop.LoopConfig(seed=cfg.seed), reports=args.out.parent)
     report["mode"] = "quick" if args.quick else "full"
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["canary"].pop("history")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report[k] for k in ("aa", "lift", "ope", "canary", "shadow")},
+    print(json.dumps({k: report[k] for k in ("aa", "lift", "ope", "canary", "shadow",
+                                             "closed_loop") if k in report},
                      indent=1, default=str))
     return report
 
