@@ -123,7 +123,7 @@ def _features_from_store(store, fitted: E.Fitted, catalog: E.Catalog, req: E.Req
     rows = np.arange(len(cands))
     return RF.build_features(rows, cands["item"].to_numpy(), sources, users, items, session,
                              hour, RF.device_codes(req.device[local]), recent[local],
-                             fitted.space)
+                             fitted.space, E.sequence_inputs(fitted, req), sequence_rows=local)
 
 
 def feature_spec() -> dict[str, Any]:

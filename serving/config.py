@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from tandem.diversify import DIVERSIFY_CONFIG
+
 
 @dataclass(frozen=True)
 class ServingConfig:
@@ -28,9 +30,9 @@ class ServingConfig:
     n_popular: int = 100
     n_content: int = 100  # genre-profile candidates of a known user (serving.session_retrieval)
     fresh_days: float = 14.0
-    mmr_lambda: float = 0.7
-    mmr_pool: int = 100
-    genre_cap: int = 0
+    mmr_lambda: float = DIVERSIFY_CONFIG["mmr_lambda"]  # one default for serving and eval
+    mmr_pool: int = DIVERSIFY_CONFIG["mmr_pool"]
+    genre_cap: int = DIVERSIFY_CONFIG["genre_cap"]
     exploration: str = "epsilon_greedy"
     epsilon: float = 0.1
     ucb_c: float = 1.0

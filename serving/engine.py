@@ -62,7 +62,7 @@ from tandem import features as F
 from tandem import ranking_features as RF
 from tandem import schema as s
 from tandem.ann import AnnIndex
-from tandem.diversify import mmr
+from tandem.diversify import rerank
 from tandem.exploration import epsilon_greedy, thompson, ucb
 from tandem.retrieval import SOURCE_BITS, SOURCES, CandidatePool, merge, source_names
 
@@ -339,11 +339,10 @@ class Engine:
                                         RF.FEATURE_NAMES, cfg.feature_log_share, now_ms,
                                         q.device or None)
         with clock.stage("mmr"):
-            top = np.argsort(-scores, kind="stable")[: cfg.mmr_pool]
-            genres = (self.item_features.static[pool.rows[top], F.ITEM_GENRE_SLICE] > 0
-                      if cfg.genre_cap > 0 else None)
-            order = top[mmr(scores[top], self.item_vectors[pool.rows[top]], q.k, cfg.mmr_lambda,
-                            genres, cfg.genre_cap)]
+            order = rerank(scores, pool.rows, self.item_vectors,
+                           self.item_features.static[:, F.ITEM_GENRE_SLICE], q.k,
+                           {"mmr_lambda": cfg.mmr_lambda, "mmr_pool": cfg.mmr_pool,
+                            "genre_cap": cfg.genre_cap})
         picked = pool.take(order)
         # no randomisation on this path: each item is shown with probability 1 (exactly)
         return Result(request_id, self.version, list(self.item_ids[picked.rows]),
@@ -422,7 +421,7 @@ class Engine:
         device = _device_code(q.device)
         x = RF.build_features(np.zeros(n, dtype=np.int64), pool.rows, sources, user_m,
                               self._item_matrix(pool.rows, now_ms), session_m, hour,
-                              device, recent, self.space)
+                              device, recent, self.space, self._sequence_inputs(history))
         return x if self.feature_columns is None else x[:, self.feature_columns]
 
     def _stored(self, q: RecommendQuery, cfg: ServingConfig, rows: UserRows,
@@ -442,6 +441,16 @@ class Engine:
                       np.asarray(feed.scores, dtype=np.float64)[keep], masks,
                       np.ones(len(keep)), [_explain(int(mk)) for mk in masks],
                       path="precomputed")
+
+    def _sequence_inputs(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``sequence_affinity``'s inputs: the query the sequence source searched with (the
+        session's recent items), None without the model; a zero query without history."""
+        if self.sequence is None:
+            return None
+        enc = self.sequence.encoder
+        query = (enc.encode(history[: enc.max_len]) if len(history)
+                 else np.zeros(enc.dim, np.float32))
+        return query[None], enc.item_vectors
 
     def _degraded(self, q: RecommendQuery, exclude: np.ndarray, clock: StageClock) -> Result:
         """Popularity only (the online store failed and nothing else identifies the user)."""

@@ -281,9 +281,10 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
     parser.add_argument("--max-concurrent-rpcs", type=int, default=64,
                         help="RPCs in flight (running + queued) beyond which new ones get "
                              "RESOURCE_EXHAUSTED")
-    parser.add_argument("--mmr-lambda", type=float, default=0.7)
+    parser.add_argument("--mmr-lambda", type=float,
+                        default=ServingConfig.mmr_lambda)
     parser.add_argument("--max-k", type=int, default=100)
-    parser.add_argument("--genre-cap", type=int, default=0,
+    parser.add_argument("--genre-cap", type=int, default=ServingConfig.genre_cap,
                         help="at most this many items per genre in a list; 0 = off")
     parser.add_argument("--exploration", choices=["epsilon_greedy", "thompson", "ucb"],
                         default="epsilon_greedy")

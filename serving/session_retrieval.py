@@ -31,13 +31,8 @@ import numpy as np
 from tandem import als as A
 from tandem import features as F
 from tandem import schema as s
-from tandem.retrieval import content_candidates
+from tandem.retrieval import content_candidates, content_profile, genre_top_rows
 
-N_GENRE_TOP = 200  # popular items kept per genre for content retrieval
-# the session's genre profile (share of its newest items per genre, so a burst's genre is 1)
-# against the history's (user_genre_affinity scaled to sum 1)
-SESSION_GENRE_WEIGHT = 2.0
-N_SESSION_GENRE_ITEMS = 10  # newest session items whose genres form the session profile
 # the session's per-type counts that the ALS confidence of its items is read from
 _WEIGHTED_COUNTS = tuple((s.SESSION_COUNT_PREFIX + t, w)
                          for t, w in A.ALS_CONFIG["event_weights"].items() if w > 0)
@@ -67,12 +62,8 @@ class SessionRetrieval:
     @classmethod
     def build(cls, als_items: np.ndarray, item_genres: np.ndarray, popularity: np.ndarray,
               als_cfg: Mapping[str, Any] = A.ALS_CONFIG) -> SessionRetrieval:
-        by_pop = np.argsort(-popularity, kind="stable")
-        top = np.full((item_genres.shape[1], N_GENRE_TOP), -1, dtype=np.int64)
-        for j in range(item_genres.shape[1]):  # once per load, over genres (not candidates)
-            hits = by_pop[item_genres[by_pop, j]][:N_GENRE_TOP]
-            top[j, : len(hits)] = hits
-        return cls(als_items, A.gram(als_items), np.asarray(item_genres, bool), top,
+        return cls(als_items, A.gram(als_items), np.asarray(item_genres, bool),
+                   genre_top_rows(item_genres, popularity),
                    np.asarray(popularity, np.float32), {**A.ALS_CONFIG, **als_cfg})
 
     def als_query(self, prior: np.ndarray | None, history: np.ndarray,
@@ -90,11 +81,8 @@ class SessionRetrieval:
                 n: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, scores) of the content source for a genre profile from the user's history
         (``user_genre_affinity``) and the session's newest items' genres."""
-        profile = _unit_sum(_affinity(user.get("user_genre_affinity")))
-        recent = history[:N_SESSION_GENRE_ITEMS]
-        if len(recent):
-            share = self.item_genres[recent].sum(axis=0, dtype=np.float32) / len(recent)
-            profile = profile + SESSION_GENRE_WEIGHT * share
+        profile = content_profile(_affinity(user.get("user_genre_affinity")), self.item_genres,
+                                  history)
         return content_candidates(self.genre_top, self.item_genres, self.popularity, profile, n)
 
 
@@ -117,8 +105,3 @@ def _affinity(value: Any) -> np.ndarray:
     if out.shape != (F.N_GENRES,):
         return np.zeros(F.N_GENRES, np.float32)
     return np.clip(np.nan_to_num(out), 0.0, None)
-
-
-def _unit_sum(x: np.ndarray) -> np.ndarray:
-    total = float(x.sum())
-    return x / total if total > 0 else x

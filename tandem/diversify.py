@@ -18,7 +18,17 @@ list is worse than a soft cap.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+# The request path's re-ranking defaults: serving's ``ServingConfig`` and ``make eval``'s
+# two-stage read them from here, so what is evaluated is what is served.
+DIVERSIFY_CONFIG: dict[str, Any] = {
+    "mmr_lambda": 0.7,  # relevance weight of :func:`mmr`
+    "mmr_pool": 100,  # MMR runs over this many of the ranker's best
+    "genre_cap": 0,  # at most this many picks per genre (0 = off)
+}
 
 
 def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7,
@@ -78,3 +88,20 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7,
         gain = after if t == 0 else np.minimum(gain, after)
         gain[best] = -np.inf  # earlier picks stay -inf through the min
     return picked
+
+
+def rerank(relevance: np.ndarray, rows: np.ndarray, vectors: np.ndarray,
+           genres: np.ndarray | None, k: int, cfg: dict[str, Any] = DIVERSIFY_CONFIG
+           ) -> np.ndarray:
+    """Positions (into ``relevance``) of the ``k`` items one list shows: :func:`mmr` with the
+    genre cap over the top ``mmr_pool`` by relevance, as serving's request path applies it.
+
+    ``rows`` [n] are the candidates' catalog rows; ``vectors`` [n_items, d] and ``genres``
+    [n_items, n_genres] (> 0 where the item has the genre; may be None when the cap is off) are
+    catalog-wide and only the top ``mmr_pool`` rows are gathered.
+    """
+    top = np.argsort(-np.asarray(relevance), kind="stable")[: cfg["mmr_pool"]]
+    cap = cfg["genre_cap"]
+    picked_rows = rows[top]
+    onehot = genres[picked_rows] > 0 if cap > 0 and genres is not None else None
+    return top[mmr(relevance[top], vectors[picked_rows], k, cfg["mmr_lambda"], onehot, cap)]

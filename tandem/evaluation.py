@@ -44,10 +44,12 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from tandem import als as A
+from tandem import diversify as D
 from tandem import features as F
 from tandem import metrics as M
 from tandem import ranker as R
 from tandem import ranking_features as RF
+from tandem import retrieval as T
 from tandem import schema as S
 from tandem import tuning
 from tandem.config import TuningSettings
@@ -70,6 +72,8 @@ EVAL_CONFIG: dict[str, Any] = {
     "two_tower": {"num_threads": 1},
     "sequence": {"num_threads": 1},  # SequenceConfig overrides; None disables the source
     "sequence_k": 200,
+    "content_k": 100,  # genre-profile candidates, as serving's ``n_content``; 0 disables
+    "diversify": D.DIVERSIFY_CONFIG,  # serving's MMR / genre-cap defaults, applied to two-stage
 }
 MODELS = ("popularity", "als", "two_tower", "sequence", "two_stage")
 SESSION_RECENT_MAX = 20  # items a user_session row keeps (tandem.schema)
@@ -147,6 +151,7 @@ class Fitted:
     space : ALS unit vectors and co-occurrence for the recency features
     sequence : the sequence model's numpy runtime (``tandem.sequence.SequenceEncoder``) or None
     sequence_recent : int [n_users, max_len] each user's last positives, newest first (its query)
+    catalog : the catalog the content source reads genres from (None: no content source)
     """
 
     history: pd.DataFrame
@@ -158,6 +163,7 @@ class Fitted:
     timings: dict[str, float] = field(default_factory=dict)
     sequence: Any = None
     sequence_recent: np.ndarray | None = None
+    catalog: Catalog | None = None
 
 
 def _indexed(events: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:
@@ -195,7 +201,54 @@ def fit_sources(history: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any] = E
         sequence, recent = _fit_sequence(hist, catalog, cfg)
         timings["sequence_fit_s"] = time.perf_counter() - t0
     space = RF.ItemSpace(RF.unit_rows(als.item_factors), RF.cooccurrence(seen))
-    return Fitted(history, seen, popularity, als, tower, space, timings, sequence, recent)
+    return Fitted(history, seen, popularity, als, tower, space, timings, sequence, recent,
+                  catalog if cfg.get("content_k") else None)
+
+
+def content_inputs(history: pd.DataFrame, catalog: Catalog, popularity: np.ndarray,
+                   rows: np.ndarray, play_dwell_ms: int | None) -> tuple[np.ndarray, ...]:
+    """What serving's content source reads, from ``history`` for user ``rows``: each genre's
+    popular items, the catalog's genre multi-hot, each user's ``user_genre_affinity`` (share of
+    positives per genre, as :func:`user_rows`) and last distinct engaged items (newest first,
+    as the session state's ``recent_item_ids``), the last two aligned with ``rows``."""
+    hist = _indexed(history, catalog)
+    hist = hist[hist["user_idx"].isin(rows)]
+    local = pd.Index(rows).get_indexer(hist["user_idx"])
+    item_genres = F.genre_multi_hot(catalog.items[S.GENRES]) > 0
+    pos = positives(hist, play_dwell_ms)
+    counts = sp.csr_matrix((np.ones(int(pos.sum()), np.float32),
+                            (local[pos], hist["item_idx"].to_numpy()[pos])),
+                           shape=(len(rows), len(catalog.item_ids))) @ item_genres
+    affinity = np.asarray(counts, np.float32)
+    affinity /= np.maximum(affinity.sum(axis=1, keepdims=True), 1.0)
+    # distinct items of every event type but impression and dislike, as the session state's
+    engaged = hist.assign(local=local)[~hist[S.EVENT_TYPE].isin([S.IMPRESSION, S.DISLIKE])]
+    engaged = engaged.sort_values(S.TS, kind="stable").drop_duplicates(
+        ["local", "item_idx"], keep="last")
+    recent = RF.last_items(engaged["local"].to_numpy(), engaged["item_idx"].to_numpy(),
+                           engaged[S.TS].to_numpy(np.int64), len(rows), T.N_RECENT_GENRE_ITEMS)
+    return T.genre_top_rows(item_genres, popularity), item_genres, affinity, recent
+
+
+def content_lists(inputs: tuple[np.ndarray, ...], popularity: np.ndarray, seen: sp.csr_matrix,
+                  k: int) -> pd.DataFrame:
+    """(local, item, score, rank) of the content source for each row of ``seen`` (the users of
+    :func:`content_inputs`, in its order): the function serving calls
+    (``tandem.retrieval.content_candidates``) on the same genre profile, seen items dropped.
+    One call per user (microseconds each), never per candidate."""
+    genre_top, item_genres, affinity, recent = inputs
+    frames = []
+    for row in range(seen.shape[0]):
+        profile = T.content_profile(affinity[row], item_genres, recent[row])
+        done = seen.indices[seen.indptr[row]:seen.indptr[row + 1]]
+        items, scores = T.content_candidates(genre_top, item_genres, popularity, profile,
+                                             k + len(done))
+        keep = ~np.isin(items, done)
+        items, scores = items[keep][:k], scores[keep][:k]
+        frames.append(pd.DataFrame({"local": row, "item": items, "score": scores,
+                                    "rank": np.arange(1, len(items) + 1, dtype=np.float32)}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        {"local": [], "item": [], "score": [], "rank": []})
 
 
 def _fit_sequence(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
@@ -266,6 +319,13 @@ def candidates(fitted: Fitted, user_rows: np.ndarray, cfg: dict[str, Any],
     for src, s in scores.items():
         top = top_lists(s, depth[src], fitted.seen, user_rows)
         frames.append(top.rename(columns={"score": f"{src}_score", "rank": f"{src}_rank"})
+                      .set_index(["user_row", "item"]))
+    if fitted.catalog is not None and cfg.get("content_k"):
+        inputs = content_inputs(fitted.history, fitted.catalog, fitted.popularity, user_rows,
+                                cfg["play_dwell_ms"])
+        top = content_lists(inputs, fitted.popularity, fitted.seen[user_rows], cfg["content_k"])
+        top.insert(0, "user_row", user_rows[top.pop("local").to_numpy(np.int64)])
+        frames.append(top.rename(columns={"score": "content_score", "rank": "content_rank"})
                       .set_index(["user_row", "item"]))
     union = pd.concat(frames, axis=1).sort_index().reset_index()
     return union
@@ -428,6 +488,9 @@ class Requests:
     user_rows: np.ndarray  # int [m]
     now_ms: np.ndarray  # int64 [m], the request time (the user's first held-out event)
     device: np.ndarray  # object [m], ctx_device of that event
+    # int [m, L] the sequence model's query items per request (newest first), when they are
+    # not ``Fitted.sequence_recent``'s rows (the nightly path's request-local histories)
+    sequence_recent: np.ndarray | None = None
 
 
 def requests_from(heldout: pd.DataFrame, catalog: Catalog, users: pd.Index) -> Requests:
@@ -453,10 +516,46 @@ def feature_matrix(fitted: Fitted, catalog: Catalog, req: Requests, cands: pd.Da
     sources = {c: cands[c].to_numpy(np.float32) for c in cands.columns
                if c.endswith(("_score", "_rank"))}
     return RF.build_features(local, items, sources, user_mat, item_mat, session_mat, hour,
-                             RF.device_codes(req.device), recent, fitted.space)
+                             RF.device_codes(req.device), recent, fitted.space,
+                             sequence_inputs(fitted, req))
+
+
+def sequence_inputs(fitted: Fitted, req: Requests) -> tuple[np.ndarray, np.ndarray] | None:
+    """(queries [m, d] of the requests' users, item vectors) for ``sequence_affinity``: the
+    query the sequence source retrieves with (:func:`source_scores`); None without the model."""
+    if fitted.sequence is None:
+        return None
+    recent = (req.sequence_recent if req.sequence_recent is not None
+              else fitted.sequence_recent[req.user_rows])
+    return fitted.sequence.encode_batch(recent), fitted.sequence.item_vectors
 
 
 # ---------------------------------------------------------------------------------- evaluation
+
+def diversified(fitted: Fitted, catalog: Catalog, cands: pd.DataFrame, ranked: np.ndarray,
+                k: int, cfg: dict[str, Any]) -> np.ndarray:
+    """Positions into ``cands`` of each user's ``k`` shown items, in the order shown: serving's
+    re-ranking (``tandem.diversify.rerank``: MMR over serving's item vectors -- the two-tower's,
+    unit ALS factors without it -- and the genre cap) on the ranker's scores. One call per
+    user (the request path's own loop), never per candidate."""
+    vectors = (fitted.tower.item_vectors() if fitted.tower is not None
+               else RF.unit_rows(fitted.als.item_factors))
+    genres = F.genre_multi_hot(catalog.items[S.GENRES])
+    users = cands["user_row"].to_numpy()
+    items = cands["item"].to_numpy()
+    starts = np.r_[0, np.flatnonzero(np.diff(users)) + 1] if len(users) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(users)]
+    picked = [lo + D.rerank(ranked[lo:hi], items[lo:hi], vectors, genres, k, cfg)
+              for lo, hi in zip(starts, ends, strict=True)]
+    return np.concatenate(picked) if picked else np.zeros(0, np.int64)
+
+
+def _position_in_group(users: np.ndarray) -> np.ndarray:
+    """0-based position of each row within its run of equal ``users`` (the shown order)."""
+    starts = np.r_[0, np.flatnonzero(np.diff(users)) + 1] if len(users) else np.zeros(0, int)
+    return (np.arange(len(users)) - np.repeat(starts, np.diff(np.r_[starts, len(users)])))\
+        .astype(float)
+
 
 def _pred_frame(catalog: Catalog, user_rows: np.ndarray, items: np.ndarray,
                 scores: np.ndarray) -> pd.DataFrame:
@@ -625,8 +724,10 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
     union = _pred_frame(catalog, cands["user_row"].to_numpy(), cands["item"].to_numpy(),
                         np.zeros(len(cands)))
     retrieval["combined"] = M.recall_at_k(rel, union, k=len(catalog.item_ids))
-    preds["two_stage"] = _pred_frame(catalog, cands["user_row"].to_numpy(),
-                                     cands["item"].to_numpy(), ranked)
+    shown = diversified(fitted, catalog, cands, ranked, k, cfg["diversify"])
+    preds["two_stage"] = _pred_frame(catalog, cands["user_row"].to_numpy()[shown],
+                                     cands["item"].to_numpy()[shown],
+                                     -_position_in_group(cands["user_row"].to_numpy()[shown]))
 
     progress("metrics")
     models = {name: score_models(preds[name], rel, train, catalog, k, preds.get("popularity"))

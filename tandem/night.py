@@ -16,6 +16,8 @@ before ``cut``? Labels are the user's pairs first engaged positively in ``[cut, 
 - sequence (when the bundle has it): the session sequence model's query from the user's last
   pre-cut positive items (``tandem.sequence``), searched in its own index;
 - popularity: distinct users per item before ``cut``;
+- content (``content_k`` > 0): serving's genre-profile source (``tandem.retrieval``) on the
+  user's pre-cut positives' genres and last engaged items, one call per request user;
 - every source retrieves through its ANN index (``tandem.ann``) ``k + (most seen items)`` deep and
   drops the user's pre-cut items, so no users x items score matrix is ever built.
 
@@ -45,6 +47,7 @@ import scipy.sparse as sp
 from tandem import als as A
 from tandem import bundle as B
 from tandem import lake as L
+from tandem import ranking_features as RF
 from tandem import schema as S
 from tandem.ann import AnnIndex
 from tandem.config import within_driver_budget
@@ -92,19 +95,6 @@ class Requests:
     n_label_pairs: int
 
 
-def _last_items(local: np.ndarray, items: np.ndarray, ts: np.ndarray, m: int, n: int
-                ) -> np.ndarray:
-    """int32 [m, n]: each user's last ``n`` items by ``ts`` (newest first), -1 padded."""
-    order = np.lexsort((-items, -ts, local))
-    u, it = local[order], items[order]
-    start = np.r_[0, np.flatnonzero(np.diff(u)) + 1] if len(u) else np.zeros(0, np.int64)
-    pos = np.arange(len(u)) - np.repeat(start, np.diff(np.r_[start, len(u)]))
-    out = np.full((m, n), -1, dtype=np.int32)
-    keep = pos < n
-    out[u[keep], pos[keep]] = it[keep]
-    return out
-
-
 def requests(table: L.TrainingTable, cut_ms: int, role: str, cfg: dict[str, Any] | None = None
              ) -> Requests:
     """The ``role``'s (:data:`RANKER` or :data:`EVALUATION`) request users and their pairs."""
@@ -129,7 +119,7 @@ def requests(table: L.TrainingTable, cut_ms: int, role: str, cfg: dict[str, Any]
     history = sp.csr_matrix((cols[L.WEIGHT][hist].astype(np.float32),
                              (local[users[hist]], items[hist])), shape=(len(mine), n_items))
     pos = hist & is_positive  # pre-cut pairs that are not labels: positive before the cut
-    recent = _last_items(local[users[pos]], items[pos], positive_ts[pos].astype(np.int64),
+    recent = RF.last_items(local[users[pos]], items[pos], positive_ts[pos].astype(np.int64),
                          len(mine), cfg["history_len"])
     lab = label & (local[users] >= 0)
     labels = pd.DataFrame({"user_row": users[lab], "item": items[lab]})
@@ -307,7 +297,7 @@ def requests_at_labels(at_cut, lake: LakeLabels):
     now = first[S.TS].to_numpy(dtype=np.float64, na_value=np.nan)
     return EvalRequests(at_cut.user_rows,
                         np.where(np.isnan(now), at_cut.now_ms, now).astype(np.int64),
-                        first[S.CTX_DEVICE].to_numpy(object))
+                        first[S.CTX_DEVICE].to_numpy(object), at_cut.sequence_recent)
 
 
 def pair_mask(cands: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
@@ -351,7 +341,6 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
     otherwise every event of the window is read, for the in-process feature path.
     """
     from tandem import evaluation as E
-    from tandem import ranking_features as RF
     from tandem.lake import read_window
 
     night_cfg = {**NIGHT_CONFIG, **cfg.get("night", {})}
@@ -371,7 +360,6 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
     queries = night.query_vectors(req, profiles.reindex(asked).reset_index())
     deep = {src: max(d, cfg.get("retrieval_k", 0)) for src, d in depth.items()}
     lists = retrieve(night, req, queries, deep, night_cfg["max_seen"])
-    cands = candidates(lists, req, depth)
     events = data.events
     known = (item_ids.get_indexer(events[S.ITEM_ID]) >= 0) \
         & (user_ids.get_indexer(events[S.USER_ID]) >= 0)
@@ -379,8 +367,17 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
     catalog = E.Catalog(user_ids, item_ids, items.reset_index(),
                         profiles.reindex(user_ids).reset_index())
     space = RF.ItemSpace(RF.unit_rows(night.item_factors), table.cooc())
+    # the sequence model (for sequence_affinity) queried as its retrieval source is
+    sequence = night.sequence if "sequence" in depth else None
     fitted = E.Fitted(events[known & (events[S.TS] < cut_ms)].reset_index(drop=True),
-                      req.history, req.popularity, None, None, space)
+                      req.history, req.popularity, None, None, space, sequence=sequence)
     at_cut = E.Requests(req.user_rows, np.full(len(req.user_rows), cut_ms, np.int64),
-                        np.full(len(req.user_rows), None, dtype=object))
+                        np.full(len(req.user_rows), None, dtype=object),
+                        req.recent if sequence is not None else None)
+    if cfg.get("content_k"):  # serving's genre-content source, on the same profile
+        depth["content"] = cfg["content_k"]
+        inputs = E.content_inputs(fitted.history, catalog, req.popularity, req.user_rows,
+                                  cfg["play_dwell_ms"])
+        lists["content"] = E.content_lists(inputs, req.popularity, req.history, depth["content"])
+    cands = candidates(lists, req, depth)
     return Batch(req, lists, cands, label_mask(cands, req), catalog, fitted, at_cut)

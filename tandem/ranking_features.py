@@ -8,7 +8,10 @@ A candidate is a (user, item) pair that retrieval returned. Its row concatenates
 2. entity features from :mod:`tandem.features` (user profile/activity, item content/popularity/
    CTR/age, current session), exactly as the feature store's rows transform them;
 3. crosses and context: user x item genre affinity, request hour (UTC) and device code;
-4. recency: max / mean / newest cosine between the candidate and the user's last
+4. sequence: ``sequence_affinity``, the session sequence model's score ``h_user . E[item]`` of
+   EVERY candidate (``sequence_score`` exists only for the items the sequence source
+   retrieved), from the same query the source searches with;
+5. recency: max / mean / newest cosine between the candidate and the user's last
    :data:`N_RECENT` items in ALS item-factor space, and max / mean co-occurrence with them
    normalised by popularity (cosine of the binary item columns). The quality probe found these
    to carry most of the signal under a temporal split.
@@ -28,7 +31,7 @@ import scipy.sparse as sp
 
 from tandem import features as F
 
-SOURCES: tuple[str, ...] = ("als", "two_tower", "popularity", "sequence")
+SOURCES: tuple[str, ...] = ("als", "two_tower", "popularity", "sequence", "content")
 N_RECENT = 5
 PAD = -1  # empty slot in a recent-items row
 _FEW_COLUMNS = 256  # ItemSpace.cooc_values slices columns up to this many distinct ones
@@ -37,12 +40,13 @@ DEVICES: tuple[str, ...] = ("web", "ios", "android", "tv")  # code 1..4; other 5
 SOURCE_FEATURES: tuple[str, ...] = (
     *(f"{src}_{kind}" for src in SOURCES for kind in ("score", "rank")), "n_sources")
 CONTEXT_FEATURES: tuple[str, ...] = ("genre_affinity_cross", "ctx_hour", "ctx_device_code")
+SEQUENCE_FEATURES: tuple[str, ...] = ("sequence_affinity",)
 RECENCY_FEATURES: tuple[str, ...] = (
     "recent_cos_max", "recent_cos_mean", "recent_cos_newest", "recent_cooc_max",
     "recent_cooc_mean")
 FEATURE_NAMES: tuple[str, ...] = (
     *SOURCE_FEATURES, *F.USER_FEATURES, *F.ITEM_FEATURES, *F.SESSION_FEATURES,
-    *CONTEXT_FEATURES, *RECENCY_FEATURES)
+    *CONTEXT_FEATURES, *SEQUENCE_FEATURES, *RECENCY_FEATURES)
 
 
 @dataclass
@@ -156,6 +160,40 @@ def recency_features(items: np.ndarray, user_rows: np.ndarray, recent: np.ndarra
     return out
 
 
+def sequence_affinity(items: np.ndarray, user_rows: np.ndarray,
+                      sequence: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """float32 [n]: ``queries[user_rows] . item_vectors[items]`` for ``sequence`` = (queries
+    [n_users, d] of ``tandem.sequence.SequenceEncoder.encode_batch``, its item vectors
+    [n_items, d]); NaN without a model, for a user without history (zero query) and for items
+    newer than the model (no vector)."""
+    n = len(items)
+    if sequence is None or n == 0:
+        return np.full(n, np.nan, dtype=np.float32)
+    queries, vectors = sequence
+    known = items < len(vectors)
+    rows = np.where(known, items, 0)
+    if len(queries) == 1:  # one request: one [n, d] x [d] product
+        out = vectors[rows] @ queries[0]
+        has = np.broadcast_to(np.any(queries[0] != 0), (n,))
+    else:
+        out = np.einsum("nd,nd->n", vectors[rows], queries[user_rows])
+        has = np.any(queries != 0, axis=1)[user_rows]
+    return np.where(known & has, out, np.nan).astype(np.float32)
+
+
+def last_items(local: np.ndarray, items: np.ndarray, ts: np.ndarray, m: int, n: int
+                ) -> np.ndarray:
+    """int32 [m, n]: each user's last ``n`` items by ``ts`` (newest first), -1 padded."""
+    order = np.lexsort((-items, -ts, local))
+    u, it = local[order], items[order]
+    start = np.r_[0, np.flatnonzero(np.diff(u)) + 1] if len(u) else np.zeros(0, np.int64)
+    pos = np.arange(len(u)) - np.repeat(start, np.diff(np.r_[start, len(u)]))
+    out = np.full((m, n), -1, dtype=np.int32)
+    keep = pos < n
+    out[u[keep], pos[keep]] = it[keep]
+    return out
+
+
 def columns_of(names: Sequence[str]) -> np.ndarray | None:
     """Positions in :data:`FEATURE_NAMES` of a ranker's input columns (a bundle's
     ``features.json`` names), so an older bundle's ranker gets exactly the columns it was
@@ -179,7 +217,9 @@ def device_codes(devices: np.ndarray) -> np.ndarray:
 def build_features(user_rows: np.ndarray, items: np.ndarray, sources: dict[str, np.ndarray],
                    user_matrix: np.ndarray, item_matrix: np.ndarray,
                    session_matrix: np.ndarray, hour: np.ndarray, device: np.ndarray,
-                   recent: np.ndarray, space: ItemSpace) -> np.ndarray:
+                   recent: np.ndarray, space: ItemSpace,
+                   sequence: tuple[np.ndarray, np.ndarray] | None = None,
+                   sequence_rows: np.ndarray | None = None) -> np.ndarray:
     """The ranker's input [n, len(FEATURE_NAMES)] float32 for n candidates.
 
     Parameters
@@ -195,6 +235,12 @@ def build_features(user_rows: np.ndarray, items: np.ndarray, sources: dict[str, 
     hour : [n_users] request hour 0-23 (UTC); device : [n_users] ``device_codes`` values
     recent : [n_users, R] the user's last items (indices), newest first, ``PAD``-filled
     space : ALS unit vectors and co-occurrence, see :class:`ItemSpace`
+    sequence : (queries [n_users, d], item vectors [n_items, d]) of the sequence model, the
+        queries its retrieval source searches with; None (no model) gives NaN
+        ``sequence_affinity``
+    sequence_rows : int [n], each candidate's row in ``sequence``'s queries (default
+        ``user_rows``; the feature store's path has one user row per candidate but one query
+        per request)
     """
     n = len(items)
     src = np.column_stack(
@@ -207,6 +253,8 @@ def build_features(user_rows: np.ndarray, items: np.ndarray, sources: dict[str, 
     blocks = [
         src, n_sources, users, item_matrix, session_matrix[user_rows],
         cross[:, None], hour[user_rows, None], device[user_rows, None],
+        sequence_affinity(items, user_rows if sequence_rows is None else sequence_rows,
+                          sequence)[:, None],
         recency_features(items, user_rows, recent, space),
     ]
     return np.hstack(blocks).astype(np.float32)

@@ -81,6 +81,47 @@ def merge(lists: Sequence[tuple[str, np.ndarray, np.ndarray]], exclude: np.ndarr
     return CandidatePool(unique, mask, table)
 
 
+N_GENRE_TOP = 200  # popular items kept per genre for content retrieval
+# the recent items' genre profile (share of the newest items per genre, so a burst's genre is 1)
+# against the history's (user_genre_affinity scaled to sum 1)
+RECENT_GENRE_WEIGHT = 2.0
+N_RECENT_GENRE_ITEMS = 10  # newest engaged items whose genres form the recent profile
+
+
+def genre_top_rows(item_genres: np.ndarray, popularity: np.ndarray,
+                   m: int = N_GENRE_TOP) -> np.ndarray:
+    """int64 [n_vocab, m]: per genre, its ``m`` most popular catalog rows (-1 padded), the
+    ``genre_top`` of :func:`content_candidates` (built once per model, not per request)."""
+    genres = np.asarray(item_genres, dtype=bool)
+    by_pop = np.argsort(-np.asarray(popularity), kind="stable")
+    top = np.full((genres.shape[1], m), -1, dtype=np.int64)
+    for j in range(genres.shape[1]):  # over genres (a few dozen), not candidates
+        hits = by_pop[genres[by_pop, j]][:m]
+        top[j, : len(hits)] = hits
+    return top
+
+
+def content_profile(affinity: np.ndarray, item_genres: np.ndarray,
+                    recent: np.ndarray) -> np.ndarray:
+    """float32 [n_vocab]: the genre profile :func:`content_candidates` draws from.
+
+    ``affinity`` is the user's ``user_genre_affinity`` (share of their positives per genre),
+    scaled to sum 1; ``recent`` their newest engaged items (catalog rows, newest first, -1 for
+    none), whose genre shares weigh :data:`RECENT_GENRE_WEIGHT` so a burst of one genre moves
+    the profile. Serving (``serving.session_retrieval``) and training (``tandem.evaluation``)
+    both build the profile here.
+    """
+    profile = np.clip(np.nan_to_num(np.asarray(affinity, np.float32)), 0.0, None)
+    total = float(profile.sum())
+    profile = profile / total if total > 0 else profile
+    rows = np.asarray(recent, dtype=np.int64)[:N_RECENT_GENRE_ITEMS]
+    rows = rows[rows >= 0]
+    if len(rows):
+        share = np.asarray(item_genres[rows], np.float32).sum(axis=0) / len(rows)
+        profile = profile + RECENT_GENRE_WEIGHT * share
+    return profile.astype(np.float32)
+
+
 def content_candidates(genre_top: np.ndarray, item_genres: np.ndarray, popularity: np.ndarray,
                        profile: np.ndarray, n: int, n_genres: int = 3
                        ) -> tuple[np.ndarray, np.ndarray]:

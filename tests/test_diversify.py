@@ -64,3 +64,23 @@ def test_genre_cap_holds_on_a_large_pool():
                  max_per_genre=3)
     assert len(set(picked.tolist())) == 20
     assert genres[picked].sum(axis=0).max() <= 3
+
+
+def test_rerank_is_mmr_over_the_top_of_the_pool_with_the_shared_defaults():
+    """Serving and make eval call rerank: MMR only over the best ``mmr_pool`` by relevance,
+    vectors and genres gathered by catalog row; the cap applies when configured."""
+    from tandem.diversify import DIVERSIFY_CONFIG, rerank
+
+    rel = np.array([1.0, 3.0, 2.0, 0.5])
+    rows = np.array([2, 0, 1, 3])  # catalog rows of the pool
+    vectors = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    genres = np.array([[1, 0], [1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    cfg = {**DIVERSIFY_CONFIG, "mmr_pool": 3}
+    top = np.array([1, 2, 0])  # pool positions by relevance, the last cut by mmr_pool
+    expected = top[mmr(rel[top], vectors[rows[top]], 3, cfg["mmr_lambda"])]
+    np.testing.assert_array_equal(rerank(rel, rows, vectors, None, 3, cfg), expected)
+    assert 3 not in rerank(rel, rows, vectors, genres, 3, cfg)  # outside the pool
+    capped = rerank(rel, rows, vectors, genres, 2, {**cfg, "genre_cap": 1, "mmr_lambda": 1.0})
+    # position 1 (row 0, genre 0) first; position 2 (row 1, genre 0, more relevant than
+    # position 0) is blocked by the cap, so position 0 (row 2, genre 1) comes second
+    np.testing.assert_array_equal(capped, [1, 0])

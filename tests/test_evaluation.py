@@ -183,3 +183,62 @@ def test_session_rows_of_users_without_engagements_are_defaults():
         assert recent.shape == (2, 3)
     raw, _ = E.session_rows(events, catalog, np.array([0, 1]), n_recent=3)
     assert raw[S.SESSION_LENGTH].tolist() == [1, 1]
+
+
+def test_content_source_in_training_is_servings_on_the_same_rows():
+    """The ranker's content candidates (evaluation, nightly) come from the function serving
+    calls with the profile serving builds: user_genre_affinity + the last engaged items."""
+    from serving.session_retrieval import SessionRetrieval
+    from tandem import features as F
+
+    data = _world()
+    catalog = E.Catalog.of(data)
+    train, _ = E.temporal_split(data.events)
+    fitted = E.fit_sources(train, catalog, {**E.EVAL_CONFIG, "two_tower": None,
+                                            "sequence": None,
+                                            "als": {**E.EVAL_CONFIG["als"], "factors": 4,
+                                                    "iterations": 2}})
+    rows = np.array([0, 1, 5])
+    inputs = E.content_inputs(train, catalog, fitted.popularity, rows, None)
+    got = E.content_lists(inputs, fitted.popularity, fitted.seen[rows], 8)
+    genres = F.genre_multi_hot(catalog.items[S.GENRES]) > 0
+    served = SessionRetrieval.build(np.zeros((len(catalog.item_ids), 2), np.float32), genres,
+                                    fitted.popularity.astype(np.float32))
+    urows = E.user_rows(train, catalog, rows, np.full(3, 10**12), None)
+    _, recent = E.session_rows(train, catalog, rows, 10)
+    for local, row in enumerate(rows):
+        seen = fitted.seen[row].indices
+        items, scores = served.content({"user_genre_affinity": urows["user_genre_affinity"][local]},
+                                       recent[local][recent[local] >= 0], 8 + len(seen))
+        keep = ~np.isin(items, seen)
+        mine = got[got["local"] == local]
+        np.testing.assert_array_equal(mine["item"].to_numpy(), items[keep][:8])
+        np.testing.assert_allclose(mine["score"].to_numpy(), scores[keep][:8], rtol=1e-6)
+        assert len(mine) > 0
+    # a user of the Action half gets Action items (rows 0-14) from it
+    assert (got.loc[got["local"] == 0, "item"] < 15).all()
+
+
+def test_two_stage_shows_servings_rerank_of_the_ranker_scores():
+    """``diversified`` picks k per user with tandem.diversify.rerank (serving's defaults)."""
+    from tandem import diversify as D
+    from tandem import features as F
+
+    data = _world()
+    catalog = E.Catalog.of(data)
+    fitted = E.fit_sources(data.events, catalog, {**E.EVAL_CONFIG, "two_tower": None,
+                                                  "sequence": None,
+                                                  "als": {**E.EVAL_CONFIG["als"], "factors": 4,
+                                                          "iterations": 2}})
+    cands = E.candidates(fitted, np.array([0, 1]), {**E.EVAL_CONFIG, "als_k": 10,
+                                                    "popular_k": 5, "content_k": 5})
+    assert cands["content_score"].notna().any()
+    scores = np.random.default_rng(0).random(len(cands))
+    shown = E.diversified(fitted, catalog, cands, scores, 4, D.DIVERSIFY_CONFIG)
+    users = cands["user_row"].to_numpy()
+    assert len(shown) == 8 and (users[shown[:4]] == 0).all() and (users[shown[4:]] == 1).all()
+    first = users == 0
+    expected = D.rerank(scores[first], cands["item"].to_numpy()[first],
+                        E.RF.unit_rows(fitted.als.item_factors),
+                        F.genre_multi_hot(catalog.items[S.GENRES]), 4)
+    np.testing.assert_array_equal(shown[:4], np.flatnonzero(first)[expected])

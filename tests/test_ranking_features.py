@@ -130,3 +130,29 @@ def test_cooc_values_are_the_stored_values(n_cols):
     np.testing.assert_array_equal(got, np.asarray(cooc[rows, cols]).ravel())
     empty = RF.ItemSpace(space.unit_vectors, sp.csr_matrix((500, 500), dtype=np.float32))
     assert not empty.cooc_values(rows, cols).any()
+
+
+def test_sequence_affinity_is_the_sources_score_for_every_candidate():
+    """h_user . E[item] for every candidate (NaN: no model, no history, an item newer than the
+    model); one request and a batch give the same values."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((6, 4)).astype(np.float32)
+    queries = np.vstack([rng.standard_normal(4), np.zeros(4)]).astype(np.float32)
+    items, users = np.array([0, 5, 2, 7, 1]), np.array([0, 0, 0, 0, 1])
+    out = RF.sequence_affinity(items, users, (queries, vectors))
+    np.testing.assert_allclose(out[:3], vectors[[0, 5, 2]] @ queries[0], rtol=1e-6)
+    assert np.isnan(out[3]) and np.isnan(out[4])  # item 7 has no vector; user 1 no history
+    one = RF.sequence_affinity(items[:4], np.zeros(4, np.int64), (queries[:1], vectors))
+    np.testing.assert_array_equal(one[:3], out[:3])
+    assert np.isnan(RF.sequence_affinity(items, users, None)).all()
+    # build_features puts it in its named column; sequence_rows maps candidates to queries
+    n_items = 8
+    space = RF.ItemSpace(np.zeros((n_items, 2), np.float32),
+                         sp.csr_matrix((n_items, n_items), dtype=np.float32))
+    x = RF.build_features(np.arange(5), items, {}, np.zeros((5, len(F.USER_FEATURES))),
+                          np.zeros((5, len(F.ITEM_FEATURES))),
+                          np.zeros((5, len(F.SESSION_FEATURES))), np.zeros(5), np.zeros(5),
+                          np.full((5, RF.N_RECENT), RF.PAD), space, (queries, vectors),
+                          sequence_rows=users)
+    np.testing.assert_array_equal(x[:, RF.FEATURE_NAMES.index("sequence_affinity")], out)
+    assert "content_score" in RF.FEATURE_NAMES and "content_rank" in RF.FEATURE_NAMES

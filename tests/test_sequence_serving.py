@@ -97,6 +97,18 @@ def test_sequence_source_retrieves_the_next_items_and_feeds_the_ranker(world):
     np.testing.assert_array_equal(x[:, RF.FEATURE_NAMES.index("sequence_rank")], position)
     np.testing.assert_allclose(x[:, RF.FEATURE_NAMES.index("sequence_score")],
                                listed_scores[position - 1], rtol=1e-6)
+    # sequence_affinity is the same model score, for every candidate of any source
+    np.testing.assert_allclose(x[:, RF.FEATURE_NAMES.index("sequence_affinity")],
+                               listed_scores[position - 1], rtol=1e-5, atol=1e-5)
+    other = np.setdiff1d(np.arange(engine.n_items), np.r_[history, listed])[:7]
+    wide = merge(pool_lists + [("popularity", other, np.ones(len(other)))], history,
+                 engine.n_items)
+    x = engine._features(wide, pool_lists, {}, None, history, _session_query(), S.NOW_MS)
+    query = engine.sequence.encoder.encode(history[: engine.sequence.encoder.max_len])
+    np.testing.assert_allclose(x[:, RF.FEATURE_NAMES.index("sequence_affinity")],
+                               engine.sequence.encoder.item_vectors[wide.rows] @ query,
+                               rtol=1e-5, atol=1e-5)
+    assert np.isnan(x[np.isin(wide.rows, other), RF.FEATURE_NAMES.index("sequence_score")]).all()
 
 
 def test_bundle_without_sequence_parts_serves(world):
@@ -109,10 +121,10 @@ def test_bundle_without_sequence_parts_serves(world):
 
 
 def test_older_ranker_without_sequence_features_serves(world, tmp_path):
-    """A bundle whose features.json (and ranker) predate the sequence features."""
+    """A bundle whose features.json (and ranker) predate the sequence and content features."""
     old = tmp_path / "old"
     shutil.copytree(world["plain"], old)
-    names = [n for n in RF.FEATURE_NAMES if not n.startswith("sequence_")]
+    names = [n for n in RF.FEATURE_NAMES if not n.startswith(("sequence_", "content_"))]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, len(names))).astype(np.float32)
     y = (x[:, 0] + rng.standard_normal(400) > 1).astype(int)
@@ -122,6 +134,6 @@ def test_older_ranker_without_sequence_features_serves(world, tmp_path):
     (old / B.FEATURE_SPEC).write_text(json.dumps({"names": names}))
     app = _app(world, old)
     engine = next(iter(app.engines.values()))
-    assert len(engine.feature_columns) == len(names) == len(RF.FEATURE_NAMES) - 2
+    assert len(engine.feature_columns) == len(names) == len(RF.FEATURE_NAMES) - 5
     result = app.recommend(_session_query())
     assert result.fallbacks == [] and len(result.item_ids) == 10
