@@ -82,8 +82,9 @@ RUNGS = {
 class Task:
     """One DAG task as the bench runs it.
 
-    ``kind``: ``spark`` (spark-submit jobs/<name>.py), ``python`` (python -m jobs.<name>) or
-    ``feast`` (feature_store apply + materialize). ``run_id``: the DAG passes ``--run-id``.
+    ``kind``: ``spark`` (spark-submit jobs/<name>.py), ``python`` (python -m jobs.<name>, or
+    ``module`` when set) or ``feast`` (feature_store apply + materialize). ``run_id``: the DAG
+    passes ``--run-id``.
     ``reads``/``writes``: ``Paths`` attributes whose rows are ``rows_in``/``rows_out``.
     ``registry``: the task talks to MLflow (the rung starts a server only if one does).
     """
@@ -95,6 +96,7 @@ class Task:
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     registry: bool = False
+    module: str = ""
 
 
 # dags/hourly.py then dags/daily.py, in order (the daily chain uses the DAG's default params).
@@ -106,16 +108,20 @@ HOURLY = (
     Task("build_features", "spark", reads=("events",), writes=("user_features", "item_features")),
     Task("materialize", "feast", reads=("user_features", "item_features")),
     Task("embed_new_items", "python", reads=("items",)),
+    Task("precompute_feeds", "python", module="serving.precompute_feeds", registry=True),
 )
 NIGHTLY = (
     Task("negative_sampling", "spark", run_id=True, reads=("events",),
          writes=("retrieval_negatives", "ranking_negatives")),
     Task("build_training_table", "spark", run_id=True, reads=("events",)),
+    Task("tune", "python", run_id=True, registry=True),
     Task("train_als", "python", run_id=True),
     Task("train_two_tower", "python", run_id=True, reads=("events",)),
+    Task("train_sequence", "python", run_id=True),
     Task("build_index", "python", run_id=True),
     Task("train_ranker", "python", run_id=True, reads=("ranking_labels",)),
     Task("evaluate", "python", run_id=True, extra=("--dataset", DATASET), reads=("events",)),
+    Task("feature_skew", "python", run_id=True),
     Task("register_bundle", "python", run_id=True, extra=("--dataset", DATASET), registry=True),
     Task("promote", "python", run_id=True, registry=True),
 )
@@ -139,7 +145,7 @@ def task_argv(task: Task, master: str, start: datetime, end: datetime,
                  str(REPO / "jobs" / f"{task.name}.py"), "--master", master, *interval,
                  *task.extra]]
     if task.kind == "python":
-        return [[python, "-m", f"jobs.{task.name}", *interval, *task.extra]]
+        return [[python, "-m", task.module or f"jobs.{task.name}", *interval, *task.extra]]
     if task.kind == "feast":
         return [[python, "-m", "tandem.feature_store", "apply"],
                 [python, "-m", "tandem.feature_store", "materialize", *interval]]
