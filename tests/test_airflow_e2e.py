@@ -56,6 +56,7 @@ def _champion(tracking_uri: str) -> int:
     return resolve_alias("champion", client=client_for(tracking_uri)) or 0
 
 
+@pytest.mark.timeout(1800)  # both DAGs' 20 tasks, each its own process: minutes on 2 busy cores
 def test_hourly_then_daily_leave_a_champion(airflow_state, mlflow_server):
     paths, env = airflow_state
     hourly = _dag_test(env, "tandem_hourly", {"start": START, "end": END})
@@ -71,6 +72,7 @@ def test_hourly_then_daily_leave_a_champion(airflow_state, mlflow_server):
 
 
 @pytest.mark.browser
+@pytest.mark.timeout(1800)
 def test_trigger_daily_from_the_ui(airflow_state, mlflow_server):
     """Log into the Airflow UI, trigger tandem_daily with skip_two_tower on, see it succeed."""
     playwright = pytest.importorskip("playwright.sync_api")
