@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +166,9 @@ def _value(v):
         return tuple(_value(x) for x in v)
     if isinstance(v, dict):
         return tuple(sorted((k, _value(x)) for k, x in v.items()))
+    if isinstance(v, datetime):  # the instant: the tests' in-process session writes
+        # timestamps UTC-adjusted, spark-submit's session without a zone (same wall clock, UTC)
+        return (v if v.tzinfo else v.replace(tzinfo=UTC)).timestamp()
     return v.item() if isinstance(v, np.generic) else v
 
 
