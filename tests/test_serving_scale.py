@@ -61,14 +61,16 @@ def world(tmp_path_factory):
 
 
 def _app(world, store, bundles: list[Path]) -> App:
-    """An App whose alias moves to the next of ``bundles`` at each ``poll_once``."""
+    """An App whose alias moves to the next of ``bundles`` at each ``poll_once`` (versions
+    ``v0``, ``v1``, ...: ``local_source``'s ``local-<created_at seconds>`` is the same for two
+    bundles built within one second, and then no swap happens)."""
     current = [0]
 
     def fetch(alias):
-        return local_source(bundles[current[0]])[0](alias)
+        return local_source(bundles[current[0]])[0](alias)[0], f"v{current[0]}"
 
     def probe(alias):
-        return local_source(bundles[current[0]])[1](alias)
+        return f"v{current[0]}"
 
     app = App(fetch, probe, None, CFG, store, item_features=world["items"])
     app.advance = lambda: current.__setitem__(0, current[0] + 1)
