@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     args, paths, start, end = parse(ap, argv)
     from serving.server import local_source, registry_source
 
+    if not (args.bundle_dir or args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        out = {"skipped": "no registry configured (MLFLOW_TRACKING_URI) and no --bundle-dir"}
+        print(json.dumps(out))  # a data-only deployment: no champion to precompute feeds with
+        return out
     t0 = time.perf_counter()
     fetch = (local_source(args.bundle_dir)[0] if args.bundle_dir
              else registry_source(args.tracking_uri, paths.bundle_cache)[0])
