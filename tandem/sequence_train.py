@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from tandem.bundle import SEQ_ITEM_VECTORS, SEQ_MODEL
 from tandem.sequence import PAD, block_names
+from tandem.two_tower import fit_minibatches
 
 
 @dataclass
@@ -198,18 +199,8 @@ def train_sequence(users: np.ndarray, items: np.ndarray, ts: np.ndarray, n_items
     net = _SASRec(n_items, cfg)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_neg = min(cfg.n_negatives, n_items)
-    losses: list[float] = []
     net.train()
-    for epoch in range(cfg.epochs if len(rows) else 0):
-        perm = torch.from_numpy(rng.permutation(len(rows)))
-        total, steps = 0.0, 0
-        for start in range(0, len(perm), cfg.batch_size):
-            loss = _batch_loss(net, rows[perm[start:start + cfg.batch_size]], n_items, n_neg, gen)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, steps = total + loss.item(), steps + 1
-        losses.append(total / max(steps, 1))
-        if cfg.show_progress:
-            print(f"sequence epoch {epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
+    losses = fit_minibatches(opt, len(rows), cfg.epochs if len(rows) else 0, cfg.batch_size, rng,
+                             lambda idx: _batch_loss(net, rows[idx], n_items, n_neg, gen),
+                             "sequence" if cfg.show_progress else None)
     return SequenceModel(net, cfg, losses, len(rows))

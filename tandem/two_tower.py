@@ -256,6 +256,29 @@ def _batch_loss(towers: _Towers, content: torch.Tensor, user_feats: torch.Tensor
     return F.cross_entropy(logits, torch.arange(b))
 
 
+def fit_minibatches(opt: torch.optim.Optimizer, n_rows: int, epochs: int, batch_size: int,
+                    rng: np.random.Generator, batch_loss, progress: str | None = None
+                    ) -> list[float]:
+    """Shuffled mini-batch epochs over ``n_rows`` training rows: ``batch_loss(indexes)`` ->
+    the batch's loss tensor, one optimiser step per batch (the two-tower and the sequence
+    model train this way). Returns the mean loss per epoch; ``progress`` names the model in a
+    printed line per epoch."""
+    losses: list[float] = []
+    for epoch in range(epochs):
+        perm = torch.from_numpy(rng.permutation(n_rows))
+        total, steps = 0.0, 0
+        for start in range(0, len(perm), batch_size):
+            loss = batch_loss(perm[start:start + batch_size])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, steps = total + loss.item(), steps + 1
+        losses.append(total / max(steps, 1))
+        if progress:
+            print(f"{progress} epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}")
+    return losses
+
+
 def train_two_tower(interactions: pd.DataFrame, item_content: np.ndarray,
                     user_feats: np.ndarray | None = None, cfg: TwoTowerConfig | None = None,
                     n_users: int | None = None, item_spec: ItemContentSpec | None = None,
@@ -300,21 +323,11 @@ def train_two_tower(interactions: pd.DataFrame, item_content: np.ndarray,
     content_t = torch.from_numpy(item_content)
     feats_t, before_t = torch.from_numpy(user_feats), torch.from_numpy(before)
     users_t, items_t = torch.from_numpy(users), torch.from_numpy(items)
-    losses: list[float] = []
     towers.train()
-    for epoch in range(cfg.epochs):
-        perm = torch.from_numpy(rng.permutation(len(items)))
-        total, steps = 0.0, 0
-        for start in range(0, len(perm), cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
-            loss = _batch_loss(towers, content_t, feats_t[users_t[idx]], before_t[idx],
-                               items_t[idx], log_q, n_items, cfg, gen)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, steps = total + loss.item(), steps + 1
-        losses.append(total / max(steps, 1))
-        if cfg.show_progress:
-            print(f"two-tower epoch {epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
+    losses = fit_minibatches(
+        opt, len(items), cfg.epochs, cfg.batch_size, rng,
+        lambda idx: _batch_loss(towers, content_t, feats_t[users_t[idx]], before_t[idx],
+                                items_t[idx], log_q, n_items, cfg, gen),
+        "two-tower" if cfg.show_progress else None)
     return TwoTowerModel(towers, cfg, item_content, user_feats, last, counts, losses,
                          item_spec, user_spec)

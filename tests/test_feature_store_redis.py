@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import socket
 import subprocess
-import time
 from datetime import timedelta
 
 import numpy as np
@@ -22,41 +19,25 @@ from tandem import feature_store as fs
 from tandem import features as F
 from tandem import schema as s
 from tandem.config import REPO_ROOT, Paths
+from tandem.redis_server import RedisServer
 from tests.conftest import free_port
 from tests.test_feature_store import ITEMS, T0, T1, item_row, write_features
 
 pytestmark = [pytest.mark.feast, pytest.mark.redis]
 
 
-def _start_redis(folder, *extra: str):
-    """A redis-server on a free loopback port, persistence off: (process, "127.0.0.1:port")."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed and could not be (make system-deps installs "
-                    "the Debian package redis-server as root)")
-    port = free_port()
-    proc = subprocess.Popen([binary, *extra, "--bind", "127.0.0.1", "--port", str(port),
-                             "--save", "", "--appendonly", "no", "--dir", str(folder)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-    return proc, f"127.0.0.1:{port}"
+def _start_redis(folder, *extra: str) -> RedisServer:
+    """A redis-server on a free loopback port, persistence off (skips when not installed)."""
+    try:
+        return RedisServer(folder, free_port(), extra=extra)
+    except FileNotFoundError as exc:
+        pytest.skip(f"{exc}; it could not be installed")
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    proc, url = _start_redis(tmp_path_factory.mktemp("redis"))
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    with _start_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +49,8 @@ def redis_with_password(tmp_path_factory):
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(f"requirepass {password}\n")
-    proc, url = _start_redis(folder, str(conf))
-    yield url, password
-    proc.terminate()
-    proc.wait(timeout=10)
+    with _start_redis(folder, str(conf)) as server:
+        yield server.url, password
 
 
 def test_redis_online_write_read_and_push(redis_url, tmp_path_factory):
