@@ -38,6 +38,7 @@ from serving.stores import FeastStore
 from serving.validation import RecommendQuery
 from tandem import feature_store
 from tandem import schema as s
+from tandem.bundle import DELTAS
 from tandem.job_cli import interval_parser, parse
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(out))
         return out
     fs = feature_store.open_store(paths)
-    cfg = ServingConfig()
+    # the server's new-item deltas too (serving.server's default for this state root)
+    cfg = ServingConfig(deltas_dir=str(paths.models.resolve() / DELTAS))
     engine = Engine(bundle_dir, version, lambda ids: feature_store.ItemFeatureTable(fs, ids), cfg)
     users = active_users(paths.user_features, end, args.share, args.max_users)
     out = compute_feeds(engine, FeastStore(fs), users, cfg, args.k, open_feeds(fs))

@@ -45,9 +45,12 @@ log = logging.getLogger(__name__)
 
 MAX_AGE_MS = 2 * 3_600_000  # an hourly job, plus one missed run
 KEY_PREFIX = "tandem:feed:"
-# knobs that do not change which items a feed holds (deadlines, breaker, ranker backend)
+# knobs that do not change which items a feed holds (deadlines, breaker, ranker backend, where
+# this deployment keeps its files, how many rows it logs): a server started with its own paths
+# must still accept the feeds the hourly job stored (with them in the key, none ever matched)
 _NOT_RANKING = {"online_store_timeout_ms", "rank_deadline_ms", "ranker_backend",
-                "store_breaker_failures", "store_breaker_cooldown_s", "max_k"}
+                "store_breaker_failures", "store_breaker_cooldown_s", "max_k", "deltas_dir",
+                "feature_log_share"}
 
 
 @dataclass(frozen=True)

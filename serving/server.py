@@ -179,6 +179,16 @@ def _deltas_dir(args: argparse.Namespace) -> str | None:
     return None
 
 
+def config_from_args(args: argparse.Namespace) -> ServingConfig:
+    """The ServingConfig the command-line flags describe."""
+    return ServingConfig(mmr_lambda=args.mmr_lambda, ranker_backend=args.ranker_backend,
+                         exploration=args.exploration, max_k=args.max_k,
+                         online_store_timeout_ms=args.store_timeout_ms,
+                         store_breaker_failures=args.breaker_failures,
+                         store_breaker_cooldown_s=args.breaker_cooldown_s,
+                         genre_cap=args.genre_cap, deltas_dir=_deltas_dir(args))
+
+
 def build_app(args: argparse.Namespace, engine_cls=None) -> App:
     """The App the command-line flags describe."""
     import pandas as pd
@@ -188,12 +198,7 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
 
     experiment = (Experiment.load(args.experiment) if args.experiment
                   else Experiment.single(args.alias))
-    cfg = ServingConfig(mmr_lambda=args.mmr_lambda, ranker_backend=args.ranker_backend,
-                        exploration=args.exploration, max_k=args.max_k,
-                        online_store_timeout_ms=args.store_timeout_ms,
-                        store_breaker_failures=args.breaker_failures,
-                        store_breaker_cooldown_s=args.breaker_cooldown_s,
-                        genre_cap=args.genre_cap, deltas_dir=_deltas_dir(args))
+    cfg = config_from_args(args)
     ledger = None
     if args.bundle_dir:
         fetch, probe = local_source(Path(args.bundle_dir))
@@ -241,8 +246,8 @@ def _sink(spec: str | None):
     return getattr(importlib.import_module(module), name)()
 
 
-def main(argv: list[str] | None = None, engine_cls=None) -> None:
-    """Run the server until SIGTERM/SIGINT (``engine_cls``: see :class:`serving.app.App`)."""
+def arg_parser() -> argparse.ArgumentParser:
+    """The server's command line."""
     parser = argparse.ArgumentParser(description="Tandem gRPC recommender server")
     parser.add_argument("--alias", default="champion", help="registry alias to serve")
     parser.add_argument("--tracking-uri", default=None, help="MLflow server (MLFLOW_TRACKING_URI)")
@@ -314,6 +319,12 @@ def main(argv: list[str] | None = None, engine_cls=None) -> None:
                         help="CA of client certificates: require mutual TLS "
                              "(TANDEM_GRPC_TLS_CLIENT_CA)")
     parser.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None, engine_cls=None) -> None:
+    """Run the server until SIGTERM/SIGINT (``engine_cls``: see :class:`serving.app.App`)."""
+    parser = arg_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # A request hands the GIL back and forth (FAISS, the ranker and the store read release it):

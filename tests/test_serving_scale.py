@@ -125,6 +125,24 @@ def test_precomputed_feed_is_served_until_a_session_event_or_a_model_swap(world,
     app.close()
 
 
+def test_a_server_started_on_a_state_root_accepts_the_hourly_jobs_feeds(tmp_path):
+    """The feed's config key ignores deployment knobs: the server's --feast-home gives it a
+    deltas folder (and it logs feature rows), the hourly job builds its own config; with those
+    in the key no stored feed was ever served (make bench: 0 % precomputed)."""
+    from serving.precomputed import config_key
+    from serving.server import arg_parser, config_from_args
+    from tandem.bundle import DELTAS
+    from tandem.config import Paths
+
+    paths = Paths(tmp_path)
+    server = config_from_args(arg_parser().parse_args(["--feast-home", str(tmp_path)]))
+    job = ServingConfig(deltas_dir=str(paths.models.resolve() / DELTAS))
+    assert server.deltas_dir == job.deltas_dir
+    assert config_key(server) == config_key(job) == config_key(ServingConfig())
+    assert config_key(server) != config_key(config_from_args(arg_parser().parse_args(
+        ["--feast-home", str(tmp_path), "--mmr-lambda", "0.3"])))  # ranking knobs still count
+
+
 def test_active_users_takes_the_top_share_of_the_days_latest_rows(tmp_path):
     part = tmp_path / f"{s.DATE}=2026-01-01"
     part.mkdir()
