@@ -6,10 +6,10 @@ Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)
     user_tower    profile + recent items -> user vector (numpy)
     ann           FAISS top-N over item vectors (user and session queries in one call)
                   + the sequence model's next items over its own index (serving.sequence_source)
-                  + FAISS top-N over ALS item factors (for a user with ALS factors this runs
-                  while the online-store read is in flight: it needs nothing from the store;
-                  a session then refolds the vector and searches again, see
-                  serving.session_retrieval)
+                  + FAISS top-N over ALS item factors, the user's vector refolded with the
+                  session's recent items (serving.session_retrieval): one search, after the
+                  store read (searching the nightly vector while the read was in flight cost a
+                  second search for every user with recent items, most of them)
     merge         + fresh + popular + genre content (history + session); union, dedupe, drop
                   seen/excluded  (tandem.retrieval)
     features      one matrix for all candidates (tandem.ranking_features, as in training)
@@ -72,7 +72,6 @@ DAY_MS = 86_400_000
 # online-store reads run here so a slow store can be abandoned at its deadline (shared by all
 # engines: a hot reload must not leak threads)
 _STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="online-store")
-_NO_ROWS = np.zeros(0, dtype=np.int64)
 # fallbacks that mean the online store did not answer (the user is then unknown only for now)
 STORE_FALLBACKS = ("online_store_timeout", "online_store_error", "online_store_open")
 # fallbacks that mean a part of the bundle failed: a warm-up with any of them refuses the bundle
@@ -251,10 +250,6 @@ class Engine:
         user_row = _row_of(self.user_index, q.user_id)
         with clock.stage("online_store"):
             pending = self._start_fetch(store, q.user_id, breaker)
-        als = None
-        if user_row >= 0:  # the ALS query needs nothing from the store: search while it reads
-            with clock.stage("ann"):
-                als = self._als_guarded(user_row, _NO_ROWS, cfg, fallbacks)
         with clock.stage("online_store"):
             rows = self._finish_fetch(pending, cfg, fallbacks, breaker)
         session = rows.session or {}
@@ -271,16 +266,15 @@ class Engine:
                 result = self._cold(q, cfg, exclude, now_ms, clock)
         else:
             result = self._warm(q, cfg, rows, history, exclude, user_row, now_ms, clock,
-                                fallbacks, als)
+                                fallbacks)
         result.fallbacks = fallbacks + result.fallbacks
         result.stages_ms = clock.stages
         return result
 
     def _warm(self, q: RecommendQuery, cfg: ServingConfig, rows: UserRows, history: np.ndarray,
               exclude: np.ndarray, user_row: int, now_ms: int, clock: StageClock,
-              fallbacks: list[str], als: list | None = None) -> Result:
-        """Retrieve, rank and diversify; ``als`` is the ALS list when :meth:`recommend`
-        already searched it (a user with ALS factors)."""
+              fallbacks: list[str]) -> Result:
+        """Retrieve, rank and diversify."""
         lists: list[tuple[str, np.ndarray, np.ndarray]] = []
         user_raw = dict(rows.user or {})
         with clock.stage("user_tower"):
@@ -297,9 +291,7 @@ class Engine:
             except Exception:  # noqa: BLE001
                 log.exception("two-tower retrieval failed")
                 fallbacks.append("two_tower_error")
-            # the early search used the nightly vector; a session refolds it (fold-in)
-            lists += (als if als is not None and len(history) == 0 else
-                      self._als_guarded(user_row, history, cfg, fallbacks, rows.session))
+            lists += self._als_guarded(user_row, history, cfg, fallbacks, rows.session)
             if self.sequence is not None:
                 try:
                     lists += self.sequence.lists(history, cfg.n_sequence)
