@@ -173,6 +173,17 @@ def test_unknown_user_with_session_is_warm(default_app, serve):
     assert metrics.CANDIDATES.labels("session")._value.get() > session_before
 
 
+def test_rows_of_keeps_order_and_drops_unknown_ids_for_few_and_many(default_app):
+    """A request's few ids are looked up one by one, a long list in one ``get_indexer``
+    call: both give the known ids' catalog rows in the order asked."""
+    engine = default_app.engines["champion"]
+    ids = [str(i) for i in engine.item_ids[[7, 3, 11]]]
+    np.testing.assert_array_equal(engine.rows_of([*ids[:2], "nope", ids[2]]), [7, 3, 11])
+    many = [str(i) for i in engine.item_ids[np.arange(50)[::-1]]] + ["nope"]
+    np.testing.assert_array_equal(engine.rows_of(many), np.arange(50)[::-1])
+    assert engine.rows_of([]).dtype == np.int64 and len(engine.rows_of(("nope",))) == 0
+
+
 def test_similar_items(default_app, serve):
     stub, _ = serve(default_app)
     reply = stub.SimilarItems(pb.SimilarItemsRequest(item_id="i3", k=5))
