@@ -184,6 +184,34 @@ def test_rows_of_keeps_order_and_drops_unknown_ids_for_few_and_many(default_app)
     assert engine.rows_of([]).dtype == np.int64 and len(engine.rows_of(("nope",))) == 0
 
 
+class CountingIndex:
+    """The engine's real ALS index, counting the searches it answers."""
+
+    def __init__(self, index):
+        self.index, self.calls = index, 0
+
+    def search(self, queries, k):
+        self.calls += 1
+        return self.index.search(queries, k)
+
+
+def test_als_index_is_searched_once_per_request(world):
+    """One ALS search per request, with the session's items folded in when there are any (a
+    search of the nightly vector during the store read was thrown away for those users)."""
+    from serving.validation import RecommendQuery
+
+    engine = _app(world).engines["champion"]
+    engine.als_index = counting = CountingIndex(engine.als_index)
+    users = [f"u{i}" for i in range(SPEC.n_als_users)]
+    with_session = next(u for u in users if S.user_rows(u, SPEC.n_items)[1] is not None)
+    without = next(u for u in users if S.user_rows(u, SPEC.n_items)[1] is None)
+    for user in (with_session, without):
+        before = counting.calls
+        result = engine.recommend(RecommendQuery(user, 10, "web"), CFG, SynthStore())
+        assert counting.calls - before == 1
+        assert result.candidates["als"] > 0 and not result.fallbacks
+
+
 def test_similar_items(default_app, serve):
     stub, _ = serve(default_app)
     reply = stub.SimilarItems(pb.SimilarItemsRequest(item_id="i3", k=5))
