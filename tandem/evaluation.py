@@ -10,9 +10,10 @@ Protocol (issue 4):
   engagement otherwise); items seen in training are never recommended; metrics average over users
   with at least one relevant test item.
 - **models**, all fit on the same training data: popularity, ALS alone, two-tower alone, the
-  session sequence model alone (``tandem.sequence``: next items after the user's last positives),
-  and the two-stage system (union of ALS top-``als_k``, two-tower top-``two_tower_k``, sequence
-  top-``sequence_k`` and popular fill, re-ranked by LightGBM).
+  session sequence model alone (``tandem.sequence``: next items after the user's query history,
+  ``tandem.query_history``, the items serving asks every model with), and the two-stage system
+  (union of ALS top-``als_k``, two-tower top-``two_tower_k``, sequence top-``sequence_k``,
+  content top-``content_k`` and popular fill, re-ranked by LightGBM).
 - **ranker labels** come from INNER temporal splits of the training data (same rule), nested
   ``ranker_splits`` deep (each splits the previous one's training part): sources are fit on the
   inner training part, their candidates for each user are labelled with that user's
@@ -47,6 +48,7 @@ from tandem import als as A
 from tandem import diversify as D
 from tandem import features as F
 from tandem import metrics as M
+from tandem import query_history as QH
 from tandem import ranker as R
 from tandem import ranking_features as RF
 from tandem import retrieval as T
@@ -76,7 +78,6 @@ EVAL_CONFIG: dict[str, Any] = {
     "diversify": D.DIVERSIFY_CONFIG,  # serving's MMR / genre-cap defaults, applied to two-stage
 }
 MODELS = ("popularity", "als", "two_tower", "sequence", "two_stage")
-SESSION_RECENT_MAX = 20  # items a user_session row keeps (tandem.schema)
 WINDOWS_MS = {"1h": 3_600_000, "24h": 86_400_000, "7d": 7 * 86_400_000}
 Progress = Callable[[str], None]
 
@@ -150,7 +151,8 @@ class Fitted:
     tower : two-tower model (or None when disabled/unavailable)
     space : ALS unit vectors and co-occurrence for the recency features
     sequence : the sequence model's numpy runtime (``tandem.sequence.SequenceEncoder``) or None
-    sequence_recent : int [n_users, max_len] each user's last positives, newest first (its query)
+    sequence_recent : int [n_users, L] each user's query history at the end of the history
+        (``tandem.query_history``, at most its ``max_len``), newest first: the model's query
     catalog : the catalog the content source reads genres from (None: no content source)
     """
 
@@ -209,8 +211,8 @@ def content_inputs(history: pd.DataFrame, catalog: Catalog, popularity: np.ndarr
                    rows: np.ndarray, play_dwell_ms: int | None) -> tuple[np.ndarray, ...]:
     """What serving's content source reads, from ``history`` for user ``rows``: each genre's
     popular items, the catalog's genre multi-hot, each user's ``user_genre_affinity`` (share of
-    positives per genre, as :func:`user_rows`) and last distinct engaged items (newest first,
-    as the session state's ``recent_item_ids``), the last two aligned with ``rows``."""
+    positives per genre, as :func:`user_rows`) and query history (``tandem.query_history``,
+    as serving reads it from the session row), the last two aligned with ``rows``."""
     hist = _indexed(history, catalog)
     hist = hist[hist["user_idx"].isin(rows)]
     local = pd.Index(rows).get_indexer(hist["user_idx"])
@@ -221,12 +223,10 @@ def content_inputs(history: pd.DataFrame, catalog: Catalog, popularity: np.ndarr
                            shape=(len(rows), len(catalog.item_ids))) @ item_genres
     affinity = np.asarray(counts, np.float32)
     affinity /= np.maximum(affinity.sum(axis=1, keepdims=True), 1.0)
-    # distinct items of every event type but impression and dislike, as the session state's
-    engaged = hist.assign(local=local)[~hist[S.EVENT_TYPE].isin([S.IMPRESSION, S.DISLIKE])]
-    engaged = engaged.sort_values(S.TS, kind="stable").drop_duplicates(
-        ["local", "item_idx"], keep="last")
-    recent = RF.last_items(engaged["local"].to_numpy(), engaged["item_idx"].to_numpy(),
-                           engaged[S.TS].to_numpy(np.int64), len(rows), T.N_RECENT_GENRE_ITEMS)
+    engaged = QH.is_engagement(hist[S.EVENT_TYPE].to_numpy())
+    recent = QH.query_items(local[engaged], hist["item_idx"].to_numpy()[engaged],
+                            hist[S.TS].to_numpy(np.int64)[engaged], len(rows),
+                            T.N_RECENT_GENRE_ITEMS)
     return T.genre_top_rows(item_genres, popularity), item_genres, affinity, recent
 
 
@@ -251,23 +251,42 @@ def content_lists(inputs: tuple[np.ndarray, ...], popularity: np.ndarray, seen: 
         {"local": [], "item": [], "score": [], "rank": []})
 
 
-def _fit_sequence(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
-    """The sequence model on the history's positives in time order: (numpy runtime, each user's
-    last ``max_len`` positives newest first)."""
-    from tandem.sequence_train import SequenceConfig, train_sequence
-    from tandem.two_tower import recent_histories
+def engaged_pairs(hist: pd.DataFrame, play_dwell_ms: int | None) -> pd.DataFrame:
+    """(user_idx, item_idx, ts, positive) of the indexed history's engaged pairs, ``ts`` = the
+    first engagement and ``positive`` = any positive event: the training table's ``engaged_ts``
+    and ``positive_ts`` rows, the query histories' input (``tandem.query_history``)."""
+    engaged = hist.assign(positive=positives(hist, play_dwell_ms))[
+        QH.is_engagement(hist[S.EVENT_TYPE].to_numpy())]
+    return (engaged.groupby(["user_idx", "item_idx"], sort=False)
+            .agg(ts=(S.TS, "min"), positive=("positive", "any")).reset_index())
 
-    train = hist.loc[positives(hist, cfg["play_dwell_ms"]), ["user_idx", "item_idx", S.TS]]
-    users, items = train["user_idx"].to_numpy(np.int64), train["item_idx"].to_numpy(np.int64)
-    ts = train[S.TS].to_numpy(np.int64)
+
+def _query_rows(hist: pd.DataFrame, n_users: int, n: int) -> np.ndarray:
+    """int32 [n_users, n]: every user's query history at the end of the indexed ``hist``."""
+    engaged = QH.is_engagement(hist[S.EVENT_TYPE].to_numpy())
+    return QH.query_items(hist["user_idx"].to_numpy()[engaged],
+                          hist["item_idx"].to_numpy()[engaged],
+                          hist[S.TS].to_numpy(np.int64)[engaged], n_users, n)
+
+
+def _fit_sequence(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
+    """The sequence model on the history's engaged pairs in time order, the positive ones its
+    targets (as ``jobs/train_sequence.py`` on the table): (numpy runtime, each user's query
+    history, newest first)."""
+    from tandem.sequence_train import SequenceConfig, train_sequence
+
+    pairs = engaged_pairs(hist, cfg["play_dwell_ms"])
     seq_cfg = SequenceConfig(**cfg["sequence"])
-    model = train_sequence(users, items, ts, len(catalog.item_ids), seq_cfg)
-    _, recent = recent_histories(users, items, ts, seq_cfg.max_len, len(catalog.user_ids))
+    model = train_sequence(pairs["user_idx"].to_numpy(np.int64),
+                           pairs["item_idx"].to_numpy(np.int64), pairs["ts"].to_numpy(np.int64),
+                           len(catalog.item_ids), seq_cfg, pairs["positive"].to_numpy(bool))
+    recent = _query_rows(hist, len(catalog.user_ids), min(QH.QUERY_LEN, seq_cfg.max_len))
     return model.encoder(), recent
 
 
 def _fit_tower(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
-    """Two-tower on the history's positive interactions (``tandem.two_tower``)."""
+    """Two-tower on the history's positive interactions (``tandem.two_tower``), its engaged
+    pairs the query histories (as ``jobs/train_two_tower.py`` on the table)."""
     from tandem.tower_features import ItemContentSpec
     from tandem.two_tower import TwoTowerConfig, train_two_tower
 
@@ -276,8 +295,9 @@ def _fit_tower(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
                           catalog.items[S.RELEASE_YEAR].tolist())
     train = hist.loc[positives(hist, cfg["play_dwell_ms"]), ["user_idx", "item_idx", S.TS]]
     tt_cfg = TwoTowerConfig(**cfg["two_tower"])
+    history = engaged_pairs(hist, cfg["play_dwell_ms"])[["user_idx", "item_idx", "ts"]]
     return train_two_tower(train, content, cfg=tt_cfg, n_users=len(catalog.user_ids),
-                           item_spec=spec)
+                           item_spec=spec, history=history)
 
 
 def source_scores(fitted: Fitted, user_rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -434,8 +454,10 @@ def session_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray,
 
     Returns
     -------
-    raw : DataFrame of ``features.SESSION_FIELDS`` for ``rows``
-    recent : int [len(rows), n_recent] the user's last items overall, newest first, PAD-filled
+    raw : DataFrame of ``features.SESSION_FIELDS`` for ``rows``; ``recent_item_ids`` is the
+        query history (``tandem.query_history``: across sessions, as the session state keeps it)
+    recent : int [len(rows), n_recent] the first ``n_recent`` of it (the ranker's recency
+        features, as serving's), PAD-filled
     """
     hist = _indexed(history, catalog)
     hist = hist[hist["user_idx"].isin(rows) & (hist[S.EVENT_TYPE] != S.IMPRESSION)]
@@ -449,8 +471,6 @@ def session_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray,
     sess = hist[session_no == last_session]
     # newest first within each user
     rev = sess.iloc[::-1]
-    rank = rev.groupby("user_idx", sort=False).cumcount().to_numpy()
-    items_by_user = rev[rank < SESSION_RECENT_MAX].groupby("user_idx")[S.ITEM_ID].agg(list)
     genre_of = pd.Series(catalog.items[S.GENRES].to_numpy(), index=catalog.item_ids)
     genres = rev[["user_idx", S.ITEM_ID]].assign(g=rev[S.ITEM_ID].map(genre_of)).explode("g")
     genres = genres.dropna().drop_duplicates(["user_idx", "g"])
@@ -459,7 +479,7 @@ def session_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray,
                                        length=(S.TS, "size"))
     counts = pd.crosstab(sess["user_idx"], sess[S.EVENT_TYPE])
     raw = pd.DataFrame({
-        S.SESSION_RECENT_ITEMS: items_by_user.reindex(rows).tolist(),
+        S.SESSION_RECENT_ITEMS: None,
         S.SESSION_RECENT_GENRES: genres_by_user.reindex(rows).tolist(),
         S.SESSION_LENGTH: agg["length"].reindex(rows).fillna(0).to_numpy(),
         S.SESSION_START_TS: agg["start"].reindex(rows).fillna(0).to_numpy(),
@@ -468,17 +488,15 @@ def session_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray,
     for t in S.EVENT_TYPES:
         col = counts[t] if t in counts.columns else pd.Series(dtype=float)
         raw[S.SESSION_COUNT_PREFIX + t] = col.reindex(rows).fillna(0).to_numpy()
-    raw[S.SESSION_RECENT_ITEMS] = [v if isinstance(v, list) else None
-                                   for v in raw[S.SESSION_RECENT_ITEMS]]
     raw[S.SESSION_RECENT_GENRES] = [v if isinstance(v, list) else None
                                     for v in raw[S.SESSION_RECENT_GENRES]]
-    # recent items over the whole history (not only the last session), newest first
-    hrank = hist.iloc[::-1].groupby("user_idx", sort=False).cumcount().to_numpy()[::-1]
-    last_n = hist[hrank < n_recent]
-    recent = np.full((len(rows), n_recent), RF.PAD, dtype=np.int64)
-    where = pd.Index(rows).get_indexer(last_n["user_idx"])
-    recent[where, hrank[hrank < n_recent]] = last_n["item_idx"].to_numpy()
-    return raw, recent
+    engaged = QH.is_engagement(hist[S.EVENT_TYPE].to_numpy())
+    query = QH.query_items(pd.Index(rows).get_indexer(hist["user_idx"])[engaged],
+                           hist["item_idx"].to_numpy()[engaged], ts[engaged], len(rows),
+                           max(n_recent, QH.QUERY_LEN))
+    raw[S.SESSION_RECENT_ITEMS] = [list(catalog.item_ids[q[q >= 0][:QH.QUERY_LEN]]) or None
+                                   for q in query]
+    return raw, query[:, :n_recent].astype(np.int64)
 
 
 @dataclass
