@@ -11,8 +11,10 @@ transform (Spark, nothing collected to the driver):
       is the ALS confidence (``tandem.als.event_confidence`` per event through ``mapInPandas``,
       summed, capped at ``max_confidence``; 0 for impressions only), ``first_ts``/``ts`` the
       pair's first and last event, ``positive_ts`` its first positive engagement
-      (``tandem.spark.events.is_positive``, null if none). Events of items outside the catalog
-      are dropped and counted;
+      (``tandem.spark.events.is_positive``, null if none), ``engaged_ts`` its first engagement
+      (any type but impression and dislike, null if none: what a query history holds, one
+      definition for serving and training in ``tandem.query_history``). Events of items outside
+      the catalog are dropped and counted;
     - ``cooc``: top-``cooc_top_k`` co-occurring items per item,
       ``|users with i and j| / sqrt(pop_i * pop_j)`` (``tandem.ranking_features.cooccurrence``),
       from a self-join on user over each user's ``cooc_items_per_user`` most recent items (the
@@ -49,6 +51,7 @@ from pyspark.sql.types import IntegerType
 
 from tandem import als as A
 from tandem import lake as L
+from tandem import query_history as QH
 from tandem import schema as S
 from tandem.bundle import ITEMS, USERS
 from tandem.catalog import run_bundle_dir
@@ -117,24 +120,27 @@ def dictionaries(spark: SparkSession, paths: Paths, end: datetime, events: DataF
 
 def interactions(events: DataFrame, users: DataFrame, items: DataFrame, cfg: dict[str, Any]
                  ) -> DataFrame:
-    """One row per (user_idx, item_idx): capped ALS weight, last ts, first positive ts."""
+    """One row per (user_idx, item_idx): capped ALS weight, first and last ts, first positive
+    and first engaged ts."""
     als_cfg = cfg["als"]
 
     def weigh(batches):
         for pdf in batches:
             yield pdf[[S.USER_ID, S.ITEM_ID, S.TS]].assign(
                 weight=A.event_confidence(pdf, als_cfg),
-                positive=pdf["positive"].to_numpy(bool))
+                positive=pdf["positive"].to_numpy(bool), engaged=pdf["engaged"].to_numpy(bool))
 
-    flagged = events.withColumn("positive", is_positive(cfg["play_dwell_ms"]))
+    flagged = (events.withColumn("positive", is_positive(cfg["play_dwell_ms"]))
+               .withColumn("engaged", ~F.col(S.EVENT_TYPE).isin(sorted(QH.NOT_ENGAGEMENT))))
     weighted = flagged.mapInPandas(
         weigh, schema=f"{S.USER_ID} string, {S.ITEM_ID} string, {S.TS} long, weight float, "
-                      "positive boolean")
+                      "positive boolean, engaged boolean")
     pairs = weighted.groupBy(S.USER_ID, S.ITEM_ID).agg(
         F.least(F.sum("weight"), F.lit(float(als_cfg["max_confidence"]))).cast("float")
         .alias(L.WEIGHT),
         F.min(S.TS).alias(L.FIRST_TS), F.max(S.TS).alias(S.TS),
-        F.min(F.when(F.col("positive"), F.col(S.TS))).alias(L.POSITIVE_TS))
+        F.min(F.when(F.col("positive"), F.col(S.TS))).alias(L.POSITIVE_TS),
+        F.min(F.when(F.col("engaged"), F.col(S.TS))).alias(L.ENGAGED_TS))
     return (pairs.join(users, S.USER_ID).join(items.select(S.ITEM_ID, L.ITEM_IDX), S.ITEM_ID)
             .select(*L.INTERACTION_COLUMNS))
 

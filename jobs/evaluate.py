@@ -88,6 +88,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Tuned {model} on the inner split ({study['trials']} trials): "
                       f"{study['params']}; validation NDCG@10 {study['val_ndcg@10']:.4f} "
                       f"(defaults {study['default_val_ndcg@10'] or float('nan'):.4f})."]
+    chosen = report.get("diversify_chosen")
+    if chosen:
+        verdict = "met" if chosen["met_rule"] else "none met it: the default kept"
+        lines += ["", f"Re-ranking chosen on the validation split ({chosen['validation_users']} "
+                      f"held-out users of the first inner split): mmr_lambda "
+                      f"{chosen['mmr_lambda']}, genre_cap {chosen['genre_cap']} ({chosen['rule']};"
+                      f" {verdict}); {len(report['diversify_sweep']) // 2} settings swept."]
     bar = report.get("quality_bar")
     if bar:
         lift = "met" if bar["lift_ok"] else "NOT met"

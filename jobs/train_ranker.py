@@ -11,8 +11,10 @@ transform:
        half of them (the evaluation scores the other half), a seeded sample of at most
        ``max_users`` (``tandem.night.NIGHT_CONFIG``);
     2. their candidates at ``cut``: each source retrieves through its index from the user's
-       pre-cut pairs (ALS user vectors folded in from them, the user tower over the last pre-cut
-       positives, popularity before ``cut``), seen items dropped -- ALS top-``als_k``, two-tower
+       pre-cut pairs (ALS user vectors folded in from them, the user tower and the sequence
+       model over the query history at ``cut``, ``tandem.query_history``: the last distinct
+       engaged items, what serving's session row holds; popularity before ``cut``), seen items
+       dropped -- ALS top-``als_k``, two-tower
        top-``two_tower_k``, popular top-``popular_k``; a candidate is labelled 1 when it is one
        of the user's label pairs or labelled 1 in ``lake/labels/ranking`` (``build_labels``:
        impressions with their outcome, ratings where there are no impressions);
@@ -34,8 +36,8 @@ load, into the run's bundle ``<models>/<run_id>``: ``ranker/model.txt`` (LightGB
     ``ranker/cooc.npz`` (the table's top-K co-occurrence, computed in Spark, as an items x items
     CSR in catalog order), ``features.json`` and ``ranker/meta.json``.
 
-Memory model at 5M users x 1M items x 50M events: the table's pair columns (~30M pairs x 36 B =
-1.1 GB), the candidates of ``max_users`` (20k) users x ~700 = 14M rows (ids and source scores,
+Memory model at 5M users x 1M items x 50M events: the table's pair columns (~30M pairs x 44 B =
+1.3 GB), the candidates of ``max_users`` (20k) users x ~700 = 14M rows (ids and source scores,
 ~0.5 GB), features only for the kept rows (~30% + explicit negatives: ~4M x ~50 x 4 B = 0.8 GB),
 the request users' label and negative rows after ``cut`` (20k x ~200 x 120 B = 0.5 GB),
 their pre-cut events in pandas (20k x ~100 x 400 B = 0.8 GB), the cooc CSR 1M x 100 x 8 B =

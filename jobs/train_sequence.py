@@ -1,16 +1,18 @@
 """Nightly session sequence model (SASRec-style, ``tandem.sequence_train``) from the training
 table, exported into the run's bundle.
 
-extract: the night's int-coded training table (``tandem.lake.TrainingTable``), the positive pairs
-only, three columns (user_idx, item_idx, positive_ts) read with pyarrow.
-transform: each user's positives in time order, cut into rows of ``max_len + 1`` items from the
-newest end, train the Transformer (``tandem.sequence_train.train_sequence``).
+extract: the night's int-coded training table (``tandem.lake.TrainingTable``), the engaged pairs
+only, four columns (user_idx, item_idx, engaged_ts, positive_ts) read with pyarrow.
+transform: each user's engaged items in order of first engagement -- the query history serving
+asks the model with (``tandem.query_history``) -- cut into rows of ``max_len + 1`` items from the
+newest end, the positive ones the targets; train the Transformer
+(``tandem.sequence_train.train_sequence``).
 load: ``sequence/item_vectors.npy`` + ``sequence/model.npz`` (``tandem.bundle``) and
-``sequence/query_sample.npy``, the query vectors of a sample of users from which
-``jobs/build_index.py`` tunes ``index/sequence.faiss``.
+``sequence/query_sample.npy``, the query vectors of a sample of users (their query histories at
+the end of the window) from which ``jobs/build_index.py`` tunes ``index/sequence.faiss``.
 
-Memory model at 5M users x 1M items x 50M events (~30M pairs, ~15M positive): the three columns
-15M x 16 B = 240 MB (checked against ``TANDEM_DRIVER_BUDGET_MB``), the sort order and chunk keys
+Memory model at 5M users x 1M items x 50M events (~30M pairs, ~25M engaged): the four columns
+25M x 24 B = 600 MB (checked against ``TANDEM_DRIVER_BUDGET_MB``), the sort order and chunk keys
 as much again; the training rows are capped at ``max_sequences`` (1M x 51 x 4 B = 200 MB); the
 model is the item embedding 1M x 64 x 4 B = 256 MB plus Adam's two moments (x3) and a few
 hundred KB of Transformer weights. Time: epochs x rows / batch_size steps over [128, 50, 64]
@@ -23,17 +25,17 @@ under heavy load, one thread.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 
+from tandem import query_history as QH
 from tandem.bundle import SEQ_QUERY_SAMPLE
 from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
 from tandem.job_cli import interval_parser, parse
-from tandem.lake import ITEM_IDX, POSITIVE_TS, USER_IDX, TrainingTable
+from tandem.lake import ENGAGED_TS, ITEM_IDX, POSITIVE_TS, USER_IDX, TrainingTable
 
 TRAIN_CONFIG: dict[str, Any] = {
     "sequence": {},  # SequenceConfig overrides
@@ -49,24 +51,29 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     Deterministic for a given table and ``cfg`` (seeded, one thread); a re-run overwrites the
     same files.
     """
-    from tandem.sequence_train import SequenceConfig, train_sequence, training_rows
+    from tandem.sequence_train import SequenceConfig, train_sequence
 
     cfg = {**TRAIN_CONFIG, **(cfg or {})}
     bundle_dir = run_bundle_dir(paths, end, run_id)
     table = TrainingTable.of(paths, bundle_dir.name)
-    cols = table.interactions([USER_IDX, ITEM_IDX, POSITIVE_TS], positives_only=True)
+    cols = table.interactions([USER_IDX, ITEM_IDX, ENGAGED_TS, POSITIVE_TS], engaged_only=True)
     users, items = cols[USER_IDX].astype(np.int64), cols[ITEM_IDX].astype(np.int64)
+    ts = cols[ENGAGED_TS].astype(np.int64)
+    positive = ~np.isnan(cols[POSITIVE_TS].astype(np.float64))
     seq_cfg = SequenceConfig(**cfg["sequence"])
-    model = train_sequence(users, items, cols[POSITIVE_TS], table.shape()[1], seq_cfg)
+    model = train_sequence(users, items, ts, table.shape()[1], seq_cfg, positive)
     model.export(bundle_dir)
-    # queries: the newest max_len items of a sample of users, as serving would ask
-    newest = training_rows(users, items, cols[POSITIVE_TS],
-                           replace(seq_cfg, max_chunks_per_user=1))[:, 1:][:, ::-1]
+    # queries: a sample of users' query histories at the end of the window, as serving asks
+    active = np.unique(users)
     rng = np.random.default_rng(seq_cfg.random_state)
-    pick = np.sort(rng.choice(len(newest), size=min(cfg["n_query_sample"], len(newest)),
+    pick = np.sort(rng.choice(active, size=min(cfg["n_query_sample"], len(active)),
                               replace=False))
-    np.save(bundle_dir / SEQ_QUERY_SAMPLE, model.encoder().encode_batch(newest[pick]))
-    return {"positives": len(users), "rows": model.n_rows, "items": table.shape()[1],
+    mine = np.isin(users, pick)
+    newest = QH.query_items(np.searchsorted(pick, users[mine]), items[mine], ts[mine],
+                            len(pick), min(QH.QUERY_LEN, seq_cfg.max_len))
+    np.save(bundle_dir / SEQ_QUERY_SAMPLE, model.encoder().encode_batch(newest))
+    return {"positives": int(positive.sum()), "engaged": len(users), "rows": model.n_rows,
+            "items": table.shape()[1],
             "final_loss": float(model.loss_history[-1]) if model.loss_history else float("nan"),
             "bundle_dir": str(bundle_dir)}
 

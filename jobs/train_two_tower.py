@@ -2,8 +2,10 @@
 
 extract: the positive pairs of the run's int-coded training table (``lake/training/run_id=``,
 ``jobs/build_training_table.py``): ``user_idx, item_idx, positive_ts`` of pairs with a positive
-engagement (``tandem.dataset.positives`` with ``play_dwell_ms``, applied in Spark), read with
-pyarrow into numpy -- the indexes are already the bundle's catalog rows; the catalog's content
+engagement (``tandem.dataset.positives`` with ``play_dwell_ms``, applied in Spark), the targets,
+and ``user_idx, item_idx, engaged_ts`` of the engaged pairs, the query histories
+(``tandem.query_history``: what serving's user tower pools), read with pyarrow into numpy --
+the indexes are already the bundle's catalog rows; the catalog's content
 columns (items created before ``end``) and the profile columns the user tower encodes.
 transform: content and profile features (``tandem.tower_features``) in the bundle's order;
 ``tandem.two_tower.train_two_tower`` (int32 histories), with the night's tuned parameters
@@ -11,11 +13,12 @@ transform: content and profile features (``tandem.tower_features``) in the bundl
 load: ``<models>/<run_id>/two_tower/{item_vectors.npy,user_tower.npz,query_sample.npy}``
 (overwritten on re-run; ``run_id`` defaults to the end date, YYYYMMDD, like the DAG's).
 
-Memory model at 5M users x 1M items x 50M events (~20M positive pairs): pairs 20M x 16 B =
-0.3 GB, per-pair histories int32 20M x 20 x 4 B = 1.6 GB, per-user last items 5M x 20 x 4 B =
-0.4 GB, profiles 5M x 4 fields (~0.8 GB as pandas objects while encoded), content 1M x ~40 x 4 B,
-the id embedding 1M x 64 x 4 B x 3 (Adam) = 0.8 GB: ~4.5 GB peak; the pair read is checked
-against ``TANDEM_DRIVER_BUDGET_MB``.
+Memory model at 5M users x 1M items x 50M events (~20M positive of ~30M engaged pairs): pairs
+50M x 16 B = 0.8 GB, per-pair histories int32 20M x 21 x 4 B = 1.7 GB (and the int64 sort
+keys of the engaged pairs, 30M x 8 B x 2 = 0.5 GB, while they are built), per-user last items
+5M x 20 x 4 B = 0.4 GB, profiles 5M x 4 fields (~0.8 GB as pandas objects while encoded),
+content 1M x ~40 x 4 B, the id embedding 1M x 64 x 4 B x 3 (Adam) = 0.8 GB: ~5.5 GB peak;
+the pair reads are checked against ``TANDEM_DRIVER_BUDGET_MB``.
 
     python -m jobs.train_two_tower --start 2026-01-01T00:00:00 --end 2026-02-01T00:00:00
 """
@@ -35,16 +38,24 @@ from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
 from tandem.job_cli import interval_parser, parse
 from tandem.lake import TrainingTable
-from tandem.tower_inputs import TRAIN_CONFIG, catalog_frames, fit_tower, positive_pairs
+from tandem.tower_inputs import (
+    TRAIN_CONFIG,
+    catalog_frames,
+    engaged_pairs,
+    fit_tower,
+    positive_pairs,
+)
 from tandem.user_tower import QUERY_SAMPLE
 
 
 def extract(paths: Paths, end: datetime, run_id: str, user_fields: tuple[str, ...]
-            ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(positive pairs: user_idx, item_idx, ts; catalog content rows in bundle order; profiles
-    in bundle order), all read with pyarrow, only the columns used."""
+            ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(positive pairs: user_idx, item_idx, ts; engaged pairs, same columns; catalog content
+    rows in bundle order; profiles in bundle order), all read with pyarrow, only the columns
+    used."""
     table = TrainingTable.of(paths, run_id)
-    return (positive_pairs(table), *catalog_frames(paths, end, table, user_fields))
+    return (positive_pairs(table), engaged_pairs(table),
+            *catalog_frames(paths, end, table, user_fields))
 
 
 def load(model, bundle_dir: Path, n_query_sample: int, random_state: int) -> dict[str, Path]:
@@ -70,8 +81,8 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     cfg = {**TRAIN_CONFIG, **(cfg or {})}
     bundle_dir = run_bundle_dir(paths, end, run_id)
     cfg["two_tower"] = tuning.overlay({}, bundle_dir, tuning.TWO_TOWER, cfg["two_tower"])
-    pairs, items, users = extract(paths, end, bundle_dir.name, cfg["user_fields"])
-    model = fit_tower(pairs, items, users, cfg)
+    pairs, engaged, items, users = extract(paths, end, bundle_dir.name, cfg["user_fields"])
+    model = fit_tower(pairs, items, users, cfg, history=engaged)
     load(model, bundle_dir, cfg["n_query_sample"], model.cfg.random_state)
     return {"interactions": len(pairs), "items": len(items), "users": len(users),
             "cold_items": int((model.item_counts == 0).sum()),

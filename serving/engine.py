@@ -59,6 +59,7 @@ from serving.validation import RecommendQuery
 from tandem import bundle as B
 from tandem import feature_log
 from tandem import features as F
+from tandem import query_history as QH
 from tandem import ranking_features as RF
 from tandem import schema as s
 from tandem.ann import AnnIndex
@@ -259,8 +260,10 @@ class Engine:
             rows = self._finish_fetch(pending, cfg, fallbacks, breaker)
         session = rows.session or {}
         recent_ids = list(q.session_item_ids) + list(session.get(s.SESSION_RECENT_ITEMS) or [])
-        history = pd.unique(self.rows_of(recent_ids))  # newest first, deduplicated
-        exclude = np.concatenate([history, self.rows_of(q.exclude_item_ids)])
+        seen = self.rows_of(recent_ids)
+        # what every model is queried with: the definition training uses (tandem.query_history)
+        history = QH.request_history(seen)
+        exclude = np.concatenate([seen, self.rows_of(q.exclude_item_ids)])
         result = self._stored(q, cfg, rows, exclude, now_ms, clock)
         if result is not None:  # a precomputed feed, still valid
             pass

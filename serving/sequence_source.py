@@ -2,8 +2,9 @@
 
 The query is the user's real-time history as the engine keeps it: the request's session items,
 then the online store's ``recent_item_ids`` (the feature consumer's last 20 engaged items, kept
-across sessions), newest first and deduplicated -- the same newest-first rows the night's
-ranker training feeds the model (``tandem.night``). The model (``tandem.sequence``) turns them
+across sessions), newest first and deduplicated, at most 20 -- the query history of
+``tandem.query_history``, which the model's training rows, the night's ranker and ``make eval``
+compute with the same rule. The model (``tandem.sequence``) turns them
 into one vector; ``index/sequence.faiss`` returns the items with the largest ``h . E[item]``.
 
 A bundle without the sequence parts (older, or trained without them) has no such source:

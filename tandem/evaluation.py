@@ -10,9 +10,10 @@ Protocol (issue 4):
   engagement otherwise); items seen in training are never recommended; metrics average over users
   with at least one relevant test item.
 - **models**, all fit on the same training data: popularity, ALS alone, two-tower alone, the
-  session sequence model alone (``tandem.sequence``: next items after the user's last positives),
-  and the two-stage system (union of ALS top-``als_k``, two-tower top-``two_tower_k``, sequence
-  top-``sequence_k`` and popular fill, re-ranked by LightGBM).
+  session sequence model alone (``tandem.sequence``: next items after the user's query history,
+  ``tandem.query_history``, the items serving asks every model with), and the two-stage system
+  (union of ALS top-``als_k``, two-tower top-``two_tower_k``, sequence top-``sequence_k``,
+  content top-``content_k`` and popular fill, re-ranked by LightGBM).
 - **ranker labels** come from INNER temporal splits of the training data (same rule), nested
   ``ranker_splits`` deep (each splits the previous one's training part): sources are fit on the
   inner training part, their candidates for each user are labelled with that user's
@@ -20,6 +21,10 @@ Protocol (issue 4):
   threshold, shown but not engaged: what ``lake/labels/ranking`` holds as label 0) are all
   kept, and the ranker learns on every split's requests. The sources are then refit on the full
   training data for the test pass (quality probe in ``../shared/notes``).
+- **re-ranking**: the two-stage lists are shown through serving's MMR / genre cap
+  (``tandem.diversify``); the ranked lists are computed once and re-ranked with every
+  (``mmr_lambda``, ``genre_cap``) of ``diversify_grid``, and the setting is chosen on the first
+  inner split's held-out users (``tandem.diversify_sweep``), never on the test split.
 - **tuning** (``cfg["tune"]``: a ``tandem.config.TuningSettings``; absent by default): Optuna
   studies (``tandem.tuning``) choose ALS's, the two-tower's and the ranker's parameters by
   NDCG@10 on the inner split -- the test period is never seen -- and every later fit uses the
@@ -45,8 +50,10 @@ import scipy.sparse as sp
 
 from tandem import als as A
 from tandem import diversify as D
+from tandem import diversify_sweep as DS
 from tandem import features as F
 from tandem import metrics as M
+from tandem import query_history as QH
 from tandem import ranker as R
 from tandem import ranking_features as RF
 from tandem import retrieval as T
@@ -74,9 +81,12 @@ EVAL_CONFIG: dict[str, Any] = {
     "sequence_k": 200,
     "content_k": 100,  # genre-profile candidates, as serving's ``n_content``; 0 disables
     "diversify": D.DIVERSIFY_CONFIG,  # serving's MMR / genre-cap defaults, applied to two-stage
+    # (mmr_lambda, genre_cap) grid re-ranking the two-stage lists; the setting is chosen on the
+    # inner validation split (tandem.diversify_sweep) and replaces "diversify"'s; None: no sweep
+    "diversify_grid": DS.GRID,
+    "sweep_user_share": 0.25,  # first inner split's users held out of the validation ranker
 }
 MODELS = ("popularity", "als", "two_tower", "sequence", "two_stage")
-SESSION_RECENT_MAX = 20  # items a user_session row keeps (tandem.schema)
 WINDOWS_MS = {"1h": 3_600_000, "24h": 86_400_000, "7d": 7 * 86_400_000}
 Progress = Callable[[str], None]
 
@@ -150,7 +160,8 @@ class Fitted:
     tower : two-tower model (or None when disabled/unavailable)
     space : ALS unit vectors and co-occurrence for the recency features
     sequence : the sequence model's numpy runtime (``tandem.sequence.SequenceEncoder``) or None
-    sequence_recent : int [n_users, max_len] each user's last positives, newest first (its query)
+    sequence_recent : int [n_users, L] each user's query history at the end of the history
+        (``tandem.query_history``, at most its ``max_len``), newest first: the model's query
     catalog : the catalog the content source reads genres from (None: no content source)
     """
 
@@ -209,8 +220,8 @@ def content_inputs(history: pd.DataFrame, catalog: Catalog, popularity: np.ndarr
                    rows: np.ndarray, play_dwell_ms: int | None) -> tuple[np.ndarray, ...]:
     """What serving's content source reads, from ``history`` for user ``rows``: each genre's
     popular items, the catalog's genre multi-hot, each user's ``user_genre_affinity`` (share of
-    positives per genre, as :func:`user_rows`) and last distinct engaged items (newest first,
-    as the session state's ``recent_item_ids``), the last two aligned with ``rows``."""
+    positives per genre, as :func:`user_rows`) and query history (``tandem.query_history``,
+    as serving reads it from the session row), the last two aligned with ``rows``."""
     hist = _indexed(history, catalog)
     hist = hist[hist["user_idx"].isin(rows)]
     local = pd.Index(rows).get_indexer(hist["user_idx"])
@@ -221,12 +232,10 @@ def content_inputs(history: pd.DataFrame, catalog: Catalog, popularity: np.ndarr
                            shape=(len(rows), len(catalog.item_ids))) @ item_genres
     affinity = np.asarray(counts, np.float32)
     affinity /= np.maximum(affinity.sum(axis=1, keepdims=True), 1.0)
-    # distinct items of every event type but impression and dislike, as the session state's
-    engaged = hist.assign(local=local)[~hist[S.EVENT_TYPE].isin([S.IMPRESSION, S.DISLIKE])]
-    engaged = engaged.sort_values(S.TS, kind="stable").drop_duplicates(
-        ["local", "item_idx"], keep="last")
-    recent = RF.last_items(engaged["local"].to_numpy(), engaged["item_idx"].to_numpy(),
-                           engaged[S.TS].to_numpy(np.int64), len(rows), T.N_RECENT_GENRE_ITEMS)
+    engaged = QH.is_engagement(hist[S.EVENT_TYPE].to_numpy())
+    recent = QH.query_items(local[engaged], hist["item_idx"].to_numpy()[engaged],
+                            hist[S.TS].to_numpy(np.int64)[engaged], len(rows),
+                            T.N_RECENT_GENRE_ITEMS)
     return T.genre_top_rows(item_genres, popularity), item_genres, affinity, recent
 
 
@@ -251,23 +260,42 @@ def content_lists(inputs: tuple[np.ndarray, ...], popularity: np.ndarray, seen: 
         {"local": [], "item": [], "score": [], "rank": []})
 
 
-def _fit_sequence(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
-    """The sequence model on the history's positives in time order: (numpy runtime, each user's
-    last ``max_len`` positives newest first)."""
-    from tandem.sequence_train import SequenceConfig, train_sequence
-    from tandem.two_tower import recent_histories
+def engaged_pairs(hist: pd.DataFrame, play_dwell_ms: int | None) -> pd.DataFrame:
+    """(user_idx, item_idx, ts, positive) of the indexed history's engaged pairs, ``ts`` = the
+    first engagement and ``positive`` = any positive event: the training table's ``engaged_ts``
+    and ``positive_ts`` rows, the query histories' input (``tandem.query_history``)."""
+    engaged = hist.assign(positive=positives(hist, play_dwell_ms))[
+        QH.is_engagement(hist[S.EVENT_TYPE].to_numpy())]
+    return (engaged.groupby(["user_idx", "item_idx"], sort=False)
+            .agg(ts=(S.TS, "min"), positive=("positive", "any")).reset_index())
 
-    train = hist.loc[positives(hist, cfg["play_dwell_ms"]), ["user_idx", "item_idx", S.TS]]
-    users, items = train["user_idx"].to_numpy(np.int64), train["item_idx"].to_numpy(np.int64)
-    ts = train[S.TS].to_numpy(np.int64)
+
+def _query_rows(hist: pd.DataFrame, n_users: int, n: int) -> np.ndarray:
+    """int32 [n_users, n]: every user's query history at the end of the indexed ``hist``."""
+    engaged = QH.is_engagement(hist[S.EVENT_TYPE].to_numpy())
+    return QH.query_items(hist["user_idx"].to_numpy()[engaged],
+                          hist["item_idx"].to_numpy()[engaged],
+                          hist[S.TS].to_numpy(np.int64)[engaged], n_users, n)
+
+
+def _fit_sequence(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
+    """The sequence model on the history's engaged pairs in time order, the positive ones its
+    targets (as ``jobs/train_sequence.py`` on the table): (numpy runtime, each user's query
+    history, newest first)."""
+    from tandem.sequence_train import SequenceConfig, train_sequence
+
+    pairs = engaged_pairs(hist, cfg["play_dwell_ms"])
     seq_cfg = SequenceConfig(**cfg["sequence"])
-    model = train_sequence(users, items, ts, len(catalog.item_ids), seq_cfg)
-    _, recent = recent_histories(users, items, ts, seq_cfg.max_len, len(catalog.user_ids))
+    model = train_sequence(pairs["user_idx"].to_numpy(np.int64),
+                           pairs["item_idx"].to_numpy(np.int64), pairs["ts"].to_numpy(np.int64),
+                           len(catalog.item_ids), seq_cfg, pairs["positive"].to_numpy(bool))
+    recent = _query_rows(hist, len(catalog.user_ids), min(QH.QUERY_LEN, seq_cfg.max_len))
     return model.encoder(), recent
 
 
 def _fit_tower(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
-    """Two-tower on the history's positive interactions (``tandem.two_tower``)."""
+    """Two-tower on the history's positive interactions (``tandem.two_tower``), its engaged
+    pairs the query histories (as ``jobs/train_two_tower.py`` on the table)."""
     from tandem.tower_features import ItemContentSpec
     from tandem.two_tower import TwoTowerConfig, train_two_tower
 
@@ -276,8 +304,9 @@ def _fit_tower(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
                           catalog.items[S.RELEASE_YEAR].tolist())
     train = hist.loc[positives(hist, cfg["play_dwell_ms"]), ["user_idx", "item_idx", S.TS]]
     tt_cfg = TwoTowerConfig(**cfg["two_tower"])
+    history = engaged_pairs(hist, cfg["play_dwell_ms"])[["user_idx", "item_idx", "ts"]]
     return train_two_tower(train, content, cfg=tt_cfg, n_users=len(catalog.user_ids),
-                           item_spec=spec)
+                           item_spec=spec, history=history)
 
 
 def source_scores(fitted: Fitted, user_rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -434,8 +463,10 @@ def session_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray,
 
     Returns
     -------
-    raw : DataFrame of ``features.SESSION_FIELDS`` for ``rows``
-    recent : int [len(rows), n_recent] the user's last items overall, newest first, PAD-filled
+    raw : DataFrame of ``features.SESSION_FIELDS`` for ``rows``; ``recent_item_ids`` is the
+        query history (``tandem.query_history``: across sessions, as the session state keeps it)
+    recent : int [len(rows), n_recent] the first ``n_recent`` of it (the ranker's recency
+        features, as serving's), PAD-filled
     """
     hist = _indexed(history, catalog)
     hist = hist[hist["user_idx"].isin(rows) & (hist[S.EVENT_TYPE] != S.IMPRESSION)]
@@ -449,8 +480,6 @@ def session_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray,
     sess = hist[session_no == last_session]
     # newest first within each user
     rev = sess.iloc[::-1]
-    rank = rev.groupby("user_idx", sort=False).cumcount().to_numpy()
-    items_by_user = rev[rank < SESSION_RECENT_MAX].groupby("user_idx")[S.ITEM_ID].agg(list)
     genre_of = pd.Series(catalog.items[S.GENRES].to_numpy(), index=catalog.item_ids)
     genres = rev[["user_idx", S.ITEM_ID]].assign(g=rev[S.ITEM_ID].map(genre_of)).explode("g")
     genres = genres.dropna().drop_duplicates(["user_idx", "g"])
@@ -459,7 +488,7 @@ def session_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray,
                                        length=(S.TS, "size"))
     counts = pd.crosstab(sess["user_idx"], sess[S.EVENT_TYPE])
     raw = pd.DataFrame({
-        S.SESSION_RECENT_ITEMS: items_by_user.reindex(rows).tolist(),
+        S.SESSION_RECENT_ITEMS: None,
         S.SESSION_RECENT_GENRES: genres_by_user.reindex(rows).tolist(),
         S.SESSION_LENGTH: agg["length"].reindex(rows).fillna(0).to_numpy(),
         S.SESSION_START_TS: agg["start"].reindex(rows).fillna(0).to_numpy(),
@@ -468,17 +497,15 @@ def session_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray,
     for t in S.EVENT_TYPES:
         col = counts[t] if t in counts.columns else pd.Series(dtype=float)
         raw[S.SESSION_COUNT_PREFIX + t] = col.reindex(rows).fillna(0).to_numpy()
-    raw[S.SESSION_RECENT_ITEMS] = [v if isinstance(v, list) else None
-                                   for v in raw[S.SESSION_RECENT_ITEMS]]
     raw[S.SESSION_RECENT_GENRES] = [v if isinstance(v, list) else None
                                     for v in raw[S.SESSION_RECENT_GENRES]]
-    # recent items over the whole history (not only the last session), newest first
-    hrank = hist.iloc[::-1].groupby("user_idx", sort=False).cumcount().to_numpy()[::-1]
-    last_n = hist[hrank < n_recent]
-    recent = np.full((len(rows), n_recent), RF.PAD, dtype=np.int64)
-    where = pd.Index(rows).get_indexer(last_n["user_idx"])
-    recent[where, hrank[hrank < n_recent]] = last_n["item_idx"].to_numpy()
-    return raw, recent
+    engaged = QH.is_engagement(hist[S.EVENT_TYPE].to_numpy())
+    query = QH.query_items(pd.Index(rows).get_indexer(hist["user_idx"])[engaged],
+                           hist["item_idx"].to_numpy()[engaged], ts[engaged], len(rows),
+                           max(n_recent, QH.QUERY_LEN))
+    raw[S.SESSION_RECENT_ITEMS] = [list(catalog.item_ids[q[q >= 0][:QH.QUERY_LEN]]) or None
+                                   for q in query]
+    return raw, query[:, :n_recent].astype(np.int64)
 
 
 @dataclass
@@ -628,11 +655,28 @@ def _pair_mask(cands: pd.DataFrame, pairs: pd.DataFrame, catalog: Catalog) -> np
     return pd.MultiIndex.from_arrays([cands["user_row"], cands["item"]]).isin(keys)
 
 
+@dataclass
+class InnerSplit:
+    """One inner temporal split: its sources, requests, every candidate and the ranker's rows.
+
+    ``cands`` holds every candidate of the holdout's users (the validation lists re-rank them);
+    ``keep`` marks the rows the ranker learns from, ``X`` / ``labels`` are theirs.
+    """
+
+    fitted: Fitted
+    req: Requests
+    rel: pd.DataFrame
+    cands: pd.DataFrame
+    keep: np.ndarray
+    X: np.ndarray
+    labels: np.ndarray
+
+
 def _ranker_rows(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
-                 progress: Progress) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, pd.DataFrame]:
-    """One inner temporal split of ``train``: (kept candidates, labels, features, the inner
-    training part). Sources are fit on the inner training part; candidates are labelled with
-    the inner holdout's positives, its explicit negatives kept (:func:`R.training_rows`)."""
+                 progress: Progress) -> tuple[InnerSplit, pd.DataFrame]:
+    """One inner temporal split of ``train``: (the split, its inner training part). Sources are
+    fit on the inner training part; candidates are labelled with the inner holdout's positives,
+    its explicit negatives kept (:func:`R.training_rows`)."""
     inner_train, inner_val = temporal_split(train, cfg["test_fraction"])
     fitted = fit_sources(inner_train, catalog, cfg, progress)
     rel = relevant_pairs(inner_val, cfg["play_dwell_ms"])
@@ -644,27 +688,43 @@ def _ranker_rows(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
     shown = _pair_mask(cands, explicit_negatives(inner_val, cfg["play_dwell_ms"]), catalog)
     keep = R.training_rows(labels, shown, cands["user_row"].to_numpy(),
                            cfg["ranker_negative_rate"], cfg["ranker"]["random_state"])
-    cands, labels = cands[keep].reset_index(drop=True), labels[keep]
+    kept = cands[keep].reset_index(drop=True)
     progress("ranker features")
-    return cands, labels, feature_matrix(fitted, catalog, req, cands, cfg), inner_train
+    X = feature_matrix(fitted, catalog, req, kept, cfg)
+    return InnerSplit(fitted, req, rel, cands, keep, X, labels[keep]), inner_train
+
+
+@dataclass
+class TwoStage:
+    """The ranker and what it learned from: every inner split's rows (``groups``: user row +
+    level x n_users), the splits themselves and the ranker's study (or None)."""
+
+    model: Any
+    X: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    splits: list[InnerSplit]
+    study: Any = None
 
 
 def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
-                    progress: Progress = _quiet, settings: TuningSettings | None = None):
-    """Ranker from nested inner temporal splits of ``train``: (model, n rows, n groups, the
-    ranker's study or None). With ``settings`` the ranker's parameters are tuned first on its
-    own rows (a seeded 20 % of the inner splits' users held out).
+                    progress: Progress = _quiet, settings: TuningSettings | None = None
+                    ) -> TwoStage:
+    """Ranker from nested inner temporal splits of ``train``. With ``settings`` the ranker's
+    parameters are tuned first on its own rows (a seeded 20 % of the inner splits' users held
+    out).
 
     Split ``j`` holds out the last fraction of split ``j-1``'s training part, so each user
     contributes up to ``ranker_splits`` requests, each at its own time and with only its past
     as features: more labelled requests from the same history, none of them from the test
     period.
     """
-    parts, history = [], train
+    parts, splits, history = [], [], train
     for level in range(cfg["ranker_splits"]):
-        cands, labels, X, history = _ranker_rows(history, catalog, cfg, progress)
-        groups = cands["user_row"].to_numpy() + level * len(catalog.user_ids)
-        parts.append((X, labels, groups))
+        split, history = _ranker_rows(history, catalog, cfg, progress)
+        groups = split.cands["user_row"].to_numpy()[split.keep] + level * len(catalog.user_ids)
+        parts.append((split.X, split.labels, groups))
+        splits.append(split)
     X, labels, groups = (np.concatenate(p) for p in zip(*parts, strict=True))
     y = labels.astype(np.int32)
     study = None
@@ -675,7 +735,80 @@ def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
         cfg = {**cfg, "ranker": {**cfg["ranker"], **study.params}}
     progress("ranker training")
     model = R.train_ranker(X, y, groups, cfg["ranker"])
-    return model, len(groups), int(len(np.unique(groups))), study
+    return TwoStage(model, X, y, groups, splits, study)
+
+
+@dataclass
+class RankedLists:
+    """Users' candidates ranked once, ready to be re-ranked with any diversify setting."""
+
+    fitted: Fitted
+    cands: pd.DataFrame
+    ranked: np.ndarray
+    rel: pd.DataFrame  # (user_id, item_id) relevant pairs
+    baseline: pd.DataFrame  # ALS's top-k of the same users (a prediction frame)
+
+
+def validation_lists(fit: TwoStage, catalog: Catalog, cfg: dict[str, Any]
+                     ) -> RankedLists | None:
+    """The first inner split's holdout, ranked by a ranker that never saw its users (None when
+    the draw holds out no user).
+
+    A seeded ``sweep_user_share`` of that split's users is held out: a second ranker learns on
+    every split's rows of the other users only (same parameters), and ranks every candidate of
+    the held-out users -- ranked by the final ranker they would be in-sample (it learned from
+    them), which flatters relevance against diversity. Baseline: the split's ALS top-k.
+    """
+    split, k = fit.splits[0], cfg["k"]
+    rng = np.random.default_rng(cfg["ranker"]["random_state"])
+    held = split.req.user_rows[rng.random(len(split.req.user_rows)) < cfg["sweep_user_share"]]
+    if not len(held):
+        return None
+    learn = ~np.isin(fit.groups % len(catalog.user_ids), held)
+    model = R.train_ranker(fit.X[learn], fit.y[learn], fit.groups[learn], cfg["ranker"])
+    mine = np.isin(split.req.user_rows, held)
+    req = Requests(split.req.user_rows[mine], split.req.now_ms[mine], split.req.device[mine])
+    cands = split.cands[np.isin(split.cands["user_row"].to_numpy(), held)].reset_index(
+        drop=True)
+    ranked = R.predict(model, feature_matrix(split.fitted, catalog, req, cands, cfg))
+    held_ids = set(catalog.user_ids[held])
+    rel = split.rel[split.rel[S.USER_ID].isin(held_ids)].reset_index(drop=True)
+    top = top_lists(split.fitted.als.scores(req.user_rows), k, split.fitted.seen, req.user_rows)
+    baseline = _pred_frame(catalog, top["user_row"].to_numpy(), top["item"].to_numpy(),
+                           -top["rank"].to_numpy(float))
+    return RankedLists(split.fitted, cands, ranked, rel, baseline)
+
+
+def _shown_frame(lists: RankedLists, catalog: Catalog, k: int, setting: dict[str, Any]
+                 ) -> pd.DataFrame:
+    """The prediction frame of the lists as shown with one diversify ``setting``."""
+    users = lists.cands["user_row"].to_numpy()
+    shown = diversified(lists.fitted, catalog, lists.cands, lists.ranked, k, setting)
+    return _pred_frame(catalog, users[shown], lists.cands["item"].to_numpy()[shown],
+                       -_position_in_group(users[shown]))
+
+
+def diversify_sweep(valid: RankedLists, test: RankedLists, catalog: Catalog,
+                    cfg: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every setting of ``cfg["diversify_grid"]`` on both splits' ranked lists (one re-rank each,
+    never a re-ranking of the ranker), and the setting :func:`tandem.diversify_sweep.choose`
+    picks on the validation rows. Returns (rows with ``split``, the choice and its evidence)."""
+    k = cfg["k"]
+    n_items = len(catalog.item_ids)
+    genres = pd.DataFrame(F.genre_multi_hot(catalog.items[S.GENRES]), index=catalog.item_ids)
+    rows = []
+    for setting in DS.settings(cfg["diversify_grid"], cfg["diversify"]):
+        for name, lists in (("validation", valid), ("test", test)):
+            rows.append({"split": name, **{key: setting[key] for key in DS.KEYS},
+                         **DS.list_metrics(_shown_frame(lists, catalog, k, setting), lists.rel,
+                                           n_items, genres, k)})
+    baseline = DS.list_metrics(valid.baseline, valid.rel, n_items, genres, k)
+    chosen, met = DS.choose([r for r in rows if r["split"] == "validation"], baseline,
+                            cfg["diversify"], k)
+    return rows, {**chosen, "met_rule": met, "validation_als": baseline,
+                  "validation_users": int(valid.cands["user_row"].nunique()),
+                  "rule": "best validation NDCG among settings with validation coverage and "
+                          "diversity >= ALS's on the same users; else the default"}
 
 
 def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
@@ -696,11 +829,17 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
     cfg = {**cfg, **{m: {**cfg[m], **r.params} for m, r in studies.items()}}
     t_tune = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ranker, n_rows, n_groups, ranker_study = train_two_stage(train, catalog, cfg, progress,
-                                                             settings)
-    if ranker_study is not None:
-        studies[tuning.RANKER] = ranker_study
+    fit = train_two_stage(train, catalog, cfg, progress, settings)
+    if fit.study is not None:
+        studies[tuning.RANKER] = fit.study
+        cfg = {**cfg, "ranker": {**cfg["ranker"], **fit.study.params}}
     t_ranker = time.perf_counter() - t0
+    valid = None
+    if cfg.get("diversify_grid"):
+        progress("diversify sweep: the validation split's lists")
+        t0 = time.perf_counter()
+        valid = validation_lists(fit, catalog, cfg)
+        t_valid = time.perf_counter() - t0
     progress("refitting sources on the full training data")
     fitted = fit_sources(train, catalog, cfg, progress)
     scores = source_scores(fitted, rows)
@@ -719,15 +858,22 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
     req = requests_from(test, catalog, users)
     cands = candidates(fitted, rows, cfg, scores)
     X = feature_matrix(fitted, catalog, req, cands, cfg)
-    ranked = R.predict(ranker, X)
+    ranked = R.predict(fit.model, X)
     t_rank = time.perf_counter() - t0
     union = _pred_frame(catalog, cands["user_row"].to_numpy(), cands["item"].to_numpy(),
                         np.zeros(len(cands)))
     retrieval["combined"] = M.recall_at_k(rel, union, k=len(catalog.item_ids))
-    shown = diversified(fitted, catalog, cands, ranked, k, cfg["diversify"])
-    preds["two_stage"] = _pred_frame(catalog, cands["user_row"].to_numpy()[shown],
-                                     cands["item"].to_numpy()[shown],
-                                     -_position_in_group(cands["user_row"].to_numpy()[shown]))
+    test_lists = RankedLists(fitted, cands, ranked, rel, preds["als"])
+    sweep = chosen = None
+    if valid is not None:
+        progress("diversify sweep: re-ranking with every setting")
+        t0 = time.perf_counter()
+        sweep, chosen = diversify_sweep(valid, test_lists, catalog, cfg)
+        cfg = {**cfg, "diversify": {**cfg["diversify"],
+                                    **{key: chosen[key] for key in DS.KEYS}}}
+        timings_sweep = {"diversify_validation_lists": t_valid,
+                         "diversify_sweep": time.perf_counter() - t0}
+    preds["two_stage"] = _shown_frame(test_lists, catalog, k, cfg["diversify"])
 
     progress("metrics")
     models = {name: score_models(preds[name], rel, train, catalog, k, preds.get("popularity"))
@@ -749,6 +895,9 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
             "ranker": "LightGBM lambdarank on retrieval candidates, labels from "
                       f"{cfg['ranker_splits']} nested inner temporal splits of training data "
                       "(explicit negatives kept); sources refit on full training data",
+            "diversify": "serving's re-ranking (tandem.diversify.rerank) of the ranked lists; "
+                         "with a sweep, its (mmr_lambda, genre_cap) is chosen on the first "
+                         "inner split's held-out users (tandem.diversify_sweep), never on test",
         },
         "models": models,
         "retrieval": {f"recall@{cfg['retrieval_k']}": {k_: v for k_, v in retrieval.items()
@@ -758,8 +907,12 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
         "tuning": {m: {"params": r.params, "val_ndcg@10": r.value,
                        "default_val_ndcg@10": r.default_value, "trials": r.trials}
                    for m, r in studies.items()},
+        "diversify": {key: cfg["diversify"][key] for key in ("mmr_lambda", "mmr_pool",
+                                                              "genre_cap")},
+        "diversify_sweep": sweep,
+        "diversify_chosen": chosen,
         "timings_s": {"tuning": t_tune, "ranker_train_total": t_ranker, **fitted.timings,
-                      "two_stage_test_pass": t_rank,
+                      "two_stage_test_pass": t_rank, **(timings_sweep if sweep else {}),
                       "total": time.perf_counter() - t_start},
-        "ranker": {"rows": n_rows, "groups": n_groups},
+        "ranker": {"rows": len(fit.groups), "groups": int(len(np.unique(fit.groups)))},
     }

@@ -78,13 +78,14 @@ def read_window(paths: Paths, start: datetime, end: datetime, name: str = "lake"
 
 USER_IDX, ITEM_IDX, OTHER_IDX = "user_idx", "item_idx", "other_idx"
 WEIGHT, FIRST_TS, POSITIVE_TS = "weight", "first_ts", "positive_ts"
+ENGAGED_TS = "engaged_ts"  # first engagement of the pair (tandem.query_history)
 POPULARITY, VALUE = "popularity", "value"
 USERS_DIR, ITEMS_DIR, INTERACTIONS_DIR, COOC_DIR = "users", "items", "interactions", "cooc"
-INTERACTION_COLUMNS = (USER_IDX, ITEM_IDX, WEIGHT, FIRST_TS, s.TS, POSITIVE_TS)
+INTERACTION_COLUMNS = (USER_IDX, ITEM_IDX, WEIGHT, FIRST_TS, s.TS, POSITIVE_TS, ENGAGED_TS)
 COOC_COLUMNS = (ITEM_IDX, OTHER_IDX, VALUE)
 # bytes per row once a column is in numpy (int32 / float32 / int64)
 _NUMPY_BYTES = {USER_IDX: 4, ITEM_IDX: 4, OTHER_IDX: 4, WEIGHT: 4, VALUE: 4, FIRST_TS: 8,
-                s.TS: 8, POSITIVE_TS: 8}
+                s.TS: 8, POSITIVE_TS: 8, ENGAGED_TS: 8}
 
 
 class TrainingTable:
@@ -98,9 +99,11 @@ class TrainingTable:
         interactions/  user_idx int32, item_idx int32,       one row per (user, item) pair with
                        weight float32, first_ts int64,       any event in the window; weight =
                        ts int64, positive_ts int64           capped ALS confidence (0: none),
-                       (nullable)                            first_ts/ts = first/last event,
-                                                             positive_ts = first positive
-                                                             engagement
+                       (nullable), engaged_ts int64          first_ts/ts = first/last event,
+                       (nullable)                            positive_ts = first positive
+                                                             engagement, engaged_ts = first
+                                                             engagement (query histories,
+                                                             ``tandem.query_history``)
         cooc/          item_idx int32, other_idx int32,      top-K co-occurring items per item
                        value float32                         (popularity-normalised)
 
@@ -143,10 +146,12 @@ class TrainingTable:
         """(n_users, n_items) from the dictionaries' row counts (no data read)."""
         return self._dataset(USERS_DIR).count_rows(), self._dataset(ITEMS_DIR).count_rows()
 
-    def interactions(self, columns: list[str], positives_only: bool = False
-                     ) -> dict[str, np.ndarray]:
-        """The named interaction columns as numpy arrays (one row per pair, file order)."""
-        filter_ = ds.field(POSITIVE_TS).is_valid() if positives_only else None
+    def interactions(self, columns: list[str], positives_only: bool = False,
+                     engaged_only: bool = False) -> dict[str, np.ndarray]:
+        """The named interaction columns as numpy arrays (one row per pair, file order), of
+        every pair, or only those with a positive (or any) engagement."""
+        filter_ = (ds.field(POSITIVE_TS).is_valid() if positives_only
+                   else ds.field(ENGAGED_TS).is_valid() if engaged_only else None)
         table = self._read(INTERACTIONS_DIR, columns, filter_)
         return {c: table.column(c).to_numpy() for c in columns}
 

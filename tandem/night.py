@@ -11,10 +11,11 @@ before ``cut``? Labels are the user's pairs first engaged positively in ``[cut, 
   ``max_users`` (a seeded sample) -- the cost is the cap, not the platform's user count;
 - ALS: the night's item factors; each request user's vector is FOLDED IN from their pre-cut
   pairs only (``tandem.als.fold_in``), so the user side never sees the labels;
-- two-tower: the exported user tower (numpy) over the user's profile and last pre-cut positive
-  items; item vectors and the index are the night's;
-- sequence (when the bundle has it): the session sequence model's query from the user's last
-  pre-cut positive items (``tandem.sequence``), searched in its own index;
+- two-tower: the exported user tower (numpy) over the user's profile and query history at the
+  cut (``tandem.query_history``: the last distinct engaged items, as serving's session row holds
+  them; the pairs' ``engaged_ts``); item vectors and the index are the night's;
+- sequence (when the bundle has it): the session sequence model's query from the same history
+  (``tandem.sequence``), searched in its own index;
 - popularity: distinct users per item before ``cut``;
 - content (``content_k`` > 0): serving's genre-profile source (``tandem.retrieval``) on the
   user's pre-cut positives' genres and last engaged items, one call per request user;
@@ -26,7 +27,7 @@ the price of fitting once, documented rather than hidden. The evaluation therefo
 stack serving will run, on held-out users and a held-out period of their history.
 
 Memory model at 5M users x 1M items x 50M events (~30M pairs): the table's pair columns in numpy,
-30M x 36 B = 1.1 GB (checked against ``TANDEM_DRIVER_BUDGET_MB`` by ``tandem.lake``); per request
+30M x 44 B = 1.3 GB (checked against ``TANDEM_DRIVER_BUDGET_MB`` by ``tandem.lake``); per request
 user, the index answer (k + seen) x 12 B and the history row; with the default cap of 20k users,
 ~0.1 GB. The item factors / vectors 1M x 32..64 x 4 B and the indexes ~0.5 GB.
 """
@@ -47,6 +48,7 @@ import scipy.sparse as sp
 from tandem import als as A
 from tandem import bundle as B
 from tandem import lake as L
+from tandem import query_history as QH
 from tandem import ranking_features as RF
 from tandem import schema as S
 from tandem.ann import AnnIndex
@@ -58,7 +60,7 @@ CUT_CONFIG: dict[str, Any] = {"label_days": None, "label_fraction": 0.2}
 NIGHT_CONFIG: dict[str, Any] = {
     "max_users": 20_000,  # request users sampled per role (ranker, evaluation)
     "eval_user_share": 0.5,  # label users drawn into the evaluation half
-    "history_len": 20,  # last pre-cut positives fed to the user tower
+    "history_len": QH.QUERY_LEN,  # query history at the cut: user tower and sequence model
     "max_seen": 1_000,  # pre-cut items per user excluded from retrieval (the most recent)
     "random_state": 7,
 }
@@ -80,7 +82,8 @@ class Requests:
     user_rows : int64 [m], bundle user rows, ascending
     history : float32 CSR [m, n_items], ALS weight of each user's pre-cut pairs (0 kept as
         stored zeros: an impression-only pair is seen but carries no confidence)
-    recent : int32 [m, history_len], last pre-cut positive items, newest first, -1 padded
+    recent : int32 [m, history_len], the query history at the cut (``tandem.query_history``:
+        last distinct engaged items, newest first), -1 padded
     labels : DataFrame (user_row, item) of the pairs first engaged positively after the cut
     popularity : float64 [n_items], distinct users per item before the cut (all users)
     n_history_pairs, n_label_pairs : pair counts (all users) on both sides of the cut
@@ -100,7 +103,8 @@ def requests(table: L.TrainingTable, cut_ms: int, role: str, cfg: dict[str, Any]
     """The ``role``'s (:data:`RANKER` or :data:`EVALUATION`) request users and their pairs."""
     cfg = {**NIGHT_CONFIG, **(cfg or {})}
     n_users, n_items = table.shape()
-    cols = table.interactions([L.USER_IDX, L.ITEM_IDX, L.WEIGHT, L.FIRST_TS, L.POSITIVE_TS])
+    cols = table.interactions([L.USER_IDX, L.ITEM_IDX, L.WEIGHT, L.FIRST_TS, L.POSITIVE_TS,
+                               L.ENGAGED_TS])
     users, items = cols[L.USER_IDX].astype(np.int64), cols[L.ITEM_IDX].astype(np.int64)
     positive_ts = cols[L.POSITIVE_TS].astype(np.float64)  # null (never positive) -> NaN
     is_positive = ~np.isnan(positive_ts)
@@ -118,9 +122,10 @@ def requests(table: L.TrainingTable, cut_ms: int, role: str, cfg: dict[str, Any]
     hist = before & (local[users] >= 0)
     history = sp.csr_matrix((cols[L.WEIGHT][hist].astype(np.float32),
                              (local[users[hist]], items[hist])), shape=(len(mine), n_items))
-    pos = hist & is_positive  # pre-cut pairs that are not labels: positive before the cut
-    recent = RF.last_items(local[users[pos]], items[pos], positive_ts[pos].astype(np.int64),
-                         len(mine), cfg["history_len"])
+    engaged_ts = cols[L.ENGAGED_TS].astype(np.float64)  # null (impressions only) -> NaN
+    query = hist & (engaged_ts < cut_ms)  # a label's item is never its own query
+    recent = QH.query_items(local[users[query]], items[query],
+                            engaged_ts[query].astype(np.int64), len(mine), cfg["history_len"])
     lab = label & (local[users] >= 0)
     labels = pd.DataFrame({"user_row": users[lab], "item": items[lab]})
     return Requests(mine, history, recent, labels, popularity, int(before.sum()),

@@ -1,10 +1,13 @@
 """Training of the session sequence model (SASRec-style, PyTorch) and its export.
 
 The formulas are those of :mod:`tandem.sequence` (the numpy runtime serving runs). Training
-examples are users' positively engaged items in time order, cut from the newest end into rows of
-``max_len + 1`` items (at most ``max_chunks_per_user`` rows per user, at most ``max_sequences``
-rows in all, a seeded sample): position ``t`` of a row's first ``max_len`` items predicts item
-``t + 1``, so one row teaches every prefix at once (causal attention).
+examples are users' engaged items in time order -- the items a query history holds
+(``tandem.query_history``: serving asks the model with the session's engaged items, so it learns
+from the same kind of sequence) -- cut from the newest end into rows of ``max_len + 1`` items
+(at most ``max_chunks_per_user`` rows per user, at most ``max_sequences`` rows in all, a seeded
+sample): position ``t`` of a row's first ``max_len`` items predicts item ``t + 1`` when that item
+is a POSITIVE engagement (what retrieval should find), so one row teaches every prefix at once
+(causal attention) and an engaged-but-not-positive item is context, never a target.
 
 Loss: sampled softmax of the true next item against ``n_negatives`` uniform catalog items shared
 by the batch (uniform negatives need no logQ correction: their log-probability is a constant);
@@ -59,16 +62,19 @@ class SequenceConfig:
     show_progress: bool = False
 
 
-def training_rows(users: np.ndarray, items: np.ndarray, ts: np.ndarray, cfg: SequenceConfig
-                  ) -> np.ndarray:
-    """int32 ``[r, max_len + 1]`` chronological rows, newest item last, ``PAD`` on the left.
+def training_rows(users: np.ndarray, items: np.ndarray, ts: np.ndarray, cfg: SequenceConfig,
+                  positive: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 ``[r, max_len + 1]`` chronological rows, newest item last, ``PAD`` on the left;
+    bool ``[r, max_len + 1]``, the slots holding a positive: the targets).
 
     Each user's items sorted by (ts, item) are cut from the newest end into chunks of
-    ``max_len + 1``; chunks with fewer than 2 items teach nothing and are dropped.
+    ``max_len + 1``; chunks without a positive after their first item teach nothing and are
+    dropped. ``positive`` [n] flags the positive engagements (None: every item is one).
     """
     width = cfg.max_len + 1
+    positive = np.ones(len(items), bool) if positive is None else np.asarray(positive, bool)
     order = np.lexsort((items, ts, users))
-    u, it = users[order], items[order]
+    u, it, pos_sorted = users[order], items[order], positive[order]
     starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1] if len(u) else np.zeros(0, np.int64)
     lengths = np.diff(np.r_[starts, len(u)])
     from_end = np.repeat(starts + lengths, lengths) - 1 - np.arange(len(u))  # 0 = newest
@@ -77,12 +83,17 @@ def training_rows(users: np.ndarray, items: np.ndarray, ts: np.ndarray, cfg: Seq
     key = u[keep].astype(np.int64) * cfg.max_chunks_per_user + chunk[keep]
     row_keys, row = np.unique(key, return_inverse=True)
     out = np.full((len(row_keys), width), PAD, dtype=np.int32)
-    out[row, width - 1 - from_end[keep] % width] = it[keep]
-    out = out[(out >= 0).sum(1) >= 2]
+    target = np.zeros((len(row_keys), width), dtype=bool)
+    slot = width - 1 - from_end[keep] % width
+    out[row, slot] = it[keep]
+    target[row, slot] = pos_sorted[keep]
+    useful = (target[:, 1:] & (out[:, :-1] >= 0)).any(axis=1)
+    out, target = out[useful], target[useful]
     if len(out) > cfg.max_sequences:
         rng = np.random.default_rng(cfg.random_state)
-        out = out[np.sort(rng.choice(len(out), size=cfg.max_sequences, replace=False))]
-    return out
+        pick = np.sort(rng.choice(len(out), size=cfg.max_sequences, replace=False))
+        out, target = out[pick], target[pick]
+    return out, target
 
 
 class _SASRec(nn.Module):
@@ -170,12 +181,12 @@ class SequenceModel:
         return {"item_vectors": vec_path, "model": model_path}
 
 
-def _batch_loss(net: _SASRec, rows: torch.Tensor, n_items: int, n_neg: int,
-                gen: torch.Generator) -> torch.Tensor:
-    """Sampled-softmax loss of the next item at every position with a target."""
+def _batch_loss(net: _SASRec, rows: torch.Tensor, is_target: torch.Tensor, n_items: int,
+                n_neg: int, gen: torch.Generator) -> torch.Tensor:
+    """Sampled-softmax loss of the next item at every position whose next item is a positive."""
     h = net(rows[:, :-1])
     target = rows[:, 1:]
-    has = (target >= 0) & (rows[:, :-1] >= 0)
+    has = is_target[:, 1:] & (rows[:, :-1] >= 0)
     h, target = h[has], target[has].long()
     negatives = torch.randint(0, n_items, (n_neg,), generator=gen)
     emb = net.item_emb.weight
@@ -186,21 +197,25 @@ def _batch_loss(net: _SASRec, rows: torch.Tensor, n_items: int, n_neg: int,
 
 
 def train_sequence(users: np.ndarray, items: np.ndarray, ts: np.ndarray, n_items: int,
-                   cfg: SequenceConfig | None = None) -> SequenceModel:
-    """Train on positive interactions ``(users, items, ts)`` (int arrays ``[n]``, items are
-    catalog rows ``< n_items``, ts any sortable time)."""
+                   cfg: SequenceConfig | None = None, positive: np.ndarray | None = None
+                   ) -> SequenceModel:
+    """Train on engaged interactions ``(users, items, ts)`` (int arrays ``[n]``, one per
+    distinct (user, item), items are catalog rows ``< n_items``, ts any sortable time);
+    ``positive`` [n] flags the ones that are targets (None: all)."""
     cfg = cfg or SequenceConfig()
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.random_state)
     gen = torch.Generator().manual_seed(cfg.random_state)
     rng = np.random.default_rng(cfg.random_state)
-    rows = torch.from_numpy(training_rows(np.asarray(users, np.int64),
-                                          np.asarray(items, np.int64), np.asarray(ts), cfg))
+    rows_np, target_np = training_rows(np.asarray(users, np.int64), np.asarray(items, np.int64),
+                                       np.asarray(ts), cfg, positive)
+    rows, is_target = torch.from_numpy(rows_np), torch.from_numpy(target_np)
     net = _SASRec(n_items, cfg)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_neg = min(cfg.n_negatives, n_items)
     net.train()
     losses = fit_minibatches(opt, len(rows), cfg.epochs if len(rows) else 0, cfg.batch_size, rng,
-                             lambda idx: _batch_loss(net, rows[idx], n_items, n_neg, gen),
+                             lambda idx: _batch_loss(net, rows[idx], is_target[idx], n_items,
+                                                     n_neg, gen),
                              "sequence" if cfg.show_progress else None)
     return SequenceModel(net, cfg, losses, len(rows))

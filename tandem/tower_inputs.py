@@ -1,5 +1,6 @@
-"""What the two-tower model trains on, in the bundle's order: the run's positive pairs, the
-catalog's content columns and the users' profile columns, read with pyarrow; and the fit itself.
+"""What the two-tower model trains on, in the bundle's order: the run's positive pairs (the
+targets), its engaged pairs (the query histories), the catalog's content columns and the users'
+profile columns, read with pyarrow; and the fit itself.
 
 Shared by the nightly trainer (``jobs/train_two_tower.py``) and the tuning study
 (``jobs/tune.py``), so a trial trains exactly the model the trainer will, on fewer pairs.
@@ -16,7 +17,7 @@ import pyarrow.dataset as ds
 
 from tandem import schema as s
 from tandem.config import Paths
-from tandem.lake import ITEM_IDX, POSITIVE_TS, USER_IDX, TrainingTable, epoch_ms
+from tandem.lake import ENGAGED_TS, ITEM_IDX, POSITIVE_TS, USER_IDX, TrainingTable, epoch_ms
 from tandem.tower_features import ItemContentSpec, UserFeatureSpec
 
 TRAIN_CONFIG: dict[str, Any] = {
@@ -33,6 +34,14 @@ def positive_pairs(table: TrainingTable) -> pd.DataFrame:
     cols = table.interactions([USER_IDX, ITEM_IDX, POSITIVE_TS], positives_only=True)
     return pd.DataFrame({"user_idx": cols[USER_IDX], "item_idx": cols[ITEM_IDX],
                          "ts": cols[POSITIVE_TS]})
+
+
+def engaged_pairs(table: TrainingTable) -> pd.DataFrame:
+    """(user_idx, item_idx, ts) of the table's engaged pairs (ts = the first engagement): what
+    the query histories are made of (``tandem.query_history``)."""
+    cols = table.interactions([USER_IDX, ITEM_IDX, ENGAGED_TS], engaged_only=True)
+    return pd.DataFrame({"user_idx": cols[USER_IDX], "item_idx": cols[ITEM_IDX],
+                         "ts": cols[ENGAGED_TS]})
 
 
 def catalog_frames(paths: Paths, end: datetime, table: TrainingTable,
@@ -54,9 +63,11 @@ def catalog_frames(paths: Paths, end: datetime, table: TrainingTable,
 
 
 def fit_tower(pairs: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame,
-              cfg: dict[str, Any]):
+              cfg: dict[str, Any], history: pd.DataFrame | None = None):
     """Train on the positive pairs and return the model (``tandem.two_tower.TwoTowerModel``);
-    ``cfg`` is :data:`TRAIN_CONFIG`-shaped (``two_tower``: TwoTowerConfig overrides)."""
+    ``cfg`` is :data:`TRAIN_CONFIG`-shaped (``two_tower``: TwoTowerConfig overrides);
+    ``history``: the engaged pairs the query histories come from (:func:`engaged_pairs`; None:
+    the positive pairs themselves)."""
     from tandem.two_tower import TwoTowerConfig, train_two_tower
 
     genres = [g if isinstance(g, (list, np.ndarray)) else [] for g in items[s.GENRES]]
@@ -66,4 +77,4 @@ def fit_tower(pairs: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame,
     user_spec = UserFeatureSpec.fit(users, fields)
     return train_two_tower(pairs, content, user_spec.encode(users.reset_index()),
                            TwoTowerConfig(**cfg["two_tower"]), n_users=len(users),
-                           item_spec=item_spec, user_spec=user_spec)
+                           item_spec=item_spec, user_spec=user_spec, history=history)

@@ -168,6 +168,8 @@ class ValidationSplit:
     train : float32 CSR [m, n_items], ALS weight of each pair seen before ``val_cut``
     seen : float32 CSR [m, n_items], 1 for every pair seen before ``val_cut`` (never recommended)
     positives : DataFrame (user_idx: local row, item_idx, ts) of pairs positive before ``val_cut``
+    engaged : DataFrame, same columns, of pairs engaged before ``val_cut`` (ts: first engagement):
+        the query histories (``tandem.query_history``), as the nightly two-tower trains
     val_rows : int64 [v], local rows of the validation users
     relevant : DataFrame (user_id: local row, item_id: item row) of the validation labels
     """
@@ -176,6 +178,7 @@ class ValidationSplit:
     train: sp.csr_matrix
     seen: sp.csr_matrix
     positives: pd.DataFrame
+    engaged: pd.DataFrame
     val_rows: np.ndarray
     relevant: pd.DataFrame
     val_cut_ms: int
@@ -188,7 +191,8 @@ def validation_split(table: L.TrainingTable, start_ms: int, cut_ms: int,
     ``max_val_users`` with a validation label and a pre-``val_cut`` pair, plus other users up to
     ``max_fit_users`` in all."""
     val_cut = int(cut_ms - (cut_ms - start_ms) * settings.val_fraction)
-    cols = table.interactions([L.USER_IDX, L.ITEM_IDX, L.WEIGHT, L.FIRST_TS, L.POSITIVE_TS])
+    cols = table.interactions([L.USER_IDX, L.ITEM_IDX, L.WEIGHT, L.FIRST_TS, L.POSITIVE_TS,
+                               L.ENGAGED_TS])
     users, items = cols[L.USER_IDX].astype(np.int64), cols[L.ITEM_IDX].astype(np.int64)
     positive_ts = cols[L.POSITIVE_TS].astype(np.float64)  # null -> NaN
     label = (positive_ts >= val_cut) & (positive_ts < cut_ms)
@@ -214,9 +218,14 @@ def validation_split(table: L.TrainingTable, start_ms: int, cut_ms: int,
     pos = keep & (positive_ts < val_cut)
     positives = pd.DataFrame({"user_idx": local[users[pos]], "item_idx": items[pos],
                               "ts": positive_ts[pos].astype(np.int64)})
+    engaged_ts = cols[L.ENGAGED_TS].astype(np.float64)  # null -> NaN
+    eng = keep & (engaged_ts < val_cut)
+    engaged = pd.DataFrame({"user_idx": local[users[eng]], "item_idx": items[eng],
+                            "ts": engaged_ts[eng].astype(np.int64)})
     lab = label & np.isin(users, val)
     relevant = pd.DataFrame({M.USER: local[users[lab]], M.ITEM: items[lab]})
-    return ValidationSplit(fit, train, seen, positives, local[val], relevant, val_cut, cut_ms)
+    return ValidationSplit(fit, train, seen, positives, engaged, local[val], relevant, val_cut,
+                           cut_ms)
 
 
 def retrieval_ndcg(user_vectors: np.ndarray, item_vectors: np.ndarray, seen: sp.csr_matrix,
@@ -252,14 +261,17 @@ def als_objective(split: ValidationSplit, base: Mapping[str, Any]
 def two_tower_objective(split: ValidationSplit, items: pd.DataFrame, users: pd.DataFrame,
                         base: Mapping[str, Any]) -> Callable[[dict[str, Any]], float]:
     """A trial: train the towers (``tandem.tower_inputs.fit_tower``) on the sample's positives
-    before ``val_cut``; a validation user's vector comes from their profile and those items."""
+    before ``val_cut``, with their engaged pairs as query histories (as the nightly trainer);
+    a validation user's vector comes from their profile and their query history at
+    ``val_cut``."""
     from tandem.tower_inputs import fit_tower
 
     sample_users = users.iloc[split.users]
 
     def objective(params: dict[str, Any]) -> float:
         model = fit_tower(split.positives, items, sample_users,
-                          {**base, "two_tower": {**base["two_tower"], **params}})
+                          {**base, "two_tower": {**base["two_tower"], **params}},
+                          history=split.engaged)
         vectors = model.user_vectors(model.user_feats[split.val_rows],
                                      model.histories[split.val_rows])
         return retrieval_ndcg(vectors, model.item_vectors(), split.seen, split.val_rows,

@@ -15,8 +15,10 @@ RecSys 2019): ``log(batch_size * q_item)`` for in-batch columns, with ``q_item``
 of training positives, and ``log(n_sampled / n_items)`` for the uniform columns. Accidental hits
 (the positive appearing as a negative) are masked.
 
-Each training example is one interaction (user, item, ts): the target is the item and the
-history is the user's ``history_len`` previous items (by ts), so the model learns "next item".
+Each training example is one positive interaction (user, item, ts): the target is the item and
+the history is the user's query history at ``ts`` (``tandem.query_history``: the last
+``history_len`` distinct items engaged with before ``ts``, the target itself left out) -- the
+items serving's user tower pools -- so the model learns "next item" from what it is served.
 
 Serving never imports this module: :meth:`TwoTowerModel.export` writes the item vectors and the
 tower weights that ``tandem.user_tower`` runs with numpy alone.
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tandem import query_history as QH
 from tandem.bundle import TT_ITEM_VECTORS, TT_USER_TOWER
 from tandem.tower_features import ItemContentSpec, UserFeatureSpec
 
@@ -72,42 +75,6 @@ class TwoTowerConfig:
     num_threads: int = 2
     random_state: int = 0
     show_progress: bool = False
-
-
-def recent_histories(users: np.ndarray, items: np.ndarray, ts: np.ndarray, history_len: int,
-                     n_users: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-interaction histories and per-user last items, newest first, padded with ``PAD``.
-
-    Parameters
-    ----------
-    users, items, ts : int arrays ``[n]``, one interaction per position
-    history_len : N, the number of previous items kept
-    n_users : rows of the per-user output (default ``users.max() + 1``)
-
-    Returns
-    -------
-    before : int32 ``[n, N]`` — row ``r`` holds the N items the same user had strictly before
-        interaction ``r`` in (ts, item) order, aligned with the INPUT order
-    last : int32 ``[n_users, N]`` — each user's N most recent items overall (a serving history)
-    """
-    n_users = int(users.max()) + 1 if n_users is None else n_users
-    order = np.lexsort((items, ts, users))
-    u, it = users[order], items[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1] if len(u) else np.zeros(0, np.int64)
-    lengths = np.diff(np.r_[starts, len(u)])
-    pos = np.arange(len(u)) - np.repeat(starts, lengths)
-    # int32: item rows fit (< 2**31) and a 5M-user history table stays 400 MB, not 800 MB
-    sorted_before = np.full((len(u), history_len), PAD, dtype=np.int32)
-    last = np.full((n_users, history_len), PAD, dtype=np.int32)
-    ends = starts + lengths  # one past each user's last interaction
-    for k in range(1, history_len + 1):
-        ok = pos >= k
-        sorted_before[ok, k - 1] = it[np.flatnonzero(ok) - k]
-        has = lengths >= k
-        last[u[starts[has]], k - 1] = it[ends[has] - k]
-    before = np.empty_like(sorted_before)
-    before[order] = sorted_before
-    return before, last
 
 
 class _Towers(nn.Module):
@@ -282,7 +249,8 @@ def fit_minibatches(opt: torch.optim.Optimizer, n_rows: int, epochs: int, batch_
 def train_two_tower(interactions: pd.DataFrame, item_content: np.ndarray,
                     user_feats: np.ndarray | None = None, cfg: TwoTowerConfig | None = None,
                     n_users: int | None = None, item_spec: ItemContentSpec | None = None,
-                    user_spec: UserFeatureSpec | None = None) -> TwoTowerModel:
+                    user_spec: UserFeatureSpec | None = None,
+                    history: pd.DataFrame | None = None) -> TwoTowerModel:
     """Train both towers on positive interactions.
 
     Parameters
@@ -294,6 +262,9 @@ def train_two_tower(interactions: pd.DataFrame, item_content: np.ndarray,
     cfg : hyper-parameters (defaults if None)
     n_users : number of users (default: ``user_feats`` rows, else ``user_idx.max() + 1``)
     item_spec, user_spec : featurisers to save with the export (optional)
+    history : DataFrame (``user_idx``, ``item_idx``, ``ts``) of the users' engaged pairs, one
+        row per pair at its first engagement, the query histories come from; None: the
+        interactions themselves (data where every engagement is a positive)
 
     Returns
     -------
@@ -314,7 +285,11 @@ def train_two_tower(interactions: pd.DataFrame, item_content: np.ndarray,
     if user_feats is None:
         user_feats = np.zeros((n_users, 0), dtype=np.float32)
     user_feats = np.ascontiguousarray(user_feats, dtype=np.float32)
-    before, last = recent_histories(users, items, ts, cfg.history_len, n_users)
+    hist = interactions if history is None else history
+    h_users, h_items = hist["user_idx"].to_numpy(np.int64), hist["item_idx"].to_numpy(np.int64)
+    h_ts = hist["ts"].to_numpy(np.int64)
+    before = QH.histories_before(h_users, h_items, h_ts, users, items, ts, cfg.history_len)
+    last = QH.query_items(h_users, h_items, h_ts, n_users, cfg.history_len)
     counts = np.bincount(items, minlength=n_items)
     log_q = torch.from_numpy(np.log(np.maximum(counts, 1) / len(items)).astype(np.float32))
 

@@ -25,16 +25,18 @@ def _table(root, n_users=40, n_items=6) -> L.TrainingTable:
         pq.write_table(pa.table(cols), root / folder / "part-0.parquet")
     rows = []
     for u in range(n_users):
-        rows += [(u, 0, 2.0, 10, 20, 10), (u, 1, 0.0, 30, 30, None), (u, 3, 1.0, 500, 1500, 1500)]
+        rows += [(u, 0, 2.0, 10, 20, 10, 10), (u, 1, 0.0, 30, 30, None, None),
+                 (u, 3, 1.0, 500, 1500, 1500, 1500)]
         if u % 2 == 0:
-            rows.append((u, 2, 3.0, 1200, 1300, 1200))
+            rows.append((u, 2, 3.0, 1200, 1300, 1200, 1200))
     cols = list(zip(*rows, strict=True))
     table = pa.table({L.USER_IDX: pa.array(cols[0], pa.int32()),
                       L.ITEM_IDX: pa.array(cols[1], pa.int32()),
                       L.WEIGHT: pa.array(cols[2], pa.float32()),
                       L.FIRST_TS: pa.array(cols[3], pa.int64()),
                       S.TS: pa.array(cols[4], pa.int64()),
-                      L.POSITIVE_TS: pa.array(cols[5], pa.int64())})
+                      L.POSITIVE_TS: pa.array(cols[5], pa.int64()),
+                      L.ENGAGED_TS: pa.array(cols[6], pa.int64())})
     (root / L.INTERACTIONS_DIR).mkdir()
     pq.write_table(table, root / L.INTERACTIONS_DIR / "part-0.parquet")
     return L.TrainingTable(root)
@@ -58,7 +60,7 @@ def test_requests_split_users_at_the_cut(tmp_path):
     dense = ranker.history.toarray()
     assert (dense[:, 0] == 2.0).all() and (dense[:, 2:] == 0).all()
     assert ranker.history.nnz == 2 * len(ranker.user_rows)  # the shown item is stored (seen)
-    # the tower's history: pre-cut positives only, newest first
+    # the query history (tower, sequence): items engaged before the cut, newest first
     assert (ranker.recent[:, 0] == 0).all() and (ranker.recent[:, 1:] == -1).all()
     np.testing.assert_array_equal(ranker.popularity, [40, 40, 0, 0, 0, 0])
     # a cap samples the users (seeded: the same sample every run)

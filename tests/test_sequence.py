@@ -36,10 +36,28 @@ def test_training_rows_cut_users_from_their_newest_item():
     users = np.array([0] * 7 + [1])
     items = np.array([16, 10, 11, 12, 13, 14, 15, 5])
     ts = np.array([6, 0, 1, 2, 3, 4, 5, 0])
-    rows = training_rows(users, items, ts, cfg)
+    rows, targets = training_rows(users, items, ts, cfg)
     assert rows.tolist() == [[13, 14, 15, 16], [PAD, 10, 11, 12]]  # newest chunk first
+    assert (targets == (rows >= 0)).all()  # every item a positive: every item a target
     assert training_rows(users, items, ts, SequenceConfig(max_len=3, max_chunks_per_user=1)
-                         ).tolist() == [[13, 14, 15, 16]]
+                         )[0].tolist() == [[13, 14, 15, 16]]
+
+
+def test_engaged_items_are_context_and_only_positives_are_targets():
+    """The rows hold every engaged item (the query history serving asks with); only positive
+    ones are predicted, and a chunk with no positive to predict is dropped."""
+    cfg = SequenceConfig(max_len=3, max_chunks_per_user=2)
+    users = np.zeros(7, np.int64)
+    items, ts = np.arange(10, 17), np.arange(7)
+    positive = np.array([1, 1, 0, 0, 1, 0, 1], bool)  # 12, 13, 15 engaged, not positive
+    rows, targets = training_rows(users, items, ts, cfg, positive)
+    assert rows.tolist() == [[13, 14, 15, 16], [PAD, 10, 11, 12]]
+    assert targets.tolist() == [[False, True, False, True], [False, True, True, False]]
+    only_context = np.array([1, 1, 1, 0, 0, 0, 1], bool)  # old chunk's targets are 10, 11
+    rows, _ = training_rows(users, items, ts, cfg, only_context)
+    assert len(rows) == 2
+    none_later = np.array([1, 0, 0, 0, 0, 0, 0], bool)  # 10 is first: never a target
+    assert len(training_rows(users, items, ts, cfg, none_later)[0]) == 0
 
 
 def test_learns_the_next_item_far_above_chance(model):
@@ -87,7 +105,8 @@ def test_histories_are_right_aligned_and_short_ones_padded(model, tmp_path):
 
 def _write_table(paths, run_id: str, users, items, ts) -> None:
     """A training table as jobs/build_training_table writes it (the columns the job reads),
-    plus one impression-only pair (positive_ts null) that must not enter a sequence."""
+    plus one impression-only pair (positive_ts and engaged_ts null) that must not enter a
+    sequence."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -103,7 +122,8 @@ def _write_table(paths, run_id: str, users, items, ts) -> None:
         L.INTERACTIONS_DIR: pa.table({
             L.USER_IDX: pa.array([*users, 0], pa.int32()),
             L.ITEM_IDX: pa.array([*items, 0], pa.int32()),
-            L.POSITIVE_TS: pa.array([*(1000 * t for t in ts), None], pa.int64())}),
+            L.POSITIVE_TS: pa.array([*(1000 * t for t in ts), None], pa.int64()),
+            L.ENGAGED_TS: pa.array([*(1000 * t for t in ts), None], pa.int64())}),
     }.items():
         (root / folder).mkdir(parents=True)
         pq.write_table(table, root / folder / "part-0.parquet")

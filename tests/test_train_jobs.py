@@ -87,9 +87,17 @@ def test_training_table_is_int_coded_in_catalog_order(spark, paths):
         got = frame[(frame["user"] == event[S.USER_ID]) & (frame["item"] == event[S.ITEM_ID])]
         assert got[L.WEIGHT].tolist() == pytest.approx([weight])
         assert got[L.POSITIVE_TS].tolist() == [event[S.TS]] == got[S.TS].tolist()
-    # impression-only pairs: no weight, not positive
+        assert got[L.ENGAGED_TS].tolist() == [event[S.TS]]
+    # impression-only pairs: no weight, not positive, never in a query history
     shown = frame[frame[L.WEIGHT] == 0]
     assert len(shown) == shown_only and shown[L.POSITIVE_TS].isna().all()
+    assert shown[L.ENGAGED_TS].isna().all()
+    # an engaged pair's first engagement is its first non-impression event
+    engaged = events[events[S.EVENT_TYPE] != S.IMPRESSION]
+    first = engaged.groupby([S.USER_ID, S.ITEM_ID])[S.TS].min()
+    got = frame.dropna(subset=[L.ENGAGED_TS]).set_index(["user", "item"])[L.ENGAGED_TS]
+    assert len(got) == len(first) == 120
+    assert got.sort_index().astype(np.int64).tolist() == first.sort_index().tolist()
     # co-occurrence: each item's 3 best neighbours of the full matrix, same values
     seen = sp.csr_matrix((np.ones(len(frame)), (cols[L.USER_IDX], cols[L.ITEM_IDX])),
                          shape=(24, 12))

@@ -110,7 +110,9 @@ def write_table(root, pairs: list[tuple], n_users: int, n_items: int) -> L.Train
                 L.ITEM_IDX: pa.array([p[1] for p in pairs], pa.int32()),
                 L.WEIGHT: pa.array([p[2] for p in pairs], pa.float32()),
                 L.FIRST_TS: pa.array([p[3] for p in pairs], pa.int64()),
-                L.POSITIVE_TS: pa.array([p[4] for p in pairs], pa.int64())}))):
+                L.POSITIVE_TS: pa.array([p[4] for p in pairs], pa.int64()),
+                # every pair engaged at its first event (an impression-only pair would be null)
+                L.ENGAGED_TS: pa.array([p[3] for p in pairs], pa.int64())}))):
         (root / folder).mkdir(parents=True)
         pq.write_table(table, root / folder / "part-0.parquet")
     return L.TrainingTable(root)
@@ -142,6 +144,9 @@ def test_validation_split_holds_out_the_tail_before_the_cut(tmp_path):
     assert sorted(users[split.val_rows]) == [0, 3]
     assert sorted(zip(split.positives["user_idx"].map(lambda r: users[r]),
                       split.positives["item_idx"], strict=True)) == [(0, 0), (3, 1)]
+    # the query histories: every pre-val_cut pair that is no label, positive or not
+    assert sorted(zip(split.engaged["user_idx"].map(lambda r: users[r]),
+                      split.engaged["item_idx"], strict=True)) == [(0, 0), (1, 0), (3, 1)]
 
 
 def test_tune_job_reuses_the_last_study_between_study_nights(paths):

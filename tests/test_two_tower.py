@@ -23,7 +23,7 @@ from tandem.ann import AnnIndex
 from tandem.bundle import INDEX_ALS, INDEX_MAIN, ITEMS, TT_ITEM_VECTORS, TT_USER_TOWER
 from tandem.landing import write_events_parquet, write_items, write_users
 from tandem.tower_features import ItemContentSpec, UserFeatureSpec
-from tandem.two_tower import PAD, TwoTowerConfig, recent_histories, train_two_tower
+from tandem.two_tower import PAD, TwoTowerConfig, train_two_tower
 from tandem.user_tower import QUERY_SAMPLE, UserTower
 
 G, PER_GENRE, N_USERS, PER_USER, HELD_OUT = 6, 20, 90, 14, 3
@@ -57,15 +57,6 @@ def trained():
     model = train_two_tower(train, content, uspec.encode(users), CFG, item_spec=spec,
                             user_spec=uspec)
     return model, frame, train, content, uspec.encode(users), fav
-
-
-def test_recent_histories_newest_first_and_strictly_before():
-    users = np.array([1, 0, 1, 1, 0])
-    items = np.array([10, 20, 11, 12, 21])
-    ts = np.array([5, 1, 6, 7, 2])
-    before, last = recent_histories(users, items, ts, history_len=2, n_users=3)
-    np.testing.assert_array_equal(before, [[PAD, PAD], [PAD, PAD], [10, PAD], [11, 10], [20, PAD]])
-    np.testing.assert_array_equal(last, [[21, 20], [12, 11], [PAD, PAD]])
 
 
 def test_item_content_and_user_features_encode_to_fixed_slots():
