@@ -69,7 +69,7 @@ class ReportConfig:
     """Knobs of :func:`run`: where reports go and how engagements are attributed."""
 
     out_dir: Path = field(default_factory=defs.reports_dir)
-    attribution_window: timedelta = timedelta(minutes=30)
+    attribution_window: timedelta = defs.ATTRIBUTION_WINDOW  # shared with the canary's stream read
     alpha: float = 0.05
 
 

@@ -24,7 +24,6 @@ def test_no_import_errors(dagbag):
     ("tandem_daily", ["negative_sampling", "build_training_table", "tune", "train_als",
                       "train_two_tower", "train_sequence", "build_index", "train_ranker",
                       "evaluate", "feature_skew", "register_bundle", "promote"]),
-    ("tandem_experiments", ["experiment_report", "canary"]),
 ])
 def test_chain_order_and_settings(dagbag, dag_id, tasks):
     dag = dagbag.dags[dag_id]
@@ -32,6 +31,17 @@ def test_chain_order_and_settings(dagbag, dag_id, tasks):
     assert order == tasks  # a straight chain, so the topological order is unique (no cycles)
     for task in dag.tasks:
         assert task.retries >= 1 and task.execution_timeout is not None
+    assert dag.catchup is False
+
+
+def test_experiment_tasks_are_independent(dagbag):
+    """The canary reads the stream and serving's metrics, not the report: a failed or late
+    report never holds a canary step back."""
+    dag = dagbag.dags["tandem_experiments"]
+    assert {t.task_id for t in dag.tasks} == {"experiment_report", "canary"}
+    for task in dag.tasks:
+        assert not task.upstream_task_ids and task.retries >= 1
+        assert task.execution_timeout is not None
     assert dag.catchup is False
 
 

@@ -92,5 +92,12 @@ def test_closed_loop_lands_what_was_sent(tmp_path):
     assert not out["srm_mismatch"] and out["srm_p_value"] > 0.001
     assert out["shadow"]["scored"] + out["shadow"]["dropped"] == cfg.requests
     assert out["shadow"]["overlap_at_k_mean"] is not None
+    # the canary's look read serving's impressions and the users' clicks back from the stream:
+    # the same numbers the lake report counted
+    look = out["canary_look"]
+    assert look["stream"]["complete"] and look["stream"]["skipped"] == {}
+    assert look["stream"]["impressions"] == out["served_impressions"]
+    assert look["stream"]["clicks"] == {v: m["clicks"] for v, m in out["variants"].items()}
+    assert look["error_rate"] == 0.0 and look["p99_ms"] > 0
     report = json.loads((tmp_path / "reports" / "experiment_closed-loop.json").read_text())
     assert report["srm"]["users"] == {v: m["users"] for v, m in out["variants"].items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 
 import numpy as np
@@ -17,7 +16,9 @@ DEF = {"name": "ranker-v8", "salt": "s1", "start": "2026-11-01T00:00:00+00:00",
        "variants": [{"name": "control", "alias": "champion", "weight": 1},
                     {"name": "treatment", "alias": "challenger", "weight": 1},
                     {"name": "shadow", "alias": "challenger", "shadow": True}],
-       "canary": {"variant": "treatment", "ramp": [0.01, 0.05, 0.25, 0.5], "step": 1}}
+       "canary": {"variant": "treatment", "ramp": [0.01, 0.05, 0.25, 0.5], "step": 1,
+                  "step_started": "2026-11-03T00:00:00+00:00",
+                  "baseline": {"treatment": {"errors": 2, "buckets": {"0.01": 9.0, "+Inf": 10.0}}}}}
 
 
 def test_definition_round_trip_and_canary_traffic(tmp_path):
@@ -25,7 +26,7 @@ def test_definition_round_trip_and_canary_traffic(tmp_path):
     d = defs.Definition.from_dict(DEF)
     defs.save(path, [d])
     (back,) = defs.load(path)
-    assert back == d
+    assert back == d and back.canary.step_started == datetime(2026, 11, 3, tzinfo=UTC)
     assert back.weights() == pytest.approx({"treatment": 0.05, "control": 0.95})
     split = back.to_ab()
     assert [v.name for v in split.variants] == ["treatment", "control"]  # canary first
@@ -61,7 +62,8 @@ def _arm(ctr: float, n: int = 3000, errors: int = 0, p99: float = 30.0, seed: in
 ])
 def test_canary_decisions(challenger, status, reason):
     c = defs.Canary("treatment", step=1)
-    out = decide(c, defs.Guardrails(), _arm(0.1), _arm(**challenger))
+    at, counters = datetime(2026, 11, 5, tzinfo=UTC), {"treatment": {"errors": 1, "buckets": {}}}
+    out = decide(c, defs.Guardrails(), _arm(0.1), _arm(**challenger), now=at, counters=counters)
     assert out.status == status
     assert reason in out.history[-1]["reason"]
     if status == defs.ROLLED_BACK:
@@ -70,6 +72,10 @@ def test_canary_decisions(challenger, status, reason):
         assert out.step == 1
     else:
         assert out.step == 2 and out.share == 0.25
+        # the next step is judged from now on: its start and the counters' baseline
+        assert out.step_started == at and out.baseline == counters
+    if out.step == 1:  # no new step: the old start and baseline stay
+        assert out.step_started is None and out.baseline == {}
 
 
 def test_canary_finishes_and_stays_put():
@@ -77,34 +83,3 @@ def test_canary_finishes_and_stays_put():
     done = decide(c, defs.Guardrails(), _arm(0.1), _arm(0.1, seed=2))
     assert done.status == defs.DONE and done.share == 0.5
     assert decide(done, defs.Guardrails(), _arm(0.1), _arm(0.01)) == done
-
-
-def test_canary_task_reads_serving_metrics_and_the_report(tmp_path):
-    """Prometheus text -> (requests, errors, p99) per variant; a report's moments -> a step."""
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-
-    from tandem.experiments.canary_task import serving_health, step_all
-
-    reg = CollectorRegistry()
-    seconds = Histogram("tandem_variant_seconds", "", ["experiment", "variant"],
-                        buckets=(0.01, 0.05, 0.2), registry=reg)
-    errors = Counter("tandem_variant_errors", "", ["experiment", "variant"], registry=reg)
-    for _ in range(95):
-        seconds.labels("e", "treatment").observe(0.005)
-    for _ in range(5):
-        seconds.labels("e", "treatment").observe(0.1)  # 5% of requests in (0.05, 0.2]
-    errors.labels("e", "treatment").inc(3)
-    seconds.labels("other", "treatment").observe(1.0)  # another experiment: ignored
-    health = serving_health(generate_latest(reg).decode(), "e")
-    assert health == {"treatment": (100, 3, 200.0)}  # p99 falls in the 200 ms bucket
-
-    path = tmp_path / "experiments.json"
-    d = defs.Definition.from_dict({**DEF, "name": "e"})
-    defs.save(path, [d])
-    arm = {"n": 3000, "sx": 60000.0, "sy": 6000.0, "sxx": 1.5e6, "syy": 15000.0,
-           "sxy": 150000.0}
-    (tmp_path / "experiment_e.json").write_text(json.dumps(
-        {"moments": {"control": {"ctr": arm}, "treatment": {"ctr": arm}}}))
-    (changed,) = step_all(path, tmp_path, generate_latest(reg).decode())
-    assert changed["status"] == defs.ROLLED_BACK and "error rate 0.0300" in changed["reason"]
-    assert defs.load(path)[0].canary.status == defs.ROLLED_BACK

@@ -5,14 +5,17 @@ One run, all on loopback, every component for real:
 
 1. a ``tandem.world`` world and a synthetic bundle over the same ids (``u<i>``, ``i<j>``);
    a definitions file with an A/B of two serving configs (``control``: the default MMR,
-   ``treatment``: ``mmr_lambda`` 0.3) plus a shadow variant scoring off the hot path;
+   ``treatment``: ``mmr_lambda`` 0.3, a canary at its first ramp step of 50%, so the split is
+   an even A/B) plus a shadow variant scoring off the hot path;
 2. the tansu broker, the landing consumer and ``python -m serving.server`` (its Kafka impression
    sink, ``--experiments-file``, a Prometheus port) as their own processes;
 3. ``requests`` gRPC calls for world users; :meth:`World.respond` (the world's click model)
    answers each returned slate and the engagements are produced to Kafka with the served
    ``request_id`` (serving itself logs the impressions);
-4. once the landing consumer has landed everything sent, ``jobs.ingest_events`` (landing ->
-   lake) and ``jobs.experiment_report`` run as processes, the way the DAGs run them.
+4. once the landing consumer has landed everything sent, the canary task looks once (CTR read
+   back from the stream, error rate and p99 from serving's ``/metrics``: the ``canary_look``
+   block; its decision is not applied), then ``jobs.ingest_events`` (landing -> lake) and
+   ``jobs.experiment_report`` run as processes, the way the DAGs run them.
 
 It returns the ``closed_loop`` block of ``reports/experiment.json``: what was sent, what landed
 in the lake (``lost`` = sent - landed), the report's per-variant CTR and SRM check, and the
@@ -47,12 +50,13 @@ from tandem import processes
 from tandem import schema as s
 from tandem import synthetic_bundle as S
 from tandem.config import REPO_ROOT, Paths
+from tandem.experiments import canary_task
 from tandem.experiments.definitions import Definition, definitions_path, save
 from tandem.grpc_channel import channel, wait_serving
 from tandem.landing import event_records, write_items
 from tandem.streaming.broker import _free_port, start_broker
 from tandem.streaming.producer import EventProducer
-from tandem.streaming.topics import ensure_topics
+from tandem.streaming.topics import EVENTS_TOPIC, ensure_topics
 from tandem.world import World, WorldConfig
 
 NAME = "closed-loop"
@@ -79,7 +83,8 @@ def _definition(day: datetime) -> Definition:
         "name": NAME, "start": day.isoformat(), "end": (day + timedelta(days=2)).isoformat(),
         "variants": [{"name": "control"},
                      {"name": "treatment", "overrides": {"mmr_lambda": 0.3}},
-                     {"name": "shadow", "alias": "challenger", "shadow": True}]})
+                     {"name": "shadow", "alias": "challenger", "shadow": True}],
+        "canary": {"variant": "treatment", "ramp": [0.5, 1.0]}})
 
 
 def _ask(target: str, users: list[str], k: int, world: World, rng: np.random.Generator
@@ -213,7 +218,13 @@ def run(work: Path, cfg: LoopConfig = LoopConfig(), reports: Path | None = None
                 time.sleep(0.5)
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                         timeout=10) as resp:
-                samples = parse_metrics(resp.read().decode())
+                text = resp.read().decode()
+            samples = parse_metrics(text)
+            # one look, not saved: the loop's traffic is over, and the report below must see
+            # the split that traffic had
+            d = _definition(day)
+            look = canary_task.look(d, d.canary, text, broker.bootstrap, EVENTS_TOPIC, day,
+                                    datetime.now(UTC)).canary.history[-1]
             logged = int(sum(samples.get("tandem_impressions_logged_total", {}).values()))
         finally:
             processes.stop(paths.run, "serving")
@@ -244,4 +255,6 @@ def run(work: Path, cfg: LoopConfig = LoopConfig(), reports: Path | None = None
         "served_impressions": served,
         "srm_p_value": report["srm"]["p_value"], "srm_mismatch": report["srm"]["mismatch"],
         "report": str(report_path), "shadow": shadow_block(samples),
+        "canary_look": {k: look[k] for k in ("status", "reason", "ctr_diff", "always_valid_p",
+                                             "error_rate", "p99_ms", "stream")},
         "seconds": round(time.perf_counter() - t0, 1)}

@@ -15,7 +15,8 @@ atomically (write a temporary file, then rename), so a reader never sees half a 
         "guardrails": {"max_error_rate": 0.01, "max_p99_ms": 150, "alpha": 0.05,
                        "ctr_drop": 0.1, "min_impressions": 2000},
         "canary": {"variant": "treatment", "ramp": [0.01, 0.05, 0.25, 0.5], "step": 0,
-                   "status": "ramping", "reason": null, "history": []}}]}
+                   "status": "ramping", "reason": null, "history": [],
+                   "step_started": null, "baseline": {}}}]}
 
 * ``variants``: what serving splits users over (``tandem.ab``). A ``shadow`` variant gets no
   traffic: its alias scores the same requests off the hot path for comparison
@@ -23,7 +24,11 @@ atomically (write a temporary file, then rename), so a reader never sees half a 
 * ``canary`` (optional): the named variant's share of traffic is ``ramp[step]`` while
   ``status == "ramping"`` (the other variants share the rest by weight); ``rolled_back`` gives it
   0 traffic (the registry alias is never touched); ``done`` keeps the last step's share.
-  ``tandem.experiments.canary`` moves it.
+  ``tandem.experiments.canary`` moves it. ``step_started`` (when the current step began; none:
+  the experiment's ``start``) and ``baseline`` (serving's per-variant request, error and
+  latency-bucket counters at that moment) are written by the canary task when it advances a
+  step, so each step is judged on its own traffic: the CTR read from the stream since
+  ``step_started``, error rate and p99 from the counters' increase since ``baseline``.
 * Serving runs the first experiment active at the current time (``start <= now < end``); with
   none, everyone gets the champion.
 """
@@ -35,7 +40,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,9 @@ from tandem.ab import Experiment, Variant
 from tandem.config import REPO_ROOT, Paths
 
 RAMPING, ROLLED_BACK, DONE = "ramping", "rolled_back", "done"
+# An impression is clicked when a click on the same (request_id, item_id) happens within this
+# long after it: the one definition the lake report and the canary's stream read both apply.
+ATTRIBUTION_WINDOW = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ class Canary:
     status: str = RAMPING
     reason: str | None = None
     history: tuple[Mapping[str, Any], ...] = ()
+    step_started: datetime | None = None
+    baseline: Mapping[str, Any] = field(default_factory=dict)  # variant -> serving counters
 
     @property
     def share(self) -> float:
@@ -136,7 +146,8 @@ class Definition:
                 str(canary["variant"]), tuple(float(x) for x in canary.get(
                     "ramp", Canary.ramp)), int(canary.get("step", 0)),
                 str(canary.get("status", RAMPING)), canary.get("reason"),
-                tuple(canary.get("history", ()))))
+                tuple(canary.get("history", ())), _time(canary.get("step_started")),
+                dict(canary.get("baseline") or {})))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -149,7 +160,9 @@ class Definition:
             c = self.canary
             out["canary"] = {"variant": c.variant, "ramp": list(c.ramp), "step": c.step,
                              "status": c.status, "reason": c.reason,
-                             "history": [dict(h) for h in c.history]}
+                             "history": [dict(h) for h in c.history],
+                             "step_started": c.step_started.isoformat() if c.step_started
+                             else None, "baseline": dict(c.baseline)}
         return out
 
     def with_canary(self, canary: Canary) -> Definition:
