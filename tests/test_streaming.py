@@ -342,9 +342,11 @@ def sigterm(proc: subprocess.Popen, timeout: float = 60.0) -> tuple[int, float, 
 
 def stopped_promptly(proc: subprocess.Popen) -> tuple[float, float]:
     """SIGTERM ``proc`` and check it exits 0 before its supervisor's 20 s grace runs out, having
-    spent under 3 s of CPU after the signal; returns (wall, CPU) seconds."""
+    spent under 5 s of CPU after the signal (a caught-up feature consumer's exit: 2.2 s at load
+    24, 15.6 s of wall time; the Feast import it used to wait for costs ~9 s of CPU alone);
+    returns (wall, CPU) seconds."""
     code, wall_s, cpu_s = sigterm(proc)
-    assert code == 0 and wall_s < 20 and cpu_s < 3, (code, wall_s, cpu_s)
+    assert code == 0 and wall_s < 20 and cpu_s < 5, (code, wall_s, cpu_s)
     return wall_s, cpu_s
 
 
