@@ -218,19 +218,30 @@ class StreamRig:
         return restarts
 
 
+def wait_settled(left: Callable[[], int], quiet_s: float, step: float = 0.5,
+                 progress: Callable[[], object] | None = None) -> bool:
+    """Wait on state, not on a clock: until ``left()`` is 0 (True), or until neither ``left()``
+    nor ``progress()`` (more evidence of work, e.g. a consumer's processed count) changed for
+    ``quiet_s`` (False: the rest is not coming). As long as work goes on, however slowly on a
+    loaded machine, it waits."""
+    seen: object = None
+    since = time.monotonic()
+    while True:
+        n = left()
+        if n == 0:
+            return True
+        now = (n, progress() if progress is not None else None)
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since > quiet_s:
+            return False
+        time.sleep(step)
+
+
 def _landed_all(rig: StreamRig, acked: set[str], quiet_s: float = 20.0) -> bool:
     """Wait until every acknowledged event is in a landing file (True), or until nothing new
     landed for ``quiet_s`` (False: the rest is not coming)."""
-    seen, since = -1, time.monotonic()
-    while True:
-        landed = rig.landed_ids()
-        if landed >= acked:
-            return True
-        if len(landed) != seen:
-            seen, since = len(landed), time.monotonic()
-        elif time.monotonic() - since > quiet_s:
-            return False
-        time.sleep(0.5)
+    return wait_settled(lambda: len(acked - rig.landed_ids()), quiet_s)
 
 
 def lake_ids(spark, paths: Paths) -> tuple[dict, list[str]]:
@@ -292,18 +303,28 @@ def stream_scenario(work: Path, spark, fault: Callable[[StreamRig, Load], dict],
             "passed": lost == 0 and duplicated == 0 and caught_up}
 
 
-def _kill9(rig: StreamRig, name: str) -> dict:
-    """kill -9 consumer ``name`` twice while events keep coming, each time once the running
-    child has processed records (mid-work, not while it starts)."""
+def _kill9(rig: StreamRig, name: str, progress_s: float = 600.0) -> dict:
+    """kill -9 consumer ``name`` twice, each time once the running child has processed records:
+    mid-work, not while it starts (on a loaded machine a restarted feature consumer took over a
+    minute to push its first row, and a kill on a clock landed before it had done anything). A
+    child that shows no work within ``progress_s`` is not killed: the record then says which
+    one, and the scenario fails on ``killed_mid_work``."""
     killed: list[int] = []
-    working = 0
+    waited: list[float] = []
     for _ in range(2):
         pid = rig.child_pid(name)
-        working += wait_until(lambda p=pid: rig.processed(name, p) > 0, 60)
+        t0 = time.monotonic()
+        if not wait_until(lambda p=pid: rig.processed(name, p) > 0, progress_s, 0.5):
+            return {"killed": len(killed), "killed_mid_work": len(killed),
+                    "waited_for_work_s": waited,
+                    "error": f"{name} child {pid} processed nothing within {progress_s:.0f} s "
+                             f"(restarts so far: {rig.status(name).get('restarts')}); see "
+                             f"{rig.work / (name + '.log')}"}
+        waited.append(round(time.monotonic() - t0, 1))
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
         wait_until(lambda: rig.status(name).get("child_pid") not in (None, *killed), 30)
-    return {"killed": len(killed), "killed_mid_work": working}
+    return {"killed": len(killed), "killed_mid_work": len(killed), "waited_for_work_s": waited}
 
 
 def kill9_landing_consumer(work: Path, spark) -> Record:
@@ -333,8 +354,17 @@ def kill9_feature_consumer(work: Path, spark) -> Record:
             rows = online_rows(store, want)
             return sum(rows[u][s.SESSION_LAST_TS] != ts for u, ts in want.items())
 
-        ok = wait_until(lambda: wrong() == 0, 180, 2.0)
-        return {"users": len(want), "sessions_wrong": wrong(), "sessions_converged": ok}
+        def work_done() -> tuple:
+            pid = rig.status("features").get("child_pid")
+            return pid, rig.processed("features", pid) if pid else 0
+
+        # while a restarted consumer catches up its processed count moves; only 4 quiet minutes
+        # (longer than its slowest start seen, > 2 min on a loaded machine) with neither it nor
+        # the wrong sessions moving end the wait
+        t0 = time.monotonic()
+        ok = wait_settled(wrong, 240, 2.0, progress=work_done)
+        return {"users": len(want), "sessions_wrong": wrong(), "sessions_converged": ok,
+                "converge_s": round(time.monotonic() - t0, 1)}
 
     rec = stream_scenario(work, spark, lambda rig, _load: _kill9(rig, "features"),
                           settle=converged, features=True)

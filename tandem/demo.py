@@ -44,6 +44,7 @@ class Stack:
     paths: Paths
     bootstrap: str
     tracking_uri: str
+    mlflow_auth: bool = False  # whether MLflow refuses anonymous requests
 
     def env(self) -> dict[str, str]:
         return {"TANDEM_HOME": str(self.paths.root), "PYTHONPATH": str(REPO_ROOT),
@@ -86,27 +87,49 @@ def start_stack(paths: Paths) -> Stack:
     from tandem.streaming.topics import ensure_topics
 
     ensure_topics(bootstrap)
-    from tandem.mlflow_server import auth_requested, client_env, server_command, server_env
-
-    auth = auth_requested()
-    t0 = _step(f"MLflow server on 127.0.0.1:{MLFLOW_PORT} (SQLite registry, local artifacts"
-               f"{', basic auth' if auth else ''})")
-    paths.mlflow.mkdir(parents=True, exist_ok=True)
-    processes.start(paths.run, "mlflow", server_command(paths.mlflow, MLFLOW_PORT, auth=auth),
-                    env=server_env(paths.mlflow, auth))
-    if auth:
-        # every MLflow client from here on inherits them: this process (the champion check),
-        # serving, Airflow and, through it, the jobs (processes.child_env copies os.environ)
-        os.environ.update(client_env(paths.mlflow))
-    _wait_port(MLFLOW_PORT, 180, "MLflow")
-    _done(t0)
-    stack = Stack(paths, bootstrap, f"http://127.0.0.1:{MLFLOW_PORT}")
+    auth = start_mlflow(paths, MLFLOW_PORT)
+    stack = Stack(paths, bootstrap, f"http://127.0.0.1:{MLFLOW_PORT}", auth)
     start_consumer(stack, "landing_consumer")
     # serving's sampled feature rows (tandem.feature_log), read by tandem_daily's skew gate
     start_consumer(stack, "landing_consumer", "feature-log-landing", ["--kind", "feature_log"])
     if (paths.feast / "feature_store.yaml").exists():
         start_consumer(stack, "feature_consumer")
     return stack
+
+
+def start_mlflow(paths: Paths, port: int) -> bool:
+    """Start (or reuse) the MLflow server; return whether it refuses anonymous requests.
+
+    Basic auth is on unless ``TANDEM_MLFLOW_AUTH=0``: the admin password is generated once into
+    a 0600 file under the state root (:mod:`tandem.mlflow_server`) and put into this process's
+    environment as ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``, so every MLflow
+    client the demo starts from here on authenticates without the secret on a command line or
+    in a log: this process (the champion check) and, through
+    :func:`tandem.processes.child_env`, serving, Airflow and every job its workers run. A
+    server an earlier demo started is reused as it is, so the answer comes from asking it.
+    """
+    from tandem.mlflow_server import (
+        auth_requested,
+        client_env,
+        refuses_anonymous,
+        server_command,
+        server_env,
+    )
+
+    auth = auth_requested()
+    t0 = _step(f"MLflow server on 127.0.0.1:{port} (SQLite registry, local artifacts"
+               f"{', basic auth' if auth else ', no auth: TANDEM_MLFLOW_AUTH=0'})")
+    paths.mlflow.mkdir(parents=True, exist_ok=True)
+    processes.start(paths.run, "mlflow", server_command(paths.mlflow, port, auth=auth),
+                    env=server_env(paths.mlflow, auth))
+    protected = refuses_anonymous(f"http://127.0.0.1:{port}")
+    if protected:
+        os.environ.update(client_env(paths.mlflow))
+    elif auth:
+        console.print("  [red]MLflow answers without credentials[/]: a server an earlier demo "
+                      "started without auth is still running (make stop, then make demo)")
+    _done(t0)
+    return protected
 
 
 def start_consumer(stack: Stack, module: str, name: str | None = None,
@@ -350,19 +373,25 @@ def run_demo(folder: Path, rerun: bool = False) -> None:
     print_feed(paths, "new-user-7", recommend("new-user-7"), titles)
     burst(stack, [str(u) for u in range(42, 62)], titles)
     restarts.check()
-    _print_access(paths, time.monotonic() - t_all)
+    _print_access(stack, time.monotonic() - t_all)
 
 
-def _print_access(paths: Paths, elapsed: float) -> None:
+def _print_access(stack: Stack, elapsed: float) -> None:
+    """Where each UI is and how to log in: the generated passwords, as Airflow prints its own."""
+    paths = stack.paths
     pw_file = paths.root / "airflow" / "simple_auth_manager_passwords.json.generated"
     password = json.loads(pw_file.read_text()).get("admin", "?") if pw_file.exists() else "?"
     console.rule(f"[bold]Ready in {elapsed / 60:.1f} min")
     console.print(f"Airflow UI   http://127.0.0.1:{AIRFLOW_PORT}   user admin / password "
                   f"{password}")
-    from tandem.mlflow_server import ADMIN_USER, AuthFiles, auth_requested
+    from tandem.mlflow_server import client_env
 
-    login = (f"user {ADMIN_USER} / password in {AuthFiles.under(paths.mlflow).password}"
-             if auth_requested() else "open (TANDEM_MLFLOW_AUTH=1 for basic auth)")
+    if stack.mlflow_auth:
+        creds = client_env(paths.mlflow)
+        login = (f"user {creds['MLFLOW_TRACKING_USERNAME']} / password "
+                 f"{creds['MLFLOW_TRACKING_PASSWORD']}")
+    else:
+        login = "open, no login (basic auth unless TANDEM_MLFLOW_AUTH=0)"
     console.print(f"MLflow UI    http://127.0.0.1:{MLFLOW_PORT}   {login}  "
                   "(model tandem-recommender)")
     console.print(f"gRPC         127.0.0.1:{GRPC_PORT}  tandem.serving.v1.Recommender "

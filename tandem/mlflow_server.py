@@ -17,7 +17,8 @@ and two secrets generated once, each in a file only its owner can read (mode 060
 or a log line. MLflow creates the admin user on the first start against an empty user store and
 ignores the password afterwards, so the file must stay with the store (rotate through MLflow's
 update-password API, then rewrite the file). Clients authenticate with
-``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (:func:`client_env`).
+``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (:func:`client_env`). ``make demo``
+runs its server this way unless ``TANDEM_MLFLOW_AUTH=0`` (:func:`auth_requested`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 ADMIN_USER = "admin"
+# a cheap read that needs credentials when auth is on (``/health`` never does)
+ANONYMOUS_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
 
 
 @dataclass
@@ -128,8 +131,28 @@ def client_env(root: Path) -> dict[str, str]:
 
 
 def auth_requested(env: Mapping[str, str] | None = None) -> bool:
-    """Whether ``TANDEM_MLFLOW_AUTH=1`` asks the embedded server for basic auth (off by default)."""
-    return (os.environ if env is None else env).get("TANDEM_MLFLOW_AUTH", "0") == "1"
+    """Whether the demo's embedded server runs basic auth: on unless ``TANDEM_MLFLOW_AUTH=0``."""
+    return (os.environ if env is None else env).get("TANDEM_MLFLOW_AUTH", "1") != "0"
+
+
+def refuses_anonymous(url: str, timeout: float = 180.0) -> bool:
+    """Whether the server at ``url`` refuses a request without credentials (401: basic auth
+    on) rather than answering it (200: open). Waits up to ``timeout`` for it to answer either
+    way (it may still be booting), then raises ``TimeoutError``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}{ANONYMOUS_PROBE}", timeout=5) as resp:
+                if resp.status == 200:
+                    return False
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"mlflow at {url} answered neither 200 nor 401 in {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def server_env(root: Path | None = None, auth: bool = False) -> dict[str, str]:

@@ -93,6 +93,22 @@ def test_stream_faults_lose_and_duplicate_nothing(work, spark, name):
 @pytest.mark.slow
 @pytest.mark.kafka
 @pytest.mark.spark
+@pytest.mark.feast
+def test_feature_consumer_killed_twice_converges(work, spark):
+    """Each kill lands once the running consumer has pushed rows; afterwards every session in
+    the online store is what a replay of the acknowledged events gives."""
+    name = "kill9_feature_consumer"
+    record = chaos.run([name], work, spark)[name]
+    assert (record["lost"], record["duplicated"]) == (0, 0), record
+    assert record["killed_mid_work"] == 2 and record["restarts"]["features"] >= 2, record
+    assert record["sessions_converged"] and record["sessions_wrong"] == 0, record
+    assert record["passed"], record
+
+
+@pytest.mark.chaos
+@pytest.mark.slow
+@pytest.mark.kafka
+@pytest.mark.spark
 def test_broker_restart_on_s3_storage_loses_nothing(work, spark):
     """The broker restarts mid-load on local S3 storage (moto): everything it acknowledged,
     consumed before the restart or not, is in the lake once, and its topic comes back with the

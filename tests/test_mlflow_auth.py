@@ -1,5 +1,6 @@
 """MLflow basic auth end to end: a real ``mlflow server --app-name basic-auth`` under a temp state
-root, its admin password generated into a 0600 file, clients authenticated by the environment.
+root, its admin password generated into a 0600 file, clients authenticated by the environment;
+and the demo's start-up of it (on by default).
 """
 
 from __future__ import annotations
@@ -7,17 +8,27 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tandem.mlflow_server import ADMIN_USER, AuthFiles, auth_requested, client_env, ensure_auth
+from tandem.config import Paths
+from tandem.mlflow_server import (
+    ADMIN_USER,
+    ANONYMOUS_PROBE,
+    AuthFiles,
+    auth_requested,
+    client_env,
+    ensure_auth,
+)
 from tandem.security import InsecureSecretFile
-from tests.conftest import start_mlflow_server
+from tests.conftest import free_port, start_mlflow_server
 
-SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
+SEARCH = ANONYMOUS_PROBE
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +134,48 @@ def test_ensure_auth_keeps_existing_secrets(tmp_path):
         client_env(tmp_path)
 
 
-def test_auth_is_opt_in():
-    assert not auth_requested({})
-    assert not auth_requested({"TANDEM_MLFLOW_AUTH": "0"})
+def test_the_demo_turns_auth_on_unless_told_not_to():
+    assert auth_requested({})
     assert auth_requested({"TANDEM_MLFLOW_AUTH": "1"})
+    assert not auth_requested({"TANDEM_MLFLOW_AUTH": "0"})
+
+
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_the_demos_mlflow_refuses_anonymous_requests_and_admits_its_clients(tmp_path,
+                                                                             monkeypatch):
+    """``make demo``'s MLflow start-up (``tandem.demo.start_mlflow``, nothing set): anonymous
+    requests get 401; the demo process and a child started the way the demo starts serving,
+    Airflow and through it the jobs (``processes.child_env`` of the stack's environment) get in
+    through the environment; the password is on no command line, in no pid file, no log."""
+    from tandem import processes
+    from tandem.demo import Stack, start_mlflow
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "TANDEM_MLFLOW_AUTH"):
+        monkeypatch.setenv(key, "")  # so that monkeypatch removes what the demo sets
+        monkeypatch.delenv(key)
+    paths = Paths(tmp_path / "tandem")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert start_mlflow(paths, port)
+        password = client_env(paths.mlflow)["MLFLOW_TRACKING_PASSWORD"]
+        assert _status(url + SEARCH) == 401
+        assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) \
+            == (ADMIN_USER, password)
+        child = ("import sys; from mlflow import MlflowClient; "
+                 "print(MlflowClient(sys.argv[1]).create_experiment('from-a-demo-child'))")
+        done = subprocess.run([sys.executable, "-c", child, url], capture_output=True,
+                              env=processes.child_env(Stack(paths, "127.0.0.1:1", url).env()),
+                              timeout=300)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        assert done.stdout.strip().isdigit()
+        server = processes.running(paths.run, "mlflow")
+        assert server is not None
+        texts = [f.read_text(errors="replace") for f in (*paths.run.glob("*.pid.json"),
+                                                          *paths.run.glob("*.log"))]
+        texts += _group_command_lines(server.pid)
+        assert len(texts) >= 4  # pid file, log, the mlflow CLI and its uvicorn worker
+        assert not [t for t in texts if password in t]
+    finally:
+        processes.stop(paths.run, "mlflow")

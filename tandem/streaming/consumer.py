@@ -24,8 +24,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from kafka import KafkaConsumer
@@ -40,6 +42,7 @@ from tandem.streaming.topics import DLQ_TOPIC, EVENTS_TOPIC, ensure_topics
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_MS = 1000
 FETCH_MAX_WAIT_ENV = "TANDEM_KAFKA_FETCH_MAX_WAIT_MS"
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 FRESHNESS = Histogram(
     "tandem_stream_freshness_seconds",
@@ -149,8 +152,17 @@ def write_once(path: Path, data: bytes) -> Path:
     return target
 
 
+class Stopping(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """A stop arrived while a consumer waited inside a batch: the batch is abandoned, neither
+    saved nor committed, and the next start reads it again."""
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT so a consumer finishes its batch, commits and exits."""
+    """Set by SIGTERM/SIGINT so a consumer finishes (or abandons) its batch, saves and exits.
+
+    Create it first thing in a consumer process: a signal during start-up then stops the
+    consumer at its first check instead of killing it halfway through.
+    """
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -162,6 +174,37 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.event.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`Stopping` once the flag is set."""
+        if self:
+            raise Stopping("stop requested")
+
+    def result(self, future: Future[T], step_s: float = 0.1) -> T:
+        """``future``'s result, or :class:`Stopping` as soon as the flag is set while waiting."""
+        while not future.done():
+            self.check()
+            wait([future], timeout=step_s)
+        return future.result()
+
+
+def in_daemon_thread(fn: Callable[..., T], *args: object) -> Future[T]:
+    """Start ``fn(*args)`` in a daemon thread; its result as a future.
+
+    Unlike a ``ThreadPoolExecutor`` worker, which the interpreter joins at exit, a daemon thread
+    does not hold up a consumer that stops while ``fn`` is still running (e.g. importing Feast).
+    """
+    future: Future[T] = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name=getattr(fn, "__name__", "background"),
+                     daemon=True).start()
+    return future
 
 
 class StreamStats:

@@ -136,7 +136,7 @@ class LandingConsumer(ConsumerRebalanceListener):
 
     def run(self, stop: StopFlag | None = None) -> None:
         """Poll, buffer and flush until ``stop`` is set; then flush, commit and close."""
-        stop = stop or StopFlag()
+        stop = stop if stop is not None else StopFlag()  # `or` would test the flag itself
         try:
             while not stop:
                 polled = self.consumer.poll(timeout_ms=100, max_records=self.batch_max)
@@ -209,10 +209,11 @@ def main(argv: list[str] | None = None) -> None:
                          "(landing/feature_log; topic and group default to its own)")
     if FEATURE_LOG in (argv if argv is not None else sys.argv[1:]):
         ap.set_defaults(**FEATURE_LOG_DEFAULTS)
+    stop = StopFlag()
     args, paths, bootstrap = start_process(ap, argv)
     LandingConsumer(paths, bootstrap, args.topic, args.group, args.batch_max, args.batch_ms,
                     args.stats, args.crash_after_files, args.stats_window,
-                    args.kind).run(StopFlag())
+                    args.kind).run(stop)
 
 if __name__ == "__main__":
     main()
