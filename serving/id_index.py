@@ -52,7 +52,10 @@ class IdIndex:
         keys = np.asarray(keys if isinstance(keys, np.ndarray) else list(keys), dtype=str)
         if len(self.sorted_ids) == 0 or keys.size == 0:
             return np.full(keys.shape, -1, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.sorted_ids, keys), len(self.sorted_ids) - 1)
+        # searched in the index's own width: another dtype would make numpy cast all n ids
+        # (~130 us at 1M); a longer key is cut here and then fails the equality check
+        cut = keys.astype(self.sorted_ids.dtype)
+        pos = np.minimum(np.searchsorted(self.sorted_ids, cut), len(self.sorted_ids) - 1)
         return np.where(self.sorted_ids[pos] == keys, self.order[pos], -1)
 
     def get_loc(self, key: str) -> int:
