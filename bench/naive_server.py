@@ -44,7 +44,7 @@ class NaiveEngine(Engine):
 
         cols = NaiveEngine.feast.get_online_features(
             features=list(ITEM_REFS),
-            entity_rows=[{s.ITEM_ID: i} for i in self.item_ids[rows]]).to_dict()
+            entity_rows=[{s.ITEM_ID: i} for i in self.item_ids[rows].tolist()]).to_dict()
         return F.item_matrix(cols, now_ms)
 
 

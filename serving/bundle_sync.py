@@ -11,6 +11,12 @@ A serving process that starts while the registry is down serves the alias's last
 version is skipped by every poll (and after a restart) until the alias points elsewhere, so a
 broken bundle is downloaded once, not every poll. Downloaded versions that are neither good nor
 being loaded are deleted after each good load (the cache holds a few bundles, not all).
+
+With ``--processes N`` each process keeps its own folder and ledger (``process-<i>``), but a
+version is downloaded once, into the ``shared`` folder next to them, by the first process that
+asks (the others wait on a file lock), and hard-linked into each process's folder
+(:func:`fetch_once`): every process maps the same files, so the page cache holds one copy. The
+next download deletes shared ones no process folder links to any more (link count 1).
 """
 
 from __future__ import annotations
@@ -20,11 +26,16 @@ import logging
 import os
 import shutil
 import threading
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+
+from serving.shared_memory import file_lock
 
 log = logging.getLogger(__name__)
 
 LEDGER = "ledger.json"
+SHARED_DOWNLOADS = "shared"  # the folder of fetch_once's downloads, next to process-<i>
 
 
 class BundleRejected(Exception):
@@ -92,7 +103,7 @@ class BundleLedger:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{uuid.uuid4().hex}.tmp")
         tmp.write_text(json.dumps({"good": self.good, "bad": self.bad}, indent=2,
                                   sort_keys=True))
         os.replace(tmp, self.path)  # a crash never leaves half a ledger
@@ -105,3 +116,44 @@ class BundleLedger:
         for folder in self.path.parent.resolve().glob("v*"):
             if folder.is_dir() and not any(folder in p.parents or folder == p for p in keep):
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def fetch_once(version: str, shared: Path, own: Path, download: Callable[[Path], Path]) -> Path:
+    """The bundle of ``version`` in ``own``, hard-linked from its one download in ``shared``.
+
+    ``download(dest)`` (``tandem.registry.download_bundle``: digest checked) runs only when
+    ``shared`` has no complete download of the version; under the lock, so processes asking
+    together download once and the rest wait for it. The links give every process its own
+    folder (its ledger prunes it as before) over the same inodes, so mapped arrays and the
+    keys of derived ones (``serving.shared_memory.key_of``) are shared. Shared downloads no
+    process links to any more are deleted here.
+    """
+    shared, own = Path(shared), Path(own)
+    with file_lock(shared / ".lock"):
+        record = shared / f"v{version}.json"  # written once the download passed its digest
+        source = shared / json.loads(record.read_text())["path"] if record.exists() else None
+        if source is None or not source.is_dir():
+            source = Path(download(shared))
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"path": source.relative_to(shared).as_posix()}))
+            os.replace(tmp, record)
+        top = source.relative_to(shared).parts[0]  # v<version>
+        staging = own / f".{top}-{uuid.uuid4().hex}"
+        for path in sorted((shared / top).rglob("*")):
+            if path.is_file():
+                link = staging / path.relative_to(shared / top)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.link(path, link)
+        shutil.rmtree(own / top, ignore_errors=True)
+        os.replace(staging, own / top)
+        _prune_shared(shared, keep=shared / top)
+    return own / source.relative_to(shared)
+
+
+def _prune_shared(shared: Path, keep: Path) -> None:
+    """Delete shared downloads (and their records) no process folder links to any more."""
+    for folder in shared.glob("v*"):
+        if folder.is_dir() and folder != keep and all(
+                p.stat().st_nlink == 1 for p in folder.rglob("*") if p.is_file()):
+            shutil.rmtree(folder, ignore_errors=True)
+            (shared / f"{folder.name}.json").unlink(missing_ok=True)

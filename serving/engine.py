@@ -49,6 +49,8 @@ from serving import shared_memory as shm
 from serving.breaker import CircuitBreaker
 from serving.caches import COLD_CACHE_ENTRIES, SIMILAR_CACHE_ENTRIES, BoundedCache
 from serving.config import ServingConfig
+from serving.id_index import ARRAYS as ID_ARRAYS
+from serving.id_index import IdIndex
 from serving.item_table import ItemFeatures, ItemTableFactory
 from serving.ranker_model import Ranker
 from serving.result import Result, StageClock
@@ -79,7 +81,7 @@ STORE_FALLBACKS = ("online_store_timeout", "online_store_error", "online_store_o
 PART_FALLBACKS = frozenset({"user_tower_error", "two_tower_error", "als_error", "ranker_error",
                             "sequence_error"})
 _PROFILE_CACHE = 4096  # encoded tower profiles memoised per engine
-_FEW_IDS = 32  # Engine.rows_of looks up at most this many ids one by one
+CATALOG_ARRAYS = (*ID_ARRAYS, "popularity", "created_at")  # the catalog's mapped arrays
 
 
 # ------------------------------------------------------------------------------------ engine
@@ -90,10 +92,11 @@ class Engine:
     Attributes
     ----------
     version : registry version (or ``local``) reported as ``model_version``
-    item_ids : object array [n_items] in catalog order; ``item_index`` maps id -> row
+    item_ids : unicode array [n_items] in catalog order; ``item_index`` (``IdIndex``) maps id
+        -> row, ``user_index`` user id -> row of ``als_users``; all three mapped
     popularity, created_at : [n_items] from ``items.parquet``
     item_vectors : float32 [n_items, d] two-tower vectors; ``main_index`` searches them
-    als_items : float32 [n_items, f]; ``als_users`` [n_users, f] rows of ``user_index``;
+    als_items : float32 [n_items, f]; ``als_users`` [n_users, f];
         ``als_index`` searches item factors (inner product, possibly via the L2 transform)
     tower : numpy user tower; ranker : :class:`Ranker`; space : ranking_features.ItemSpace
     feature_columns : the ranker's columns of the ranking_features matrix (None = all), from
@@ -113,34 +116,31 @@ class Engine:
         root = Path(bundle_dir)
         self.bundle_dir, self.version = root, str(version)
         self.manifest = B.BundleManifest.load(root)
-        items = pd.read_parquet(root / B.ITEMS)
-        # items created since the build (hourly, jobs/embed_new_items.py) get rows after these
-        self.item_delta = item_deltas.load(root, cfg.deltas_dir,
-                                           pd.Index(items[s.ITEM_ID].astype(str)))
-        items = item_deltas.extend_items(items, self.item_delta)
-        self.item_ids = items[s.ITEM_ID].astype(str).to_numpy(object)
-        self.item_index = pd.Index(self.item_ids)
+        derived = Path(cache_dir) / "derived" if cache_dir else None
+        # catalog ids, their lookup, popularity and creation times: written once per bundle
+        # (and hourly delta, whose new items get rows after the bundle's) and mapped
+        catalog, self.item_delta = _catalog(root, cfg.deltas_dir, derived)
+        self.item_ids = catalog["ids"]
+        self.item_index = IdIndex(*(catalog[name] for name in ID_ARRAYS))
         self.n_items = len(self.item_ids)
-        self.popularity = items["popularity"].to_numpy(np.float32)
-        self.created_at = items[s.CREATED_AT].to_numpy(np.int64)
-        users = pd.read_parquet(root / B.USERS) if (root / B.USERS).exists() else None
-        self.user_index = pd.Index(users[s.USER_ID].astype(str) if users is not None else [])
+        self.popularity = catalog["popularity"]
+        self.created_at = catalog["created_at"]
+        self.user_index = _user_index(root, derived)
         # the big arrays mapped from the bundle: N server processes share one copy; hourly new
-        # items (serving.item_deltas) pad them, and their vectors go into a private copy of the
-        # main index (a mapped index is read-only)
-        self.als_items = item_deltas.pad_rows(shm.load_array(root / B.ALS_ITEM_FACTORS),
-                                              self.n_items)
+        # items (serving.item_deltas) extend them into derived files, mapped as well
+        new_items = self.item_delta is not None and len(self.item_delta.item_ids) > 0
+        als, n = root / B.ALS_ITEM_FACTORS, self.n_items
+        self.als_items = (shm.derived_array(als, f"rows-{n}", lambda a: item_deltas.pad_rows(
+            a, n), derived) if new_items else shm.load_array(als))
         self.als_users = shm.load_array(root / B.ALS_USER_FACTORS)
         self.als_index = shm.load_index(root / B.INDEX_ALS)
-        als_unit = item_deltas.pad_rows(
-            shm.derived_array(root / B.ALS_ITEM_FACTORS, "unit", RF.unit_rows,
-                              Path(cache_dir) / "derived" if cache_dir else None), self.n_items)
+        als_unit = shm.derived_array(als, f"unit-{n}" if new_items else "unit", lambda a: (
+            item_deltas.pad_rows(RF.unit_rows(a), n)), derived)
         if (root / B.TT_ITEM_VECTORS).exists():
-            self.main_index = (shm.load_index(root / B.INDEX_MAIN) if self.item_delta is None
-                               else AnnIndex.load(root / B.INDEX_MAIN))
-            self.item_vectors = item_deltas.extend_vectors(
-                shm.load_array(root / B.TT_ITEM_VECTORS), self.main_index, self.item_delta,
-                self.n_items)
+            self.main_index, self.item_vectors = (
+                _with_new_items(root, self.item_delta, cfg.deltas_dir, n, derived) if new_items
+                else (shm.load_index(root / B.INDEX_MAIN),
+                      shm.load_array(root / B.TT_ITEM_VECTORS)))
             self.tower = UserTower.load(root / B.TT_USER_TOWER, self.item_vectors)
         else:  # an ALS-only bundle
             self.item_vectors = als_unit
@@ -153,12 +153,11 @@ class Engine:
         if self.ranker.n_features != len(names):
             raise ValueError(f"ranker expects {self.ranker.n_features} features, "
                              f"features.json names {len(names)}")
-        self.space = RF.ItemSpace(als_unit, _load_cooc(root, self.n_items))
-        self.space.cooc_columns()  # column form for recency lookups, built before requests
+        self.space = RF.ItemSpace(als_unit, *_cooc(root, self.n_items, derived))
         self.item_features = (item_features(self.item_ids) if item_features is not None
                               else ItemFeatures.from_frame(pd.DataFrame(
                                   {s.ITEM_ID: self.item_ids, "item_created_at": self.created_at}),
-                                  self.item_index))
+                                  pd.Index(self.item_ids.astype(object))))
         # precomputed source lists (catalog rows, best first)
         self.popular = np.argsort(-self.popularity, kind="stable")[: max(cfg.n_popular,
                                                                         cfg.n_cold_exploit)]
@@ -177,13 +176,8 @@ class Engine:
 
     # --------------------------------------------------------------------------- helpers
     def rows_of(self, item_ids) -> np.ndarray:
-        """Catalog rows of ``item_ids`` (unknown ids dropped), order kept.
-
-        A request's few ids (session items, exclusions) are looked up one by one: one hash
-        lookup each, where ``get_indexer`` costs ~70 us of setup per call (1M-item catalog)."""
-        if len(item_ids) <= _FEW_IDS:
-            rows = [_row_of(self.item_index, i) for i in item_ids]
-            return np.array([r for r in rows if r >= 0], dtype=np.int64)
+        """Catalog rows of ``item_ids`` (unknown ids dropped), order kept (one binary search
+        per id in the mapped ``IdIndex``: no per-call setup that grows with the catalog)."""
         rows = self.item_index.get_indexer(list(item_ids))
         return rows[rows >= 0].astype(np.int64)
 
@@ -253,7 +247,7 @@ class Engine:
         clock = StageClock()
         fallbacks: list[str] = []
         now_ms = q.ts or int(time.time() * 1000)
-        user_row = _row_of(self.user_index, q.user_id)
+        user_row = int(self.user_index.get_indexer([q.user_id])[0])
         with clock.stage("online_store"):
             pending = self._start_fetch(store, q.user_id, breaker)
         with clock.stage("online_store"):
@@ -345,7 +339,7 @@ class Engine:
                             "genre_cap": cfg.genre_cap})
         picked = pool.take(order)
         # no randomisation on this path: each item is shown with probability 1 (exactly)
-        return Result(request_id, self.version, list(self.item_ids[picked.rows]),
+        return Result(request_id, self.version, self.item_ids[picked.rows].tolist(),
                       scores[order], picked.source_mask, np.ones(len(order)),
                       [_explain(int(mk)) for mk in picked.source_mask],
                       candidates=pool.count_by_source(), pool_size=len(pool), logged=logged)
@@ -437,7 +431,7 @@ class Engine:
             masks = np.asarray(feed.source_masks, dtype=np.int64)[keep]
         if len(keep) < q.k:  # the filters left too few: compute
             return None
-        return Result(_request_id(), self.version, list(self.item_ids[idx[keep]]),
+        return Result(_request_id(), self.version, self.item_ids[idx[keep]].tolist(),
                       np.asarray(feed.scores, dtype=np.float64)[keep], masks,
                       np.ones(len(keep)), [_explain(int(mk)) for mk in masks],
                       path="precomputed")
@@ -457,7 +451,7 @@ class Engine:
         with clock.stage("merge"):
             rows = self.popular[~np.isin(self.popular, exclude)][: q.k]
         mask = np.full(len(rows), SOURCE_BITS["popularity"], dtype=np.int64)
-        return Result(_request_id(), self.version, list(self.item_ids[rows]),
+        return Result(_request_id(), self.version, self.item_ids[rows].tolist(),
                       self.popularity[rows].astype(np.float64), mask, np.ones(len(rows)),
                       [_explain(SOURCE_BITS["popularity"])] * len(rows))
 
@@ -491,7 +485,7 @@ class Engine:
                                        cfg.epsilon, rng)
                 picks = np.where(slate.explored, len(exploit) + slate.picks, slate.picks)
             rows, mask = pool_rows[picks], masks[picks]
-        return Result(_request_id(), self.version, list(self.item_ids[rows]), slate.score,
+        return Result(_request_id(), self.version, self.item_ids[rows].tolist(), slate.score,
                       mask.astype(np.int64), slate.propensity,
                       [_explain(int(mk), explored=bool(x))
                        for mk, x in zip(mask, slate.explored, strict=True)], cold_start=True,
@@ -536,7 +530,7 @@ class Engine:
 
             (hits, scores), _ = self.similar_cache.get((row, k), search)
         mask = np.full(len(hits), SOURCE_BITS["similar"], dtype=np.int64)
-        return Result(_request_id(), self.version, list(self.item_ids[hits]),
+        return Result(_request_id(), self.version, self.item_ids[hits].tolist(),
                       scores.astype(np.float64), mask, np.ones(len(hits)),
                       ["close in the two-tower space"] * len(hits), stages_ms=clock.stages)
 
@@ -587,17 +581,81 @@ class WarmUp:
         return {k: n for k, n in self.fallbacks.items() if k in PART_FALLBACKS}
 
 
-def _load_cooc(root: Path, n_items: int):
-    """The ranker's co-occurrence matrix if the bundle ships one, else an empty one; items
-    added after the build (``serving.item_deltas``) get empty rows and columns."""
+def _catalog(root: Path, deltas_dir: str | None, folder: Path | None
+             ) -> tuple[dict[str, np.ndarray], B.ItemDelta | None]:
+    """The catalog's mapped arrays (``IdIndex`` arrays, popularity, created_at) and the delta
+    they include: ``items.parquet``'s rows, plus the newest hourly delta's items the bundle
+    does not have (``serving.item_deltas``), each set written once per (bundle file, delta)."""
+    items = root / B.ITEMS
+    base = shm.derived_arrays(shm.key_of(items), CATALOG_ARRAYS,
+                              lambda: _catalog_arrays(pd.read_parquet(items)), folder)
+    delta = item_deltas.load(root, deltas_dir, IdIndex(*(base[n] for n in ID_ARRAYS)))
+    if delta is None or len(delta.item_ids) == 0:
+        return base, delta
+    key = shm.key_of(items, str(item_deltas.folder(root, deltas_dir)), delta.stamp)
+    return shm.derived_arrays(key, CATALOG_ARRAYS, lambda: _catalog_arrays(
+        item_deltas.extend_items(pd.read_parquet(items), delta)), folder), delta
+
+
+def _with_new_items(root: Path, delta: B.ItemDelta, deltas_dir: str | None, n_items: int,
+                    folder: Path | None) -> tuple[AnnIndex, np.ndarray]:
+    """The two-tower index and item vectors with the delta's items added (rows past the
+    bundle's), each built once per (bundle, delta) and mapped."""
+    vectors, index = root / B.TT_ITEM_VECTORS, root / B.INDEX_MAIN
+    key = shm.key_of(vectors, index, str(item_deltas.folder(root, deltas_dir)), delta.stamp,
+                     n_items)
+
+    def extended_index() -> AnnIndex:
+        private = AnnIndex.load(index)
+        item_deltas.extend_vectors(shm.load_array(vectors), private, delta, n_items)
+        return private
+
+    return (shm.derived_index(key, extended_index, folder),
+            shm.derived_arrays(key, ["vectors"], lambda: {"vectors": item_deltas.extend_vectors(
+                shm.load_array(vectors), None, delta, n_items)}, folder)["vectors"])
+
+
+def _catalog_arrays(items: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {**IdIndex.arrays(items[s.ITEM_ID].astype(str)),
+            "popularity": items["popularity"].to_numpy(np.float32),
+            "created_at": items[s.CREATED_AT].to_numpy(np.int64)}
+
+
+def _user_index(root: Path, folder: Path | None) -> IdIndex:
+    """The bundle's users (rows of the ALS user factors), mapped; empty without ``users``."""
+    users = root / B.USERS
+    if not users.exists():
+        return IdIndex.of([])
+    return IdIndex(**shm.derived_arrays(shm.key_of(users), ID_ARRAYS, lambda: IdIndex.arrays(
+        pd.read_parquet(users, columns=[s.USER_ID])[s.USER_ID].astype(str)), folder))
+
+
+def _cooc(root: Path, n_items: int, folder: Path | None):
+    """The ranker's co-occurrence matrix (CSR, and canonical CSC for the serving lookups) if
+    the bundle ships one, else an empty one, mapped; items added after the build
+    (``serving.item_deltas``) get empty rows and columns."""
     import scipy.sparse as sp
 
     path = root / getattr(B, "RANKER_COOC", "ranker/cooc.npz")
-    if path.exists():
-        cooc = sp.load_npz(path).tocsr().astype(np.float32)
-        cooc.resize((n_items, n_items))
-        return cooc
-    return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+    parts = ("data", "indices", "indptr")
+
+    def build() -> dict[str, np.ndarray]:
+        if path.exists():
+            cooc = sp.load_npz(path).tocsr().astype(np.float32)
+            cooc.resize((n_items, n_items))
+        else:
+            cooc = sp.csr_matrix((n_items, n_items), dtype=np.float32)
+        csc = sp.csc_matrix(cooc)
+        csc.sum_duplicates()
+        return {**{f"row_{p}": getattr(cooc, p) for p in parts},
+                **{f"col_{p}": getattr(csc, p) for p in parts}}
+
+    key = shm.key_of(path if path.exists() else "no cooc", n_items)
+    arrays = shm.derived_arrays(key, [f"{side}_{p}" for side in ("row", "col") for p in parts],
+                                build, folder)
+    shape = (n_items, n_items)
+    return (sp.csr_matrix(tuple(arrays[f"row_{p}"] for p in parts), shape=shape, copy=False),
+            sp.csc_matrix(tuple(arrays[f"col_{p}"] for p in parts), shape=shape, copy=False))
 
 
 def _fitted_als_config(root: Path) -> dict[str, Any]:
@@ -613,15 +671,6 @@ def _device_code(device: str) -> np.ndarray:
     out = RF.device_codes(np.array([device], dtype=object))
     out.setflags(write=False)
     return out
-
-
-def _row_of(index: pd.Index, key: str) -> int:
-    """Position of ``key`` in a unique ``index``, -1 when absent (one hash lookup)."""
-    try:
-        loc = index.get_loc(key)
-    except KeyError:
-        return -1
-    return int(loc) if isinstance(loc, (int, np.integer)) else -1
 
 
 def _one(row: Mapping[str, Any]) -> dict[str, list]:

@@ -45,8 +45,9 @@ def moved(engine, deltas_dir: Path | str | None) -> bool:
     return latest_stamp(engine.bundle_dir, deltas_dir) not in (None, applied)
 
 
-def load(bundle_dir: Path, deltas_dir: Path | str | None, known: pd.Index) -> B.ItemDelta | None:
-    """The newest delta for this bundle, less any item ``known`` already has; None if none."""
+def load(bundle_dir: Path, deltas_dir: Path | str | None, known) -> B.ItemDelta | None:
+    """The newest delta for this bundle, less any item ``known`` (an index with
+    ``get_indexer``: ``serving.id_index.IdIndex``, ``pd.Index``) already has; None if none."""
     where = folder(bundle_dir, deltas_dir)
     stamp = None if where is None else B.ItemDelta.latest_stamp(where)
     if stamp is None:
@@ -57,7 +58,7 @@ def load(bundle_dir: Path, deltas_dir: Path | str | None, known: pd.Index) -> B.
         log.exception("item delta %s of %s unreadable; serving the bundle as built", stamp,
                       bundle_dir)
         return None
-    new = ~pd.Index(delta.item_ids.astype(str)).isin(known)
+    new = known.get_indexer(delta.item_ids.astype(str)) < 0
     return B.ItemDelta(stamp, delta.item_ids[new].astype(str), delta.created_at[new],
                        delta.vectors[new])
 

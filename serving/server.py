@@ -44,7 +44,12 @@ from grpc_reflection.v1alpha import reflection  # noqa: E402
 from serving import metrics  # noqa: E402
 from serving.app import App  # noqa: E402
 from serving.auth import Access  # noqa: E402
-from serving.bundle_sync import BundleLedger, BundleRejected  # noqa: E402
+from serving.bundle_sync import (  # noqa: E402
+    SHARED_DOWNLOADS,
+    BundleLedger,
+    BundleRejected,
+    fetch_once,
+)
 from serving.config import ServingConfig  # noqa: E402
 from serving.experiments import DefinitionsWatcher  # noqa: E402
 from serving.servicer import RecommenderServicer  # noqa: E402
@@ -135,12 +140,15 @@ def stop(server: grpc.Server, app: App, grace_s: float = 5.0) -> None:
     app.close()
 
 
-def registry_source(tracking_uri: str | None, cache_dir: Path, timeout_s: float = 2.0):
+def registry_source(tracking_uri: str | None, cache_dir: Path, timeout_s: float = 2.0,
+                    shared_dir: Path | None = None):
     """(fetch_bundle, probe_version) over the MLflow registry (``tandem.registry``).
 
     Each call first checks the server answers within ``timeout_s`` (``RegistryUnavailable``
     otherwise: the App then serves its last good bundle). A version without a digest tag or
     whose download does not match it raises ``BundleRejected`` (remembered, not retried).
+    ``shared_dir`` (``--processes N``): a version is downloaded there once, by the first
+    process that asks, and hard-linked into ``cache_dir`` (``bundle_sync.fetch_once``).
     """
     from tandem import registry
 
@@ -157,7 +165,10 @@ def registry_source(tracking_uri: str | None, cache_dir: Path, timeout_s: float 
         if version is None:
             raise LookupError(f"registry alias {alias!r} does not exist")
         try:
-            return registry.download_bundle(version, cache_dir, client), str(version)
+            if shared_dir is None:
+                return registry.download_bundle(version, cache_dir, client), str(version)
+            return fetch_once(str(version), shared_dir, cache_dir, lambda dest: (
+                registry.download_bundle(version, dest, client))), str(version)
         except registry.BundleDigestError as exc:
             raise BundleRejected(str(version), f"digest: {exc}") from exc
 
@@ -191,10 +202,8 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
 
 def build_app(args: argparse.Namespace, engine_cls=None) -> App:
     """The App the command-line flags describe."""
-    import pandas as pd
-
     from serving.item_refresh import MaterializationWatcher
-    from serving.item_table import ItemFeatures
+    from serving.item_table import ItemFeatures, SharedItemTable
 
     experiment = (Experiment.load(args.experiment) if args.experiment
                   else Experiment.single(args.alias))
@@ -204,9 +213,10 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
         fetch, probe = local_source(Path(args.bundle_dir))
     else:
         cache = Path(args.cache_dir) if args.cache_dir else Paths.default().bundle_cache
-        if args.processes > 1:  # each process its own folder: no two download into one
-            cache = cache / f"process-{args.process_index}"
-        fetch, probe = registry_source(args.tracking_uri, cache, args.registry_timeout_s)
+        shared = None
+        if args.processes > 1:  # one download for all, hard-linked into each one's folder
+            cache, shared = cache / f"process-{args.process_index}", cache / SHARED_DOWNLOADS
+        fetch, probe = registry_source(args.tracking_uri, cache, args.registry_timeout_s, shared)
         ledger = BundleLedger(cache)
     store, item_features = None, None
     if args.feast_home:
@@ -220,11 +230,11 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
             store = WithFeeds(store, open_feeds(fs))
         watcher = MaterializationWatcher(lambda: feature_store.materialization_watermark(fs),
                                          args.item_refresh_s).start()
-        item_features = watcher.track(lambda ids: feature_store.ItemFeatureTable(fs, ids))
-    if args.item_features:  # read per engine build: the frame is not held between builds
-        path = args.item_features                     # (1M items: several hundred MB)
-        item_features = lambda ids: ItemFeatures.from_frame(  # noqa: E731
-            pd.read_parquet(path), pd.Index(ids))
+        item_features = watcher.track(lambda ids: SharedItemTable(  # one copy for --processes
+            lambda rows: feature_store.ItemFeatureTable(fs, rows), watcher.watermark, ids))
+    if args.item_features:  # built once per catalog and mapped by every process
+        path = Path(args.item_features)
+        item_features = lambda ids: ItemFeatures.shared(path, ids)  # noqa: E731
     if engine_cls is None and args.index_shards > 1:  # scatter-gather over shard processes
         from serving.shards import sharded_engine
 
@@ -309,8 +319,9 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-precomputed-feeds", action="store_true",
                         help="never read the feeds serving.precompute_feeds stored")
     parser.add_argument("--processes", type=int, default=1,
-                        help="server processes on one port (SO_REUSEPORT), each with its own GIL "
-                             "and its own copy of the bundle; metrics on --metrics-port + i")
+                        help="server processes on one port (SO_REUSEPORT), each with its own GIL, "
+                             "mapping one downloaded copy of the bundle (serving.shared_memory); "
+                             "metrics on --metrics-port + i")
     parser.add_argument("--tls-cert", default=os.environ.get("TANDEM_GRPC_TLS_CERT"),
                         help="PEM certificate chain: serve TLS (TANDEM_GRPC_TLS_CERT)")
     parser.add_argument("--tls-key", default=os.environ.get("TANDEM_GRPC_TLS_KEY"),
@@ -377,7 +388,10 @@ def _start_siblings(argv: list[str], args: argparse.Namespace) -> list:
     Python serves one request's Python at a time per process: at 100 QPS on two cores one
     process used 0.83 cores while requests queued for its GIL. Separate processes (not forks:
     the Feast SQLite connection and the loaded libraries must not be shared across a fork)
-    each load the bundle, so memory grows with N.
+    each build an engine, but a registry bundle is downloaded once for all of them
+    (``bundle_sync.fetch_once``) and its big arrays are mapped from shared files
+    (``serving.shared_memory``), so an extra process adds its interpreter and its small
+    per-request state, not another copy of the bundle.
     """
     import subprocess
 

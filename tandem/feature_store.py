@@ -371,6 +371,11 @@ class ItemFeatureTable:
     def static(self) -> np.ndarray:
         return self._arrays[0]
 
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(static, last_event_ts, created_at) of the last load, one consistent snapshot."""
+        return self._arrays
+
     def take(self, idx: np.ndarray, now_ms) -> np.ndarray:
         """Item features [len(idx), len(ITEM_FEATURES)] float32 of catalog rows ``idx`` at now."""
         static, last_ts, created = self._arrays

@@ -57,20 +57,21 @@ class ItemSpace:
     ----------
     unit_vectors : float32 [n_items, f], L2-normalised ALS item factors (zero rows allowed)
     cooc : float32 CSR [n_items, n_items], co-occurrence / sqrt(pop_i * pop_j), zero diagonal
+    by_column : ``cooc`` in canonical CSC form when the caller has it (serving maps it from a
+        file, ``serving.engine``); built on first use otherwise
     """
 
     unit_vectors: np.ndarray
     cooc: sp.csr_matrix
-    _by_column: sp.csc_matrix | None = field(default=None, init=False, repr=False)
+    by_column: sp.csc_matrix | None = field(default=None, repr=False)
 
     def cooc_columns(self) -> sp.csc_matrix:
-        """``cooc`` in canonical CSC form (sorted rows, no duplicates), built once; serving
-        builds it at load."""
-        if self._by_column is None:
+        """``cooc`` in canonical CSC form (sorted rows, no duplicates), built once."""
+        if self.by_column is None:
             csc = sp.csc_matrix(self.cooc)
             csc.sum_duplicates()
-            self._by_column = csc
-        return self._by_column
+            self.by_column = csc
+        return self.by_column
 
     def cooc_values(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """``cooc[rows, cols]`` as ``[m]`` values of ``cooc``'s dtype (0 where none is stored).

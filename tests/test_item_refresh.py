@@ -49,3 +49,55 @@ def test_item_table_refreshes_after_a_materialization(tmp_path):
     assert watcher.refreshes == 1
     assert after[2] == pytest.approx(np.log1p(80)) and before[2] == pytest.approx(np.log1p(8))
     np.testing.assert_array_equal(np.delete(after, 2), np.delete(before, 2))
+
+
+def test_shared_item_table_is_read_once_per_materialization_and_mapped(tmp_path):
+    """Two server processes' tables (``SharedItemTable``) over one catalog: the first reads the
+    online store and writes the arrays, the second maps them without a read; both answer like
+    ``ItemFeatureTable`` (an id without a row too). After a materialization the first refresh
+    reads once more and deletes the old files, which the second still maps until it moves."""
+    from serving.item_table import SharedItemTable
+    from serving.shared_memory import is_mapped
+
+    paths = Paths(tmp_path / "home")
+    write_features(paths)
+    store = fs.apply(paths)
+    fs.materialize(paths, (T0 - timedelta(days=1)).to_pydatetime(), T1.to_pydatetime(), store)
+    reads = []
+
+    def read(ids):
+        reads.append(len(ids))
+        return fs.ItemFeatureTable(store, ids)
+
+    def watermark():
+        return fs.materialization_watermark(store)
+
+    ids = np.array([*ITEMS, "not-in-the-store"])
+    folder = tmp_path / "derived"
+    first = SharedItemTable(read, watermark, ids, folder)
+    second = SharedItemTable(read, watermark, ids, folder)
+    assert reads == [len(ids)]
+    control = fs.ItemFeatureTable(store, ids)
+    for got, want in zip((first.table.static, first.table.last_event_ts, first.table.created_at),
+                         control.arrays, strict=True):
+        np.testing.assert_array_equal(got, want)
+    rows = np.array([len(ITEMS), 2, 0, 2])
+    np.testing.assert_array_equal(second.take(rows, T1.value // 10**6),
+                                  control.take(rows, T1.value // 10**6))
+    assert is_mapped(first.static) and is_mapped(second.static)
+    files = sorted(folder.glob("*.npy"))
+    assert len(files) == 3
+
+    pop = F.ITEM_FEATURES.index("item_log_pop_total")
+    row = {**item_row(2, T2), "item_pop_total": 80}
+    part = paths.item_features / f"date={T2.date()}"
+    part.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([row]).to_parquet(part / "part-1.parquet", index=False)
+    fs.materialize(paths, T1.to_pydatetime(), T2.to_pydatetime(), store)
+    first.refresh()
+    assert reads == [len(ids)] * 2 and first.static[2, pop] == pytest.approx(np.log1p(80))
+    assert not any(f.exists() for f in files)  # the old watermark's files are gone ...
+    assert second.static[2, pop] == pytest.approx(np.log1p(8))  # ... still mapped here
+    second.refresh()
+    assert reads == [len(ids)] * 2 and second.static[2, pop] == pytest.approx(np.log1p(80))
+    assert len(list(folder.glob("*.npy"))) == 3

@@ -8,25 +8,38 @@ consumer's own session code (``tandem.streaming.session_state``).
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pandas as pd
 import psutil
 import pytest
+import scipy.sparse as sp
 
 from serving import metrics
+from serving import shared_memory as shm
 from serving.app import App, ItemFeatures, ServingConfig, UserRows
+from serving.bundle_sync import fetch_once
+from serving.engine import Engine
+from serving.id_index import IdIndex
 from serving.precompute_feeds import active_users, compute_feeds
 from serving.precomputed import MAX_AGE_MS, SqliteFeeds, WithFeeds
 from serving.server import local_source
 from serving.validation import RecommendQuery
+from tandem import bundle as B
+from tandem import ranking_features as RF
 from tandem import schema as s
 from tandem import synthetic_bundle as S
 from tandem.streaming.session_state import apply_event, session_row
-from tests.conftest import free_port
+from tests.conftest import free_port, free_ports
 from tests.test_serving import SPEC, SynthStore
 
 pytestmark = pytest.mark.serving
@@ -56,7 +69,7 @@ def world(tmp_path_factory):
     built = [S.build(root / f"seed{seed}", S.SyntheticSpec(**{**SPEC.__dict__, "seed": seed}))
              for seed in (0, 7)]
     frame = pd.read_parquet(built[0][1])
-    return {"bundle": built[0][0], "bundle2": built[1][0],
+    return {"bundle": built[0][0], "bundle2": built[1][0], "features": built[0][1],
             "items": lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids))}
 
 
@@ -242,6 +255,169 @@ def test_two_processes_share_the_mapped_bundle_arrays(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_id_index_finds_rows_like_a_pandas_index():
+    ids = ["i10", "i2", "b", "i1", "ü-7", "i100"]
+    index, control = IdIndex.of(ids), pd.Index(ids)
+    keys = ["i1", "i10", "i100", "i1000", "i", "", "zz", "ü-7", "b", "a", "i2"]
+    np.testing.assert_array_equal(index.get_indexer(keys), control.get_indexer(keys))
+    assert index.get_indexer(np.array(keys, dtype=object)).tolist() == \
+        control.get_indexer(keys).tolist()
+    assert index.get_loc("i100") == 5 and index[[4, 0]].tolist() == ["ü-7", "i10"]
+    with pytest.raises(KeyError):
+        index.get_loc("i1000")
+    assert index.get_indexer([]).shape == (0,)
+    assert IdIndex.of([]).get_indexer(["i1"]).tolist() == [-1] and len(IdIndex.of([])) == 0
+
+
+def test_mapped_catalog_item_table_and_cooc_answer_like_the_in_memory_ones(world, tmp_path):
+    """The engine's catalog ids, user ids, item feature table and co-occurrence matrix are
+    files mapped read-only, written once (a second engine maps the same files, computing
+    nothing), and answer exactly like the in-memory ``pd.Index`` / ``ItemFeatures`` / CSR."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(world["bundle"], bundle)
+    items = pd.read_parquet(bundle / B.ITEMS)[s.ITEM_ID].astype(str)
+    users = pd.read_parquet(bundle / B.USERS)[s.USER_ID].astype(str)
+    rng = np.random.default_rng(5)
+    inter = (rng.random((400, len(items))) < 0.01).astype(np.float32)
+    cooc = RF.cooccurrence(sp.csr_matrix(inter))
+    sp.save_npz(bundle / B.RANKER_COOC, cooc)
+    derived = tmp_path / "cache" / "derived"
+
+    def table(ids):
+        return ItemFeatures.shared(world["features"], ids, derived)
+
+    engine = Engine(bundle, "v0", table, CFG, tmp_path / "cache")
+    assert engine.item_ids.tolist() == items.tolist()
+    for mapped in (engine.item_ids, engine.item_index.sorted_ids, engine.user_index.order,
+                   engine.item_features.static, engine.popularity):
+        assert shm.is_mapped(mapped) and not mapped.flags.writeable
+    keys = [items[5], "nope", items[0], items.iloc[-1], items[5] + "-x", items[5][:-1], ""]
+    np.testing.assert_array_equal(engine.item_index.get_indexer(keys),
+                                  pd.Index(items).get_indexer(keys))
+    assert engine.rows_of(keys).tolist() == [5, 0, len(items) - 1]  # unknown ids dropped
+    user_keys = [users[0], users.iloc[-1], "u99999999", users[7], users[7] + "x"]
+    np.testing.assert_array_equal(engine.user_index.get_indexer(user_keys),
+                                  pd.Index(users).get_indexer(user_keys))
+
+    memory = ItemFeatures.from_frame(pd.read_parquet(world["features"]), pd.Index(items))
+    for name in ("static", "last_event_ts", "created_at"):
+        np.testing.assert_array_equal(getattr(engine.item_features, name), getattr(memory, name))
+    rows = np.array([3, 0, len(items) - 1, 3])
+    np.testing.assert_array_equal(engine.item_features.take(rows, NOW), memory.take(rows, NOW))
+    # ids the parquet has no row for read as the default row, as in memory
+    extra = np.array([*items, "new-item"])
+    unknown = ItemFeatures.shared(world["features"], extra, derived)
+    control = ItemFeatures.from_frame(pd.read_parquet(world["features"]), pd.Index(extra))
+    np.testing.assert_array_equal(unknown.take(np.array([len(items), 1]), NOW),
+                                  control.take(np.array([len(items), 1]), NOW))
+
+    memory_space = RF.ItemSpace(engine.space.unit_vectors, cooc)
+    cols = np.repeat(rng.integers(0, len(items), 12), 50)
+    at = rng.integers(0, len(items), len(cols))
+    np.testing.assert_array_equal(engine.space.cooc_values(at, cols),
+                                  memory_space.cooc_values(at, cols))
+    assert engine.space.cooc_values(at, cols).any()
+    assert shm.is_mapped(engine.space.cooc_columns().data)  # mapped, not rebuilt
+
+    files = {f: f.stat().st_mtime_ns for f in derived.glob("*.npy")}
+    again = Engine(bundle, "v0", table, CFG, tmp_path / "cache")  # written once: mapped again
+    assert {f: f.stat().st_mtime_ns for f in derived.glob("*.npy")} == files
+    assert again.item_index.get_indexer(keys).tolist() == \
+        engine.item_index.get_indexer(keys).tolist()
+
+
+def test_fetch_once_downloads_a_version_once_and_prunes_unlinked_downloads(world, tmp_path):
+    shared, calls = tmp_path / "shared", []
+
+    def download(version):
+        def into(dest: Path) -> Path:
+            calls.append(version)
+            out = dest / f"v{version}" / "bundle"
+            shutil.copytree(world["bundle"], out)
+            return out
+        return into
+
+    first = fetch_once("1", shared, tmp_path / "process-0", download("1"))
+    second = fetch_once("1", shared, tmp_path / "process-1", download("1"))
+    assert calls == ["1"] and first != second and (first / B.ITEMS).exists()
+    manifest = [p.relative_to(first) for p in first.rglob("*") if p.is_file()]
+    for rel in manifest:  # the same inodes: one download, page cache shared
+        assert (first / rel).stat().st_ino == (second / rel).stat().st_ino \
+            == (shared / "v1" / "bundle" / rel).stat().st_ino
+
+    shutil.rmtree(tmp_path / "process-0" / "v1")  # what each ledger's prune does after a swap
+    fetch_once("2", shared, tmp_path / "process-0", download("2"))
+    assert (shared / "v1").exists()  # process-1 still links it
+    shutil.rmtree(tmp_path / "process-1" / "v1")
+    fetch_once("2", shared, tmp_path / "process-1", download("2"))
+    assert calls == ["1", "2"] and sorted(p.name for p in shared.iterdir()
+                                          if not p.name.startswith(".")) == ["v2", "v2.json"]
+
+    def broken(dest: Path) -> Path:
+        raise RuntimeError("digest")
+
+    with pytest.raises(RuntimeError):
+        fetch_once("3", shared, tmp_path / "process-0", broken)
+    assert not (shared / "v3.json").exists()  # no record: the next call downloads again
+    assert (fetch_once("3", shared, tmp_path / "process-0", download("3")) / B.ITEMS).exists()
+
+
+@pytest.mark.mlflow
+def test_two_server_processes_with_a_registry_download_the_bundle_once(world, mlflow_server,
+                                                                       tmp_path):
+    """``--processes 2`` with a registry: one download, hard-linked into each process's
+    folder (same inodes, so the mapped arrays are one copy in the page cache), both serve it."""
+    from serving.bundle_sync import BundleLedger
+    from tandem import registry
+    from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
+    from tests.test_serving import _req
+
+    alias = f"uss-{uuid.uuid4().hex[:8]}"
+    version = str(registry.log_bundle(world["bundle"], tracking_uri=mlflow_server.url,
+                                      alias=alias))
+    cache = tmp_path / "cache"
+    port, (metrics_port, _) = free_port(), free_ports(2)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--alias", alias, "--tracking-uri",
+         mlflow_server.url, "--cache-dir", str(cache), "--port", str(port), "--metrics-port",
+         str(metrics_port), "--processes", "2", "--ranker-backend", "lightgbm"],
+        cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        for mport in (metrics_port, metrics_port + 1):
+            while True:
+                log = (tmp_path / "server.log").read_text()[-3000:]
+                assert proc.poll() is None, f"server exited:\n{log}"
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=1)
+                    break
+                except OSError:
+                    assert time.time() < deadline, f"metrics port {mport} never opened:\n{log}"
+                    time.sleep(0.5)
+        download = cache / "shared" / f"v{version}"
+        assert [p.name for p in (cache / "shared").iterdir() if p.is_dir()] == [download.name]
+        files = {p.relative_to(download): p.stat() for p in download.rglob("*") if p.is_file()}
+        assert files and all(st.st_nlink == 3 for st in files.values())  # + one link each
+        for i in (0, 1):
+            own = (cache / f"process-{i}").resolve()
+            assert {rel: (own / download.name / rel).stat().st_ino for rel in files} == \
+                {rel: st.st_ino for rel, st in files.items()}
+            good = BundleLedger(own).last_good(alias)
+            assert good is not None and good[1] == version and own in good[0].parents
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        reply = pb_grpc.RecommenderStub(channel).Recommend(_req("u3"), timeout=30)
+        assert reply.model_version == version and len(reply.items) == 10
+        channel.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.mark.redis
