@@ -15,18 +15,24 @@ the ranker's label cut, the evaluation half of the users with label pairs (never
 half), a seeded sample of at most ``night.max_users``, get their candidates from the night's
 ALS (user vectors folded in from pre-cut pairs), two-tower and popularity through the night's
 ANN indexes, ranked by the night's LightGBM ranker; relevant = their pairs first engaged
-positively in [cut, end), pre-cut items excluded. Features come from the window's events
-in-process (``tandem.evaluation.feature_matrix``). It writes the run's bundle ``manifest.json``
+positively in [cut, end), pre-cut items excluded. Each request is asked as serving is asked and
+as the ranker learned: at the user's first labelled row after the cut, with that row's time
+(hour) and device (``tandem.night.ask_at_labels``; at the cut, device unknown, for a user without
+one). Features are computed in-process (``tandem.evaluation.feature_matrix``) from the request
+users' pre-cut events and, for the item features, every pre-cut event's item columns read into
+numpy (``tandem.lake.read_item_events``). It writes the run's bundle ``manifest.json``
 (``tandem.bundle.BundleManifest``): the parts present, the dataset label, the metrics
 (two-stage under plain names such as ``ndcg@10``, ``coverage@10``, ``diversity@10`` -- the names
 the promotion gates read -- and every model's as ``<model>.<metric>``) and params, plus the full
 report as ``eval.json`` beside it.
 
 Lake-mode memory model at 5M users x 1M items x 50M events: the table's pair columns
-(30M x 36 B = 1.1 GB), the window's events in pandas for the in-process features (50M x 400 B =
-20 GB: over the default ``TANDEM_DRIVER_BUDGET_MB``, which then stops the job with an error
-naming the setting -- at that scale the features must come from the feature store), the sampled
-users' candidates (20k x ~700 rows x ~50 features x 4 B = 2.8 GB).
+(30M x 36 B = 1.1 GB); the sampled users' (cap 20k) events in pandas (20k x ~100 x 400 B =
+0.8 GB) and label rows (20k x ~200 x 120 B = 0.5 GB); the item features' columns of every
+pre-cut event in numpy (50M x 56 B = 2.8 GB, where the window in pandas would be 20 GB); the
+sampled users' candidates (20k x ~700 rows x ~50 features x 4 B = 2.8 GB): ~8 GB peak, every read
+checked against ``TANDEM_DRIVER_BUDGET_MB`` first (an error naming it, not an OOM kill);
+``night.max_users`` is the knob.
 
 Both are pure functions of their inputs and config (fixed seeds).
 """
@@ -194,8 +200,10 @@ def manifest_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def night_report(batch, ranker, cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """The report of ``tandem.evaluation.evaluate``'s shape for one ``tandem.night.Batch``."""
+def night_report(batch, ranker, cfg: dict[str, Any], dataset: str, at_labels: int
+                 ) -> dict[str, Any]:
+    """The report of ``tandem.evaluation.evaluate``'s shape for one ``tandem.night.Batch``
+    whose ``at_labels`` requests were moved to their first labelled row."""
     import numpy as np
     import pandas as pd
 
@@ -234,12 +242,15 @@ def night_report(batch, ranker, cfg: dict[str, Any], dataset: str) -> dict[str, 
         "dataset": dataset,
         "protocol": {
             "split": "the night's bundle at the ranker's label cut: the evaluation half of the "
-                     "users with label pairs (a seeded sample), pre-cut pairs as history",
+                     "users with label pairs (a seeded sample), pre-cut pairs as history, each "
+                     "asked at their first labelled row after the cut (its time and device)",
             "relevant": "pairs first engaged positively after the cut",
             "filter": "items seen before the cut are excluded",
             "users": "averaged over the sampled evaluation users",
             "k": k, "n_users": n_users, "n_test_relevant": int(len(rel)),
             "n_train_pairs": req.n_history_pairs, "n_test_pairs": req.n_label_pairs,
+            "requests_at_label_time": at_labels,
+            "request_hours": int(len(np.unique(batch.requests.now_ms // 3_600_000))),
             "ranker": "the bundle's LightGBM ranker; sources are the bundle's models",
         },
         "models": models,
@@ -250,11 +261,26 @@ def night_report(batch, ranker, cfg: dict[str, Any], dataset: str) -> dict[str, 
     }
 
 
+def night_batch(paths: Paths, bundle_dir: Path, start: datetime, end: datetime, cut_ms: int,
+                cfg: dict[str, Any]):
+    """(``tandem.night.Batch``, ``tandem.night.LakeLabels``) of the evaluation half: candidates
+    from the bundle's sources, the inputs of in-process features (item features from every
+    pre-cut event's columns in numpy, nothing else beyond the request users), each request
+    asked at its user's first labelled row -- the rule the ranker trained with."""
+    from tandem import night as N
+    from tandem.lake import epoch_ms
+
+    batch = N.prepare(paths, bundle_dir, start, end, cut_ms, N.EVALUATION, cfg,
+                      item_events=True)
+    return batch, N.ask_at_labels(paths, batch, cut_ms, epoch_ms(end))
+
+
 def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any] | None = None,
         run_id: str | None = None, dataset: str = "lake") -> dict[str, Any]:
     """Lake mode: evaluate the night's bundle; write its ``manifest.json`` + ``eval.json``.
 
-    ``spark`` is unused (common job signature; the table and window are read with pyarrow).
+    ``spark`` is unused (common job signature; the table, the request users' rows and the item
+    columns of the window are read with pyarrow).
     ``cfg`` overrides ``jobs.train_ranker.CONFIG`` (candidate depths, label cut, ``night``).
     Returns the manifest's metrics.
     """
@@ -275,15 +301,16 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     if not (bundle_dir / B.TT_ITEM_VECTORS).exists():
         cfg["two_tower"] = None  # the bundle serves without two-tower: evaluate it that way
     cut_ms = epoch_ms(N.label_cut(start, end, cfg))
-    batch = N.prepare(paths, bundle_dir, start, end, cut_ms, N.EVALUATION, cfg,
-                      request_events_only=False)
-    report = night_report(batch, R.load(bundle_dir / B.RANKER_MODEL), cfg, dataset)
+    batch, lake = night_batch(paths, bundle_dir, start, end, cut_ms, cfg)
+    report = night_report(batch, R.load(bundle_dir / B.RANKER_MODEL), cfg, dataset,
+                          len(lake.first))
     bundle_dir.mkdir(parents=True, exist_ok=True)
     (bundle_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     protocol = report["protocol"]
     params = {"eval_start": start.isoformat(), "eval_end": end.isoformat(), "eval_k": cfg["k"],
               "eval_cut": datetime.fromtimestamp(cut_ms / 1000, UTC).isoformat(),
               "eval_users": protocol["n_users"],
+              "eval_requests_at_label_time": protocol["requests_at_label_time"],
               "eval_train_pairs": protocol["n_train_pairs"],
               "eval_test_pairs": protocol["n_test_pairs"],
               "two_tower": cfg["two_tower"] is not None,

@@ -30,8 +30,9 @@ transform:
        calls -- with the bundle's ALS unit vectors and top-K co-occurrence (the arrays serving
        loads); entity features from the feature store's point-in-time join as of ``cut``
        (``tandem.feature_store.training_frame``), or with ``feature_source="history"`` computed
-       in-process from the request users' pre-cut events (``tandem.evaluation``); ``"feast"``
-       falls back to ``"history"`` with a warning when no Feast repo is applied.
+       in-process (``tandem.evaluation``) from the request users' pre-cut events and, for the
+       item features, every pre-cut event's item columns in numpy; ``"feast"`` falls back to
+       ``"history"`` with a warning when no Feast repo is applied.
 load, into the run's bundle ``<models>/<run_id>``: ``ranker/model.txt`` (LightGBM),
     ``ranker/cooc.npz`` (the table's top-K co-occurrence, computed in Spark, as an items x items
     CSR in catalog order), ``features.json`` and ``ranker/meta.json``.
@@ -41,7 +42,8 @@ Memory model at 5M users x 1M items x 50M events: the table's pair columns (~30M
 ~0.5 GB), features only for the kept rows (~30% + explicit negatives: ~4M x ~50 x 4 B = 0.8 GB),
 the request users' label and negative rows after ``cut`` (20k x ~200 x 120 B = 0.5 GB),
 their pre-cut events in pandas (20k x ~100 x 400 B = 0.8 GB), the cooc CSR 1M x 100 x 8 B =
-0.8 GB: ~5 GB peak; every read is checked against
+0.8 GB: ~5 GB peak; with ``feature_source="history"`` also the pre-cut events' item columns in
+numpy (50M x 56 B = 2.8 GB, ``tandem.lake.read_item_events``); every read is checked against
 ``TANDEM_DRIVER_BUDGET_MB`` and the cap ``max_users`` is the knob.
 
     python -m jobs.train_ranker --start 2026-01-01T00:00:00 --end 2026-01-02T00:00:00 \
@@ -175,10 +177,8 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     if not (bundle_dir / TT_ITEM_VECTORS).exists():
         cfg["two_tower"] = None  # serve-time features must match: no two-tower, no such source
     batch = N.prepare(paths, bundle_dir, start, end, cut_ms, N.RANKER, cfg,
-                      request_events_only=source == "feast")
-    lake = N.lake_labels(paths, batch.catalog.user_ids, batch.catalog.item_ids, batch.req,
-                         cut_ms, epoch_ms(end))
-    batch.requests = N.requests_at_labels(batch.requests, lake)
+                      item_events=source == "history")
+    lake = N.ask_at_labels(paths, batch, cut_ms, epoch_ms(end))
     X, y, groups = training_set(batch, lake, cfg, store)
     if not len(y):
         raise ValueError(f"no positive labels in [{pd.Timestamp(cut_ms, unit='ms')}, {end}): "
@@ -195,7 +195,8 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
               "request_users": len(batch.req.user_rows),
               "history_pairs": batch.req.n_history_pairs,
               "label_pairs": batch.req.n_label_pairs,
-              "history_events": int(len(batch.fitted.history)),
+              "request_history_events": int(len(batch.fitted.history)),
+              "item_events": int(len(batch.fitted.item_events or ())),
               "feature_source": source, "bundle_dir": str(bundle_dir)}
     load(model, batch.fitted.space.cooc, bundle_dir, counts)
     return counts

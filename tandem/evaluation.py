@@ -32,7 +32,9 @@ Protocol (issue 4):
 
 Entity features are computed point-in-time at each user's request time (the time of the user's
 first held-out event) with the :mod:`tandem.features` transforms, from raw rows that
-:func:`user_rows` / :func:`item_rows_at` / :func:`session_rows` derive from the history; the
+:func:`user_rows` / :func:`item_rows_at` / :func:`session_rows` derive from the history (the
+item rows from :class:`tandem.item_events.ItemEvents`, every history event in four numpy
+columns, which the nightly jobs stream from the lake instead of loading the window); the
 feature store's historical path serves the same raw fields to ``jobs/train_ranker.py``.
 """
 
@@ -52,6 +54,7 @@ from tandem import als as A
 from tandem import diversify as D
 from tandem import diversify_sweep as DS
 from tandem import features as F
+from tandem import item_events as IE
 from tandem import metrics as M
 from tandem import query_history as QH
 from tandem import ranker as R
@@ -163,6 +166,8 @@ class Fitted:
     sequence_recent : int [n_users, L] each user's query history at the end of the history
         (``tandem.query_history``, at most its ``max_len``), newest first: the model's query
     catalog : the catalog the content source reads genres from (None: no content source)
+    item_events : every history event as the item features count it (None: the item features
+        come from the feature store)
     """
 
     history: pd.DataFrame
@@ -175,6 +180,7 @@ class Fitted:
     sequence: Any = None
     sequence_recent: np.ndarray | None = None
     catalog: Catalog | None = None
+    item_events: IE.ItemEvents | None = None
 
 
 def _indexed(events: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:
@@ -213,7 +219,8 @@ def fit_sources(history: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any] = E
         timings["sequence_fit_s"] = time.perf_counter() - t0
     space = RF.ItemSpace(RF.unit_rows(als.item_factors), RF.cooccurrence(seen))
     return Fitted(history, seen, popularity, als, tower, space, timings, sequence, recent,
-                  catalog if cfg.get("content_k") else None)
+                  catalog if cfg.get("content_k") else None,
+                  IE.ItemEvents.of(history, catalog.item_ids))
 
 
 def content_inputs(history: pd.DataFrame, catalog: Catalog, popularity: np.ndarray,
@@ -415,28 +422,25 @@ def user_rows(history: pd.DataFrame, catalog: Catalog, rows: np.ndarray, now_ms:
                          for k, v in out.items()})
 
 
-def item_rows_at(history: pd.DataFrame, catalog: Catalog, items: np.ndarray,
+def item_rows_at(events: IE.ItemEvents, catalog: Catalog, items: np.ndarray,
                  now_ms: np.ndarray) -> dict[str, Any]:
     """Raw item feature columns (``features.ITEM_FIELDS``), one row per (item, now) query.
 
     Returned as a column mapping (genres as a pyarrow list array, no per-row Python objects).
 
     Popularity windows, rating mean and last-event time are point-in-time: only history events
-    strictly before the query's ``now_ms`` count.
+    (``events``, every user's) strictly before the query's ``now_ms`` count.
     """
-    hist = _indexed(history, catalog).sort_values(["item_idx", S.TS], kind="stable")
-    keys, ts = hist["item_idx"].to_numpy(), hist[S.TS].to_numpy(np.int64)
-    etype = hist[S.EVENT_TYPE].to_numpy()
-    engaged = (etype != S.IMPRESSION).astype(np.float64)
-    is_rating = (etype == S.RATING).astype(np.float64)
-    value = np.where(is_rating > 0, pd.to_numeric(hist[S.VALUE], errors="coerce").fillna(0.0),
-                     0.0)
+    keys, ts, etype = events.item, events.ts, events.event_type
+    engaged = (etype != IE.IMPRESSION).astype(np.float64)
+    is_rating = (etype == IE.RATING).astype(np.float64)
+    value = events.rating
     out = {f"item_pop_{w}": _window_counts(keys, ts, engaged, items, now_ms, ms)
            for w, ms in WINDOWS_MS.items()}
     out["item_pop_total"] = _window_counts(keys, ts, engaged, items, now_ms, None)
     week = WINDOWS_MS["7d"]
-    imps = _window_counts(keys, ts, (etype == S.IMPRESSION).astype(float), items, now_ms, week)
-    clicks = _window_counts(keys, ts, (etype == S.CLICK).astype(float), items, now_ms, week)
+    imps = _window_counts(keys, ts, (etype == IE.IMPRESSION).astype(float), items, now_ms, week)
+    clicks = _window_counts(keys, ts, (etype == IE.CLICK).astype(float), items, now_ms, week)
     out["item_impressions_7d"], out["item_clicks_7d"] = imps, clicks
     out["item_ctr"] = (clicks + F.CTR_PRIOR_A) / (imps + F.CTR_PRIOR_A + F.CTR_PRIOR_B)
     n_ratings = _window_counts(keys, ts, is_rating, items, now_ms, None)
@@ -535,7 +539,9 @@ def feature_matrix(fitted: Fitted, catalog: Catalog, req: Requests, cands: pd.Da
     urows = user_rows(fitted.history, catalog, req.user_rows, req.now_ms, cfg["play_dwell_ms"])
     user_mat = F.user_matrix(urows, req.now_ms)
     items = cands["item"].to_numpy()
-    irows = item_rows_at(fitted.history, catalog, items, req.now_ms[local])
+    if fitted.item_events is None:
+        raise ValueError("no item events: these item features come from the feature store")
+    irows = item_rows_at(fitted.item_events, catalog, items, req.now_ms[local])
     item_mat = F.item_matrix(irows, req.now_ms[local])
     sess, recent = session_rows(fitted.history, catalog, req.user_rows, RF.N_RECENT)
     session_mat = F.session_matrix(sess, req.now_ms)

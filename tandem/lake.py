@@ -1,17 +1,19 @@
 """The lake as single-machine learners read it, with pyarrow (no Spark): the night's int-coded
-training table (:class:`TrainingTable`, the learners' input) and one interval as a
-:class:`tandem.dataset.Dataset` (:func:`read_window`).
+training table (:class:`TrainingTable`, the learners' input), the sampled request users' rows of
+one interval as a :class:`tandem.dataset.Dataset` (:func:`read_window`) and the item features'
+columns of every event of an interval in numpy (:func:`read_item_events`).
 
 Models learn from the table only (``jobs/build_training_table.py`` writes it in Spark). The
-ranker's and the evaluation's in-process features still need raw events: they read them through
-:func:`read_window` (only the sampled request users' events when the feature store serves the
-entity features), with the same window rules as the Spark table, so every part of one bundle sees
-the same rows:
+ranker's and the evaluation's in-process features also need raw events: the request users'
+rows (a cap, whatever the platform's size) through :func:`read_window`, and for the item
+features, which count every user's events, four numpy columns streamed batch by batch through
+:func:`read_item_events` -- never a pandas frame of the window. Both use the window rules of the
+Spark table, so every part of one bundle sees the same rows:
 
 - events with ``start <= ts < end`` whose arrival partition ``date >= day(start)`` (nothing
   arrives before it happens; late arrivals after ``end`` still count), sorted by (ts, event_id);
 - items created before ``end`` (the catalog as it stood at the end of the window);
-- every user profile (or the requested users').
+- the requested users' profiles.
 """
 
 from __future__ import annotations
@@ -20,15 +22,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import scipy.sparse as sp
 
 from tandem import schema as s
 from tandem.config import Paths, within_driver_budget
 from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform
+from tandem.item_events import EVENT_CODES, ItemEvents
 
 EVENT_ROW_BYTES = 400  # one event row in pandas: 17 columns, most of them Python strings
+# one event in ItemEvents (21 B), held twice while it is sorted by (item, ts), plus the sort's
+# int64 order; later a windowed count's int64 keys and cumulative sums fit in the same peak
+ITEM_EVENT_BYTES = 56
+ITEM_EVENT_CHUNK = 1 << 20  # events coded per catalog lookup in read_item_events
 PARTITIONS = ds.partitioning(pa.schema([(s.DATE, pa.string()), (s.HOUR, pa.int32())]),
                              flavor="hive")
 
@@ -43,13 +52,24 @@ def day_of(t: datetime) -> str:
     return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%d")
 
 
-def read_window(paths: Paths, start: datetime, end: datetime, name: str = "lake",
-                user_ids: list[str] | None = None) -> Dataset:
-    """Events of ``[start, end)``, items created before ``end`` and all profiles.
+def _window(start: datetime, end_ms: int) -> ds.Expression:
+    """The window rule on lake events: ``start <= ts < end_ms``, arrival ``date >= day(start)``."""
+    return ((ds.field(s.DATE) >= day_of(start)) & (ds.field(s.TS) >= epoch_ms(start))
+            & (ds.field(s.TS) < end_ms))
 
-    ``user_ids`` restricts events and profiles to those users (the nightly ranker and evaluation
-    read only their sampled request users' rows); the size is checked against the driver budget
-    before anything is loaded.
+
+def _events(paths: Paths) -> ds.Dataset:
+    return ds.dataset(paths.events, format="parquet", partitioning=PARTITIONS)
+
+
+def read_window(paths: Paths, start: datetime, end: datetime, user_ids: list[str],
+                name: str = "lake") -> Dataset:
+    """The events of ``user_ids`` in ``[start, end)``, items created before ``end`` and those
+    users' profiles.
+
+    Only the nightly ranker's and evaluation's sampled request users are read (a cap, not the
+    platform's user count); the size is checked against the driver budget before anything is
+    loaded. Item features, which need every user's events, read :func:`read_item_events`.
 
     Returns
     -------
@@ -57,13 +77,12 @@ def read_window(paths: Paths, start: datetime, end: datetime, name: str = "lake"
         Frames with exactly :data:`tandem.dataset.EVENT_COLUMNS` / ``ITEM_COLUMNS`` /
         ``USER_COLUMNS``; events sorted by (ts, event_id), items by item_id, users by user_id.
     """
-    lo, hi = epoch_ms(start), epoch_ms(end)
-    window = (ds.field(s.DATE) >= day_of(start)) & (ds.field(s.TS) >= lo) & (ds.field(s.TS) < hi)
-    who = None if user_ids is None else ds.field(s.USER_ID).isin(pa.array(user_ids, pa.string()))
-    lake_events = ds.dataset(paths.events, format="parquet", partitioning=PARTITIONS)
-    window = window if who is None else window & who
+    hi = epoch_ms(end)
+    who = ds.field(s.USER_ID).isin(pa.array(user_ids, pa.string()))
+    window = _window(start, hi) & who
+    lake_events = _events(paths)
     within_driver_budget(lake_events.count_rows(filter=window) * EVENT_ROW_BYTES,
-                         f"the events of [{start}, {end}) in pandas")
+                         f"the request users' events of [{start}, {end}) in pandas")
     events = lake_events.to_table(columns=list(EVENT_COLUMNS), filter=window).sort_by(
         [(s.TS, "ascending"), (s.EVENT_ID, "ascending")])
     items = ds.dataset(paths.items, format="parquet").to_table(
@@ -72,6 +91,59 @@ def read_window(paths: Paths, start: datetime, end: datetime, name: str = "lake"
     return Dataset(conform(events.to_pandas(), EVENT_COLUMNS),
                    conform(items.to_pandas(), ITEM_COLUMNS),
                    conform(users.to_pandas(), USER_COLUMNS), name)
+
+
+def read_item_events(paths: Paths, start: datetime, end_ms: int, item_ids: pd.Index
+                     ) -> ItemEvents:
+    """Every event of ``[start, end_ms)`` (the window rule) of an item in ``item_ids`` (the
+    bundle's catalog order) as :class:`tandem.item_events.ItemEvents`: the item features' input.
+
+    Streamed: ``ITEM_EVENT_CHUNK`` rows at a time, the item and type strings of a chunk are coded
+    against the catalog and dropped, so no string column (let alone a pandas frame) of the window
+    is ever held. Every event's user is in the bundle (the table's user dictionary holds every
+    user with an event in the window), so users are not read. Memory: ``ITEM_EVENT_BYTES`` per
+    event, checked against the driver budget before the read (the count and the read go through
+    one ``Dataset``, i.e. the same files, so the arrays sized by the count hold the read).
+    """
+    where = _window(start, end_ms)
+    data = _events(paths)
+    n_rows = data.count_rows(filter=where)
+    within_driver_budget(n_rows * ITEM_EVENT_BYTES,
+                         f"the item columns of {n_rows:,} events of [{start}, {end_ms} ms)")
+    catalog = pa.array(item_ids.to_numpy(object), pa.string())
+    types = pa.array(EVENT_CODES.to_numpy(object), pa.string())
+    item = np.empty(n_rows, np.int32)
+    ts = np.empty(n_rows, np.int64)
+    etype = np.empty(n_rows, np.int8)
+    value = np.empty(n_rows, np.float64)
+    filled = 0
+
+    def code(chunk: list[pa.RecordBatch]) -> None:
+        nonlocal filled
+        table = pa.Table.from_batches(chunk)
+        ids = pc.cast(table[s.ITEM_ID], pa.string())
+        codes = pc.fill_null(pc.index_in(ids, value_set=catalog), -1).to_numpy()
+        known = codes >= 0  # events of items outside the catalog: no feature asks for them
+        end = filled + int(known.sum())
+        item[filled:end] = codes[known]
+        ts[filled:end] = table[s.TS].to_numpy()[known]
+        kinds = pc.cast(table[s.EVENT_TYPE], pa.string())
+        etype[filled:end] = pc.fill_null(pc.index_in(kinds, value_set=types), -1).to_numpy()[known]
+        value[filled:end] = pc.fill_null(pc.cast(table[s.VALUE], pa.float64()), np.nan)\
+            .to_numpy()[known]
+        filled = end
+
+    chunk, rows = [], 0
+    for batch in data.to_batches(columns=[s.ITEM_ID, s.TS, s.EVENT_TYPE, s.VALUE],
+                                 filter=where):
+        chunk.append(batch)
+        rows += batch.num_rows
+        if rows >= ITEM_EVENT_CHUNK:  # one catalog lookup table per chunk, not per small file
+            code(chunk)
+            chunk, rows = [], 0
+    if chunk:
+        code(chunk)
+    return ItemEvents.sorted(item[:filled], ts[:filled], etype[:filled], value[:filled])
 
 
 # ----------------------------------------------------------------- the int-coded training table

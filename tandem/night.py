@@ -24,12 +24,18 @@ before ``cut``? Labels are the user's pairs first engaged positively in ``[cut, 
 
 The item side (factors, vectors, co-occurrence) was fit on the whole window, labels included:
 the price of fitting once, documented rather than hidden. The evaluation therefore measures the
-stack serving will run, on held-out users and a held-out period of their history.
+stack serving will run, on held-out users and a held-out period of their history. Both the
+ranker and the evaluation then ask each request at the user's first labelled row after the cut
+(:func:`ask_at_labels`: its time and device, what serving's ranker sees), history still cut at
+``cut``.
 
 Memory model at 5M users x 1M items x 50M events (~30M pairs): the table's pair columns in numpy,
 30M x 44 B = 1.3 GB (checked against ``TANDEM_DRIVER_BUDGET_MB`` by ``tandem.lake``); per request
 user, the index answer (k + seen) x 12 B and the history row; with the default cap of 20k users,
-~0.1 GB. The item factors / vectors 1M x 32..64 x 4 B and the indexes ~0.5 GB.
+~0.1 GB. The item factors / vectors 1M x 32..64 x 4 B and the indexes ~0.5 GB. The request
+users' events in pandas, 20k x ~100 x 400 B = 0.8 GB; for in-process item features, every
+pre-cut event's item columns in numpy (``tandem.lake.read_item_events``), 50M x 56 B = 2.8 GB
+(the window in pandas would be 20 GB); both checked against the budget before the read.
 """
 
 from __future__ import annotations
@@ -305,6 +311,18 @@ def requests_at_labels(at_cut, lake: LakeLabels):
                         first[S.CTX_DEVICE].to_numpy(object), at_cut.sequence_recent)
 
 
+def ask_at_labels(paths, batch: Batch, cut_ms: int, end_ms: int) -> LakeLabels:
+    """Read ``batch``'s users' lake labels (:func:`lake_labels`) and move ``batch.requests`` to
+    each user's first labelled row (:func:`requests_at_labels`): the one rule by which the
+    ranker's training and the nightly evaluation ask a request, with the hour and device
+    serving's ranker sees. Returns the labels (the ranker's explicit negatives come from them).
+    """
+    lake = lake_labels(paths, batch.catalog.user_ids, batch.catalog.item_ids, batch.req, cut_ms,
+                       end_ms)
+    batch.requests = requests_at_labels(batch.requests, lake)
+    return lake
+
+
 def pair_mask(cands: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
     """bool [n]: the candidate's (user_row, item) is one of ``pairs``."""
     keys = pd.MultiIndex.from_arrays([pairs["user_row"], pairs["item"]])
@@ -330,23 +348,23 @@ class Batch:
     cands: pd.DataFrame
     labels: np.ndarray
     catalog: Any  # tandem.evaluation.Catalog, in the bundle's order
-    fitted: Any  # tandem.evaluation.Fitted: pre-cut events of the window + the ItemSpace
-    requests: Any  # tandem.evaluation.Requests at the cut
+    fitted: Any  # tandem.evaluation.Fitted: the request users' pre-cut events, the pre-cut
+    # item events (or None) and the ItemSpace
+    requests: Any  # tandem.evaluation.Requests at the cut; at the labels after ask_at_labels
 
 
 def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: dict[str, Any],
-            request_events_only: bool) -> Batch:
+            item_events: bool) -> Batch:
     """Requests, retrieval through the night's indexes, and the feature inputs of ``role``.
 
     ``cfg`` carries the candidate depths (``als_k``, ``two_tower_k``, ``sequence_k``,
-    ``popular_k``; a
-    ``retrieval_k`` deeper list when set, for recall), ``als`` (fold-in) and ``night``
-    (:data:`NIGHT_CONFIG` overrides). ``request_events_only`` reads only the request users' events
-    (entity features come from the feature store; only their recent items are derived here);
-    otherwise every event of the window is read, for the in-process feature path.
+    ``popular_k``; a ``retrieval_k`` deeper list when set, for recall), ``als`` (fold-in) and
+    ``night`` (:data:`NIGHT_CONFIG` overrides). Only the request users' events are read as a
+    frame (their user, session and content inputs); ``item_events`` also reads every pre-cut
+    event's item columns into numpy (``tandem.lake.read_item_events``) for the in-process item
+    features -- False when the feature store serves them. The window is never a pandas frame.
     """
     from tandem import evaluation as E
-    from tandem.lake import read_window
 
     night_cfg = {**NIGHT_CONFIG, **cfg.get("night", {})}
     table = L.TrainingTable.of(paths, bundle_dir.name)
@@ -355,7 +373,7 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
     item_ids = pd.Index(pd.read_parquet(bundle_dir / B.ITEMS, columns=[S.ITEM_ID])[S.ITEM_ID])
     user_ids = pd.Index(pd.read_parquet(bundle_dir / B.USERS, columns=[S.USER_ID])[S.USER_ID])
     asked = user_ids[req.user_rows]
-    data = read_window(paths, start, end, user_ids=list(asked) if request_events_only else None)
+    data = L.read_window(paths, start, end, user_ids=list(asked))
     profiles = data.users.drop_duplicates(S.USER_ID).set_index(S.USER_ID)
     depth = {"als": cfg["als_k"], "popularity": cfg["popular_k"]}
     if night.tower is not None and cfg.get("two_tower") is not None:
@@ -375,7 +393,9 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
     # the sequence model (for sequence_affinity) queried as its retrieval source is
     sequence = night.sequence if "sequence" in depth else None
     fitted = E.Fitted(events[known & (events[S.TS] < cut_ms)].reset_index(drop=True),
-                      req.history, req.popularity, None, None, space, sequence=sequence)
+                      req.history, req.popularity, None, None, space, sequence=sequence,
+                      item_events=L.read_item_events(paths, start, cut_ms, item_ids)
+                      if item_events else None)
     at_cut = E.Requests(req.user_rows, np.full(len(req.user_rows), cut_ms, np.int64),
                         np.full(len(req.user_rows), None, dtype=object),
                         req.recent if sequence is not None else None)

@@ -1,4 +1,4 @@
-"""The ALS and ranker jobs on a tiny lake written with pandas (Spark reads it)."""
+"""The ALS, ranker and nightly evaluate jobs on a tiny lake written with pandas (Spark reads it)."""
 
 import json
 from datetime import datetime
@@ -242,7 +242,8 @@ def test_ranker_training_set_reads_the_lake_labels_at_each_requests_time(spark, 
     train_als.run(None, paths, start, end, cfg["als"])
     build_index.run(None, paths, start, end)
     cut = epoch_ms(N.label_cut(start, end, cfg))
-    batch = N.prepare(paths, run_bundle_dir(paths, end), start, end, cut, N.RANKER, cfg, False)
+    batch = N.prepare(paths, run_bundle_dir(paths, end), start, end, cut, N.RANKER, cfg,
+                      item_events=True)
     at_cut = batch.requests
 
     def training_set():
@@ -273,6 +274,106 @@ def test_ranker_training_set_reads_the_lake_labels_at_each_requests_time(spark, 
     assert (y == 0).sum() == with_positive.sum() > 0
     assert set(np.unique(groups)) <= set(batch.req.user_rows)
     assert isinstance(batch.requests, E.Requests)
+
+
+def _night(spark, paths, n_eval_users=24):
+    """The tiny lake's night up to the ranker (history features), and evaluate's config."""
+    from jobs import build_index, build_training_table, train_als, train_ranker
+
+    _write_lake(paths)
+    start, end = datetime(2024, 1, 1), datetime(2024, 1, 10)
+    als = {**train_ranker.CONFIG["als"], "factors": 4, "iterations": 5}
+    cfg = {"two_tower": None, "label_days": 3, "als_k": 6, "popular_k": 3, "retrieval_k": 12,
+           "content_k": 3, "als": als, "night": {"max_users": n_eval_users}}
+    build_training_table.run(spark, paths, start, end)
+    train_als.run(None, paths, start, end, als)
+    build_index.run(None, paths, start, end)
+    train_ranker.run(None, paths, start, end, {
+        **cfg, "feature_source": "history",
+        "ranker": {**train_ranker.CONFIG["ranker"], "n_estimators": 5, "min_child_samples": 2}})
+    return start, end, cfg
+
+
+@pytest.mark.spark
+def test_nightly_evaluate_reads_columns_never_a_pandas_window(spark, paths, monkeypatch):
+    """The window's item columns are streamed into numpy in chunks; the features equal those
+    computed from the whole window as a pandas frame; and the job runs under a driver budget
+    that the window in pandas does not fit, with the same numbers."""
+    import dataclasses
+
+    from jobs import evaluate
+    from tandem import evaluation as E
+    from tandem import lake as L
+    from tandem import night as N
+    from tandem.item_events import ItemEvents
+
+    start, end, cfg = _night(spark, paths, n_eval_users=4)
+    metrics = evaluate.run(None, paths, start, end, cfg)
+    assert 0.0 <= metrics["ndcg@10"] <= 1.0 and "als.ndcg@10" in metrics
+    # several chunks of 5 events, each coded against the catalog on its own
+    monkeypatch.setattr(L, "ITEM_EVENT_CHUNK", 5)
+    bundle = paths.models / "20240110"
+    full = {**E.EVAL_CONFIG, **N.CUT_CONFIG, **cfg}
+    cut = L.epoch_ms(N.label_cut(start, end, full))
+    batch, _ = evaluate.night_batch(paths, bundle, start, end, cut, full)
+    asked = set(batch.catalog.user_ids[batch.req.user_rows])
+    assert len(asked) == 4 and set(batch.fitted.history[S.USER_ID]) == asked
+    window = L.read_window(paths, start, end, user_ids=list(batch.catalog.user_ids))
+    before = window.events[window.events[S.TS] < cut].reset_index(drop=True)
+    # item features count every user's pre-cut events (3 engagements + 1 impression each)
+    assert len(batch.fitted.item_events) == len(before) == 24 * 4
+    whole = dataclasses.replace(batch.fitted, history=before,
+                                item_events=ItemEvents.of(before, batch.catalog.item_ids))
+    for name in ("item", "ts", "event_type", "rating"):
+        np.testing.assert_array_equal(getattr(batch.fitted.item_events, name),
+                                      getattr(whole.item_events, name))
+    X = E.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, full)
+    np.testing.assert_array_equal(
+        X, E.feature_matrix(whole, batch.catalog, batch.requests, batch.cands, full))
+    # a budget half the window's pandas frame: the old whole-window read stops, evaluate runs
+    n_window = len(window.events)
+    monkeypatch.setenv("TANDEM_DRIVER_BUDGET_MB", str(n_window * L.EVENT_ROW_BYTES / 2 / 2**20))
+    with pytest.raises(MemoryError, match="TANDEM_DRIVER_BUDGET_MB"):
+        L.read_window(paths, start, end, user_ids=list(batch.catalog.user_ids))
+    assert evaluate.run(None, paths, start, end, cfg) == metrics
+
+
+@pytest.mark.spark
+def test_nightly_evaluate_asks_each_request_at_its_labelled_row(spark, paths):
+    """As the ranker trains and serving is asked: each evaluated user at their first labelled
+    row after the cut, with its hour and device; retrieval-only numbers do not move."""
+    from jobs import evaluate
+    from tandem import bundle as B
+    from tandem import evaluation as E
+    from tandem import lake as L
+    from tandem import night as N
+    from tandem import ranking_features as RF
+
+    start, end, cfg = _night(spark, paths)
+    bundle = paths.models / "20240110"
+    at_cut = evaluate.run(None, paths, start, end, cfg)
+    assert B.BundleManifest.load(bundle).params["eval_requests_at_label_time"] == 0
+    _write_label_tables(paths)
+    full = {**E.EVAL_CONFIG, **N.CUT_CONFIG, **cfg}
+    cut = L.epoch_ms(N.label_cut(start, end, full))
+    batch, lake = evaluate.night_batch(paths, bundle, start, end, cut, full)
+    users = batch.catalog.user_ids[batch.req.user_rows]
+    assert len(lake.first) == len(users) > 1
+    X = E.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, full)
+    number = np.array([int(u[1:]) for u in batch.catalog.user_ids[batch.cands["user_row"]]])
+    hour, device = (RF.FEATURE_NAMES.index(c) for c in ("ctx_hour", "ctx_device_code"))
+    np.testing.assert_array_equal(X[:, hour], number % 12)
+    np.testing.assert_array_equal(
+        X[:, device], [RF.DEVICES.index(("ios", "tv", "web")[n % 3]) + 1 for n in number])
+    assert len(np.unique(X[:, hour])) > 1
+    # the job asks the same way, and only the two-stage (ranked) numbers can move
+    at_labels = evaluate.run(None, paths, start, end, cfg)
+    params = B.BundleManifest.load(bundle).params
+    assert params["eval_requests_at_label_time"] == params["eval_users"] == len(users)
+    report = json.loads((bundle / evaluate.REPORT).read_text())
+    assert report["protocol"]["request_hours"] == len({int(u[1:]) % 12 for u in users})
+    unmoved = [k for k in at_cut if k.startswith(("als.", "popularity.", "retrieval."))]
+    assert unmoved and {k: at_labels[k] for k in unmoved} == {k: at_cut[k] for k in unmoved}
 
 
 @pytest.mark.spark
