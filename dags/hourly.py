@@ -4,7 +4,7 @@ per hour (``embed_new_items``: items created since the nightly build become retr
 Each task reads and overwrites only its data interval's partitions, so clearing and re-running a
 run (or backfilling a range with the ``start``/``end`` params) is safe. Every task waits for the
 same task of the previous hour (``depends_on_past``): ingest deduplicates against the ids the
-earlier hours wrote, and the features roll forward from the previous hour's partials.
+earlier hours wrote, and the features roll forward from the previous hour's state.
 """
 
 from __future__ import annotations

@@ -6,12 +6,17 @@ transforms live in ``tandem/features.py``. Sources are the lake's feature parque
 DuckDB offline store reads paths as given. ``tandem.feature_store.apply(paths)`` loads this file
 with ``TANDEM_HOME`` set to that state root and registers the objects in ``paths.feast``.
 
-TTLs (how far back a point-in-time join or online read may reach for a row):
+TTLs (how far back a point-in-time join or online read may reach for a row).
+``jobs/build_features.py`` writes a row only when an entity's values change, so a TTL must cover
+the longest gap between two rows of an entity whose values are not the defaults:
 
-- user_profile 30 d: demographics and taste change slowly; survives missed daily runs.
-- user_activity, item_popularity 2 d: windowed counts are "as of" their row; an older row would
-  pass stale 1h/24h/7d windows off as current. The daily job writes one row per entity per day.
-- item_content 365 d: catalog attributes hardly change.
+- user_profile, item_content: none (lives forever). Demographics and catalog columns may never
+  change again after an entity's first row; the lookback-based ones (mean rating, affinity) are
+  rewritten whenever they change.
+- user_activity, item_popularity: the lookback (``FEATURE_LOOKBACK_DAYS``). After an entity's
+  last landed event, rows follow as it leaves the 1h, 24h, 7d and lookback windows; the longest
+  gap between two of them (leaving 7d, then the lookback: at most a day between snapshots more)
+  is under the lookback, and the last of them holds only defaults.
 - user_session 2 h: a session ends after 30 min of inactivity; older rows describe a past visit.
 """
 
@@ -43,11 +48,11 @@ item = Entity(name=s.ITEM_ENTITY, join_keys=[s.ITEM_ID], value_type=ValueType.ST
 
 # ------------------------------------------------------------------------------------- sources
 user_source = FileSource(
-    name=s.USER_SOURCE, path=f"{_LAKE}/user/*/*.parquet", timestamp_field=s.EVENT_TIMESTAMP,
-    description="jobs/build_features.py: one row per user per daily snapshot", tags=_TAGS)
+    name=s.USER_SOURCE, path=f"{_LAKE}/user/*/*/*.parquet", timestamp_field=s.EVENT_TIMESTAMP,
+    description="jobs/build_features.py: a row per user per snapshot it changed in", tags=_TAGS)
 item_source = FileSource(
-    name=s.ITEM_SOURCE, path=f"{_LAKE}/item/*/*.parquet", timestamp_field=s.EVENT_TIMESTAMP,
-    description="jobs/build_features.py: one row per item per daily snapshot", tags=_TAGS)
+    name=s.ITEM_SOURCE, path=f"{_LAKE}/item/*/*/*.parquet", timestamp_field=s.EVENT_TIMESTAMP,
+    description="jobs/build_features.py: a row per item per snapshot it changed in", tags=_TAGS)
 session_batch = FileSource(
     name=s.SESSION_BATCH_SOURCE, path=f"{_LAKE}/session/*.parquet",
     timestamp_field=s.EVENT_TIMESTAMP,
@@ -58,19 +63,19 @@ session_push = PushSource(name=s.SESSION_PUSH_SOURCE, batch_source=session_batch
 
 # ------------------------------------------------------------------------------- feature views
 user_profile = FeatureView(
-    name=s.USER_PROFILE_VIEW, entities=[user], ttl=timedelta(days=30),
+    name=s.USER_PROFILE_VIEW, entities=[user], ttl=timedelta(0),
     schema=_schema(s.USER_PROFILE_FIELDS), source=user_source, online=True, tags=_TAGS,
     description="demographics, signup, smoothed mean rating, genre affinity")
 user_activity = FeatureView(
-    name=s.USER_ACTIVITY_VIEW, entities=[user], ttl=timedelta(days=2),
+    name=s.USER_ACTIVITY_VIEW, entities=[user], ttl=timedelta(days=s.FEATURE_LOOKBACK_DAYS),
     schema=_schema(s.USER_ACTIVITY_FIELDS), source=user_source, online=True, tags=_TAGS,
     description="engagement counts over 1h/24h/7d/lookback and the last event time")
 item_content = FeatureView(
-    name=s.ITEM_CONTENT_VIEW, entities=[item], ttl=timedelta(days=365),
+    name=s.ITEM_CONTENT_VIEW, entities=[item], ttl=timedelta(0),
     schema=_schema(s.ITEM_CONTENT_FIELDS), source=item_source, online=True, tags=_TAGS,
     description="genres, release year, duration, catalog entry time")
 item_popularity = FeatureView(
-    name=s.ITEM_POPULARITY_VIEW, entities=[item], ttl=timedelta(days=2),
+    name=s.ITEM_POPULARITY_VIEW, entities=[item], ttl=timedelta(days=s.FEATURE_LOOKBACK_DAYS),
     schema=_schema(s.ITEM_POPULARITY_FIELDS), source=item_source, online=True, tags=_TAGS,
     description="popularity over 1h/24h/7d, smoothed CTR, smoothed mean rating")
 user_session = FeatureView(

@@ -15,7 +15,11 @@ Lake layout (all parquet unless said otherwise)::
     lake/negatives/{retrieval,ranking}/date=/         sampled negatives
     lake/aggregates/{item_day,pos_day}/date=/         per day: engagements per item, positive
                                                       (user, item) pairs (negative sampling)
-    lake/features/{user,item}/date=/                  time-stamped feature rows (event_timestamp)
+    lake/aggregates/features_{user,item}/date=/hour=/ per landing hour: per-entity feature partials
+    lake/aggregates/features_{user,item}_state/date=/hour=/  every entity's rolled windows at the
+                                                      last snapshot (jobs/build_features.py)
+    lake/features/{user,item}/date=/hour=/            feature rows of the entities that changed at
+                                                      a snapshot (event_timestamp)
     lake/training/run_id=/{users,items,interactions,cooc}/  int-coded training table of a nightly
                                                       run (jobs/build_training_table.py)
     models/  mlflow/  feast/  kafka/  airflow/        component state

@@ -7,6 +7,7 @@ user u1 has snapshots at T0 (mean rating 4.0) and T1 (2.0); items i0..i3 have a 
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,16 +43,23 @@ def item_row(k: int, ts: pd.Timestamp) -> dict:
             "item_ratings_total": k, "item_last_event_ts": int(ts.value // 1_000_000) - k}
 
 
+def snapshot_folder(root: Path, ts: pd.Timestamp) -> Path:
+    """The date/hour partition build_features writes a snapshot at ``ts`` to (that of ts - 1 ms),
+    created."""
+    closes = ts - pd.Timedelta(milliseconds=1)
+    folder = root / f"date={closes.date()}" / f"hour={closes.hour}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def write_features(paths: Paths, t0: pd.Timestamp = T0, t1: pd.Timestamp = T1) -> None:
-    """The lake's feature parquet as build_features lays it out (date partitions)."""
+    """The lake's feature parquet as build_features lays it out (date/hour partitions)."""
     for out, rows in ((paths.user_features, [user_row("u1", t0, 4.0), user_row("u1", t1, 2.0),
                                              user_row("u2", t1, 3.0)]),
                       (paths.item_features, [item_row(k, t1) for k in range(len(ITEMS))])):
         frame = pd.DataFrame(rows)
         for ts, part in frame.groupby(s.EVENT_TIMESTAMP):
-            folder = out / f"date={(ts - pd.Timedelta(milliseconds=1)).date()}"
-            folder.mkdir(parents=True, exist_ok=True)
-            part.to_parquet(folder / "part-0.parquet", index=False)
+            part.to_parquet(snapshot_folder(out, ts) / "part-0.parquet", index=False)
 
 
 @pytest.fixture(scope="module")

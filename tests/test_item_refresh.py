@@ -13,7 +13,7 @@ from serving.item_refresh import MaterializationWatcher
 from tandem import feature_store as fs
 from tandem import features as F
 from tandem.config import Paths
-from tests.test_feature_store import ITEMS, T0, T1, item_row, write_features
+from tests.test_feature_store import ITEMS, T0, T1, item_row, snapshot_folder, write_features
 
 pytestmark = pytest.mark.feast
 
@@ -33,9 +33,8 @@ def test_item_table_refreshes_after_a_materialization(tmp_path):
     assert watcher.poll_once() == 0  # nothing new materialized: no reload
     # the hourly job: i2 became ten times as popular, materialized an hour later
     row = {**item_row(2, T2), "item_pop_total": 80}
-    folder = paths.item_features / f"date={T2.date()}"
-    folder.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame([row]).to_parquet(folder / "part-1.parquet", index=False)
+    pd.DataFrame([row]).to_parquet(snapshot_folder(paths.item_features, T2) / "part-1.parquet",
+                                   index=False)
     fs.materialize(paths, T1.to_pydatetime(), T2.to_pydatetime(), store)
     assert fs.materialization_watermark(store) == T2.timestamp()
     watcher.start()

@@ -167,6 +167,18 @@ def _children(spark: SparkSession, folder: str) -> list[str]:
     return sorted(st.getPath().getName() for st in fs.listStatus(jpath) if st.isDirectory())
 
 
+def partition_hours(spark: SparkSession, root: str | Path) -> list[datetime]:
+    """The hours of a date/hour table's partition folders, oldest first (a listing, no read)."""
+    hours = []
+    for day in _children(spark, str(root)):
+        if not day.startswith(f"{s.DATE}="):
+            continue
+        date = datetime.strptime(day.split("=", 1)[1], "%Y-%m-%d").replace(tzinfo=UTC)
+        hours += [date.replace(hour=int(h.split("=", 1)[1]))
+                  for h in _children(spark, f"{root}/{day}") if h.startswith(f"{s.HOUR}=")]
+    return sorted(hours)
+
+
 def read_table(spark: SparkSession, root: str | Path, schema: StructType, start: datetime,
                end: datetime, hourly: bool = True) -> DataFrame:
     """The partitions of ``[start, end)`` of a lake table; an empty frame when it doesn't exist.
