@@ -89,9 +89,8 @@ def test_shared_item_table_is_read_once_per_materialization_and_mapped(tmp_path)
 
     pop = F.ITEM_FEATURES.index("item_log_pop_total")
     row = {**item_row(2, T2), "item_pop_total": 80}
-    part = paths.item_features / f"date={T2.date()}"
-    part.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame([row]).to_parquet(part / "part-1.parquet", index=False)
+    pd.DataFrame([row]).to_parquet(snapshot_folder(paths.item_features, T2) / "part-1.parquet",
+                                   index=False)  # the date=/hour= layout build_features writes
     fs.materialize(paths, T1.to_pydatetime(), T2.to_pydatetime(), store)
     first.refresh()
     assert reads == [len(ids)] * 2 and first.static[2, pop] == pytest.approx(np.log1p(80))
