@@ -143,14 +143,24 @@ def variant_moments(user_day: DataFrame) -> dict[str, dict[str, stats.Moments | 
 
 def compare(d: defs.Definition, moments: dict[str, dict[str, Any]], alpha: float
             ) -> dict[str, Any]:
-    """Every metric of every variant against the control, plus the SRM check."""
-    weights = d.weights()
+    """Every metric of every served variant with data against the control (a canary too, even
+    rolled back or ramping: the interval saw its traffic), plus the SRM check.
+
+    The SRM check runs over the variants whose share is fixed: a canary's share moved with its
+    ramp during the interval (and a user can cross from control to the canary when a step
+    widens it), so its count has no single expected share; the others keep their configured
+    ratio among themselves at every step, and that ratio is what is tested."""
+    weights = d.configured_weights
     present = [v for v in weights if v in moments]
-    chi2, p_srm = stats.srm([moments[v]["ctr"].n for v in present],
-                            [weights[v] for v in present]) if len(present) > 1 else (0.0, 1.0)
+    ramped = d.canary.variant if d.canary is not None else None
+    fixed = [v for v in present if v != ramped]
+    total = sum(weights[v] for v in fixed)
+    chi2, p_srm = stats.srm([moments[v]["ctr"].n for v in fixed],
+                            [weights[v] / total for v in fixed]) if len(fixed) > 1 else (0.0, 1.0)
     out: dict[str, Any] = {"srm": {"chi2": chi2, "p_value": p_srm, "mismatch": p_srm < 0.001,
                                    "users": {v: moments[v]["ctr"].n for v in present},
-                                   "expected_share": {v: weights[v] for v in present}},
+                                   "expected_share": {v: weights[v] / total for v in fixed},
+                                   "excluded": [] if ramped not in present else [ramped]},
                            "comparisons": {}}
     c = moments.get(d.control)
     for v in present:

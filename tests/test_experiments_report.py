@@ -96,9 +96,43 @@ def test_no_experiment_no_work(spark, paths, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_weights_follow_the_canary_for_srm():
+def test_weights_follow_the_canary():
     d = defs.Definition.from_dict({"name": "c", "variants": [{"name": "control"},
                                                              {"name": "treatment"}],
                                    "canary": {"variant": "treatment", "step": 0}})
     assert d.weights() == pytest.approx({"treatment": 0.01, "control": 0.99})
     assert np.isclose(sum(replace(d, canary=None).weights().values()), 2.0)
+
+
+def test_a_rolled_back_canary_is_still_compared_and_srm_tests_the_fixed_split():
+    """The canary task may roll the canary back before the day's report runs: the report still
+    reads the traffic it had, and the SRM check ignores its moving share."""
+    from scipy.stats import chisquare
+
+    from jobs.experiment_report import compare
+    from tandem.experiments.stats import Moments
+
+    d = defs.Definition.from_dict({
+        "name": "c", "variants": [{"name": "control"}, {"name": "b", "weight": 3.0},
+                                  {"name": "treatment"}],
+        "canary": {"variant": "treatment", "step": 2, "status": defs.ROLLED_BACK}})
+    assert "treatment" not in d.weights()
+
+    def moments(n: int, clicks: float) -> dict:
+        return {"ctr": Moments(n, sx=10.0 * n, sy=clicks, sxx=100.0 * n, syy=clicks,
+                               sxy=10.0 * clicks),
+                "dwell": Moments(n, sy=n, syy=n), "diversity": Moments(n, sy=n, syy=n),
+                "converted": n // 10}
+
+    out = compare(d, {"control": moments(1000, 900.0), "b": moments(2900, 2610.0),
+                      "treatment": moments(60, 20.0)}, 0.05)
+    assert set(out["comparisons"]) == {"b", "treatment"}
+    assert out["comparisons"]["treatment"]["ctr"]["relative"] == pytest.approx(
+        (20 / 600) / (900 / 10000) - 1)
+    srm = out["srm"]
+    assert srm["expected_share"] == pytest.approx({"control": 0.25, "b": 0.75})
+    assert srm["excluded"] == ["treatment"]
+    assert srm["users"] == {"control": 1000, "b": 2900, "treatment": 60}
+    ref = chisquare([1000, 2900], [3900 * 0.25, 3900 * 0.75])
+    assert srm["chi2"] == pytest.approx(ref.statistic) and srm["p_value"] == pytest.approx(
+        ref.pvalue)

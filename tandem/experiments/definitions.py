@@ -110,10 +110,16 @@ class Definition:
         """The first non-shadow variant is the control every comparison is against."""
         return next(str(v["name"]) for v in self.variants if not v.get("shadow"))
 
+    @property
+    def configured_weights(self) -> dict[str, float]:
+        """Configured weight of every served variant (shadow ones excluded), ramp ignored: a
+        rolled-back canary still has one, so the report can read the traffic it once had."""
+        return {str(v["name"]): float(v.get("weight", 1.0)) for v in self.variants
+                if not v.get("shadow")}
+
     def weights(self) -> dict[str, float]:
         """Traffic weight of every served variant (shadow ones excluded, canary applied)."""
-        live = {str(v["name"]): float(v.get("weight", 1.0)) for v in self.variants
-                if not v.get("shadow")}
+        live = self.configured_weights
         if self.canary is None or self.canary.variant not in live:
             return live
         share = self.canary.share
