@@ -41,9 +41,8 @@ from tandem.lake import TrainingTable
 from tandem.tower_inputs import (
     TRAIN_CONFIG,
     catalog_frames,
-    engaged_pairs,
     fit_tower,
-    positive_pairs,
+    tower_pairs,
 )
 from tandem.user_tower import QUERY_SAMPLE
 
@@ -54,7 +53,7 @@ def extract(paths: Paths, end: datetime, run_id: str, user_fields: tuple[str, ..
     rows in bundle order; profiles in bundle order), all read with pyarrow, only the columns
     used."""
     table = TrainingTable.of(paths, run_id)
-    return (positive_pairs(table), engaged_pairs(table),
+    return (*tower_pairs(table),
             *catalog_frames(paths, end, table, user_fields))
 
 

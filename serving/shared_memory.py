@@ -100,13 +100,22 @@ def derived_arrays(key: str, names: Sequence[str],
 
 def _written_and_mapped(targets: Mapping[str, Path], lock: Path,
                         compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if not all(t.exists() for t in targets.values()):
-        with file_lock(lock):
-            if not all(t.exists() for t in targets.values()):  # not written while we waited
-                arrays = compute()
-                for name, target in targets.items():
-                    _publish(np.ascontiguousarray(arrays[name]), target)
+    def write() -> None:
+        arrays = compute()
+        for name, target in targets.items():
+            _publish(np.ascontiguousarray(arrays[name]), target)
+
+    _write_once(list(targets.values()), lock, write)
     return {name: load_array(target) for name, target in targets.items()}
+
+
+def _write_once(targets: Sequence[Path], lock: Path, write: Callable[[], None]) -> None:
+    """``write()`` the ``targets`` unless they exist, by one process: the others wait on the
+    lock and find them written."""
+    if not all(t.exists() for t in targets):
+        with file_lock(lock):
+            if not all(t.exists() for t in targets):  # not written while we waited
+                write()
 
 
 def remove_derived(key: str, names: Sequence[str], folder: Path | None = None) -> None:
@@ -134,16 +143,17 @@ def derived_index(key: str, build: Callable[[], AnnIndex],
     added, which each process would otherwise hold as a private copy."""
     folder = Path(folder or DERIVED_DIR)
     target = folder / f"{key}-index.faiss"
-    if not target.exists():
-        with file_lock(folder / f".{key}-index.lock"):
-            if not target.exists():
-                staging = folder / f".{key}-{uuid.uuid4().hex}"
-                try:
-                    built = build().save(staging / "index.faiss")
-                    os.replace(f"{built}.json", f"{target}.json")  # read at load, not mapped
-                    os.link(built, target)
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
+
+    def write() -> None:
+        staging = folder / f".{key}-{uuid.uuid4().hex}"
+        try:
+            built = build().save(staging / "index.faiss")
+            os.replace(f"{built}.json", f"{target}.json")  # read at load, not mapped
+            os.link(built, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    _write_once([target], folder / f".{key}-index.lock", write)
     return load_index(target)
 
 

@@ -52,7 +52,7 @@ def request_history(rows: np.ndarray) -> np.ndarray:
 
 
 def query_items(users: np.ndarray, items: np.ndarray, ts: np.ndarray, m: int,
-                n: int = QUERY_LEN, at_ms: np.ndarray | None = None) -> np.ndarray:
+                n: int = QUERY_LEN) -> np.ndarray:
     """int32 ``[m, n]``: each user's query history, newest first, ``PAD``-filled.
 
     Parameters
@@ -60,14 +60,10 @@ def query_items(users: np.ndarray, items: np.ndarray, ts: np.ndarray, m: int,
     users, items, ts : [e] engagement events (already filtered with :func:`is_engagement`) or
         pairs with their engagement time; ``users`` are rows ``< m``
     n : items kept per user (at most :data:`QUERY_LEN` for a served model)
-    at_ms : int64 [m], each user's request time (only ``ts < at_ms[user]`` counts); None: all
     """
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
     ts = np.asarray(ts, dtype=np.int64)
-    if at_ms is not None:
-        before = ts < np.asarray(at_ms, dtype=np.int64)[users]
-        users, items, ts = users[before], items[before], ts[before]
     # each (user, item) once, at its latest engagement
     order = np.lexsort((ts, items, users))
     u, it, t = users[order], items[order], ts[order]

@@ -182,19 +182,6 @@ def sequence_affinity(items: np.ndarray, user_rows: np.ndarray,
     return np.where(known & has, out, np.nan).astype(np.float32)
 
 
-def last_items(local: np.ndarray, items: np.ndarray, ts: np.ndarray, m: int, n: int
-                ) -> np.ndarray:
-    """int32 [m, n]: each user's last ``n`` items by ``ts`` (newest first), -1 padded."""
-    order = np.lexsort((-items, -ts, local))
-    u, it = local[order], items[order]
-    start = np.r_[0, np.flatnonzero(np.diff(u)) + 1] if len(u) else np.zeros(0, np.int64)
-    pos = np.arange(len(u)) - np.repeat(start, np.diff(np.r_[start, len(u)]))
-    out = np.full((m, n), -1, dtype=np.int32)
-    keep = pos < n
-    out[u[keep], pos[keep]] = it[keep]
-    return out
-
-
 def columns_of(names: Sequence[str]) -> np.ndarray | None:
     """Positions in :data:`FEATURE_NAMES` of a ranker's input columns (a bundle's
     ``features.json`` names), so an older bundle's ranker gets exactly the columns it was

@@ -28,20 +28,19 @@ TRAIN_CONFIG: dict[str, Any] = {
 ITEM_FIELDS = (s.ITEM_ID, s.GENRES, s.RELEASE_YEAR)
 
 
-def positive_pairs(table: TrainingTable) -> pd.DataFrame:
-    """(user_idx, item_idx, ts) of the table's pairs with a positive engagement (ts = the first
-    positive one)."""
-    cols = table.interactions([USER_IDX, ITEM_IDX, POSITIVE_TS], positives_only=True)
-    return pd.DataFrame({"user_idx": cols[USER_IDX], "item_idx": cols[ITEM_IDX],
-                         "ts": cols[POSITIVE_TS]})
-
-
-def engaged_pairs(table: TrainingTable) -> pd.DataFrame:
-    """(user_idx, item_idx, ts) of the table's engaged pairs (ts = the first engagement): what
-    the query histories are made of (``tandem.query_history``)."""
-    cols = table.interactions([USER_IDX, ITEM_IDX, ENGAGED_TS], engaged_only=True)
-    return pd.DataFrame({"user_idx": cols[USER_IDX], "item_idx": cols[ITEM_IDX],
-                         "ts": cols[ENGAGED_TS]})
+def tower_pairs(table: TrainingTable) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(positive pairs, engaged pairs) of the table, each (user_idx, item_idx, ts): the
+    towers' training pairs (ts = the first positive engagement) and what the query histories
+    are made of (ts = the first engagement, ``tandem.query_history``). One read: a positive
+    pair is always an engaged one."""
+    cols = table.interactions([USER_IDX, ITEM_IDX, POSITIVE_TS, ENGAGED_TS], engaged_only=True)
+    engaged = pd.DataFrame({"user_idx": cols[USER_IDX], "item_idx": cols[ITEM_IDX],
+                            "ts": cols[ENGAGED_TS]})
+    positive_ts = pd.array(cols[POSITIVE_TS], dtype="Int64")
+    has = ~positive_ts.isna()
+    positive = pd.DataFrame({"user_idx": cols[USER_IDX][has], "item_idx": cols[ITEM_IDX][has],
+                             "ts": positive_ts[has].to_numpy(np.int64)})
+    return positive, engaged
 
 
 def catalog_frames(paths: Paths, end: datetime, table: TrainingTable,
