@@ -88,8 +88,6 @@ class Requests:
     user_rows : int64 [m], bundle user rows, ascending
     history : float32 CSR [m, n_items], ALS weight of each user's pre-cut pairs (0 kept as
         stored zeros: an impression-only pair is seen but carries no confidence)
-    recent : int32 [m, history_len], the query history at the cut (``tandem.query_history``:
-        last distinct engaged items, newest first), -1 padded
     labels : DataFrame (user_row, item) of the pairs first engaged positively after the cut
     popularity : float64 [n_items], distinct users per item before the cut (all users)
     n_history_pairs, n_label_pairs : pair counts (all users) on both sides of the cut
@@ -97,7 +95,6 @@ class Requests:
 
     user_rows: np.ndarray
     history: sp.csr_matrix
-    recent: np.ndarray
     labels: pd.DataFrame
     popularity: np.ndarray
     n_history_pairs: int
@@ -109,8 +106,7 @@ def requests(table: L.TrainingTable, cut_ms: int, role: str, cfg: dict[str, Any]
     """The ``role``'s (:data:`RANKER` or :data:`EVALUATION`) request users and their pairs."""
     cfg = {**NIGHT_CONFIG, **(cfg or {})}
     n_users, n_items = table.shape()
-    cols = table.interactions([L.USER_IDX, L.ITEM_IDX, L.WEIGHT, L.FIRST_TS, L.POSITIVE_TS,
-                               L.ENGAGED_TS])
+    cols = table.interactions([L.USER_IDX, L.ITEM_IDX, L.WEIGHT, L.FIRST_TS, L.POSITIVE_TS])
     users, items = cols[L.USER_IDX].astype(np.int64), cols[L.ITEM_IDX].astype(np.int64)
     positive_ts = cols[L.POSITIVE_TS].astype(np.float64)  # null (never positive) -> NaN
     is_positive = ~np.isnan(positive_ts)
@@ -128,14 +124,22 @@ def requests(table: L.TrainingTable, cut_ms: int, role: str, cfg: dict[str, Any]
     hist = before & (local[users] >= 0)
     history = sp.csr_matrix((cols[L.WEIGHT][hist].astype(np.float32),
                              (local[users[hist]], items[hist])), shape=(len(mine), n_items))
-    engaged_ts = cols[L.ENGAGED_TS].astype(np.float64)  # null (impressions only) -> NaN
-    query = hist & (engaged_ts < cut_ms)  # a label's item is never its own query
-    recent = QH.query_items(local[users[query]], items[query],
-                            engaged_ts[query].astype(np.int64), len(mine), cfg["history_len"])
     lab = label & (local[users] >= 0)
     labels = pd.DataFrame({"user_row": users[lab], "item": items[lab]})
-    return Requests(mine, history, recent, labels, popularity, int(before.sum()),
+    return Requests(mine, history, labels, popularity, int(before.sum()),
                     int(label.sum()))
+
+
+def query_histories(pre_cut: pd.DataFrame, asked: pd.Index, item_ids: pd.Index, n: int
+                    ) -> np.ndarray:
+    """int32 ``[m, n]``: each asked user's query history at the cut, from their pre-cut events
+    by serving's rule (``tandem.query_history``: the last distinct items engaged, each at its
+    latest engagement, newest first), -1 padded. ``pre_cut`` holds only the asked users'
+    events with known items (:func:`prepare` reads nothing else)."""
+    engaged = pre_cut[QH.is_engagement(pre_cut[S.EVENT_TYPE].to_numpy())]
+    return QH.query_items(asked.get_indexer(engaged[S.USER_ID]),
+                          item_ids.get_indexer(engaged[S.ITEM_ID]),
+                          engaged[S.TS].to_numpy(np.int64), len(asked), n)
 
 
 @dataclass
@@ -170,16 +174,17 @@ class Night:
                    AnnIndex.load(bundle_dir / B.INDEX_ALS), tower, main, als_cfg, sequence,
                    sequence_index)
 
-    def query_vectors(self, req: Requests, profiles: pd.DataFrame | None
+    def query_vectors(self, req: Requests, recent: np.ndarray, profiles: pd.DataFrame | None
                       ) -> dict[str, np.ndarray]:
-        """Per source, the request users' query vectors ``[m, d]``."""
+        """Per source, the request users' query vectors ``[m, d]`` (``recent``: their query
+        histories, :func:`query_histories`)."""
         out = {"als": A.fold_in(self.item_factors, req.history, self.als_cfg)}
         if self.tower is not None:
             spec = self.tower.user_spec
             feats = spec.encode(profiles) if spec is not None and profiles is not None else None
-            out["two_tower"] = self.tower.encode_batch(feats, req.recent)
+            out["two_tower"] = self.tower.encode_batch(feats, recent)
         if self.sequence is not None:
-            out["sequence"] = self.sequence.encode_batch(req.recent)
+            out["sequence"] = self.sequence.encode_batch(recent)
         return out
 
 
@@ -380,25 +385,26 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
         depth["two_tower"] = cfg["two_tower_k"]
     if night.sequence is not None and cfg.get("sequence") is not None:
         depth["sequence"] = cfg["sequence_k"]
-    queries = night.query_vectors(req, profiles.reindex(asked).reset_index())
-    deep = {src: max(d, cfg.get("retrieval_k", 0)) for src, d in depth.items()}
-    lists = retrieve(night, req, queries, deep, night_cfg["max_seen"])
     events = data.events
     known = (item_ids.get_indexer(events[S.ITEM_ID]) >= 0) \
         & (user_ids.get_indexer(events[S.USER_ID]) >= 0)
+    pre_cut = events[known & (events[S.TS] < cut_ms)].reset_index(drop=True)
+    recent = query_histories(pre_cut, asked, item_ids, night_cfg["history_len"])
+    queries = night.query_vectors(req, recent, profiles.reindex(asked).reset_index())
+    deep = {src: max(d, cfg.get("retrieval_k", 0)) for src, d in depth.items()}
+    lists = retrieve(night, req, queries, deep, night_cfg["max_seen"])
     items = data.items.drop_duplicates(S.ITEM_ID).set_index(S.ITEM_ID).reindex(item_ids)
     catalog = E.Catalog(user_ids, item_ids, items.reset_index(),
                         profiles.reindex(user_ids).reset_index())
     space = RF.ItemSpace(RF.unit_rows(night.item_factors), table.cooc())
     # the sequence model (for sequence_affinity) queried as its retrieval source is
     sequence = night.sequence if "sequence" in depth else None
-    fitted = E.Fitted(events[known & (events[S.TS] < cut_ms)].reset_index(drop=True),
-                      req.history, req.popularity, None, None, space, sequence=sequence,
+    fitted = E.Fitted(pre_cut, req.history, req.popularity, None, None, space, sequence=sequence,
                       item_events=L.read_item_events(paths, start, cut_ms, item_ids)
                       if item_events else None)
     at_cut = E.Requests(req.user_rows, np.full(len(req.user_rows), cut_ms, np.int64),
                         np.full(len(req.user_rows), None, dtype=object),
-                        req.recent if sequence is not None else None)
+                        recent if sequence is not None else None)
     if cfg.get("content_k"):  # serving's genre-content source, on the same profile
         depth["content"] = cfg["content_k"]
         inputs = E.content_inputs(fitted.history, catalog, req.popularity, req.user_rows,

@@ -3,15 +3,12 @@ request asks the models with are the items the training rows of the same user an
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tandem import evaluation as E
-from tandem import lake as L
 from tandem import night as N
 from tandem import query_history as QH
 from tandem import schema as S
-from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform, positives
+from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform
 from tandem.streaming.session_state import replay, session_row
 
 ITEMS = [f"i{k}" for k in range(10)]
@@ -68,42 +65,19 @@ def test_serving_request_and_training_rows_query_the_same_items():
     assert _served(events, catalog, ["i9", "i5"]) == ["i9", "i5", "i7", "i1", "i4", "i3"]
 
 
-def _table(root, events: pd.DataFrame, catalog: E.Catalog) -> L.TrainingTable:
-    """The pairs of the events as jobs/build_training_table aggregates them."""
-    hist = E._indexed(events, catalog)
-    hist = hist.assign(pos=positives(hist, None), eng=QH.is_engagement(hist[S.EVENT_TYPE]))
-    pairs = hist.groupby(["user_idx", "item_idx"]).apply(lambda g: pd.Series({
-        L.FIRST_TS: g[S.TS].min(), S.TS: g[S.TS].max(),
-        L.POSITIVE_TS: g.loc[g["pos"], S.TS].min(), L.ENGAGED_TS: g.loc[g["eng"], S.TS].min()}),
-        include_groups=False).reset_index()
-    for folder, cols in ((L.USERS_DIR, {S.USER_ID: ["u1"], L.USER_IDX: pa.array([0], pa.int32())}),
-                         (L.ITEMS_DIR, {S.ITEM_ID: ITEMS,
-                                        L.ITEM_IDX: pa.array(range(len(ITEMS)), pa.int32())})):
-        (root / folder).mkdir(parents=True)
-        pq.write_table(pa.table(cols), root / folder / "part-0.parquet")
-    table = pa.table({L.USER_IDX: pa.array(pairs["user_idx"], pa.int32()),
-                      L.ITEM_IDX: pa.array(pairs["item_idx"], pa.int32()),
-                      L.WEIGHT: pa.array(np.ones(len(pairs)), pa.float32()),
-                      **{c: pa.array(pairs[c].astype("Int64"), pa.int64())
-                         for c in (L.FIRST_TS, S.TS, L.POSITIVE_TS, L.ENGAGED_TS)}})
-    (root / L.INTERACTIONS_DIR).mkdir()
-    pq.write_table(table, root / L.INTERACTIONS_DIR / "part-0.parquet")
-    return L.TrainingTable(root)
-
-
-def test_the_nights_query_from_the_table_is_the_served_one(tmp_path):
-    """The nightly ranker's two-tower and sequence queries at the cut (tandem.night) come from
-    the table's engaged_ts; without re-engagements they are exactly serving's."""
-    events = _events(EVENTS)
+def test_the_nights_query_at_the_cut_is_the_served_one():
+    """The nightly ranker's and evaluation's two-tower and sequence queries at the cut
+    (tandem.night.query_histories, from the asked users' pre-cut events) are exactly serving's,
+    re-engagements included: i1 clicked again moves to the front."""
+    events = _events([*EVENTS, AGAIN])
     catalog = _catalog(events)
     served = _served(events, catalog)
-    assert served == ["i7", "i5", "i4", "i3", "i1"]
-    table = _table(tmp_path, events, catalog)
-    for role in (N.RANKER, N.EVALUATION):  # the user is a label user (i8) of one half
-        req = N.requests(table, T, role)
-        if len(req.user_rows):
-            got = req.recent[0]
-    assert list(catalog.item_ids[got[got >= 0]]) == served
+    assert served == ["i7", "i1", "i5", "i4", "i3"]
+    pre_cut = events[events[S.TS] < T]
+    asked = pd.Index(["u0", "u1"])  # u0 asked, no events: all padding
+    got = N.query_histories(pre_cut, asked, catalog.item_ids, QH.QUERY_LEN)
+    assert got.shape == (2, QH.QUERY_LEN) and (got[0] == QH.PAD).all()
+    assert list(catalog.item_ids[got[1][got[1] >= 0]]) == served
 
 
 def test_a_training_example_holds_the_query_before_its_target():
