@@ -187,6 +187,29 @@ def fold_in_one(item_factors: np.ndarray, yty: np.ndarray, rows: np.ndarray,
     return np.linalg.solve(a, b).astype(np.float32)
 
 
+SESSION_CONFIDENCE = 4.0  # a click and a like per item (serving.session_retrieval's typical)
+
+
+def serving_queries(item_factors: np.ndarray, user_factors: np.ndarray,
+                    sessions: list[np.ndarray], rng: np.random.Generator,
+                    cfg: dict[str, Any] = ALS_CONFIG) -> np.ndarray:
+    """ALS queries [m, f] (float32) like serving's (``serving.session_retrieval.als_query``),
+    to tune the ALS index on: its three cases in equal shares, shuffled -- a user's nightly
+    vector (no session), that vector folded in with the user's ``sessions[i]`` (catalog rows),
+    and the session folded in alone (a user not in the build: norm ~20x smaller, and another
+    direction). ``cfg`` is the configuration the factors were fitted with."""
+    users = np.asarray(user_factors, dtype=np.float32)
+    out = users.copy()
+    yty = gram(item_factors)
+    third = len(users) // 3
+    for i in range(third, len(users)):
+        rows = np.asarray(sessions[i], dtype=np.int64)
+        out[i] = fold_in_one(item_factors, yty, rows,
+                             np.full(len(rows), SESSION_CONFIDENCE, np.float32), cfg,
+                             prior=users[i] if i < 2 * third else None)
+    return out[rng.permutation(len(out))]
+
+
 def top_k_items(scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` columns per row, best first: (indices (n, k) int64, scores (n, k) float32).
