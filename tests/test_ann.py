@@ -237,3 +237,34 @@ def test_index_k_is_what_serving_asks_for():
     cfg = ServingConfig()
     assert PARTS["main"][4] == max(cfg.n_two_tower, cfg.n_session)
     assert PARTS["als"][4] == cfg.n_als and PARTS["sequence"][4] == cfg.n_sequence
+
+
+def test_nightly_job_tunes_als_and_main_on_user_queries_and_saves_the_choice(tmp_path):
+    """``jobs.build_index.build_one`` on a run's vectors: each index is tuned at its serving k
+    on queries made from the run's users (not items), and the sidecar holds the chosen
+    setting, the candidates and the held-out recall and latency that the metrics repeat."""
+    from jobs import build_index as job
+    from tandem import bundle as B
+    from tandem.user_tower import QUERY_SAMPLE
+
+    rng = np.random.default_rng(5)
+    items, users = als_world(6000, rng, n_users=300)
+    for rel, array in ((B.ALS_ITEM_FACTORS, items), (B.ALS_USER_FACTORS, users),
+                       (B.TT_ITEM_VECTORS, clustered(6000, rng)[0]),
+                       (QUERY_SAMPLE, clustered(300, rng)[1][:300])):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / rel, array)
+    cfg = {**job.INDEX_CONFIG, "exact_below": 0, "n_queries": 200}
+    first = {}
+    for name, rel, k in (("als", B.INDEX_ALS, 200), ("main", B.INDEX_MAIN, 500)):
+        metrics = first[name] = job.build_one(tmp_path, name, cfg)
+        report = AnnIndex.load(tmp_path / rel).report
+        assert report["kind"] == "ivf" and report["k"] == k and len(report["candidates"]) == 3
+        assert report["n_tune_queries"] == 100 and report["measured_n_queries"] == 100
+        assert metrics[f"{name}_recall_at_{k}"] == report["measured_recall_mean"] >= 0.9
+        assert metrics[f"{name}_nprobe"] == report["nprobe"]
+        assert metrics[f"{name}_nlist"] == report["nlist"]
+        assert metrics[f"{name}_latency_ms_p50"] == report["latency_ms_p50"] > 0
+    again = job.build_one(tmp_path, "als", cfg)  # a re-run picks the same index, same recall
+    assert {k: v for k, v in again.items() if "latency" not in k} == {
+        k: v for k, v in first["als"].items() if "latency" not in k}
