@@ -9,11 +9,14 @@ factors), by ``synthetic_bundle.als_queries`` with another seed than the tuning 
 
 - before: the previous build (IVF ``4 sqrt(n)`` lists, nprobe tuned to recall@500 >= 0.96 on
   200 nightly user vectors) searched as before (the raw inner-product -> L2 transform);
+- before_scaled_queries_only: that index searched by ``AnnIndex.search`` (queries scaled to M);
+- before_at_nprobe_reaching_0.95: the old search at the smallest nprobe of ``NPROBE_GRID``
+  reaching recall@200 0.95 on these queries (what the old index costs at the target);
 - after: ``tandem.ann.tune_index`` on ``synthetic_bundle.als_queries`` at k = 200 (what
   ``make bench``'s bundle now holds), searched by ``AnnIndex.search``.
 
-Recall@200 against exact inner product; latency of one query per call, one thread, the two
-indexes alternating query by query so both see the same machine load. Prints JSON and writes
+Recall@200 against exact inner product; latency of one query per call, one thread, the four
+searches alternating query by query so all see the same machine load. Prints JSON and writes
 reports/bench_ann_tuning.json.
 
     OPENBLAS_NUM_THREADS=1 python bench/ann_tuning.py [--items 200000] [--queries 1000]
@@ -33,16 +36,30 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tandem import synthetic_bundle as S  # noqa: E402
-from tandem.ann import build_index, exact_top_k, recall_stats, tune_index  # noqa: E402
+from tandem.ann import (  # noqa: E402
+    NPROBE_GRID,
+    build_index,
+    exact_top_k,
+    recall_stats,
+    tune_index,
+)
 
 REPORT = Path(__file__).resolve().parents[1] / "reports" / "bench_ann_tuning.json"
 K = S.ALS_K
 
 
-def old_search(index, queries: np.ndarray, k: int) -> np.ndarray:
+def old_search(index, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
     """The search before the queries were scaled: (query, 0) into the transformed index."""
-    return index.index.search(np.hstack([queries, np.zeros((len(queries), 1), np.float32)]),
-                              k)[1]
+    raw = np.hstack([queries, np.zeros((len(queries), 1), np.float32)])
+    return index.index.search(raw, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+
+
+def old_nprobe_at_target(index, queries: np.ndarray, exact: np.ndarray, target: float) -> int:
+    """The smallest nprobe of the grid at which the old search reaches ``target`` recall."""
+    for nprobe in [p for p in NPROBE_GRID if p >= index.nprobe] + [index.report["nlist"]]:
+        if recall_stats(old_search(index, queries, K, nprobe), exact)["recall_mean"] >= target:
+            return nprobe
+    return index.report["nlist"]
 
 
 def main() -> None:
@@ -64,7 +81,10 @@ def main() -> None:
                        random_state=spec.seed)
     t2 = time.perf_counter()
     _, exact = exact_top_k(items, queries, K)
-    searches = {"before": lambda q: old_search(before, q, K),
+    at_target = old_nprobe_at_target(before, queries, exact, 0.95)
+    searches = {"before": lambda q: old_search(before, q, K, before.nprobe),
+                "before_scaled_queries_only": lambda q: before.search(q, K)[1],
+                "before_at_nprobe_reaching_0.95": lambda q: old_search(before, q, K, at_target),
                 "after": lambda q: after.search(q, K)[1]}
     faiss.omp_set_num_threads(1)
     times = {name: np.empty(len(queries)) for name in searches}
@@ -74,10 +94,14 @@ def main() -> None:
             search(q[None])
             times[name][i] = time.perf_counter() - start
     rows = {}
-    for name, index, build_s in (("before", before, t1 - t0), ("after", after, t2 - t1)):
+    for name, index, build_s in (("before", before, t1 - t0),
+                                 ("before_scaled_queries_only", before, t1 - t0),
+                                 ("before_at_nprobe_reaching_0.95", before, t1 - t0),
+                                 ("after", after, t2 - t1)):
         faiss.cvar.indexIVF_stats.reset()
         recall = recall_stats(searches[name](queries), exact)
-        rows[name] = {"nlist": index.report["nlist"], "nprobe": index.nprobe,
+        nprobe = at_target if name.endswith("0.95") else index.nprobe
+        rows[name] = {"nlist": index.report["nlist"], "nprobe": nprobe,
                       "vectors_compared_per_query": index.report["nlist"]
                       + faiss.cvar.indexIVF_stats.ndis / len(queries),
                       "build_s": round(build_s, 1), **recall,

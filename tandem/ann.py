@@ -131,7 +131,8 @@ class AnnIndex:
         """
         q, scale = self._query_side(queries)
         dist, ids = self.index.search(q, k)
-        if scale is not None:  # |sq - x'|^2 = |sq|^2 + M^2 - 2 s q.x  ->  q.x
+        if scale is not None:  # |sq - x'|^2 = |sq|^2 + M^2 - 2 s q.x  ->  q.x; empty slots
+            # (id -1, distance float max: clamped so the division cannot overflow) -> -inf
             dist = np.where(ids >= 0, ((q * q).sum(1, keepdims=True) + self.max_norm ** 2
                                        - np.minimum(dist, 4 * self.max_norm ** 2 + 1))
                             / (2 * scale), -np.inf).astype(np.float32)
