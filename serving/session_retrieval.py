@@ -30,12 +30,7 @@ import numpy as np
 
 from tandem import als as A
 from tandem import features as F
-from tandem import schema as s
 from tandem.retrieval import content_candidates, content_profile, genre_top_rows
-
-# the session's per-type counts that the ALS confidence of its items is read from
-_WEIGHTED_COUNTS = tuple((s.SESSION_COUNT_PREFIX + t, w)
-                         for t, w in A.ALS_CONFIG["event_weights"].items() if w > 0)
 
 
 @dataclass(frozen=True)
@@ -71,11 +66,8 @@ class SessionRetrieval:
         """The user's ALS vector refolded with the session's recent items (``history``: catalog
         rows, newest first); ``prior`` = the nightly vector (None: not in the build). None when
         there is nothing to fold (no history and no prior)."""
-        if len(history) == 0:
-            return prior
-        conf = np.full(len(history), session_confidence(session, len(history)), np.float32)
-        return A.fold_in_one(self.als_items, self.yty, history, conf, dict(self.als_cfg),
-                             prior=prior)
+        return A.session_query(self.als_items, self.yty, prior, history, session,
+                               dict(self.als_cfg))
 
     def content(self, user: Mapping[str, Any], history: np.ndarray,
                 n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,18 +76,6 @@ class SessionRetrieval:
         profile = content_profile(_affinity(user.get("user_genre_affinity")), self.item_genres,
                                   history)
         return content_candidates(self.genre_top, self.item_genres, self.popularity, profile, n)
-
-
-def session_confidence(session: Mapping[str, Any] | None, n_items: int) -> float:
-    """ALS confidence of one recent item: the session's engagements weighted as in the nightly
-    matrix (``ALS_CONFIG["event_weights"]``), spread over its ``n_items`` recent items, between
-    a click's weight and the nightly cap. A burst of a click and a like per item gives 4."""
-    cfg = A.ALS_CONFIG
-    floor = cfg["event_weights"][s.CLICK]
-    if not session or n_items == 0:
-        return floor
-    total = sum(float(session.get(name) or 0) * w for name, w in _WEIGHTED_COUNTS)
-    return float(np.clip(total / n_items, floor, cfg["max_confidence"]))
 
 
 def _affinity(value: Any) -> np.ndarray:

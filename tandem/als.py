@@ -13,6 +13,7 @@ dense index order the caller chose (catalog order for items).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,50 @@ def fold_in_one(item_factors: np.ndarray, yty: np.ndarray, rows: np.ndarray,
     elif prior is None:
         return np.zeros(f, dtype=np.float32)
     return np.linalg.solve(a, b).astype(np.float32)
+
+
+def session_confidence(session: Mapping[str, Any] | None, n_items: int) -> float:
+    """ALS confidence of one recent item: the session's engagements weighted as in the nightly
+    matrix (``ALS_CONFIG["event_weights"]``), spread over its ``n_items`` recent items, between
+    a click's weight and the nightly cap. A burst of a click and a like per item gives 4."""
+    cfg = ALS_CONFIG
+    floor = cfg["event_weights"][S.CLICK]
+    if not session or n_items == 0:
+        return floor
+    total = sum(float(session.get(S.SESSION_COUNT_PREFIX + t) or 0) * w
+                for t, w in cfg["event_weights"].items() if w > 0)
+    return float(np.clip(total / n_items, floor, cfg["max_confidence"]))
+
+
+def session_query(item_factors: np.ndarray, yty: np.ndarray, prior: np.ndarray | None,
+                  history: np.ndarray, session: Mapping[str, Any] | None,
+                  cfg: dict[str, Any] = ALS_CONFIG) -> np.ndarray | None:
+    """The ALS query serving searches with (``serving.session_retrieval``), and the nightly
+    index build tunes on: the user's nightly vector ``prior`` (None: not in the build) refolded
+    with the session's recent items ``history`` (catalog rows, newest first), each weighted
+    :func:`session_confidence` of the session row. None when there is nothing to fold."""
+    if len(history) == 0:
+        return prior
+    conf = np.full(len(history), session_confidence(session, len(history)), np.float32)
+    return fold_in_one(item_factors, yty, history, conf, cfg, prior=prior)
+
+
+def serving_queries(item_factors: np.ndarray, user_factors: np.ndarray,
+                    sessions: list[np.ndarray], rng: np.random.Generator,
+                    cfg: dict[str, Any] = ALS_CONFIG) -> np.ndarray:
+    """ALS queries [m, f] (float32) to tune the ALS index on when the real mix is unknown
+    (the nightly build): :func:`session_query`'s three cases in equal shares, shuffled -- a
+    user's nightly vector (no session), that vector refolded with the user's ``sessions[i]``
+    (catalog rows, at least one each; one click per item), and the session alone (a user not
+    in the build: norm ~20x smaller, another direction). ``cfg``: the fitted configuration."""
+    users = np.asarray(user_factors, dtype=np.float32)
+    out = users.copy()
+    yty = gram(item_factors)
+    third = len(users) // 3
+    for i in range(third, len(users)):
+        out[i] = session_query(item_factors, yty, users[i] if i < 2 * third else None,
+                               np.asarray(sessions[i], dtype=np.int64), None, cfg)
+    return out[rng.permutation(len(out))]
 
 
 def top_k_items(scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None

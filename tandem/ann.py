@@ -4,8 +4,12 @@ Choice by catalog size (measurements in ../shared/notes/perf-floor.md, 1M x 64, 
 
 - fewer than ``EXACT_BELOW`` items: exact ``IndexFlatIP`` in an ``IndexIDMap2`` (a flat scan of
   20k x 64 costs about what IVF does, and recall is 1);
-- otherwise ``IndexIVFFlat`` with ``nlist ~ 4 sqrt(n)`` lists and ``nprobe`` tuned at build time to
-  the smallest value whose mean recall@k against exact search reaches ``target_recall``. IVF is
+- otherwise ``IndexIVFFlat``. :func:`tune_index` (the nightly build, both ALS and two-tower)
+  tries ``nlist`` in ``NLIST_FACTORS x sqrt(n)``, gives each the smallest ``nprobe`` whose mean
+  recall@k against exact search on a sample of the queries serving sends (user vectors, folded-in
+  sessions; not items) reaches ``target_recall``, keeps the cheapest (fewest vectors compared per
+  query, a deterministic cost) and measures recall and single-thread latency on held-out
+  queries; :func:`build_index` is one nlist (default ``4 sqrt(n)``). IVF is
   preferred over HNSW: HNSW was 3x slower at equal recall, 70x slower to build, and left some
   queries stuck in one popular cluster (per-query recall < 0.5); IVF with enough probes did not.
 
@@ -13,7 +17,12 @@ Metrics: ``"ip"`` for L2-normalised vectors (two-tower; cosine = inner product) 
 unnormalised vectors (ALS factors, whose norms grow with popularity). For an IVF ``"mips"`` index
 each item gets one extra coordinate ``sqrt(M^2 - |x|^2)`` (``M`` = the largest norm at build) and
 each query a 0, which turns maximum inner product into nearest L2 neighbour (Bachrach et al.,
-RecSys 2014); returned scores are mapped back to inner products.
+RecSys 2014); returned scores are mapped back to inner products. Queries are scaled to norm ``M``
+first (the top-k by inner product does not depend on the query's norm): the coarse quantizer
+ranks lists by ``|c|^2 - 2 q.c``, so a short query (an ALS vector folded in from a few session
+items has norm ~0.05 where nightly user vectors have ~1) picked lists by centroid norm instead
+of direction: on a 200k-item synthetic set, recall@200 of such queries at nprobe 64 was 0.56,
+0.94 once scaled.
 
 Ids are the caller's int64 ids (catalog rows), so fresh items can be :meth:`AnnIndex.add`-ed with
 new ids between nightly builds. Recall is measured per query (mean, min, 5th percentile).
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +41,7 @@ import numpy as np
 
 EXACT_BELOW = 20_000
 NPROBE_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+NLIST_FACTORS = (2, 4, 8)  # tune_index's candidate nlist = factor * sqrt(n)
 TRAIN_POINTS_PER_LIST = 64  # k-means sample size per list: 1M x 64, nlist 4000 trains in ~20 s
 
 
@@ -96,9 +107,17 @@ class AnnIndex:
         extra = np.sqrt(np.maximum(self.max_norm ** 2 - (x * x).sum(1), 0.0))
         return _f32(np.hstack([x, extra[:, None]]))
 
-    def _query_side(self, queries: np.ndarray) -> np.ndarray:
+    def _query_side(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the queries FAISS searches with, their scale factors or None).
+
+        With the "mips" transform each query is scaled to norm ``max_norm`` (zero queries stay
+        zero) and gets a 0 extra coordinate; see the module docstring for why."""
         q = _f32(queries).reshape(-1, self.index.d - int(self._transformed))
-        return _f32(np.hstack([q, np.zeros((len(q), 1), np.float32)])) if self._transformed else q
+        if not self._transformed:
+            return q, None
+        norm = np.linalg.norm(q, axis=1, keepdims=True)
+        scale = np.where(norm > 0, self.max_norm / np.maximum(norm, 1e-30), 1.0).astype(np.float32)
+        return _f32(np.hstack([q * scale, np.zeros((len(q), 1), np.float32)])), scale
 
     def set_nprobe(self, nprobe: int) -> None:
         if self.kind == "ivf":
@@ -110,10 +129,13 @@ class AnnIndex:
 
         ``queries`` is ``[m, d]`` or one ``[d]`` vector (then m = 1).
         """
-        q = self._query_side(queries)
+        q, scale = self._query_side(queries)
         dist, ids = self.index.search(q, k)
-        if self._transformed:  # |q - x'|^2 = |q|^2 + M^2 - 2 q.x  ->  q.x
-            dist = ((q * q).sum(1, keepdims=True) + self.max_norm ** 2 - dist) / 2
+        if scale is not None:  # |sq - x'|^2 = |sq|^2 + M^2 - 2 s q.x  ->  q.x; empty slots
+            # (id -1, distance float max: clamped so the division cannot overflow) -> -inf
+            dist = np.where(ids >= 0, ((q * q).sum(1, keepdims=True) + self.max_norm ** 2
+                                       - np.minimum(dist, 4 * self.max_norm ** 2 + 1))
+                            / (2 * scale), -np.inf).astype(np.float32)
         return dist, ids
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -191,12 +213,14 @@ def build_index(vectors: np.ndarray, ids: np.ndarray | None = None, metric: str 
     target_recall, k, margin : nprobe is the smallest in ``NPROBE_GRID`` whose mean recall@k
         on the tuning queries is >= ``target_recall + margin`` (the margin keeps unseen queries
         at the target: at 1M items, tuning to exactly 0.95 gave 0.93 on other queries)
-    queries : ``[m, d]`` tuning queries (e.g. user vectors); default ``n_tune_queries`` items
+    queries : ``[m, d]`` tuning queries: what serving searches with (user vectors); the
+        default, ``n_tune_queries`` items, only suits item-to-item search
     random_state : seeds the query sample and k-means
 
     Returns
     -------
-    AnnIndex whose ``report`` holds n, kind, nlist, nprobe and the tuning recall stats
+    AnnIndex whose ``report`` holds n, kind, nlist, nprobe, the tuning recall stats and
+    ``cost`` (vectors compared per tuning query: the nlist centroids plus the probed lists)
     """
     if metric not in ("ip", "mips"):
         raise ValueError(f"metric must be 'ip' or 'mips', not {metric!r}")
@@ -215,14 +239,111 @@ def build_index(vectors: np.ndarray, ids: np.ndarray | None = None, metric: str 
     else:
         raise ValueError(f"kind must be 'auto', 'flat' or 'ivf', not {kind!r}")
     _, exact = exact_top_k(x, queries, k, ids)
-    stats = {}
-    for nprobe in [p for p in NPROBE_GRID if p < out.report.get("nlist", 0)] + [0]:
-        out.set_nprobe(nprobe or out.report.get("nlist", 0))
+    nlist = out.report.get("nlist", 0)
+    stats: dict[str, float] = {}
+    for nprobe in [p for p in NPROBE_GRID if p < nlist] + [0]:
+        out.set_nprobe(nprobe or nlist)
+        faiss.cvar.indexIVF_stats.reset()
         stats = recall_stats(out.search(queries, exact.shape[1])[1], exact)
         if stats["recall_mean"] >= min(target_recall + margin, 1.0):
             break
-    out.report.update({"n": n, "kind": out.kind, "nprobe": out.nprobe, **stats})
+    cost = (nlist + faiss.cvar.indexIVF_stats.ndis / len(queries)) if kind == "ivf" else n
+    out.report.update({"n": n, "kind": out.kind, "nprobe": out.nprobe, "cost": float(cost),
+                       **stats})
     return out
+
+
+def tune_index(vectors: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip",
+               ids: np.ndarray | None = None, target_recall: float = 0.95,
+               exact_below: int = EXACT_BELOW, nlist_factors: tuple[float, ...] = NLIST_FACTORS,
+               margin: float = 0.01, random_state: int = 0) -> AnnIndex:
+    """The cheapest index over ``vectors`` whose recall@k reaches ``target_recall`` on the
+    queries serving sends, with its recall and latency measured on queries it was not tuned on.
+
+    The nightly build of every retrieval index (``jobs/build_index.py``: ALS, two-tower,
+    sequence) calls this one function with its own queries and its serving ``k``.
+
+    Parameters
+    ----------
+    vectors, ids, metric : as :func:`build_index`
+    queries : ``[m, d]`` a sample of real serving queries (user vectors, folded-in sessions,
+        session centroids), m >= 2: the first half tunes, the second half is held out
+    k : the number of neighbours serving asks this index for
+    target_recall, margin : per nlist, ``nprobe`` is the smallest reaching
+        ``target_recall + margin`` on the tuning half (:func:`build_index`)
+    nlist_factors : candidate ``nlist = factor * sqrt(n)``; each candidate is trained and
+        filled in turn (peak memory: two indexes, ~2 x 1M x 65 x 4 B for ALS at 1M items)
+    random_state : seeds k-means
+
+    Returns
+    -------
+    The chosen AnnIndex. Its ``report`` (saved in the ``.json`` sidecar, which serving loads
+    with the index: :meth:`AnnIndex.load` applies ``nprobe``) adds ``k``, ``target_recall``,
+    ``candidates`` (nlist, nprobe, tuning recall, cost each), ``measured_recall_*`` on the
+    held-out half and ``latency_ms_p50`` / ``latency_ms_p99`` (one query per call, one
+    thread, held-out half). The choice is by ``cost`` (vectors compared per query), not by
+    timing, so a re-run on the same inputs picks the same index on a busy machine too.
+    """
+    x = _f32(vectors)
+    queries = _f32(queries)
+    half = max(1, len(queries) // 2)
+    tune_q, held_out = queries[:half], (queries[half:] if len(queries) > half else queries)
+    common = {"ids": ids, "metric": metric, "target_recall": target_recall, "k": k,
+              "queries": tune_q, "margin": margin, "random_state": random_state}
+    if len(x) < exact_below:
+        nlists: list[int | None] = [None]
+        common["kind"] = "flat"
+    else:
+        nlists = sorted({max(1, int(f * math.sqrt(len(x)))) for f in nlist_factors})
+        common["kind"] = "ivf"
+    best, candidates = None, []
+    for nlist in nlists:
+        index = build_index(x, nlist=nlist, **common)
+        candidates.append({key: index.report.get(key) for key in
+                           ("nlist", "nprobe", "recall_mean", "cost")})
+        if best is None or index.report["cost"] < best.report["cost"]:
+            best = index
+        del index  # at most two candidates alive at once
+    best.report.update({"k": k, "target_recall": target_recall, "candidates": candidates,
+                        "n_tune_queries": len(tune_q)})
+    recall = measure_recall(best, x, held_out, k=k, ids=ids)
+    best.report.update({f"measured_{key}": v for key, v in recall.items()})
+    best.report.update(measure_latency(best, held_out, k))
+    return best
+
+
+def sample_sessions(vectors: np.ndarray, users: np.ndarray, max_len: int,
+                    rng: np.random.Generator, pool: int = 100) -> list[np.ndarray]:
+    """One made-up session per user query for tuning: 1..``max_len`` distinct catalog rows
+    drawn from the user's exact top-``pool`` items (what they are shown and engage with).
+
+    The nightly build has no sessions, yet serving folds them into its queries (ALS fold-in,
+    the two-tower session centroid), which land elsewhere than the users' nightly vectors."""
+    _, top = exact_top_k(vectors, users, pool)
+    return [rng.choice(row[row >= 0], size=min(int(rng.integers(1, max_len + 1)),
+                                               int((row >= 0).sum())), replace=False)
+            for row in top]
+
+
+def measure_latency(index: AnnIndex, queries: np.ndarray, k: int,
+                    warmup: int = 10) -> dict[str, float]:
+    """Single-thread latency of one-query searches (as serving sends them): median and p99 in
+    ms over ``queries`` after ``warmup`` untimed calls. Informational (a busy machine inflates
+    it); FAISS's thread count is restored after."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        for one in queries[:warmup]:
+            index.search(one, k)
+        times = np.empty(len(queries))
+        for i, one in enumerate(queries):
+            start = time.perf_counter()
+            index.search(one, k)
+            times[i] = time.perf_counter() - start
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return {"latency_ms_p50": float(np.median(times) * 1e3),
+            "latency_ms_p99": float(np.percentile(times, 99) * 1e3)}
 
 
 def _build_ivf(x: np.ndarray, ids: np.ndarray, metric: str, nlist: int,

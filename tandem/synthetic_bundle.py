@@ -18,16 +18,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tandem import als as A
 from tandem import bundle as B
 from tandem import features as F
+from tandem import query_history as QH
 from tandem import ranker as R
 from tandem import ranking_features as RF
 from tandem import schema as s
-from tandem.ann import build_index
+from tandem.ann import build_index, tune_index
 from tandem.tower_features import ItemContentSpec, UserFeatureSpec
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01 UTC: the synthetic world's "now"
 DAY_MS = 86_400_000
+ALS_K = 200  # serving's n_als: the ALS index is tuned at the k it is searched with
 
 
 @dataclass(frozen=True)
@@ -176,16 +179,10 @@ def _train_ranker(spec: SyntheticSpec, rng: np.random.Generator):
     return R.train_ranker(x, y, np.repeat(np.arange(spec.n_train_groups), spec.group_size), cfg)
 
 
-def build(out_dir: Path, spec: SyntheticSpec = SyntheticSpec()) -> tuple[Path, Path]:
-    """Write ``out_dir/bundle`` (a complete bundle) and ``out_dir/item_features.parquet``.
-
-    Returns
-    -------
-    (bundle dir, item feature parquet)
-    """
-    out_dir = Path(out_dir)
-    root = out_dir / "bundle"
-    rng = np.random.default_rng(spec.seed)
+def world_vectors(spec: SyntheticSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The world's catalog columns and vectors (``popularity``, ``created``, ``vectors``,
+    ``als_items``, ``als_users``), drawn from ``rng`` first thing in :func:`build` (so a bench
+    can rebuild them without the rest of the bundle)."""
     n = spec.n_items
     # power-law popularity
     popularity = (1e5 / (1 + rng.permutation(n)) ** 0.9).astype(np.float32)
@@ -207,6 +204,44 @@ def build(out_dir: Path, spec: SyntheticSpec = SyntheticSpec()) -> tuple[Path, P
     taste = rng.choice(spec.n_clusters, spec.n_als_users, p=sizes / sizes.sum())
     als_users = (als_centers[taste] + 0.4 / np.sqrt(spec.als_dim)
                  * rng.standard_normal((spec.n_als_users, spec.als_dim))).astype(np.float32)
+    return {"popularity": popularity, "created": created, "vectors": vectors,
+            "als_items": als_items, "als_users": als_users}
+
+
+def als_queries(spec: SyntheticSpec, als_items: np.ndarray, als_users: np.ndarray,
+                n: int = 400, seed: int = 0) -> np.ndarray:
+    """``n`` ALS queries as serving makes them in this world (``tandem.als.session_query``):
+    users drawn uniformly from all ``n_users`` (those past ``n_als_users`` have no nightly
+    vector: a bench with 1M of 5M users folds 80 % of its queries from the session alone),
+    their own sessions (:func:`user_rows`); users with neither send none."""
+    rng = np.random.default_rng(seed)
+    yty, out = A.gram(als_items), []
+    while len(out) < n:
+        row = int(rng.integers(spec.n_users))
+        session = user_rows(f"u{row}", spec.n_items)[1]
+        recent = session[s.SESSION_RECENT_ITEMS] if session else []
+        history = QH.request_history(np.array([int(i[1:]) for i in recent], np.int64))
+        query = A.session_query(als_items, yty, als_users[row] if row < spec.n_als_users
+                                else None, history, session)
+        if query is not None:
+            out.append(query)
+    return np.asarray(out, np.float32)
+
+
+def build(out_dir: Path, spec: SyntheticSpec = SyntheticSpec()) -> tuple[Path, Path]:
+    """Write ``out_dir/bundle`` (a complete bundle) and ``out_dir/item_features.parquet``.
+
+    Returns
+    -------
+    (bundle dir, item feature parquet)
+    """
+    out_dir = Path(out_dir)
+    root = out_dir / "bundle"
+    rng = np.random.default_rng(spec.seed)
+    n = spec.n_items
+    world = world_vectors(spec, rng)
+    popularity, created, vectors = world["popularity"], world["created"], world["vectors"]
+    als_items, als_users = world["als_items"], world["als_users"]
 
     (root / "als").mkdir(parents=True, exist_ok=True)
     (root / "two_tower").mkdir(parents=True, exist_ok=True)
@@ -221,8 +256,8 @@ def build(out_dir: Path, spec: SyntheticSpec = SyntheticSpec()) -> tuple[Path, P
     item_spec = ItemContentSpec(F.GENRE_VOCAB)
     np.savez(root / B.TT_USER_TOWER, **_tower(spec, user_spec, item_spec, rng))
     build_index(vectors, metric="ip", random_state=spec.seed).save(root / B.INDEX_MAIN)
-    build_index(als_items, metric="mips", random_state=spec.seed,
-                queries=als_users[: min(200, len(als_users))]).save(root / B.INDEX_ALS)
+    tune_index(als_items, als_queries(spec, als_items, als_users, seed=spec.seed), ALS_K,
+               metric="mips", random_state=spec.seed).save(root / B.INDEX_ALS)
     R.save(_train_ranker(spec, rng), root / B.RANKER_MODEL)
     (root / B.FEATURE_SPEC).write_text(json.dumps({"names": list(RF.FEATURE_NAMES)}))
     B.BundleManifest(dataset="synthetic", parts=[

@@ -150,7 +150,7 @@ def test_job_trains_exports_and_indexes_from_the_training_table(paths):
     queries = np.load(bundle / B.SEQ_QUERY_SAMPLE)
     assert queries.shape == (50, 16)
     metrics = build_index.run(None, paths, datetime(2024, 1, 1), end)
-    assert metrics["sequence_items"] == N_ITEMS and metrics["sequence_recall_at_500"] == 1.0
+    assert metrics["sequence_items"] == N_ITEMS and metrics["sequence_recall_at_200"] == 1.0
     index = AnnIndex.load(bundle / B.INDEX_SEQUENCE)
     enc = SequenceEncoder.load(bundle / B.SEQ_MODEL, np.load(bundle / B.SEQ_ITEM_VECTORS))
     # a user who just walked 3 -> 4 -> 5 is offered 6 first, through the index

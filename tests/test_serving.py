@@ -465,3 +465,39 @@ def test_two_server_processes_share_one_port_and_stop_together(world):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_engine_searches_the_als_index_at_the_tuned_setting_in_its_metadata(world, tmp_path):
+    """A bundle whose ALS index the nightly tuner built (IVF; its sidecar holds the chosen
+    nlist/nprobe and measured recall): the engine maps it, searches at that nprobe, and the
+    request's ALS candidates are that index's answer for the folded query."""
+    import shutil
+
+    import faiss
+
+    from serving.validation import RecommendQuery
+    from tandem import als as A
+    from tandem import bundle as B
+    from tandem.ann import AnnIndex, tune_index
+
+    bundle = Path(shutil.copytree(world["bundle"], tmp_path / "bundle"))
+    items, users = np.load(bundle / B.ALS_ITEM_FACTORS), np.load(bundle / B.ALS_USER_FACTORS)
+    rng = np.random.default_rng(0)
+    sessions = [rng.integers(0, len(items), 3) for _ in range(200)]
+    queries = A.serving_queries(items, users[:200], sessions, rng)
+    tune_index(items, queries, CFG.n_als, metric="mips", exact_below=0,
+               nlist_factors=(1,)).save(bundle / B.INDEX_ALS)
+    meta = AnnIndex.load(bundle / B.INDEX_ALS).report
+    assert meta["kind"] == "ivf" and meta["k"] == CFG.n_als and "measured_recall_mean" in meta
+    engine = _app({**world, "bundle": bundle}).engines["champion"]
+    assert engine.als_index.nprobe == meta["nprobe"] < meta["nlist"]
+    assert faiss.extract_index_ivf(engine.als_index.index).nprobe == meta["nprobe"]
+    user = "u1"
+    result = engine.recommend(RecommendQuery(user, 10, "web"), CFG, SynthStore())
+    assert result.candidates["als"] > 0 and not result.fallbacks
+    _, session = S.user_rows(user, SPEC.n_items)
+    history = engine.rows_of(session["recent_item_ids"]) if session else np.array([], np.int64)
+    query = engine.session_retrieval.als_query(users[1], history, session)
+    hits = engine._als_list(1, history, CFG, session)[0][1]
+    expected = AnnIndex.load(bundle / B.INDEX_ALS).search(query[None], CFG.n_als)[1][0]
+    np.testing.assert_array_equal(hits, expected[expected >= 0])

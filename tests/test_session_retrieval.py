@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.session_retrieval import SessionRetrieval, session_confidence
+from serving.session_retrieval import SessionRetrieval
 from tandem import als as A
 from tandem import features as F
 
@@ -25,9 +25,9 @@ def _world():
 
 def test_session_confidence_is_the_nightly_weight_per_recent_item():
     burst = {"cnt_click": 12, "cnt_like": 12, "cnt_impression": 30}
-    assert session_confidence(burst, 12) == 4.0  # (12 x 1 + 12 x 3) / 12; impressions weigh 0
-    assert session_confidence(None, 3) == 1.0  # no counts: a click's weight
-    assert session_confidence({"cnt_like": 500}, 2) == A.ALS_CONFIG["max_confidence"]
+    assert A.session_confidence(burst, 12) == 4.0  # (12 x 1 + 12 x 3) / 12; impressions weigh 0
+    assert A.session_confidence(None, 3) == 1.0  # no counts: a click's weight
+    assert A.session_confidence({"cnt_like": 500}, 2) == A.ALS_CONFIG["max_confidence"]
 
 
 def test_fold_in_moves_a_comedy_user_to_horror_after_a_burst():

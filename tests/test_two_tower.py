@@ -174,7 +174,7 @@ def test_train_job_then_index_job_write_the_bundle_and_report_recall(spark, path
     np.save(bundle / "als" / "item_factors.npy", rng.normal(size=(G * PER_GENRE, 8)))
     np.save(bundle / "als" / "user_factors.npy", rng.normal(size=(N_USERS, 8)))
     out = build_index_job.run(None, paths, start, end)
-    assert out["main_recall_at_500"] == 1.0 and out["als_recall_at_500"] == 1.0  # exact: small
+    assert out["main_recall_at_500"] == 1.0 and out["als_recall_at_200"] == 1.0  # exact: small
     assert out["main_items"] == G * PER_GENRE and out["main_ivf"] == 0.0
     main = AnnIndex.load(bundle / INDEX_MAIN)
     assert main.metric == "ip" and AnnIndex.load(bundle / INDEX_ALS).metric == "mips"
