@@ -6,8 +6,8 @@ random users and random 500-item candidate sets:
 
 - sdk_user_1: ``get_online_features`` of the ranker's user service for 1 user
 - sdk_items_500: ``get_online_features`` of the item service for 500 items
-- fast_user_1: :func:`tandem.feature_store.fetch_user_features` with a 50 ms deadline (a worker
-  thread) + user and session vectors; fast_user_1_no_deadline: the same read in the caller
+- fast_user_1: :func:`tandem.features.feature_store.fetch_user_features` with a 50 ms deadline (a
+  worker thread) + user and session vectors; fast_user_1_no_deadline: the same read in the caller
 - fast_items_500: :meth:`ItemFeatureTable.take` of 500 catalog rows (the item matrix)
 
 Usage: ``python bench/feature_store.py [--items 10000] [--users 1000] [--calls 300]``.
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tandem import feature_store as fs
-from tandem import features as F
 from tandem import schema as s
 from tandem.config import REPO_ROOT, Paths
+from tandem.features import entity as F
+from tandem.features import feature_store as fs
 
 NOW = pd.Timestamp("2024-01-03", tz="UTC")
 

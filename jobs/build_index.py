@@ -3,7 +3,7 @@
 extract: ``<models>/<run_id>/two_tower/item_vectors.npy`` (+ ``query_sample.npy``),
 ``als/item_factors.npy`` (+ ``als/user_factors.npy``) and ``sequence/item_vectors.npy``
 (+ ``query_sample.npy``), whichever the run produced.
-transform: ``tandem.ann.build_index`` — exact below 20k items, IVF above with nprobe tuned to
+transform: ``tandem.models.ann.build_index`` — exact below 20k items, IVF above with nprobe tuned to
 recall@500 >= 0.95 on the first half of the queries; recall@500 against exact search is then
 MEASURED on the other half (mean, min, p5) and returned, so every build reports it.
 load: ``index/main.faiss`` (metric "ip", two-tower), ``index/als.faiss`` and
@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from tandem.ann import EXACT_BELOW, build_index, measure_recall
-from tandem.bundle import (
+from tandem.config import Paths
+from tandem.data.catalog import run_bundle_dir
+from tandem.models.ann import EXACT_BELOW, build_index, measure_recall
+from tandem.models.bundle import (
     ALS_ITEM_FACTORS,
     ALS_USER_FACTORS,
     INDEX_ALS,
@@ -32,10 +34,8 @@ from tandem.bundle import (
     SEQ_QUERY_SAMPLE,
     TT_ITEM_VECTORS,
 )
-from tandem.catalog import run_bundle_dir
-from tandem.config import Paths
-from tandem.job_cli import interval_parser, parse
-from tandem.user_tower import QUERY_SAMPLE
+from tandem.models.user_tower import QUERY_SAMPLE
+from tandem.ops.job_cli import interval_parser, parse
 
 INDEX_CONFIG: dict[str, Any] = {
     "k": 500,

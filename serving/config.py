@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tandem.diversify import DIVERSIFY_CONFIG
+from tandem.policy.diversify import DIVERSIFY_CONFIG
 
 
 @dataclass(frozen=True)

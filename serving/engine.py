@@ -11,10 +11,10 @@ Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)
                   store read (searching the nightly vector while the read was in flight cost a
                   second search for every user with recent items, most of them)
     merge         + fresh + popular + genre content (history + session); union, dedupe, drop
-                  seen/excluded  (tandem.retrieval)
-    features      one matrix for all candidates (tandem.ranking_features, as in training)
+                  seen/excluded  (tandem.policy.retrieval)
+    features      one matrix for all candidates (tandem.features.ranking_features, as in training)
     ranker        one LightGBM (or lleaves-compiled) call
-    mmr           MMR over the top of the ranked list (tandem.diversify)
+    mmr           MMR over the top of the ranked list (tandem.policy.diversify)
 
 Any failing or slow part degrades the answer instead of failing it: no user features -> the
 retrieval sources that do not need them; no ranker -> retrieval order; and each such case is
@@ -58,16 +58,16 @@ from serving.sequence_source import SequenceSource
 from serving.session_retrieval import SessionRetrieval
 from serving.stores import OnlineStore, UserRows
 from serving.validation import RecommendQuery
-from tandem import bundle as B
-from tandem import feature_log
-from tandem import features as F
-from tandem import query_history as QH
-from tandem import ranking_features as RF
 from tandem import schema as s
-from tandem.ann import AnnIndex
-from tandem.diversify import rerank
-from tandem.exploration import epsilon_greedy, thompson, ucb
-from tandem.retrieval import SOURCE_BITS, SOURCES, CandidatePool, merge, source_names
+from tandem.features import entity as F
+from tandem.features import feature_log
+from tandem.features import query_history as QH
+from tandem.features import ranking_features as RF
+from tandem.models import bundle as B
+from tandem.models.ann import AnnIndex
+from tandem.policy.diversify import rerank
+from tandem.policy.exploration import epsilon_greedy, thompson, ucb
+from tandem.policy.retrieval import SOURCE_BITS, SOURCES, CandidatePool, merge, source_names
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Engine:
 
     def __init__(self, bundle_dir: Path, version: str, item_features: ItemTableFactory | None,
                  cfg: ServingConfig, cache_dir: Path | None = None):
-        from tandem.user_tower import UserTower
+        from tandem.models.user_tower import UserTower
 
         root = Path(bundle_dir)
         self.bundle_dir, self.version = root, str(version)
@@ -255,7 +255,8 @@ class Engine:
         session = rows.session or {}
         recent_ids = list(q.session_item_ids) + list(session.get(s.SESSION_RECENT_ITEMS) or [])
         seen = self.rows_of(recent_ids)
-        # what every model is queried with: the definition training uses (tandem.query_history)
+        # what every model is queried with: the definition training uses
+        # (tandem.features.query_history)
         history = QH.request_history(seen)
         exclude = np.concatenate([seen, self.rows_of(q.exclude_item_ids)])
         result = self._stored(q, cfg, rows, exclude, now_ms, clock)
@@ -394,7 +395,8 @@ class Engine:
     def _features(self, pool: CandidatePool, lists, user_raw: Mapping[str, Any],
                   session_raw: Mapping[str, Any] | None, history: np.ndarray,
                   q: RecommendQuery, now_ms: int) -> np.ndarray:
-        """The ranker matrix through ``tandem.ranking_features`` (the training code path)."""
+        """The ranker matrix through ``tandem.features.ranking_features`` (the training code
+        path)."""
         n = len(pool)
         sources = {}
         for name, hits, scores in lists:

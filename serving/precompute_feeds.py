@@ -36,10 +36,10 @@ from serving.engine import Engine
 from serving.precomputed import Feed, config_key, open_feeds, session_mark
 from serving.stores import FeastStore
 from serving.validation import RecommendQuery
-from tandem import feature_store
 from tandem import schema as s
-from tandem.bundle import DELTAS
-from tandem.job_cli import interval_parser, parse
+from tandem.features import feature_store
+from tandem.models.bundle import DELTAS
+from tandem.ops.job_cli import interval_parser, parse
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tandem.impressions import FeatureSample
+from tandem.data.impressions import FeatureSample
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Result:
     stages_ms: dict[str, float] = field(default_factory=dict)
     candidates: dict[str, int] = field(default_factory=dict)  # ranked pool, per source
     pool_size: int = 0  # deduplicated candidates ranked
-    logged: FeatureSample | None = None  # sampled ranker rows (``tandem.feature_log``)
+    logged: FeatureSample | None = None  # sampled ranker rows (``tandem.features.feature_log``)
     path: str = "computed"  # which path answered: precomputed | cached | computed
 
 

@@ -1,11 +1,11 @@
-"""tandem.ann: recall against exact search, fresh-item add, the MIPS transform, save/load."""
+"""tandem.models.ann: recall against exact search, fresh-item add, the MIPS transform, save/load."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tandem.ann import (
+from tandem.models.ann import (
     EXACT_BELOW,
     AnnIndex,
     build_index,

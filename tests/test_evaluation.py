@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tandem import diversify_sweep as DS
-from tandem import evaluation as E
 from tandem import schema as S
-from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform
+from tandem.data.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform
+from tandem.evaluation import diversify_sweep as DS
+from tandem.evaluation import protocol as E
 
 
 def _ratings(rows):
@@ -131,8 +131,8 @@ def test_sweep_choice_is_the_best_validation_ndcg_that_keeps_alss_breadth():
 def test_evaluate_tunes_every_model_on_the_inner_split_only(monkeypatch):
     """With ``tune`` the studies score the inner split of the training data: the test events
     never reach an objective, and every later fit uses the choice."""
-    from tandem import tuning
     from tandem.config import TuningSettings
+    from tandem.evaluation import tuning
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     world = _world()
@@ -163,7 +163,7 @@ def test_evaluate_tunes_every_model_on_the_inner_split_only(monkeypatch):
 def test_ml100k_quality_bar(ml100k_dir, tmp_path):
     """Issue 4's bar: two-stage NDCG@10 >= 1.10 x best single stage; ALS within 0.17 +-15%."""
     from jobs.evaluate import quality_bar, write_reports
-    from tandem.movielens import load_movielens
+    from tandem.data.movielens import load_movielens
 
     report = E.evaluate(load_movielens(ml100k_dir))
     bar = quality_bar(report)
@@ -224,7 +224,7 @@ def test_content_source_in_training_is_servings_on_the_same_rows():
     """The ranker's content candidates (evaluation, nightly) come from the function serving
     calls with the profile serving builds: user_genre_affinity + the last engaged items."""
     from serving.session_retrieval import SessionRetrieval
-    from tandem import features as F
+    from tandem.features import entity as F
 
     data = _world()
     catalog = E.Catalog.of(data)
@@ -255,9 +255,9 @@ def test_content_source_in_training_is_servings_on_the_same_rows():
 
 
 def test_two_stage_shows_servings_rerank_of_the_ranker_scores():
-    """``diversified`` picks k per user with tandem.diversify.rerank (serving's defaults)."""
-    from tandem import diversify as D
-    from tandem import features as F
+    """``diversified`` picks k per user with tandem.policy.diversify.rerank (serving's defaults)."""
+    from tandem.features import entity as F
+    from tandem.policy import diversify as D
 
     data = _world()
     catalog = E.Catalog.of(data)

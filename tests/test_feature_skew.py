@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from jobs import feature_skew as FS
-from tandem import feature_log as FL
-from tandem import ranking_features as RF
 from tandem import schema as s
-from tandem.impressions import Feed
+from tandem.data.impressions import Feed
+from tandem.features import feature_log as FL
+from tandem.features import ranking_features as RF
 from tandem.validation import ContractError
 
 
@@ -75,8 +75,8 @@ def test_a_logged_vector_equals_the_training_row_of_the_same_entity_and_time(
     from serving.app import App, FeastStore, ServingConfig
     from serving.server import local_source
     from serving.validation import RecommendQuery
-    from tandem import feature_store as fs
-    from tandem import synthetic_bundle as SB
+    from tandem.features import feature_store as fs
+    from tandem.models import synthetic_bundle as SB
     from tandem.streaming.feature_consumer import feast_sink
     from tandem.streaming.producer import EventProducer, ImpressionLogger
     from tests.test_feature_store import write_features

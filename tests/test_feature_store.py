@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tandem import feature_store as fs
-from tandem import features as F
 from tandem import schema as s
 from tandem.config import Paths
+from tandem.features import entity as F
+from tandem.features import feature_store as fs
 
 pytestmark = pytest.mark.feast
 

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tandem import feature_store as fs
-from tandem import features as F
 from tandem import schema as s
 from tandem.config import REPO_ROOT, Paths
-from tandem.redis_server import RedisServer
+from tandem.features import entity as F
+from tandem.features import feature_store as fs
+from tandem.ops.redis_server import RedisServer
 from tests.conftest import free_port
 from tests.test_feature_store import ITEMS, T0, T1, item_row, write_features
 

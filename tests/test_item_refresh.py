@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from serving.item_refresh import MaterializationWatcher
-from tandem import feature_store as fs
-from tandem import features as F
 from tandem.config import Paths
+from tandem.features import entity as F
+from tandem.features import feature_store as fs
 from tests.test_feature_store import ITEMS, T0, T1, item_row, snapshot_folder, write_features
 
 pytestmark = pytest.mark.feast

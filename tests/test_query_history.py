@@ -1,4 +1,4 @@
-"""One query history for serving and training (tandem.query_history): the items a serving
+"""One query history for serving and training (tandem.features.query_history): the items a serving
 request asks the models with are the items the training rows of the same user and time hold."""
 
 import numpy as np
@@ -6,12 +6,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tandem import evaluation as E
-from tandem import lake as L
-from tandem import night as N
-from tandem import query_history as QH
 from tandem import schema as S
-from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform, positives
+from tandem.data import lake as L
+from tandem.data.dataset import (
+    EVENT_COLUMNS,
+    ITEM_COLUMNS,
+    USER_COLUMNS,
+    Dataset,
+    conform,
+    positives,
+)
+from tandem.evaluation import night as N
+from tandem.evaluation import protocol as E
+from tandem.features import query_history as QH
 from tandem.streaming.session_state import replay, session_row
 
 ITEMS = [f"i{k}" for k in range(10)]
@@ -92,8 +99,8 @@ def _table(root, events: pd.DataFrame, catalog: E.Catalog) -> L.TrainingTable:
 
 
 def test_the_nights_query_from_the_table_is_the_served_one(tmp_path):
-    """The nightly ranker's two-tower and sequence queries at the cut (tandem.night) come from
-    the table's engaged_ts; without re-engagements they are exactly serving's."""
+    """The nightly ranker's two-tower and sequence queries at the cut (tandem.evaluation.night) come
+    from the table's engaged_ts; without re-engagements they are exactly serving's."""
     events = _events(EVENTS)
     catalog = _catalog(events)
     served = _served(events, catalog)
@@ -107,8 +114,8 @@ def test_the_nights_query_from_the_table_is_the_served_one(tmp_path):
 
 
 def test_a_training_example_holds_the_query_before_its_target():
-    """The two-tower's example history (tandem.query_history.histories_before) is the query a
-    request at the target's time sees, without the target: i4 was played before it was liked."""
+    """The two-tower's example history (tandem.features.query_history.histories_before) is the query
+    a request at the target's time sees, without the target: i4 was played before it was liked."""
     users = np.zeros(4, np.int64)
     items, ts = np.array([1, 4, 5, 7]), np.array([2, 5, 6, 9])  # engaged pairs, first engagement
     q_items, q_ts = np.array([7, 4, 1]), np.array([9, 12, 2])  # a rating, a like of i4, a click
