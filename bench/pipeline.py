@@ -342,7 +342,8 @@ def plot(path: Path, report: dict) -> None:
 
 def land_world(rung: Rung, paths: Paths, days: int, seed: int) -> dict:
     """Generate and land the rung's world once (cached by a marker file); its interval."""
-    from tandem.data.world import DAY_MS, World, WorldConfig
+    from tandem.data.world import World
+    from tandem.data.world_config import DAY_MS, WorldConfig
 
     marker = paths.root / "world.json"
     if marker.exists():

@@ -298,13 +298,14 @@ def precompute(w: dict, users: np.ndarray) -> dict:
     from serving.stores import FeastStore
     from tandem.config import Paths
     from tandem.features import feature_store as FS
+    from tandem.features import online as FO
 
     t0 = time.perf_counter()
     fs = FS.open_store(Paths(w["feast_home"]))
     bundle, version = local_source(w["bundle"])[0]("champion")
     frame = pd.read_parquet(w["features"]) if w["features"] else None
     items = ((lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids))) if frame is not None
-             else (lambda ids: FS.ItemFeatureTable(fs, ids)))
+             else (lambda ids: FO.ItemFeatureTable(fs, ids)))
     cfg = ServingConfig()
     engine = Engine(bundle, version, items, cfg)
     # the requests' time: feeds are fresh for requests at the world's "now"

@@ -48,7 +48,8 @@ CONSUMERS = {"landing": "tandem.streaming.landing_consumer",
 def world_events(n: int, n_users: int, paths: Paths) -> list[dict]:
     """At least ``n`` event.v1 dicts from a synthetic world; writes its catalog to the lake."""
     from tandem.data.landing import event_records, write_items
-    from tandem.data.world import World, WorldConfig
+    from tandem.data.world import World
+    from tandem.data.world_config import WorldConfig
 
     world = World.generate(WorldConfig(n_users=n_users, n_items=1000,
                                        n_events_target=int(n * 1.1), days=1))

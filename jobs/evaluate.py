@@ -2,7 +2,7 @@
 
 Dataset mode -- ``python -m jobs.evaluate --data ../shared/data/ml-100k`` (``make eval DATA=...``)
 loads either MovieLens format with :func:`tandem.data.movielens.load_movielens`, runs
-:func:`tandem.evaluation.protocol.evaluate` (popularity, ALS-only, two-tower-only and the two-stage
+:func:`tandem.evaluation.offline.evaluate` (popularity, ALS-only, two-tower-only and the two-stage
 system, side by side in one run), and writes
 
 - ``reports/eval.json``: ``{"dataset", "protocol", "models": {name: {metric: value}}, ...}``
@@ -19,7 +19,7 @@ pairs first engaged positively in [cut, end), pre-cut items excluded. Each reque
 serving is asked and as the ranker learned: at the user's first labelled row after the cut, with
 that row's time (hour) and device (``tandem.evaluation.night.ask_at_labels``; at the cut, device
 unknown, for a user without one). Features are computed in-process
-(``tandem.evaluation.protocol.feature_matrix``) from the request users' pre-cut events and, for the
+(``tandem.evaluation.requests.feature_matrix``) from the request users' pre-cut events and, for the
 item features, every pre-cut event's item columns read into numpy
 (``tandem.data.lake.read_item_events``). It writes the run's bundle ``manifest.json``
 (``tandem.models.bundle.BundleManifest``): the parts present, the dataset label, the metrics
@@ -156,6 +156,7 @@ def run_dataset(data_dir: Path, out_dir: Path, cfg: dict[str, Any] | None = None
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from tandem.data.movielens import load_movielens
+    from tandem.evaluation import offline as EO
     from tandem.evaluation import protocol as E
 
     cfg = cfg or E.EVAL_CONFIG
@@ -169,7 +170,7 @@ def run_dataset(data_dir: Path, out_dir: Path, cfg: dict[str, Any] | None = None
             console.log(text)
 
         data = load_movielens(data_dir)
-        report = E.evaluate(data, cfg, progress=step)
+        report = EO.evaluate(data, cfg, progress=step)
         report["quality_bar"] = quality_bar(report) if "two_stage" in report["models"] else None
         step("writing reports")
         paths = write_reports(report, out_dir)
@@ -203,14 +204,16 @@ def manifest_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def night_report(batch, ranker, cfg: dict[str, Any], dataset: str, at_labels: int
                  ) -> dict[str, Any]:
-    """The report of ``tandem.evaluation.protocol.evaluate``'s shape for one
+    """The report of ``tandem.evaluation.offline.evaluate``'s shape for one
     ``tandem.evaluation.night.Batch`` whose ``at_labels`` requests were moved to their first
     labelled row."""
     import numpy as np
     import pandas as pd
 
     from tandem.evaluation import metrics as M
+    from tandem.evaluation import offline as EO
     from tandem.evaluation import protocol as E
+    from tandem.evaluation import requests as EQ
     from tandem.models import ranker as R
 
     catalog, req, k = batch.catalog, batch.req, cfg["k"]
@@ -222,20 +225,20 @@ def night_report(batch, ranker, cfg: dict[str, Any], dataset: str, at_labels: in
     preds, retrieval = {}, {}
     for src, top in batch.lists.items():
         rows = req.user_rows[top["local"].to_numpy()]
-        retrieval[src] = M.recall_at_k(rel, E._pred_frame(catalog, rows, top["item"].to_numpy(),
-                                                          -top["rank"].to_numpy()),
+        retrieval[src] = M.recall_at_k(rel, EO._pred_frame(catalog, rows, top["item"].to_numpy(),
+                                                           -top["rank"].to_numpy()),
                                        k=cfg["retrieval_k"])
         head = (top["rank"] <= k).to_numpy()
-        preds[src] = E._pred_frame(catalog, rows[head], top["item"].to_numpy()[head],
-                                   -top["rank"].to_numpy()[head])
+        preds[src] = EO._pred_frame(catalog, rows[head], top["item"].to_numpy()[head],
+                                    -top["rank"].to_numpy()[head])
     cands = batch.cands
-    X = E.feature_matrix(batch.fitted, catalog, batch.requests, cands, cfg)
+    X = EQ.feature_matrix(batch.fitted, catalog, batch.requests, cands, cfg)
     rows, items = cands["user_row"].to_numpy(), cands["item"].to_numpy()
-    preds["two_stage"] = E._pred_frame(catalog, rows, items, R.predict(ranker, X))
-    retrieval["combined"] = M.recall_at_k(rel, E._pred_frame(catalog, rows, items,
-                                                             np.zeros(len(cands))),
+    preds["two_stage"] = EO._pred_frame(catalog, rows, items, R.predict(ranker, X))
+    retrieval["combined"] = M.recall_at_k(rel, EO._pred_frame(catalog, rows, items,
+                                                              np.zeros(len(cands))),
                                           k=len(catalog.item_ids))
-    models = {name: E.score_models(preds[name], rel, train, catalog, k)
+    models = {name: EO.score_models(preds[name], rel, train, catalog, k)
               for name in E.MODELS if name in preds}
     if "two_tower" not in preds:
         models["two_tower"] = {"missing": "two-tower source disabled or unavailable"}

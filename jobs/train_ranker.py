@@ -68,7 +68,10 @@ from tandem.config import Paths
 from tandem.data.catalog import run_bundle_dir
 from tandem.data.lake import epoch_ms
 from tandem.evaluation import night as N
+from tandem.evaluation import point_in_time as EP
 from tandem.evaluation import protocol as E
+from tandem.evaluation import requests as EQ
+from tandem.evaluation import sources as ES
 from tandem.evaluation import tuning
 from tandem.features import entity as FT
 from tandem.features import ranking_features as RF
@@ -104,13 +107,13 @@ def training_set(batch: N.Batch, lake: N.LakeLabels, cfg: dict[str, Any], store=
                            cfg["ranker"]["random_state"])
     cands = batch.cands[keep].reset_index(drop=True)
     if cfg["feature_source"] == "history":
-        X = E.feature_matrix(batch.fitted, batch.catalog, batch.requests, cands, cfg)
+        X = EQ.feature_matrix(batch.fitted, batch.catalog, batch.requests, cands, cfg)
     else:
         X = _features_from_store(store, batch.fitted, batch.catalog, batch.requests, cands)
     return X, y[keep].astype(np.int32), groups[keep]
 
 
-def _features_from_store(store, fitted: E.Fitted, catalog: E.Catalog, req: E.Requests,
+def _features_from_store(store, fitted: ES.Fitted, catalog: E.Catalog, req: EQ.Requests,
                          cands: pd.DataFrame) -> np.ndarray:
     """Entity features through Feast's point-in-time join, one entity row per candidate."""
     from tandem.features.feature_store import training_frame, training_matrices
@@ -121,14 +124,14 @@ def _features_from_store(store, fitted: E.Fitted, catalog: E.Catalog, req: E.Req
         S.ITEM_ID: catalog.item_ids[cands["item"].to_numpy()],
         S.EVENT_TIMESTAMP: pd.to_datetime(req.now_ms[local], unit="ms", utc=True)})
     users, items, session = training_matrices(training_frame(store, entity_df))
-    _, recent = E.session_rows(fitted.history, catalog, req.user_rows, RF.N_RECENT)
+    _, recent = EP.session_rows(fitted.history, catalog, req.user_rows, RF.N_RECENT)
     sources = {c: cands[c].to_numpy(np.float32) for c in cands.columns
                if c.endswith(("_score", "_rank"))}
     hour = ((req.now_ms[local] // 3_600_000) % 24).astype(np.float32)
     rows = np.arange(len(cands))
     return RF.build_features(rows, cands["item"].to_numpy(), sources, users, items, session,
                              hour, RF.device_codes(req.device[local]), recent[local],
-                             fitted.space, E.sequence_inputs(fitted, req), sequence_rows=local)
+                             fitted.space, EQ.sequence_inputs(fitted, req), sequence_rows=local)
 
 
 def feature_spec() -> dict[str, Any]:

@@ -8,6 +8,8 @@ from typing import Any
 
 from tandem.policy.diversify import DIVERSIFY_CONFIG
 
+DAY_MS = 86_400_000  # ``fresh_days`` are days of this many ms
+
 
 @dataclass(frozen=True)
 class ServingConfig:

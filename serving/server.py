@@ -221,6 +221,7 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
     store, item_features = None, None
     if args.feast_home:
         from tandem.features import feature_store
+        from tandem.features import online as FO
 
         fs = feature_store.open_store(Paths(Path(args.feast_home).resolve()))
         store = FeastStore(fs, socket_timeout_s=args.store_socket_timeout_ms / 1000.0)
@@ -231,7 +232,7 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
         watcher = MaterializationWatcher(lambda: feature_store.materialization_watermark(fs),
                                          args.item_refresh_s).start()
         item_features = watcher.track(lambda ids: SharedItemTable(  # one copy for --processes
-            lambda rows: feature_store.ItemFeatureTable(fs, rows), watcher.watermark, ids))
+            lambda rows: FO.ItemFeatureTable(fs, rows), watcher.watermark, ids))
     if args.item_features:  # built once per catalog and mapped by every process
         path = Path(args.item_features)
         item_features = lambda ids: ItemFeatures.shared(path, ids)  # noqa: E731

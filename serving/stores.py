@@ -41,7 +41,7 @@ class FeastStore:
     (``tandem.features.feature_store.USER_REFS``, one online read per view); never per candidate."""
 
     def __init__(self, feature_store, socket_timeout_s: float | None = None):
-        from tandem.features.feature_store import bound_read_timeout, user_row_reader
+        from tandem.features.online import bound_read_timeout, user_row_reader
 
         if socket_timeout_s is not None:  # a hung store frees the reading thread
             bound_read_timeout(feature_store, socket_timeout_s)

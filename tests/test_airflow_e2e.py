@@ -29,7 +29,8 @@ SCREENSHOT = REPO / "reports" / "airflow_ui_tandem_daily.png"
 @pytest.fixture(scope="module")
 def airflow_state(tmp_path_factory, mlflow_server):
     """A state root with a landed synthetic world, Airflow's DB migrated, env for every process."""
-    from tandem.data.world import World, WorldConfig
+    from tandem.data.world import World
+    from tandem.data.world_config import WorldConfig
     from tandem.ops.airflow_client import airflow_env
 
     paths = Paths(tmp_path_factory.mktemp("airflow-e2e"))

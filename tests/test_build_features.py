@@ -174,11 +174,12 @@ def test_feast_reads_the_latest_row_however_old(built):
     """Rows come only when values change, so the views' TTLs must span the gaps: u2's only row
     (two days before END) and i3's are what Feast serves and joins a month later."""
     from tandem.features import feature_store as fs
+    from tandem.features import online as FO
 
     paths, _ = built
     store = fs.apply(paths)
     fs.materialize(paths, END - timedelta(days=4), END, store)
-    values, ok = fs.fetch_user_features(store, "u2", deadline_s=5.0)
+    values, ok = FO.fetch_user_features(store, "u2", deadline_s=5.0)
     assert ok and (values["user_events_total"], values["user_avg_rating"]) == (1, 3.5)
     later = pd.Timestamp(END + timedelta(days=30))
     frame = store.get_historical_features(

@@ -44,7 +44,8 @@ FULL = (B.ITEMS, B.USERS, B.ALS_USER_FACTORS, B.ALS_ITEM_FACTORS, B.TT_ITEM_VECT
 def lake(spark, tmp_path_factory) -> Paths:
     """The world's landing files ingested into lake/events (late arrivals: one extra day)."""
     from jobs import ingest_events
-    from tandem.data.world import World, WorldConfig
+    from tandem.data.world import World
+    from tandem.data.world_config import WorldConfig
 
     paths = Paths(tmp_path_factory.mktemp("daily") / "tandem")
     world = World.generate(WorldConfig(n_users=300, n_items=200, n_events_target=30_000, days=7,

@@ -16,7 +16,8 @@ from serving.metrics import serve
 from tandem import schema as s
 from tandem.config import Paths
 from tandem.data.landing import event_records
-from tandem.data.world import World, WorldConfig
+from tandem.data.world import World
+from tandem.data.world_config import WorldConfig
 from tandem.experiments import canary_task
 from tandem.experiments import definitions as defs
 from tandem.experiments.rehearsal import experiment_events

@@ -12,7 +12,8 @@ import pytest
 
 from tandem import schema as s
 from tandem.data.landing import write_events_parquet, write_items
-from tandem.data.world import ARRIVAL_TS, World, WorldConfig
+from tandem.data.world import World
+from tandem.data.world_config import ARRIVAL_TS, WorldConfig
 from tandem.experiments import definitions as defs
 from tandem.experiments.rehearsal import experiment_events
 

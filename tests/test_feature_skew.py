@@ -76,6 +76,7 @@ def test_a_logged_vector_equals_the_training_row_of_the_same_entity_and_time(
     from serving.server import local_source
     from serving.validation import RecommendQuery
     from tandem.features import feature_store as fs
+    from tandem.features import online as FO
     from tandem.models import synthetic_bundle as SB
     from tandem.streaming.feature_consumer import feast_sink
     from tandem.streaming.producer import EventProducer, ImpressionLogger
@@ -106,7 +107,7 @@ def test_a_logged_vector_equals_the_training_row_of_the_same_entity_and_time(
     sink = ImpressionLogger(EventProducer(kafka_broker.bootstrap, topic=new_topic(
         kafka_broker.bootstrap)), feature_log_topic=topic)
     app = App(fetch, probe, cfg=cfg, store=FeastStore(store), sink=sink,
-              item_features=lambda ids: fs.ItemFeatureTable(store, ids))
+              item_features=lambda ids: FO.ItemFeatureTable(store, ids))
     try:
         result = app.recommend(RecommendQuery("u1", 10, device="tv", ts=int(now.value // 1e6)))
         assert not result.fallbacks and result.logged is not None

@@ -17,7 +17,9 @@ from tandem.data.dataset import (
     positives,
 )
 from tandem.evaluation import night as N
+from tandem.evaluation import point_in_time as EP
 from tandem.evaluation import protocol as E
+from tandem.evaluation import sources as ES
 from tandem.features import query_history as QH
 from tandem.streaming.session_state import replay, session_row
 
@@ -62,14 +64,14 @@ def test_serving_request_and_training_rows_query_the_same_items():
     assert served == ["i7", "i1", "i5", "i4", "i3"]
     history = events[events[S.TS] < T]
     # the ranker's training rows (evaluation and nightly): session row and recency items
-    raw, recent = E.session_rows(history, catalog, np.array([0]), n_recent=3)
+    raw, recent = EP.session_rows(history, catalog, np.array([0]), n_recent=3)
     assert raw[S.SESSION_RECENT_ITEMS][0] == served
     assert list(catalog.item_ids[recent[0]]) == served[:3]
     # the content source's profile items and the sequence model's query
-    inputs = E.content_inputs(history, catalog, np.zeros(len(ITEMS)), np.array([0]), None)
+    inputs = ES.content_inputs(history, catalog, np.zeros(len(ITEMS)), np.array([0]), None)
     assert list(catalog.item_ids[inputs[3][0][inputs[3][0] >= 0]]) == served
     hist = E._indexed(history, catalog)
-    query = E._query_rows(hist, 1, QH.QUERY_LEN)[0]
+    query = ES._query_rows(hist, 1, QH.QUERY_LEN)[0]
     assert list(catalog.item_ids[query[query >= 0]]) == served
     # the request's own session items come first, once
     assert _served(events, catalog, ["i9", "i5"]) == ["i9", "i5", "i7", "i1", "i4", "i3"]

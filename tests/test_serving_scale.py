@@ -429,6 +429,7 @@ def test_bulk_loaded_redis_users_read_like_feast_writes_and_serve_stored_feeds(w
     from serving.stores import FeastStore
     from tandem.config import Paths
     from tandem.features import feature_store as FS
+    from tandem.features import online as FO
     from tandem.ops.redis_server import RedisServer
 
     try:
@@ -449,7 +450,7 @@ def test_bulk_loaded_redis_users_read_like_feast_writes_and_serve_stored_feeds(w
         for view in views:
             fields = [f.name for f in fs.get_feature_view(view).features]
             fs.write_to_online_store(view, control[[s.USER_ID, s.EVENT_TIMESTAMP, *fields]])
-        reader = FS.user_row_reader(fs)
+        reader = FO.user_row_reader(fs)
         assert reader.read("u299") == reader.read("control")
         assert reader.read("u299")["user_age_bucket"] is not None
         names = {ref.split(":")[1] for ref in FS.USER_REFS}

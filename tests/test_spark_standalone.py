@@ -126,7 +126,8 @@ def migrating(tmp_path_factory):
 
 def land(root: Path) -> Paths:
     """The tiny world's landing files under ``root``."""
-    from tandem.data.world import World, WorldConfig
+    from tandem.data.world import World
+    from tandem.data.world_config import WorldConfig
 
     paths = Paths(root)
     World.generate(WorldConfig(n_users=60, n_items=40, n_events_target=600, days=1,

@@ -229,7 +229,7 @@ def test_ranker_training_set_reads_the_lake_labels_at_each_requests_time(spark, 
     from tandem.data.catalog import run_bundle_dir
     from tandem.data.lake import epoch_ms
     from tandem.evaluation import night as N
-    from tandem.evaluation import protocol as E
+    from tandem.evaluation import requests as EQ
     from tandem.features import ranking_features as RF
 
     _write_lake(paths)
@@ -273,7 +273,7 @@ def test_ranker_training_set_reads_the_lake_labels_at_each_requests_time(spark, 
     with_positive = negatives["user_row"].isin(batch.cands["user_row"][batch.labels])
     assert (y == 0).sum() == with_positive.sum() > 0
     assert set(np.unique(groups)) <= set(batch.req.user_rows)
-    assert isinstance(batch.requests, E.Requests)
+    assert isinstance(batch.requests, EQ.Requests)
 
 
 def _night(spark, paths, n_eval_users=24):
@@ -306,6 +306,7 @@ def test_nightly_evaluate_reads_columns_never_a_pandas_window(spark, paths, monk
     from tandem.data.item_events import ItemEvents
     from tandem.evaluation import night as N
     from tandem.evaluation import protocol as E
+    from tandem.evaluation import requests as EQ
 
     start, end, cfg = _night(spark, paths, n_eval_users=4)
     metrics = evaluate.run(None, paths, start, end, cfg)
@@ -327,9 +328,9 @@ def test_nightly_evaluate_reads_columns_never_a_pandas_window(spark, paths, monk
     for name in ("item", "ts", "event_type", "rating"):
         np.testing.assert_array_equal(getattr(batch.fitted.item_events, name),
                                       getattr(whole.item_events, name))
-    X = E.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, full)
+    X = EQ.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, full)
     np.testing.assert_array_equal(
-        X, E.feature_matrix(whole, batch.catalog, batch.requests, batch.cands, full))
+        X, EQ.feature_matrix(whole, batch.catalog, batch.requests, batch.cands, full))
     # a budget half the window's pandas frame: the old whole-window read stops, evaluate runs
     n_window = len(window.events)
     monkeypatch.setenv("TANDEM_DRIVER_BUDGET_MB", str(n_window * L.EVENT_ROW_BYTES / 2 / 2**20))
@@ -346,6 +347,7 @@ def test_nightly_evaluate_asks_each_request_at_its_labelled_row(spark, paths):
     from tandem.data import lake as L
     from tandem.evaluation import night as N
     from tandem.evaluation import protocol as E
+    from tandem.evaluation import requests as EQ
     from tandem.features import ranking_features as RF
     from tandem.models import bundle as B
 
@@ -359,7 +361,7 @@ def test_nightly_evaluate_asks_each_request_at_its_labelled_row(spark, paths):
     batch, lake = evaluate.night_batch(paths, bundle, start, end, cut, full)
     users = batch.catalog.user_ids[batch.req.user_rows]
     assert len(lake.first) == len(users) > 1
-    X = E.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, full)
+    X = EQ.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, full)
     number = np.array([int(u[1:]) for u in batch.catalog.user_ids[batch.cands["user_row"]]])
     hour, device = (RF.FEATURE_NAMES.index(c) for c in ("ctx_hour", "ctx_device_code"))
     np.testing.assert_array_equal(X[:, hour], number % 12)

@@ -12,7 +12,8 @@ import pytest
 from tandem import schema as s
 from tandem.data.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, positives
 from tandem.data.landing import event_records
-from tandem.data.world import ARRIVAL_TS, DAY_MS, World, WorldConfig
+from tandem.data.world import World
+from tandem.data.world_config import ARRIVAL_TS, DAY_MS, WorldConfig
 from tandem.validation import validate, validate_event
 
 H = 3_600_000

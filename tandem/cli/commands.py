@@ -11,15 +11,11 @@ import json
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from rich.console import Console
-
+from tandem.cli.land import console, load_movielens_into_lake
 from tandem.config import REPO_ROOT, Paths, movielens_100k_dir
 from tandem.ops import processes
-
-console = Console(highlight=False)
 
 
 def job_env(paths: Paths) -> dict[str, str]:
@@ -60,35 +56,6 @@ def _last_json(stdout: str) -> dict:
     return {}
 
 
-def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
-
-
-def load_movielens_into_lake(paths: Paths, folder: Path) -> tuple[str, str]:
-    """Land MovieLens ratings as raw events (arrival = event time) plus the catalog and users.
-
-    Returns the [start, end) interval (ISO, whole hours) that covers every landed event.
-    """
-    from tandem.data.landing import write_items, write_landing_events, write_users
-    from tandem.data.movielens import MovieLensUnavailable, ensure_movielens, load_movielens
-
-    t0 = time.monotonic()
-    try:  # a fresh machine without ../shared: fetch the release there (needs the internet)
-        folder = ensure_movielens(Path(folder).name, Path(folder).parent)
-    except MovieLensUnavailable as err:
-        raise SystemExit(str(err)) from None  # the message says what to do; no traceback
-    data = load_movielens(folder)
-    write_landing_events(data.events, paths.landing_events, name=f"movielens-{data.name}")
-    write_items(data.items, paths)
-    write_users(data.users, paths)
-    ts = data.events["ts"].to_numpy()
-    hour = 3_600_000
-    start, end = int(ts.min()) // hour * hour, (int(ts.max()) // hour + 1) * hour
-    console.print(f"[bold cyan]>[/] landed {len(data.events):,} events, {len(data.items):,} items, "
-                  f"{len(data.users):,} users from {folder} in {time.monotonic() - t0:.1f}s")
-    return iso(start), iso(end)
-
-
 def demo(args: argparse.Namespace) -> None:
     from tandem.cli.demo import run_demo
 
@@ -117,7 +84,8 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def world(args: argparse.Namespace) -> None:
     """Generate a synthetic world and land it (JSONL by arrival hour, or parquet for big ones)."""
-    from tandem.data.world import World, WorldConfig
+    from tandem.data.world import World
+    from tandem.data.world_config import WorldConfig
 
     cfg = WorldConfig(n_users=args.users, n_items=args.items, n_events_target=args.events,
                       days=args.days, seed=args.seed)
@@ -157,6 +125,3 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.func(args)
 
-
-if __name__ == "__main__":
-    main()

@@ -348,7 +348,7 @@ def _has_champion(tracking_uri: str) -> bool:
 
 
 def run_demo(folder: Path, rerun: bool = False) -> None:
-    from tandem.cli.commands import load_movielens_into_lake
+    from tandem.cli.land import load_movielens_into_lake
 
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     t_all = time.monotonic()

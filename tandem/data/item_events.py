@@ -5,7 +5,7 @@ windowed counts over EVERY user's events, so they are the one in-process feature
 whole window. Held as a pandas frame that is ~400 B an event (17 columns, most of them Python
 strings); :class:`ItemEvents` keeps only what the counts read -- the item's catalog row, ts, the
 event type as a code and the rating's value -- at 21 B an event, sorted once by (item, ts) so
-every windowed count is a binary search (``tandem.evaluation.protocol.item_rows_at``).
+every windowed count is a binary search (``tandem.evaluation.point_in_time.item_rows_at``).
 
 Built from an in-memory frame (:meth:`ItemEvents.of`, the MovieLens evaluation) or streamed
 from the lake batch by batch (``tandem.data.lake.read_item_events``, the nightly jobs): both give

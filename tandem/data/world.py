@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,108 +59,29 @@ from tandem.data.dataset import (
     conform,
 )
 from tandem.data.landing import write_events_parquet, write_items, write_landing_events, write_users
-
-DAY_MS = 86_400_000
-ARRIVAL_TS = "arrival_ts"  # not a contract column: when the event reached the landing zone
-GENRE_NAMES = ("Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary",
-               "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
-               "Sci-Fi", "Thriller", "War", "Western")
-DEVICES = ("mobile", "web", "tv")
-COUNTRIES = ("US", "GB", "DE", "FR", "BR", "IN", "JP", "CA", "ES", "MX")
-SURFACES = ("home", "browse", "detail", "search")
-LANGUAGES = ("en", "es", "fr", "de", "ja", "ko")
-AGE_BUCKETS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
-GENDERS = ("F", "M")
-OCCUPATIONS = ("student", "engineer", "educator", "artist", "healthcare", "sales", "retired",
-               "other")
-# event types in the order the generator emits them, with the short code used in event ids
-_KINDS = (s.IMPRESSION, s.CLICK, s.PLAY, s.COMPLETE, s.LIKE, s.DISLIKE, s.SHARE, s.ADD_TO_LIST)
-_CODES = ("imp", "clk", "ply", "cmp", "lik", "dis", "shr", "atl")
-
-
-@dataclass(frozen=True)
-class WorldConfig:
-    """Size, time window and behaviour knobs of a synthetic world (defaults: a small world)."""
-
-    n_users: int = 2_000
-    n_items: int = 500
-    n_events_target: int = 200_000
-    n_genres: int = 18
-    dim: int = 16
-    seed: int = 0
-    start_ms: int = 1_704_067_200_000  # 2024-01-01T00:00:00Z
-    days: int = 7
-    slate_size: int = 10
-    popularity_alpha: float = 1.0
-    catalog_at_start: float = 0.7
-    users_at_start: float = 0.8
-    taste_weight: float = 4.0
-    popularity_weight: float = 0.4
-    fresh_weight: float = 0.5
-    base_logit: float = -2.0
-    personalized_share: float = 0.5
-    explore_share: float = 0.1
-    late_share: float = 0.01
-    duplicate_share: float = 0.0
-    chunk_requests: int = 200_000  # requests per generated chunk (bounds memory)
-
-
-@dataclass
-class Engagement:
-    """What simulated users did with the slates shown to them; every array is [n_users, k].
-
-    ``click``/``play``/``complete``/``like``/``dislike``/``share``/``add_to_list`` are bool,
-    ``dwell_ms`` int64 (0 where not played), ``p_click`` the click probability used.
-    """
-
-    click: np.ndarray
-    play: np.ndarray
-    dwell_ms: np.ndarray
-    complete: np.ndarray
-    like: np.ndarray
-    dislike: np.ndarray
-    share: np.ndarray
-    add_to_list: np.ndarray
-    p_click: np.ndarray
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _ids(prefix: str, n: int) -> pa.Array:
-    """``prefix0 .. prefix<n-1>`` as an Arrow string array (vectorized)."""
-    return pc.binary_join_element_wise(prefix, pc.cast(pa.array(np.arange(n)), pa.string()), "")
-
-
-def _years(ms: np.ndarray) -> np.ndarray:
-    return ms.astype("datetime64[ms]").astype("datetime64[Y]").astype(np.int64) + 1970
-
-
-def _names(names: tuple[str, ...], codes: np.ndarray) -> pa.Array:
-    return pa.array(names).take(pa.array(codes))
-
-
-def _segment_draw(cum: np.ndarray, lo: np.ndarray, hi: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Index in ``[lo, hi)`` drawn with weights ``diff(cum)`` (``cum`` inclusive cumsum)."""
-    base = np.where(lo > 0, cum[np.maximum(lo - 1, 0)], 0.0)
-    target = base + u * (cum[np.maximum(hi - 1, 0)] - base)
-    idx = np.clip(np.searchsorted(cum, target, side="right"), lo, np.maximum(hi - 1, lo))
-    return np.minimum(idx, len(cum) - 1)
-
-
-def _duplicates(slate: np.ndarray) -> np.ndarray:
-    """Mask [n, k]: True where the row already holds that item at another (earlier) slot."""
-    order = np.argsort(slate, axis=1, kind="stable")
-    srt = np.take_along_axis(slate, order, axis=1)
-    dup = np.zeros_like(slate, dtype=bool)
-    repeat = np.c_[np.zeros((len(slate), 1), bool), srt[:, 1:] == srt[:, :-1]]
-    np.put_along_axis(dup, order, repeat, axis=1)
-    return dup
+from tandem.data.world_config import (
+    AGE_BUCKETS,
+    ARRIVAL_TS,
+    COUNTRIES,
+    DAY_MS,
+    DEVICES,
+    EVENT_CODES,
+    EVENT_KINDS,
+    GENDERS,
+    GENRE_NAMES,
+    LANGUAGES,
+    OCCUPATIONS,
+    SURFACES,
+    Engagement,
+    WorldConfig,
+    duplicate_mask,
+    id_array,
+    named,
+    segment_draw,
+    sigmoid,
+    unit_rows,
+    years_of,
+)
 
 
 class World:
@@ -184,7 +104,7 @@ class World:
         rng = np.random.default_rng([cfg.seed, 0])
         g, d = cfg.n_genres, cfg.dim
         w.genre_names = tuple(GENRE_NAMES[:g]) + tuple(f"Genre-{j}" for j in range(18, g))
-        w.centroids = _unit(rng.standard_normal((g, d)))
+        w.centroids = unit_rows(rng.standard_normal((g, d)))
         w._make_items(rng)
         w._make_users(rng)
         w._index()
@@ -198,7 +118,7 @@ class World:
         self.item_genre2 = np.where(rng.random(n) < 0.3, second, -1)
         noise = rng.standard_normal((n, cfg.dim)) / math.sqrt(cfg.dim)
         sec = np.where((self.item_genre2 >= 0)[:, None], self.centroids[self.item_genre2], 0.0)
-        self.item_vec = _unit(self.centroids[self.item_genre] + 0.5 * sec + 0.8 * noise)
+        self.item_vec = unit_rows(self.centroids[self.item_genre] + 0.5 * sec + 0.8 * noise)
         self.item_weight = (rng.permutation(n) + 1.0) ** -cfg.popularity_alpha
         logw = np.log(self.item_weight)
         self.item_pop = ((logw - logw.mean()) / (logw.std() + 1e-9)).astype(np.float32)
@@ -216,7 +136,7 @@ class World:
         b = (a + rng.integers(1, max(cfg.n_genres, 2), n)) % cfg.n_genres
         self.user_genres = np.stack([a, b], axis=1)
         noise = rng.standard_normal((n, cfg.dim)) / math.sqrt(cfg.dim)
-        self.user_vec = _unit(self.centroids[a] + 0.6 * self.centroids[b] + 0.8 * noise)
+        self.user_vec = unit_rows(self.centroids[a] + 0.6 * self.centroids[b] + 0.8 * noise)
         self.user_activity = rng.lognormal(0.0, 1.0, n)
         fresh = rng.random(n) >= cfg.users_at_start
         back = cfg.start_ms - rng.random(n) * 730 * DAY_MS
@@ -242,8 +162,8 @@ class World:
         self.user_by_time = np.argsort(self.user_signup, kind="stable")
         self.user_time_sorted = self.user_signup[self.user_by_time]
         self.user_cum = np.cumsum(self.user_activity[self.user_by_time])
-        self.user_id = _ids("u", self.cfg.n_users)
-        self.item_id = _ids("i", self.cfg.n_items)
+        self.user_id = id_array("u", self.cfg.n_users)
+        self.item_id = id_array("i", self.cfg.n_items)
 
     def _calibrate(self) -> float:
         """Events per request (impressions + engagements) measured on a pilot of 2,000 requests
@@ -284,17 +204,17 @@ class World:
         cos = self.taste(user_idx, shown)
         logit = self.relevance_logit(user_idx, shown, now_ms, cos)
         examine = 1.0 / np.log2(np.arange(shown.shape[1]) + 2.0)
-        p_click = examine * _sigmoid(logit)
+        p_click = examine * sigmoid(logit)
         r = rng.random((7, *shown.shape))
         click = r[0] < p_click
         play = click & (r[1] < 0.85)
-        frac = _sigmoid(logit + rng.standard_normal(shown.shape))
+        frac = sigmoid(logit + rng.standard_normal(shown.shape))
         dwell = np.where(play, frac * self.item_duration_s[shown] * 1000, 0).astype(np.int64)
         complete = play & (frac >= 0.9)
-        like = play & (r[2] < 0.4 * _sigmoid(3 * cos - 1))
-        dislike = click & ~like & (r[3] < 0.5 * _sigmoid(-3 * cos - 1))
-        share = play & (r[4] < 0.05 * _sigmoid(3 * cos))
-        add = click & (r[5] < 0.1 * _sigmoid(3 * cos))
+        like = play & (r[2] < 0.4 * sigmoid(3 * cos - 1))
+        dislike = click & ~like & (r[3] < 0.5 * sigmoid(-3 * cos - 1))
+        share = play & (r[4] < 0.05 * sigmoid(3 * cos))
+        add = click & (r[5] < 0.1 * sigmoid(3 * cos))
         return Engagement(click, play, np.minimum(dwell, DAY_MS), complete, like, dislike, share,
                           add, p_click)
 
@@ -320,7 +240,7 @@ class World:
         masks = (e.click, e.play, e.complete, e.like, e.dislike, e.share, e.add_to_list)
         flat = [np.flatnonzero(m & valid) for m in masks]
         idx = np.concatenate(flat)
-        kind = np.repeat(np.arange(1, len(_KINDS)), [len(f) for f in flat])
+        kind = np.repeat(np.arange(1, len(EVENT_KINDS)), [len(f) for f in flat])
         req, pos = idx // max(k, 1), idx % max(k, 1)
         delay = 1000 + 400 * pos + 1000 * np.minimum(kind - 1, 2)
         ts = np.asarray(ts_ms, np.int64)[req] + delay
@@ -332,8 +252,8 @@ class World:
         m = len(req)
         return pa.table({
             s.EVENT_ID: pc.binary_join_element_wise(request, pc.cast(pos_a, pa.string()),
-                                                    _names(_CODES, kind), "."),
-            s.EVENT_TYPE: _names(_KINDS, kind),
+                                                    named(EVENT_CODES, kind), "."),
+            s.EVENT_TYPE: named(EVENT_KINDS, kind),
             s.USER_ID: pa.array(list(user_ids), pa.string()).take(pa.array(req)),
             s.ITEM_ID: self.item_id.take(pa.array(shown[req, pos])),
             s.TS: pa.array(ts), s.SESSION_ID: pa.nulls(m, pa.string()), s.REQUEST_ID: request,
@@ -348,7 +268,7 @@ class World:
     def _draw_users(self, n: int, t_ms: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` users signed up by ``t_ms``, drawn by activity."""
         k = max(int(np.searchsorted(self.user_time_sorted, t_ms, side="right")), 1)
-        pos = _segment_draw(self.user_cum, np.zeros(n, np.int64), np.full(n, k), rng.random(n))
+        pos = segment_draw(self.user_cum, np.zeros(n, np.int64), np.full(n, k), rng.random(n))
         return self.user_by_time[pos]
 
     def _draw_slates(self, users: np.ndarray, t_ms: int, rng: np.random.Generator
@@ -366,14 +286,14 @@ class World:
         personal = (kind >= cfg.explore_share) & (kind < cfg.explore_share
                                                   + cfg.personalized_share) & (hi > lo)
         u = rng.random((n, k))
-        pop = self.item_by_time[_segment_draw(self.item_cum, np.zeros_like(lo),
-                                              np.full_like(lo, n_items), u)]
-        per = self.item_by_genre[_segment_draw(self.genre_cum, lo, hi, u)]
+        pop = self.item_by_time[segment_draw(self.item_cum, np.zeros_like(lo),
+                                             np.full_like(lo, n_items), u)]
+        per = self.item_by_genre[segment_draw(self.genre_cum, lo, hi, u)]
         slate = np.where(personal, per, pop)
         explore = kind < cfg.explore_share
         slate[explore] = self.item_by_time[rng.integers(0, n_items, int(explore.sum()))]
         for _ in range(50):  # redraw in-slate duplicates uniformly (few rounds, vectorized)
-            dup = _duplicates(slate)
+            dup = duplicate_mask(slate)
             if not dup.any() or n_items < k:
                 break
             slate[dup] = self.item_by_time[rng.integers(0, n_items, int(dup.sum()))]
@@ -441,7 +361,7 @@ class World:
                  e.share, e.add_to_list)
         flat = [np.flatnonzero(m) for m in masks]
         idx = np.concatenate(flat)  # flat index into [n_req, k]
-        kind = np.repeat(np.arange(len(_KINDS)), [len(f) for f in flat])
+        kind = np.repeat(np.arange(len(EVENT_KINDS)), [len(f) for f in flat])
         ts = np.concatenate([t.ravel()[f] for t, f in zip(times, flat, strict=True)])
         ts = ts.astype(np.int64)
         order = np.argsort(ts, kind="stable")
@@ -456,18 +376,18 @@ class World:
                      slate: np.ndarray, prop: np.ndarray, e: Engagement, device: np.ndarray,
                      surface: np.ndarray) -> pa.Table:
         """Contract columns for events given per event: request ``req``, position ``pos``,
-        type code ``kind`` (index into ``_KINDS``), ``ts``; per request: ``users``, ``sess``,
+        type code ``kind`` (index into ``EVENT_KINDS``), ``ts``; per request: ``users``, ``sess``,
         ``device``, ``surface``; per request and position: ``slate``, ``prop``, ``e``."""
         n, tag, n_req = len(req), f"{self.cfg.seed}.{day}.{part}.", len(users)
-        req_ids = _ids(f"r{tag}", n_req).take(pa.array(req))
+        req_ids = id_array(f"r{tag}", n_req).take(pa.array(req))
         sess_ids = pc.binary_join_element_wise(f"s{tag}", pc.cast(pa.array(sess), pa.string()), "")
         pos_a = pa.array(pos)
         is_imp = kind == 0
         dwell = np.where(np.isin(kind, (2, 3)), e.dwell_ms[req, pos], 0)
         cols = {
             s.EVENT_ID: pc.binary_join_element_wise(req_ids, pc.cast(pos_a, pa.string()),
-                                                    _names(_CODES, kind), "."),
-            s.EVENT_TYPE: _names(_KINDS, kind),
+                                                    named(EVENT_CODES, kind), "."),
+            s.EVENT_TYPE: named(EVENT_KINDS, kind),
             s.USER_ID: self.user_id.take(pa.array(users[req])),
             s.ITEM_ID: self.item_id.take(pa.array(slate[req, pos])),
             s.TS: pa.array(ts),
@@ -476,9 +396,9 @@ class World:
             s.POSITION: pos_a,
             s.DWELL_MS: pa.array(dwell, mask=~np.isin(kind, (2, 3))),
             s.VALUE: pa.nulls(n, pa.float64()),
-            s.CTX_DEVICE: _names(DEVICES, device[req]),
-            s.CTX_COUNTRY: _names(COUNTRIES, self.user_country[users[req]]),
-            s.CTX_SURFACE: _names(SURFACES, surface[req]),
+            s.CTX_DEVICE: named(DEVICES, device[req]),
+            s.CTX_COUNTRY: named(COUNTRIES, self.user_country[users[req]]),
+            s.CTX_SURFACE: named(SURFACES, surface[req]),
             s.EXPERIMENT: pa.nulls(n, pa.string()),
             s.VARIANT: pa.nulls(n, pa.string()),
             s.MODEL_VERSION: pa.nulls(n, pa.string()),
@@ -517,9 +437,9 @@ class World:
                                             pc.cast(pa.array(np.arange(n)), pa.string()), " #")
         return pa.table({
             s.ITEM_ID: self.item_id, s.TITLE: title, s.GENRES: genres,
-            s.RELEASE_YEAR: pa.array(_years(self.item_created)),
+            s.RELEASE_YEAR: pa.array(years_of(self.item_created)),
             s.DURATION_S: pa.array(self.item_duration_s),
-            s.LANGUAGE: _names(LANGUAGES, self.item_language),
+            s.LANGUAGE: named(LANGUAGES, self.item_language),
             s.CREATED_AT: pa.array(self.item_created),
         }).cast(ITEM_ARROW_SCHEMA)
 
@@ -527,10 +447,10 @@ class World:
         """The users as user.v1 rows."""
         return pa.table({
             s.USER_ID: self.user_id, s.SIGNUP_TS: pa.array(self.user_signup),
-            s.AGE_BUCKET: _names(AGE_BUCKETS, self.user_age),
-            s.GENDER: _names(GENDERS, self.user_gender),
-            s.OCCUPATION: _names(OCCUPATIONS, self.user_occupation),
-            s.COUNTRY: _names(COUNTRIES, self.user_country),
+            s.AGE_BUCKET: named(AGE_BUCKETS, self.user_age),
+            s.GENDER: named(GENDERS, self.user_gender),
+            s.OCCUPATION: named(OCCUPATIONS, self.user_occupation),
+            s.COUNTRY: named(COUNTRIES, self.user_country),
         }).cast(USER_ARROW_SCHEMA)
 
     def to_dataset(self) -> Dataset:

@@ -224,7 +224,7 @@ def candidates(lists: dict[str, pd.DataFrame], req: Requests, depth: dict[str, i
                ) -> pd.DataFrame:
     """Union of the sources' lists cut at ``depth``: (user_row, item, <src>_score, <src>_rank),
     NaN where a source did not return the item; sorted by (user_row, item) (one ranker group
-    per user), the frame ``tandem.evaluation.protocol.candidates`` returns."""
+    per user), the frame ``tandem.evaluation.sources.candidates`` returns."""
     frames = [top[top["rank"] <= depth[src]]
               .rename(columns={"score": f"{src}_score", "rank": f"{src}_rank"})
               .set_index(["local", "item"]) for src, top in lists.items()]
@@ -298,11 +298,11 @@ def lake_labels(paths, user_ids: pd.Index, item_ids: pd.Index, req: Requests, cu
 
 
 def requests_at_labels(at_cut, lake: LakeLabels):
-    """``at_cut`` (a ``tandem.evaluation.protocol.Requests``) moved to each user's first labelled
+    """``at_cut`` (a ``tandem.evaluation.requests.Requests``) moved to each user's first labelled
     row: its time and device, so the context features (hour, device) and the point-in-time entity
     and session features vary as they do in the events; users without such a row stay at the
     cut, device unknown."""
-    from tandem.evaluation.protocol import Requests as EvalRequests
+    from tandem.evaluation.requests import Requests as EvalRequests
 
     first = lake.first.reindex(at_cut.user_rows)
     now = first[S.TS].to_numpy(dtype=np.float64, na_value=np.nan)
@@ -340,7 +340,7 @@ class Batch:
 
     ``lists`` holds each source's full retrieval list (evaluation measures recall on it),
     ``cands`` their union cut at the candidate depths, ``labels`` a bool per candidate,
-    ``catalog``/``fitted``/``requests`` the inputs of ``tandem.evaluation.protocol.feature_matrix``.
+    ``catalog``/``fitted``/``requests`` the inputs of ``tandem.evaluation.requests.feature_matrix``.
     """
 
     req: Requests
@@ -348,9 +348,9 @@ class Batch:
     cands: pd.DataFrame
     labels: np.ndarray
     catalog: Any  # tandem.evaluation.protocol.Catalog, in the bundle's order
-    fitted: Any  # tandem.evaluation.protocol.Fitted: the request users' pre-cut events, the pre-cut
+    fitted: Any  # tandem.evaluation.sources.Fitted: the request users' pre-cut events, the pre-cut
     # item events (or None) and the ItemSpace
-    # tandem.evaluation.protocol.Requests at the cut; at the labels after ask_at_labels
+    # tandem.evaluation.requests.Requests at the cut; at the labels after ask_at_labels
     requests: Any
 
 
@@ -366,6 +366,8 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
     features -- False when the feature store serves them. The window is never a pandas frame.
     """
     from tandem.evaluation import protocol as E
+    from tandem.evaluation import requests as EQ
+    from tandem.evaluation import sources as ES
 
     night_cfg = {**NIGHT_CONFIG, **cfg.get("night", {})}
     table = L.TrainingTable.of(paths, bundle_dir.name)
@@ -393,17 +395,17 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
     space = RF.ItemSpace(RF.unit_rows(night.item_factors), table.cooc())
     # the sequence model (for sequence_affinity) queried as its retrieval source is
     sequence = night.sequence if "sequence" in depth else None
-    fitted = E.Fitted(events[known & (events[S.TS] < cut_ms)].reset_index(drop=True),
-                      req.history, req.popularity, None, None, space, sequence=sequence,
-                      item_events=L.read_item_events(paths, start, cut_ms, item_ids)
-                      if item_events else None)
-    at_cut = E.Requests(req.user_rows, np.full(len(req.user_rows), cut_ms, np.int64),
-                        np.full(len(req.user_rows), None, dtype=object),
-                        req.recent if sequence is not None else None)
+    fitted = ES.Fitted(events[known & (events[S.TS] < cut_ms)].reset_index(drop=True),
+                       req.history, req.popularity, None, None, space, sequence=sequence,
+                       item_events=L.read_item_events(paths, start, cut_ms, item_ids)
+                       if item_events else None)
+    at_cut = EQ.Requests(req.user_rows, np.full(len(req.user_rows), cut_ms, np.int64),
+                         np.full(len(req.user_rows), None, dtype=object),
+                         req.recent if sequence is not None else None)
     if cfg.get("content_k"):  # serving's genre-content source, on the same profile
         depth["content"] = cfg["content_k"]
-        inputs = E.content_inputs(fitted.history, catalog, req.popularity, req.user_rows,
-                                  cfg["play_dwell_ms"])
-        lists["content"] = E.content_lists(inputs, req.popularity, req.history, depth["content"])
+        inputs = ES.content_inputs(fitted.history, catalog, req.popularity, req.user_rows,
+                                   cfg["play_dwell_ms"])
+        lists["content"] = ES.content_lists(inputs, req.popularity, req.history, depth["content"])
     cands = candidates(lists, req, depth)
     return Batch(req, lists, cands, label_mask(cands, req), catalog, fitted, at_cut)

@@ -49,7 +49,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tandem import schema as s
 from tandem.config import REPO_ROOT, Paths
 from tandem.data.landing import event_records, write_items
-from tandem.data.world import World, WorldConfig
+from tandem.data.world import World
+from tandem.data.world_config import WorldConfig
 from tandem.experiments import canary_task
 from tandem.experiments.definitions import Definition, definitions_path, save
 from tandem.models import synthetic_bundle as S

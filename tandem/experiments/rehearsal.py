@@ -41,7 +41,8 @@ import pyarrow.compute as pc
 
 from tandem import schema as s
 from tandem.config import REPO_ROOT
-from tandem.data.world import DAY_MS, World, WorldConfig
+from tandem.data.world import World
+from tandem.data.world_config import DAY_MS, WorldConfig
 from tandem.experiments import closed_loop, ope
 from tandem.experiments.canary import ArmHealth, decide
 from tandem.experiments.definitions import (
@@ -258,7 +259,7 @@ def lake_readout(cfg: RehearsalConfig, work: Path) -> dict[str, Any]:
     way the DAG runs it). Returns the report's CTR comparison and SRM check."""
     from tandem.config import Paths
     from tandem.data.landing import write_events_parquet, write_items
-    from tandem.data.world import ARRIVAL_TS
+    from tandem.data.world_config import ARRIVAL_TS
 
     paths = Paths(work / "state")
     world = World.generate(WorldConfig(n_users=20_000, n_items=500, n_events_target=10_000,

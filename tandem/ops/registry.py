@@ -238,7 +238,7 @@ class PromotionGates:
         Absolute floors the challenger must reach (catalog coverage and intra-list diversity are
         fractions in [0, 1]); the only gates when there is no champion yet.
     ndcg_key, coverage_key, diversity_key : str
-        Metric names as ``tandem.evaluation.protocol.score_models`` writes them (``@`` may appear as
+        Metric names as ``tandem.evaluation.offline.score_models`` writes them (``@`` may appear as
         ``_at_``, the form MLflow stores).
     """
 
