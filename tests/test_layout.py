@@ -102,6 +102,22 @@ def test_every_tandem_subpackage_has_a_row_in_the_table():
     assert subpackages == set(MAY_IMPORT) - {FOUNDATION}
 
 
+def test_the_readme_layout_section_matches_the_tree_and_the_table():
+    """Every subpackage has a row in the README's folder table, and the README's may-import
+    table says what ``MAY_IMPORT`` says (``tandem.cli`` may import every stage but spark)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):readme.index("\n## ", readme.index("## Layout") + 1)]
+    for name in set(MAY_IMPORT) - {FOUNDATION}:
+        assert f"| `tandem/{name}/` |" in layout, f"no README row for tandem/{name}/"
+    rows = dict(re.findall(r"^\| `tandem\.(\w+)` \| (.*) \|$", layout, re.M))
+    assert set(rows) == set(MAY_IMPORT) - {FOUNDATION, "contracts"}
+    for name, allowed in rows.items():
+        if name != "cli":
+            assert set(re.findall(r"`(\w+)`", allowed)) == MAY_IMPORT[name], name
+
+
 def test_each_stage_imports_only_what_the_table_allows():
     bad = []
     for path in _modules("tandem"):
