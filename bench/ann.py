@@ -1,10 +1,11 @@
-"""ANN serving cost: tandem.ann indexes at catalog scale, single-query latency and recall@500.
+"""ANN serving cost: tandem.models.ann indexes at catalog scale, single-query latency and
+recall@500.
 
 Synthetic data like ../shared/notes/perf-floor.md: ``--n`` items x ``--dim`` in 2,000 clusters
 with power-law sizes; queries near 1-3 popular clusters. Two indexes, as serving holds them:
 "main" (L2-normalised, inner product) and "als" (unnormalised, norms grow with popularity; the
-inner-product -> L2 transform). Each is built with ``tandem.ann.build_index`` defaults (nprobe
-tuned on 200 queries), then timed on 1,000 other queries, one per call, 1 thread, after 100
+inner-product -> L2 transform). Each is built with ``tandem.models.ann.build_index`` defaults
+(nprobe tuned on 200 queries), then timed on 1,000 other queries, one per call, 1 thread, after 100
 warm-up calls. Writes reports/bench_ann.json.
 
     OPENBLAS_NUM_THREADS=1 python bench/ann.py [--n 1000000] [--dim 64] [--k 500]
@@ -21,7 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from tandem.ann import build_index, exact_top_k, recall_stats
+from tandem.models.ann import build_index, exact_top_k, recall_stats
 
 REPORT = Path(__file__).resolve().parents[1] / "reports" / "bench_ann.json"
 

@@ -1,9 +1,10 @@
 """The ALS index before and after issue 17's tuning, on the queries serving sends, side by side.
 
-World: ``tandem.synthetic_bundle.world_vectors`` (the bench's synthetic world, ``--items`` x 64,
-``--items / 500`` clusters, ALS factors for one user in five, like ``make bench``'s 1M of 5M).
+World: ``tandem.models.synthetic_bundle.world_vectors`` (the bench's synthetic world,
+``--items`` x 64, ``--items / 500`` clusters, ALS factors for one user in five, like
+``make bench``'s 1M of 5M).
 Queries: ``--queries`` requests of users drawn uniformly from the world, each made as the
-engine makes it (``tandem.als.session_query``, which ``serving.session_retrieval`` calls: the
+engine makes it (``tandem.models.als.session_query``, which ``serving.session_retrieval`` calls: the
 nightly vector refolded with the session's items, or the session alone for a user without
 factors), by ``synthetic_bundle.als_queries`` with another seed than the tuning sample.
 
@@ -12,7 +13,7 @@ factors), by ``synthetic_bundle.als_queries`` with another seed than the tuning 
 - before_scaled_queries_only: that index searched by ``AnnIndex.search`` (queries scaled to M);
 - before_at_nprobe_reaching_0.95: the old search at the smallest nprobe of ``NPROBE_GRID``
   reaching recall@200 0.95 on these queries (what the old index costs at the target);
-- after: ``tandem.ann.tune_index`` on ``synthetic_bundle.als_queries`` at k = 200 (what
+- after: ``tandem.models.ann.tune_index`` on ``synthetic_bundle.als_queries`` at k = 200 (what
   ``make bench``'s bundle now holds), searched by ``AnnIndex.search``.
 
 Recall@200 against exact inner product; latency of one query per call, one thread, the four
@@ -35,8 +36,8 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tandem import synthetic_bundle as S  # noqa: E402
-from tandem.ann import (  # noqa: E402
+from tandem.models import synthetic_bundle as S  # noqa: E402
+from tandem.models.ann import (  # noqa: E402
     NPROBE_GRID,
     build_index,
     exact_top_k,

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from tandem import schema as s  # noqa: E402
 from tandem.config import Paths  # noqa: E402
-from tandem.processes import child_env  # noqa: E402
+from tandem.ops.processes import child_env  # noqa: E402
 from tandem.streaming.broker import Broker, S3Endpoint, start_broker, start_s3_endpoint  # noqa: E402
 from tandem.streaming.consumer import FETCH_MAX_WAIT_ENV  # noqa: E402
 from tandem.streaming.producer import EventProducer  # noqa: E402
@@ -338,7 +338,7 @@ def kill9_feature_consumer(work: Path, spark) -> Record:
     """The feature consumer (next to the landing one) is killed twice mid-load; afterwards every
     user's session row in the online store is what a replay of the acknowledged events gives
     (its snapshots and replays lose and double-count nothing), and the lake is complete."""
-    from tandem.feature_store import open_store
+    from tandem.features.feature_store import open_store
     from tandem.streaming.session_state import replay, session_row
     from tests.test_streaming import GENRES, feature_repo, online_rows
 
@@ -472,7 +472,7 @@ SPEC_ARGS = {"n_items": 2000, "n_users": 5000, "n_als_users": 2000, "n_trees": 2
 
 def _bundles(work: Path) -> tuple[Path, Path, Path]:
     """Two synthetic bundles (seeds 0 and 7) and the item features, built once under work."""
-    from tandem import synthetic_bundle as S
+    from tandem.models import synthetic_bundle as S
 
     out = []
     for seed in (0, 7):
@@ -524,8 +524,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _request(i: int):
-    from tandem import synthetic_bundle as S
     from tandem.contracts import recommender_v1_pb2 as pb
+    from tandem.models import synthetic_bundle as S
 
     ctx = pb.Context(device="tv", country="DE", surface="home", ts=S.NOW_MS)
     return pb.RecommendRequest(user_id=f"u{i % 3000}", k=10, context=ctx)
@@ -611,8 +611,8 @@ def registry_faults(work: Path) -> dict[str, Record]:
     promoted and MLflow stops at once, while serving polls for it; serving keeps answering with
     the old one and switches once MLflow is back. Each: zero failed RPCs.
     """
-    from tandem import registry
-    from tandem.mlflow_server import start_server
+    from tandem.ops import registry
+    from tandem.ops.mlflow_server import start_server
     from tests.conftest import free_port
 
     b1, b2, features = _bundles(work.parent)
@@ -718,7 +718,7 @@ def online_store_faults(work: Path) -> dict[str, Record]:
     """Serving reads a Feast online store on Redis while Redis hangs (SIGSTOP) and then dies
     (SIGKILL, restarted on its port): requests keep getting answers, marked with the store
     fallbacks, the breaker opens and closes again, and no RPC fails."""
-    from tandem import feature_store as fs
+    from tandem.features import feature_store as fs
     from tests.conftest import free_port
 
     b1, _, features = _bundles(work.parent)

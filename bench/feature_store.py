@@ -6,8 +6,8 @@ random users and random 500-item candidate sets:
 
 - sdk_user_1: ``get_online_features`` of the ranker's user service for 1 user
 - sdk_items_500: ``get_online_features`` of the item service for 500 items
-- fast_user_1: :func:`tandem.feature_store.fetch_user_features` with a 50 ms deadline (a worker
-  thread) + user and session vectors; fast_user_1_no_deadline: the same read in the caller
+- fast_user_1: :func:`tandem.features.online.fetch_user_features` with a 50 ms deadline (a
+  worker thread) + user and session vectors; fast_user_1_no_deadline: the same read in the caller
 - fast_items_500: :meth:`ItemFeatureTable.take` of 500 catalog rows (the item matrix)
 
 Usage: ``python bench/feature_store.py [--items 10000] [--users 1000] [--calls 300]``.
@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tandem import feature_store as fs
-from tandem import features as F
 from tandem import schema as s
 from tandem.config import REPO_ROOT, Paths
+from tandem.features import entity as F
+from tandem.features import feature_store as fs
+from tandem.features import online as FO
 
 NOW = pd.Timestamp("2024-01-03", tz="UTC")
 
@@ -97,7 +98,7 @@ def bench(home: Path, n_users: int, n_items: int, calls: int, redis: str | None)
                              s.SESSION_RECENT_ITEMS: ["i1", "i2"]} for i in range(n_users)])
     item_ids = [f"i{i}" for i in range(n_items)]
     t = time.perf_counter()
-    table = fs.ItemFeatureTable(store, item_ids)
+    table = FO.ItemFeatureTable(store, item_ids)
     table_load_s = time.perf_counter() - t
     rng = np.random.default_rng(1)
     now_ms = int(NOW.value // 1_000_000) + 60_000
@@ -112,12 +113,12 @@ def bench(home: Path, n_users: int, n_items: int, calls: int, redis: str | None)
                                   entity_rows=[{s.ITEM_ID: item_ids[i]} for i in ids]).to_dict()
 
     def fast_user():
-        values, _ = fs.fetch_user_features(store, f"u{rng.integers(n_users)}", deadline_s=0.05)
+        values, _ = FO.fetch_user_features(store, f"u{rng.integers(n_users)}", deadline_s=0.05)
         F.user_vector(values, now_ms)
         F.session_vector(values, now_ms)
 
     def fast_user_sync():
-        values, _ = fs.fetch_user_features(store, f"u{rng.integers(n_users)}", deadline_s=None)
+        values, _ = FO.fetch_user_features(store, f"u{rng.integers(n_users)}", deadline_s=None)
         F.user_vector(values, now_ms)
         F.session_vector(values, now_ms)
 

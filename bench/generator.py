@@ -21,8 +21,9 @@ import pyarrow.compute as pc
 
 from tandem import schema as s
 from tandem.config import REPO_ROOT
-from tandem.landing import write_events_parquet
-from tandem.world import ARRIVAL_TS, World, WorldConfig
+from tandem.data.landing import write_events_parquet
+from tandem.data.world import World
+from tandem.data.world_config import ARRIVAL_TS, WorldConfig
 
 
 def peak_rss_mib() -> float:

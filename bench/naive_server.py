@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 
 from serving.engine import Engine  # noqa: E402
 from serving.server import main  # noqa: E402
-from tandem import features as F  # noqa: E402
 from tandem import schema as s  # noqa: E402
-from tandem.ann import AnnIndex  # noqa: E402
+from tandem.features import entity as F  # noqa: E402
+from tandem.models.ann import AnnIndex  # noqa: E402
 
 
 class NaiveEngine(Engine):
@@ -40,7 +40,7 @@ class NaiveEngine(Engine):
         return np.take_along_axis(top, order, axis=1)
 
     def _item_matrix(self, rows: np.ndarray, now_ms: int) -> np.ndarray:
-        from tandem.feature_store import ITEM_REFS
+        from tandem.features.feature_store import ITEM_REFS
 
         cols = NaiveEngine.feast.get_online_features(
             features=list(ITEM_REFS),
@@ -52,8 +52,8 @@ if __name__ == "__main__":
     import sys
     from pathlib import Path
 
-    from tandem import feature_store
     from tandem.config import Paths
+    from tandem.features import feature_store
 
     home = sys.argv[sys.argv.index("--feast-home") + 1]
     NaiveEngine.feast = feature_store.open_store(Paths(Path(home).resolve()))

@@ -4,14 +4,14 @@
 
 Per rung (``RUNGS``: events over users x items):
 
-1. generates a synthetic world (``tandem.world``) and lands it the way the Kafka landing consumer
-   would (landing JSON lines by arrival hour), chunk by chunk: ``World.write`` holds one chunk of
-   ``WorldConfig.chunk_requests`` requests at a time, never the whole world;
+1. generates a synthetic world (``tandem.data.world``) and lands it the way the Kafka landing
+   consumer would (landing JSON lines by arrival hour), chunk by chunk: ``World.write`` holds one
+   chunk of ``WorldConfig.chunk_requests`` requests at a time, never the whole world;
 2. starts an MLflow server for the rung's registry;
 3. runs every task of ``tandem_hourly`` then ``tandem_daily`` (``TASKS``) over the world's whole
    interval, each in its own process with the command line the DAG task runs
    (``spark-submit --master M --conf spark.ui.enabled=false jobs/<name>.py --master M --start S
-   --end E [--run-id R]``; ``python -m jobs.<name> ...``; ``python -m tandem.feature_store
+   --end E [--run-id R]``; ``python -m jobs.<name> ...``; ``python -m tandem.features.feature_store
    apply`` then ``materialize``), as the trigger form's ``start``/``end`` backfill runs them;
 4. samples each task's process tree every ``SAMPLE_S`` seconds (the spark-submit JVM, its Python
    driver and Python workers) and keeps the peak of the summed RSS;
@@ -147,8 +147,8 @@ def task_argv(task: Task, master: str, start: datetime, end: datetime,
     if task.kind == "python":
         return [[python, "-m", task.module or f"jobs.{task.name}", *interval, *task.extra]]
     if task.kind == "feast":
-        return [[python, "-m", "tandem.feature_store", "apply"],
-                [python, "-m", "tandem.feature_store", "materialize", *interval]]
+        return [[python, "-m", "tandem.features.feature_store", "apply"],
+                [python, "-m", "tandem.features.feature_store", "materialize", *interval]]
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 
@@ -342,7 +342,8 @@ def plot(path: Path, report: dict) -> None:
 
 def land_world(rung: Rung, paths: Paths, days: int, seed: int) -> dict:
     """Generate and land the rung's world once (cached by a marker file); its interval."""
-    from tandem.world import DAY_MS, World, WorldConfig
+    from tandem.data.world import World
+    from tandem.data.world_config import DAY_MS, WorldConfig
 
     marker = paths.root / "world.json"
     if marker.exists():
@@ -362,12 +363,12 @@ def land_world(rung: Rung, paths: Paths, days: int, seed: int) -> dict:
 
 def job_env(paths: Paths, tracking_uri: str | None, driver_memory: str | None
             ) -> dict[str, str]:
-    """What a DAG task's process sees (tandem.orchestration.job_env), for this rung's root.
+    """What a DAG task's process sees (tandem.ops.orchestration.job_env), for this rung's root.
 
     ``driver_memory`` sets ``SPARK_DRIVER_MEMORY``, which spark-submit reads to size the driver
     JVM (in local mode the whole engine): a deployment setting of the Airflow workers' env.
     """
-    from tandem.processes import child_env
+    from tandem.ops.processes import child_env
 
     env = {"PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true", "PYSPARK_PYTHON": sys.executable,
@@ -397,7 +398,7 @@ def run_task(task: Task, paths: Paths, master: str, start: datetime, end: dateti
 def run_rung(name: str, rung: Rung, args: argparse.Namespace, report: dict,
              tasks: Sequence[Task]) -> None:
     """Land the world, start MLflow, run ``tasks`` in order; the report is written after each."""
-    from tandem.mlflow_server import start_server
+    from tandem.ops.mlflow_server import start_server
     from tests.conftest import free_port
 
     paths = Paths((args.work / name).resolve())

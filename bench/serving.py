@@ -1,7 +1,7 @@
 """Serving benchmark (``make bench``): Tandem vs the naive design on one synthetic world.
 
 1. Builds (once, cached under ``var/bench``) a synthetic bundle of ``--items`` items and
-   ``--users`` users (tandem.synthetic_bundle) and a Feast repo holding the online rows of
+   ``--users`` users (tandem.models.synthetic_bundle) and a Feast repo holding the online rows of
    ``--stored-users`` users (default: all of them) and ``--stored-items`` items. The online store
    is Redis by default (``--online redis``: a redis-server the bench starts and stops, loaded
    each run through ``feature_store.write_shared_rows``; load time and ``used_memory`` are
@@ -19,7 +19,7 @@
    summary. Per-stage p99s come from the server's Prometheus histograms (bucket-interpolated).
 
 Request mix: 95 % stored users drawn by their activity (``synthetic_bundle.user_activity``, the
-lognormal of tandem.world: heavy users ask more often), 5 % new ids (cold start, with
+lognormal of tandem.data.world: heavy users ask more often), 5 % new ids (cold start, with
 onboarding genres from a few combinations). ``paths`` says which path answered the 100 QPS run
 (precomputed feed, cached cold pool, computed), from the server's histograms. Closed loop runs
 with 1 and 2 server processes (``--closed-loop-processes``); ``process_uss_mb`` and
@@ -54,11 +54,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from bench.host_probe import SLOW_RATIO, STALL_MS, HostProbe, event_seconds  # noqa: E402
 from tandem import schema as s  # noqa: E402
-from tandem import synthetic_bundle as S  # noqa: E402
 from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
-from tandem.processes import child_env  # noqa: E402
-from tandem.redis_server import RedisServer  # noqa: E402
+from tandem.models import synthetic_bundle as S  # noqa: E402
+from tandem.ops.processes import child_env  # noqa: E402
+from tandem.ops.redis_server import RedisServer  # noqa: E402
 from tests.conftest import free_port, free_ports  # noqa: E402
 
 # Client connections the load generators spread requests over, as from several client hosts:
@@ -85,8 +85,8 @@ def prepare(work: Path, items: int, users: int, stored_users: int, stored_items:
                                num_leaves=leaves, n_train_groups=800, group_size=50)
         S.build(world, spec)
         print(f"built synthetic bundle in {time.perf_counter() - t0:.0f} s: {world}")
-    from tandem import feature_store as FS
     from tandem.config import Paths
+    from tandem.features import feature_store as FS
 
     rng = np.random.default_rng(1)
     user_rows = (np.arange(users) if stored_users >= users
@@ -108,7 +108,7 @@ def pipeline_bundle(bundle: Path, source: dict) -> dict:
     (world ids ``u<i>``), its scale, and the world's end as the request time."""
     import pyarrow.parquet as pq
 
-    from tandem import bundle as B
+    from tandem.models import bundle as B
 
     bundle = bundle.resolve()
     manifest = B.BundleManifest.load(bundle)
@@ -140,8 +140,8 @@ def _fill_feast(home: Path, world: Path, user_rows: np.ndarray, stored_items: in
 
     Each user holds one of ``PROFILES`` synthetic profiles (``synthetic_bundle.profile_of``),
     written in bulk (``feature_store.write_shared_rows``), a million ids at a time."""
-    from tandem import feature_store as FS
     from tandem.config import Paths
+    from tandem.features import feature_store as FS
 
     store = FS.apply(Paths(home), profile="redis" if redis else "sqlite", redis=redis)
     now = pd.Timestamp.now(tz="UTC")
@@ -166,8 +166,8 @@ def _fill_feast(home: Path, world: Path, user_rows: np.ndarray, stored_items: in
 
 def _refresh_sessions(home: Path, user_ids: np.ndarray, n_items: int) -> None:
     """Session rows expire after 2 h (their TTL): write them fresh before every run."""
-    from tandem import feature_store as FS
     from tandem.config import Paths
+    from tandem.features import feature_store as FS
 
     store = FS.open_store(Paths(home))
     now = pd.Timestamp.now(tz="UTC")
@@ -296,15 +296,16 @@ def precompute(w: dict, users: np.ndarray) -> dict:
     from serving.precomputed import open_feeds
     from serving.server import local_source
     from serving.stores import FeastStore
-    from tandem import feature_store as FS
     from tandem.config import Paths
+    from tandem.features import feature_store as FS
+    from tandem.features import online as FO
 
     t0 = time.perf_counter()
     fs = FS.open_store(Paths(w["feast_home"]))
     bundle, version = local_source(w["bundle"])[0]("champion")
     frame = pd.read_parquet(w["features"]) if w["features"] else None
     items = ((lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids))) if frame is not None
-             else (lambda ids: FS.ItemFeatureTable(fs, ids)))
+             else (lambda ids: FO.ItemFeatureTable(fs, ids)))
     cfg = ServingConfig()
     engine = Engine(bundle, version, items, cfg)
     # the requests' time: feeds are fresh for requests at the world's "now"
@@ -658,7 +659,7 @@ def _tandem_runs(args: argparse.Namespace, pipeline: bool, redis: RedisServer | 
         w = prepare(args.work, args.items, args.users, args.stored_users or args.users,
                     args.stored_items, args.trees, args.leaves,
                     redis.url if redis is not None else None)
-        w["source"] = {"source": "tandem.synthetic_bundle", "dir": str(w["bundle"])}
+        w["source"] = {"source": "tandem.models.synthetic_bundle", "dir": str(w["bundle"])}
     requests = make_requests(20_000, w["stored_users"], args.users,
                              ts_ms=w.get("ts_ms", S.NOW_MS))
     report: dict = {"bundle": w["source"],

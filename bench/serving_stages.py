@@ -37,7 +37,7 @@ from serving.engine import Engine  # noqa: E402
 from serving.item_table import ItemFeatures  # noqa: E402
 from serving.stores import MemoryStore  # noqa: E402
 from serving.validation import parse_recommend  # noqa: E402
-from tandem import synthetic_bundle as S  # noqa: E402
+from tandem.models import synthetic_bundle as S  # noqa: E402
 
 WARM_UP = 64  # requests answered before timing (first touches of the mapped arrays)
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from serving.shards import ShardedIndex, build_shards  # noqa: E402
-from tandem.ann import build_index, recall_stats  # noqa: E402
+from tandem.models.ann import build_index, recall_stats  # noqa: E402
 
 
 def _latencies(search, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """Wall time of the Spark batch jobs on MovieLens-100K (ingest -> labels -> negatives).
 
-Lands every rating as a JSON line by its hour (``tandem.landing``), then runs
+Lands every rating as a JSON line by its hour (``tandem.data.landing``), then runs
 ``jobs.ingest_events``, ``jobs.build_labels`` (ratings mode) and ``jobs.negative_sampling`` once
 over the whole span and writes the times and counts to ``reports/bench_spark_jobs.json``.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 from jobs import build_labels, ingest_events, negative_sampling
 from tandem import schema as s
 from tandem.config import REPO_ROOT, Paths, movielens_100k_dir
-from tandem.landing import write_landing_events
-from tandem.movielens import load_100k
+from tandem.data.landing import write_landing_events
+from tandem.data.movielens import load_100k
 from tandem.spark.session import get_spark
 
 

@@ -2,7 +2,7 @@
 
 ``python bench/stream.py [--rate 2000] [--duration 60] [--backlog 20000] [--bootstrap H:P]``
 
-1. A synthetic world (``tandem.world``) supplies users, a catalog (written to the lake, so the
+1. A synthetic world (``tandem.data.world``) supplies users, a catalog (written to the lake, so the
    feature consumer knows item genres) and realistic sessions of events.
 2. The embedded broker starts (or ``--bootstrap`` names one), the Feast repo is applied, and the
    landing and feature consumers start as subprocesses, each writing a stats file.
@@ -47,8 +47,9 @@ CONSUMERS = {"landing": "tandem.streaming.landing_consumer",
 
 def world_events(n: int, n_users: int, paths: Paths) -> list[dict]:
     """At least ``n`` event.v1 dicts from a synthetic world; writes its catalog to the lake."""
-    from tandem.landing import event_records, write_items
-    from tandem.world import World, WorldConfig
+    from tandem.data.landing import event_records, write_items
+    from tandem.data.world import World
+    from tandem.data.world_config import WorldConfig
 
     world = World.generate(WorldConfig(n_users=n_users, n_items=1000,
                                        n_events_target=int(n * 1.1), days=1))
@@ -116,7 +117,7 @@ def main() -> None:
     n_rate = int(args.rate * args.duration)
     warm = 200
     events = world_events(warm + n_rate + args.backlog, args.users, paths)
-    from tandem.feature_store import apply
+    from tandem.features.feature_store import apply
 
     apply(paths)
     broker = None if args.bootstrap else start_broker(log_path=home / "tansu.log")

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from airflow.sdk import Param, dag
 
-from tandem.orchestration import interval_param, name_param, python_job, spark_job
+from tandem.ops.orchestration import interval_param, name_param, python_job, spark_job
 
 
 @dag(

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from airflow.sdk import dag
 
-from tandem.orchestration import interval_param, python_job, spark_job
+from tandem.ops.orchestration import interval_param, python_job, spark_job
 
 METRICS_URL = ("--metrics-url={{ conn.get('serving_metrics').host"
                " if conn.get('serving_metrics') else '' }}")

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from airflow.sdk import dag
 
-from tandem.orchestration import interval_param, materialize_features, python_job, spark_job
+from tandem.ops.orchestration import interval_param, materialize_features, python_job, spark_job
 
 
 @dag(

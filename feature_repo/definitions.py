@@ -1,10 +1,10 @@
 """Tandem's Feast objects, top to bottom: entities, sources, feature views, feature services.
 
 Names and fields come from ``tandem.schema`` (the only import allowed here); defaults and
-transforms live in ``tandem/features.py``. Sources are the lake's feature parquet under
+transforms live in ``tandem/features/entity.py``. Sources are the lake's feature parquet under
 ``$TANDEM_HOME/lake`` (``<repo>/var`` by default, as in ``tandem.config``), as absolute globs: the
-DuckDB offline store reads paths as given. ``tandem.feature_store.apply(paths)`` loads this file
-with ``TANDEM_HOME`` set to that state root and registers the objects in ``paths.feast``.
+DuckDB offline store reads paths as given. ``tandem.features.feature_store.apply(paths)`` loads this
+file with ``TANDEM_HOME`` set to that state root and registers the objects in ``paths.feast``.
 
 TTLs (how far back a point-in-time join or online read may reach for a row).
 ``jobs/build_features.py`` writes a row only when an entity's values change, so a TTL must cover

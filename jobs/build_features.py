@@ -22,7 +22,7 @@ counts those that landed in ``[T - W, T)``. Chosen over event-hour keys because
 ``*_last_event_ts`` is the latest ``ts`` of an engagement landed before ``T``, 0 when none landed
 in the lookback (a running maximum; only an engagement landing more than a lookback late could
 make it differ from the maximum over the lookback alone). Recency ("days since") is computed at
-read time from it, by ``tandem.features`` for training and serving alike; no stored value
+read time from it, by ``tandem.features.entity`` for training and serving alike; no stored value
 depends on ``T`` except through the windows.
 
 How a run over ``(start, end]`` works (``tandem.spark.rolling`` has the math):
@@ -30,9 +30,9 @@ How a run over ``(start, end]`` works (``tandem.spark.rolling`` has the math):
 1. snapshots at ``end, end - 1 day, ...`` while after ``start`` (an hourly run: one, at ``end``);
 2. **partials**: per (entity, landing hour) integer sums -- engagements, positives, ratings and
    rating sums in micro-units, impressions, clicks, the max engaged ``ts``, and per genre of
-   :data:`tandem.features.GENRE_VOCAB` a positive's weight ``1/k`` over its item's ``k`` genres
-   as ``GENRE_UNITS / k`` (``GENRE_UNITS = lcm(1..19)``: an integer, so subtraction is exact) --
-   to ``lake/aggregates/features_{user,item}/date=/hour=`` for the run's hours only (from the
+   :data:`tandem.features.entity.GENRE_VOCAB` a positive's weight ``1/k`` over its item's ``k``
+   genres as ``GENRE_UNITS / k`` (``GENRE_UNITS = lcm(1..19)``: an integer, so subtraction is exact)
+   -- to ``lake/aggregates/features_{user,item}/date=/hour=`` for the run's hours only (from the
    base snapshot on; a run without a base aggregates the lookback once);
 3. **roll forward** from the state stored at the latest snapshot ``<= start``
    (``lake/aggregates/features_{user,item}_state/``, one full row per entity): each window gains
@@ -81,9 +81,9 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from tandem import features as feat
 from tandem import schema as s
 from tandem.config import Paths
+from tandem.features import entity as feat
 from tandem.spark import rolling as R
 from tandem.spark.entry import job_main
 from tandem.spark.events import day_of, event_timestamp, hour_of, is_positive

@@ -5,15 +5,16 @@ extract: ``<models>/<run_id>/two_tower/item_vectors.npy`` (+ ``query_sample.npy`
 vectors), ``als/item_factors.npy`` (+ ``als/user_factors.npy``, ``als/meta.json``) and
 ``sequence/item_vectors.npy`` (+ ``query_sample.npy``), whichever the run produced.
 transform: the queries each index serves, sampled from the run's users (never items):
-- als: ``tandem.als.serving_queries`` -- nightly user vectors, those folded in with a session,
-  and sessions folded in alone (users not in the build), as ``serving.session_retrieval`` does;
+- als: ``tandem.models.als.serving_queries`` -- nightly user vectors, those folded in with a
+  session, and sessions folded in alone (users not in the build), as
+  ``serving.session_retrieval`` does;
 - main: user-tower vectors and session centroids (the mean of 5 session items), the engine's
   two queries of this index;
 - sequence: the encoder's outputs for sampled users' histories (already what serving sends).
-Sessions come from ``tandem.ann.sample_sessions`` (items from each user's own top 100).
-``tandem.ann.tune_index`` then picks the cheapest IVF (nlist, nprobe) reaching recall@k >= 0.95
-at the ``k`` serving asks each index for (exact below 20k items), and measures recall (mean, min,
-p5) and single-thread latency on the held-out half of the queries.
+Sessions come from ``tandem.models.ann.sample_sessions`` (items from each user's own top 100).
+``tandem.models.ann.tune_index`` then picks the cheapest IVF (nlist, nprobe) reaching
+recall@k >= 0.95 at the ``k`` serving asks each index for (exact below 20k items), and measures
+recall (mean, min, p5) and single-thread latency on the held-out half of the queries.
 load: ``index/main.faiss`` (metric "ip", two-tower), ``index/als.faiss`` and
 ``index/sequence.faiss`` (metric "mips", the inner-product -> L2 transform), each with a
 ``.json`` sidecar (kind, nprobe, transform, report: chosen setting, candidates, measured recall
@@ -36,9 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from tandem import als as A
-from tandem.ann import EXACT_BELOW, sample_sessions, tune_index
-from tandem.bundle import (
+from tandem.config import Paths
+from tandem.data.catalog import run_bundle_dir
+from tandem.features.query_history import QUERY_LEN
+from tandem.models import als as A
+from tandem.models.ann import EXACT_BELOW, sample_sessions, tune_index
+from tandem.models.bundle import (
     ALS_ITEM_FACTORS,
     ALS_USER_FACTORS,
     INDEX_ALS,
@@ -48,11 +52,8 @@ from tandem.bundle import (
     SEQ_QUERY_SAMPLE,
     TT_ITEM_VECTORS,
 )
-from tandem.catalog import run_bundle_dir
-from tandem.config import Paths
-from tandem.job_cli import interval_parser, parse
-from tandem.query_history import QUERY_LEN
-from tandem.user_tower import QUERY_SAMPLE
+from tandem.models.user_tower import QUERY_SAMPLE
+from tandem.ops.job_cli import interval_parser, parse
 
 INDEX_CONFIG: dict[str, Any] = {
     "target_recall": 0.95,

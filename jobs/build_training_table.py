@@ -1,28 +1,28 @@
 """Write the night's int-coded training table: the one input every learner of the run reads.
 
-extract: lake events with ``start <= ts < end`` (the window rule of ``tandem.lake``: arrival
+extract: lake events with ``start <= ts < end`` (the window rule of ``tandem.data.lake``: arrival
     ``date >= day(start)``), the catalog (items created before ``end``) and the user profiles.
 transform (Spark, nothing collected to the driver):
     - ``users``: profiled users and users with events, sorted by id, dense ``user_idx``
       (ranked in the JVM from the sorted partitions, so indexes are contiguous across them);
     - ``items``: the catalog ordered by (created_at, item_id) with dense ``item_idx`` and
-      ``popularity`` = distinct users per item in the window (``tandem.catalog``'s order);
+      ``popularity`` = distinct users per item in the window (``tandem.data.catalog``'s order);
     - ``interactions``: one row per (user, item) pair with any event in the window: ``weight``
-      is the ALS confidence (``tandem.als.event_confidence`` per event through ``mapInPandas``,
-      summed, capped at ``max_confidence``; 0 for impressions only), ``first_ts``/``ts`` the
-      pair's first and last event, ``positive_ts`` its first positive engagement
-      (``tandem.spark.events.is_positive``, null if none), ``engaged_ts`` its first engagement
-      (any type but impression and dislike, null if none: what a query history holds, one
-      definition for serving and training in ``tandem.query_history``). Events of items outside
-      the catalog are dropped and counted;
+      is the ALS confidence (``tandem.models.als.event_confidence`` per event through
+      ``mapInPandas``, summed, capped at ``max_confidence``; 0 for impressions only),
+      ``first_ts``/``ts`` the pair's first and last event, ``positive_ts`` its first positive
+      engagement (``tandem.spark.events.is_positive``, null if none), ``engaged_ts`` its first
+      engagement (any type but impression and dislike, null if none: what a query history holds, one
+      definition for serving and training in ``tandem.features.query_history``). Events of items
+      outside the catalog are dropped and counted;
     - ``cooc``: top-``cooc_top_k`` co-occurring items per item,
-      ``|users with i and j| / sqrt(pop_i * pop_j)`` (``tandem.ranking_features.cooccurrence``),
-      from a self-join on user over each user's ``cooc_items_per_user`` most recent items (the
-      bound that keeps the join linear in events).
+      ``|users with i and j| / sqrt(pop_i * pop_j)``
+      (``tandem.features.ranking_features.cooccurrence``), from a self-join on user over each user's
+      ``cooc_items_per_user`` most recent items (the bound that keeps the join linear in events).
 load: ``lake/training/run_id=<run_id>/{users,items,interactions,cooc}`` (overwritten: a re-run
-    of the run id rewrites the same table) -- layout in ``tandem.lake.TrainingTable`` -- and the
-    bundle's ``items.parquet``/``users.parquet`` in index order (``tandem.catalog``), read back
-    from the dictionaries with pyarrow.
+    of the run id rewrites the same table) -- layout in ``tandem.data.lake.TrainingTable`` -- and
+    the bundle's ``items.parquet``/``users.parquet`` in index order (``tandem.data.catalog``), read
+    back from the dictionaries with pyarrow.
 
 Memory model at 5M users x 1M items x 50M events: Spark executors hold shuffle partitions only
 (events ~40 B/row of the 4 columns read; the cooc self-join emits <= cooc_items_per_user rows per
@@ -49,15 +49,15 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType
 
-from tandem import als as A
-from tandem import lake as L
-from tandem import query_history as QH
 from tandem import schema as S
-from tandem.bundle import ITEMS, USERS
-from tandem.catalog import run_bundle_dir
 from tandem.config import Paths, within_driver_budget
-from tandem.job_cli import name_arg
-from tandem.lake import day_of, epoch_ms
+from tandem.data import lake as L
+from tandem.data.catalog import run_bundle_dir
+from tandem.data.lake import day_of, epoch_ms
+from tandem.features import query_history as QH
+from tandem.models import als as A
+from tandem.models.bundle import ITEMS, USERS
+from tandem.ops.job_cli import name_arg
 from tandem.spark.events import is_positive
 from tandem.spark.io import utc
 from tandem.spark.session import get_spark
@@ -169,7 +169,7 @@ def cooccurrence(pairs: DataFrame, items: DataFrame, cfg: dict[str, Any]) -> Dat
 
 
 def write_bundle_catalog(table: L.TrainingTable, bundle_dir, n_users: int, n_items: int) -> None:
-    """The bundle's ``items.parquet``/``users.parquet`` (``tandem.catalog``) in index order."""
+    """The bundle's ``items.parquet``/``users.parquet`` (``tandem.data.catalog``) in index order."""
     within_driver_budget((n_users + n_items) * DICT_ROW_BYTES, "the bundle's id dictionaries")
     bundle_dir.mkdir(parents=True, exist_ok=True)
     items = table.items([S.ITEM_ID, L.ITEM_IDX, L.POPULARITY, S.CREATED_AT])

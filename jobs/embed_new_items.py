@@ -5,12 +5,12 @@ extract: the ``recent`` newest nightly bundles under ``<models>`` (serving's ali
 newest build by a night or more); per bundle its catalog ids (``items.parquet``) and the lake's
 catalog rows created before ``end`` and not older than the bundle's newest item.
 transform: the two-tower's item tower on content (genres, release year, exactly the featuriser
-and the content-only path the nightly export uses: ``tandem.user_tower.UserTower.encode_items``)
-for every item the bundle lacks.
-load: ``<models>/deltas/<bundle_key>/items-<end hour>.{npz,json}`` (``tandem.bundle.ItemDelta``,
-cumulative, sha256 alongside); serving appends them to its catalog and FAISS index on its next
-poll. A bundle without a two-tower (ALS-only) gets a delta without vectors (fresh + content
-retrieval still see the items). No bundle yet: nothing to do.
+and the content-only path the nightly export uses:
+``tandem.models.user_tower.UserTower.encode_items``) for every item the bundle lacks.
+load: ``<models>/deltas/<bundle_key>/items-<end hour>.{npz,json}``
+(``tandem.models.bundle.ItemDelta``, cumulative, sha256 alongside); serving appends them to its
+catalog and FAISS index on its next poll. A bundle without a two-tower (ALS-only) gets a delta
+without vectors (fresh + content retrieval still see the items). No bundle yet: nothing to do.
 
 Idempotent: a re-run for the same hour rewrites the same files from the same inputs.
 
@@ -31,11 +31,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 
-from tandem import bundle as B
 from tandem import schema as s
 from tandem.config import Paths
-from tandem.job_cli import interval_parser, parse
-from tandem.lake import epoch_ms
+from tandem.data.lake import epoch_ms
+from tandem.models import bundle as B
+from tandem.ops.job_cli import interval_parser, parse
 
 RECENT_BUNDLES = 3
 
@@ -65,7 +65,7 @@ def extract(paths: Paths, bundle_dir: Path, end: datetime) -> pd.DataFrame:
 
 def transform(bundle_dir: Path, new: pd.DataFrame, stamp: str) -> B.ItemDelta:
     """Content-only two-tower vectors of ``new`` (none in an ALS-only bundle)."""
-    from tandem.user_tower import UserTower
+    from tandem.models.user_tower import UserTower
 
     vectors = np.zeros((len(new), 0), np.float32)
     tower_file = bundle_dir / B.TT_USER_TOWER

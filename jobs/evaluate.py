@@ -1,30 +1,31 @@
 """The offline evaluation job: the issue-4 protocol end to end, on a MovieLens folder or the lake.
 
 Dataset mode -- ``python -m jobs.evaluate --data ../shared/data/ml-100k`` (``make eval DATA=...``)
-loads either MovieLens format with :func:`tandem.movielens.load_movielens`, runs
-:func:`tandem.evaluation.evaluate` (popularity, ALS-only, two-tower-only and the two-stage system,
-side by side in one run), and writes
+loads either MovieLens format with :func:`tandem.data.movielens.load_movielens`, runs
+:func:`tandem.evaluation.offline.evaluate` (popularity, ALS-only, two-tower-only and the two-stage
+system, side by side in one run), and writes
 
 - ``reports/eval.json``: ``{"dataset", "protocol", "models": {name: {metric: value}}, ...}``
 - ``reports/eval.md``: the same numbers as a table, plus the quality bar verdict
 - ``reports/eval.png``: a bar chart of the headline metrics
 
 Lake mode, the nightly chain's step -- ``python -m jobs.evaluate --start ISO --end ISO --run-id
-YYYYMMDD --dataset NAME`` evaluates THE NIGHT'S BUNDLE, refitting nothing (``tandem.night``): at
-the ranker's label cut, the evaluation half of the users with label pairs (never the ranker's
-half), a seeded sample of at most ``night.max_users``, get their candidates from the night's
-ALS (user vectors folded in from pre-cut pairs), two-tower and popularity through the night's
-ANN indexes, ranked by the night's LightGBM ranker; relevant = their pairs first engaged
-positively in [cut, end), pre-cut items excluded. Each request is asked as serving is asked and
-as the ranker learned: at the user's first labelled row after the cut, with that row's time
-(hour) and device (``tandem.night.ask_at_labels``; at the cut, device unknown, for a user without
-one). Features are computed in-process (``tandem.evaluation.feature_matrix``) from the request
-users' pre-cut events and, for the item features, every pre-cut event's item columns read into
-numpy (``tandem.lake.read_item_events``). It writes the run's bundle ``manifest.json``
-(``tandem.bundle.BundleManifest``): the parts present, the dataset label, the metrics
-(two-stage under plain names such as ``ndcg@10``, ``coverage@10``, ``diversity@10`` -- the names
-the promotion gates read -- and every model's as ``<model>.<metric>``) and params, plus the full
-report as ``eval.json`` beside it.
+YYYYMMDD --dataset NAME`` evaluates THE NIGHT'S BUNDLE, refitting nothing
+(``tandem.evaluation.night``): at the ranker's label cut, the evaluation half of the users with
+label pairs (never the ranker's half), a seeded sample of at most ``night.max_users``, get their
+candidates from the night's ALS (user vectors folded in from pre-cut pairs), two-tower and
+popularity through the night's ANN indexes, ranked by the night's LightGBM ranker; relevant = their
+pairs first engaged positively in [cut, end), pre-cut items excluded. Each request is asked as
+serving is asked and as the ranker learned: at the user's first labelled row after the cut, with
+that row's time (hour) and device (``tandem.evaluation.night.ask_at_labels``; at the cut, device
+unknown, for a user without one). Features are computed in-process
+(``tandem.evaluation.requests.feature_matrix``) from the request users' pre-cut events and, for the
+item features, every pre-cut event's item columns read into numpy
+(``tandem.data.lake.read_item_events``). It writes the run's bundle ``manifest.json``
+(``tandem.models.bundle.BundleManifest``): the parts present, the dataset label, the metrics
+(two-stage under plain names such as ``ndcg@10``, ``coverage@10``, ``diversity@10`` -- the names the
+promotion gates read -- and every model's as ``<model>.<metric>``) and params, plus the full report
+as ``eval.json`` beside it.
 
 Lake-mode memory model at 5M users x 1M items x 50M events: the table's pair columns
 (30M x 36 B = 1.1 GB); the sampled users' (cap 20k) events in pandas (20k x ~100 x 400 B =
@@ -46,10 +47,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tandem import bundle as B
-from tandem.catalog import run_bundle_dir
 from tandem.config import REPO_ROOT, Paths, movielens_100k_dir
-from tandem.job_cli import name_arg
+from tandem.data.catalog import run_bundle_dir
+from tandem.models import bundle as B
+from tandem.ops.job_cli import name_arg
 
 HEADLINE = ("ndcg@10", "recall@10", "precision@10", "map@10", "mrr@10", "hit_rate@10")
 BAR_LIFT = 1.10  # two-stage NDCG@10 >= 1.10 x the best single-stage model
@@ -154,8 +155,9 @@ def run_dataset(data_dir: Path, out_dir: Path, cfg: dict[str, Any] | None = None
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from tandem import evaluation as E
-    from tandem.movielens import load_movielens
+    from tandem.data.movielens import load_movielens
+    from tandem.evaluation import offline as EO
+    from tandem.evaluation import protocol as E
 
     cfg = cfg or E.EVAL_CONFIG
     console = Console(stderr=True, quiet=not show_progress)
@@ -168,7 +170,7 @@ def run_dataset(data_dir: Path, out_dir: Path, cfg: dict[str, Any] | None = None
             console.log(text)
 
         data = load_movielens(data_dir)
-        report = E.evaluate(data, cfg, progress=step)
+        report = EO.evaluate(data, cfg, progress=step)
         report["quality_bar"] = quality_bar(report) if "two_stage" in report["models"] else None
         step("writing reports")
         paths = write_reports(report, out_dir)
@@ -202,14 +204,17 @@ def manifest_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def night_report(batch, ranker, cfg: dict[str, Any], dataset: str, at_labels: int
                  ) -> dict[str, Any]:
-    """The report of ``tandem.evaluation.evaluate``'s shape for one ``tandem.night.Batch``
-    whose ``at_labels`` requests were moved to their first labelled row."""
+    """The report of ``tandem.evaluation.offline.evaluate``'s shape for one
+    ``tandem.evaluation.night.Batch`` whose ``at_labels`` requests were moved to their first
+    labelled row."""
     import numpy as np
     import pandas as pd
 
-    from tandem import evaluation as E
-    from tandem import metrics as M
-    from tandem import ranker as R
+    from tandem.evaluation import metrics as M
+    from tandem.evaluation import offline as EO
+    from tandem.evaluation import protocol as E
+    from tandem.evaluation import requests as EQ
+    from tandem.models import ranker as R
 
     catalog, req, k = batch.catalog, batch.req, cfg["k"]
     rel = pd.DataFrame({M.USER: catalog.user_ids[req.labels["user_row"].to_numpy()],
@@ -220,20 +225,20 @@ def night_report(batch, ranker, cfg: dict[str, Any], dataset: str, at_labels: in
     preds, retrieval = {}, {}
     for src, top in batch.lists.items():
         rows = req.user_rows[top["local"].to_numpy()]
-        retrieval[src] = M.recall_at_k(rel, E._pred_frame(catalog, rows, top["item"].to_numpy(),
-                                                          -top["rank"].to_numpy()),
+        retrieval[src] = M.recall_at_k(rel, EO._pred_frame(catalog, rows, top["item"].to_numpy(),
+                                                           -top["rank"].to_numpy()),
                                        k=cfg["retrieval_k"])
         head = (top["rank"] <= k).to_numpy()
-        preds[src] = E._pred_frame(catalog, rows[head], top["item"].to_numpy()[head],
-                                   -top["rank"].to_numpy()[head])
+        preds[src] = EO._pred_frame(catalog, rows[head], top["item"].to_numpy()[head],
+                                    -top["rank"].to_numpy()[head])
     cands = batch.cands
-    X = E.feature_matrix(batch.fitted, catalog, batch.requests, cands, cfg)
+    X = EQ.feature_matrix(batch.fitted, catalog, batch.requests, cands, cfg)
     rows, items = cands["user_row"].to_numpy(), cands["item"].to_numpy()
-    preds["two_stage"] = E._pred_frame(catalog, rows, items, R.predict(ranker, X))
-    retrieval["combined"] = M.recall_at_k(rel, E._pred_frame(catalog, rows, items,
-                                                             np.zeros(len(cands))),
+    preds["two_stage"] = EO._pred_frame(catalog, rows, items, R.predict(ranker, X))
+    retrieval["combined"] = M.recall_at_k(rel, EO._pred_frame(catalog, rows, items,
+                                                              np.zeros(len(cands))),
                                           k=len(catalog.item_ids))
-    models = {name: E.score_models(preds[name], rel, train, catalog, k)
+    models = {name: EO.score_models(preds[name], rel, train, catalog, k)
               for name in E.MODELS if name in preds}
     if "two_tower" not in preds:
         models["two_tower"] = {"missing": "two-tower source disabled or unavailable"}
@@ -263,12 +268,12 @@ def night_report(batch, ranker, cfg: dict[str, Any], dataset: str, at_labels: in
 
 def night_batch(paths: Paths, bundle_dir: Path, start: datetime, end: datetime, cut_ms: int,
                 cfg: dict[str, Any]):
-    """(``tandem.night.Batch``, ``tandem.night.LakeLabels``) of the evaluation half: candidates
-    from the bundle's sources, the inputs of in-process features (item features from every
-    pre-cut event's columns in numpy, nothing else beyond the request users), each request
-    asked at its user's first labelled row -- the rule the ranker trained with."""
-    from tandem import night as N
-    from tandem.lake import epoch_ms
+    """(``tandem.evaluation.night.Batch``, ``tandem.evaluation.night.LakeLabels``) of the evaluation
+    half: candidates from the bundle's sources, the inputs of in-process features (item features
+    from every pre-cut event's columns in numpy, nothing else beyond the request users), each
+    request asked at its user's first labelled row -- the rule the ranker trained with."""
+    from tandem.data.lake import epoch_ms
+    from tandem.evaluation import night as N
 
     batch = N.prepare(paths, bundle_dir, start, end, cut_ms, N.EVALUATION, cfg,
                       item_events=True)
@@ -284,12 +289,12 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     ``cfg`` overrides ``jobs.train_ranker.CONFIG`` (candidate depths, label cut, ``night``).
     Returns the manifest's metrics.
     """
-    from tandem import als as A
-    from tandem import evaluation as E
-    from tandem import night as N
-    from tandem import ranker as R
-    from tandem import tuning
-    from tandem.lake import epoch_ms
+    from tandem.data.lake import epoch_ms
+    from tandem.evaluation import night as N
+    from tandem.evaluation import protocol as E
+    from tandem.evaluation import tuning
+    from tandem.models import als as A
+    from tandem.models import ranker as R
 
     start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     bundle_dir = run_bundle_dir(paths, end, run_id)
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("lake mode needs both --start and --end")
     if args.start is None:
         from tandem.config import TuningSettings
-        from tandem.evaluation import EVAL_CONFIG
+        from tandem.evaluation.protocol import EVAL_CONFIG
 
         cfg = {**EVAL_CONFIG, "tune": TuningSettings.from_env()} if args.tune else None
         run_dataset(args.data, args.out, cfg, show_progress=not args.quiet)

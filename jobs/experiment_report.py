@@ -47,10 +47,10 @@ from tandem import schema as s
 from tandem.config import Paths
 from tandem.experiments import definitions as defs
 from tandem.experiments import stats
+from tandem.models.tracking import metric_key, start_run
 from tandem.spark.entry import job_main
 from tandem.spark.events import read_events
 from tandem.spark.io import day_starts, epoch_ms, overwrite_interval, read_table, utc
-from tandem.tracking import metric_key, start_run
 
 log = logging.getLogger(__name__)
 COUNTS = ("requests", "impressions", "clicks", "conversions", "dwell_ms", "diversity")

@@ -1,10 +1,10 @@
 """The nightly skew gate: serve-time feature vectors against the training features.
 
-extract: the feature log of ``[start, end)`` (``tandem.feature_log.read_logged``: what serving's
-    ranker saw for a sampled share of its candidates, landed from Kafka), at most ``max_rows``.
-transform: for the same (user, item) at the same request time, the features the ranker's
-    TRAINING path builds: the feature store's point-in-time join
-    (``tandem.feature_store.training_frame``: user profile and activity, item content and
+extract: the feature log of ``[start, end)`` (``tandem.features.feature_log.read_logged``: what
+    serving's ranker saw for a sampled share of its candidates, landed from Kafka), at most
+``max_rows``. transform: for the same (user, item) at the same request time, the features the
+    ranker's TRAINING path builds: the feature store's point-in-time join
+    (``tandem.features.feature_store.training_frame``: user profile and activity, item content and
     popularity, and the session rows the feature consumer wrote to ``lake/features/session``),
     the genre cross and the request context (hour of ``ts``, device) -- the columns of
     :data:`COMPARED`. Retrieval scores and recency features depend on the night's indexes and
@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tandem import features as F
-from tandem import ranking_features as RF
 from tandem import schema as S
 from tandem.config import Paths
-from tandem.feature_log import read_logged
-from tandem.job_cli import interval_parser, parse
+from tandem.features import entity as F
+from tandem.features import ranking_features as RF
+from tandem.features.feature_log import read_logged
+from tandem.ops.job_cli import interval_parser, parse
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def report_path(paths: Paths) -> Path:
 
 def training_features(store, logged: pd.DataFrame) -> pd.DataFrame:
     """The :data:`COMPARED` columns the training path builds for ``logged``'s rows."""
-    from tandem.feature_store import training_frame, training_matrices
+    from tandem.features.feature_store import training_frame, training_matrices
 
     ts = logged[S.TS].to_numpy(np.int64)
     entity_df = pd.DataFrame({S.USER_ID: logged[S.USER_ID].to_numpy(object),
@@ -130,7 +130,7 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
                                                       "device")]
     if len(logged) >= cfg["min_rows"]:
         if store is None:
-            from tandem.feature_store import open_store
+            from tandem.features.feature_store import open_store
 
             store = open_store(paths)
         training = training_features(store, logged)

@@ -1,15 +1,15 @@
 """Gated promotion: evaluate ``challenger`` and ``champion``, move ``champion`` if the gates pass.
 
 extract: the two versions the aliases point at. transform: ``evaluate_fn(version) -> metrics`` for
-both on the same data, then ``tandem.registry.promote`` (NDCG@10 may drop at most
+both on the same data, then ``tandem.ops.registry.promote`` (NDCG@10 may drop at most
 ``ndcg_tolerance`` relative; coverage@10 and diversity@10 above their floors). load: a ``promote``
 MLflow run with the decision and its numbers, ``tandem.promotion*`` tags on the challenger, and
 the ``champion`` alias when promoted.
 
 The default ``evaluate_fn`` reads each version's metrics as logged when it was registered
-(``tandem.registry.version_metrics``): ``tandem.evaluation`` evaluates by refitting on a dataset,
-not by scoring a stored bundle, so re-scoring both bundles on one holdout is left to a callback
-that can do it. Re-running decides the same way (promoting the champion again is a no-op).
+(``tandem.ops.registry.version_metrics``): ``tandem.evaluation.protocol`` evaluates by refitting on
+a dataset, not by scoring a stored bundle, so re-scoring both bundles on one holdout is left to a
+callback that can do it. Re-running decides the same way (promoting the champion again is a no-op).
 
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python -m jobs.promote \
         --start 2026-01-01T00:00:00 --end 2026-02-01T00:00:00 [--force]
@@ -23,8 +23,8 @@ from datetime import datetime
 from typing import Any
 
 from tandem.config import Paths
-from tandem.job_cli import interval_parser, parse
-from tandem.registry import PromotionGates, client_for, promote_challenger, version_metrics
+from tandem.ops.job_cli import interval_parser, parse
+from tandem.ops.registry import PromotionGates, client_for, promote_challenger, version_metrics
 
 EvaluateFn = Callable[[int], Mapping[str, float]]
 
@@ -34,7 +34,7 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     """Decide and apply one promotion; returns the verdict and both versions.
 
     ``spark``/``paths`` are unused (common job signature). ``cfg`` keys: ``gates`` (overrides of
-    :class:`tandem.registry.PromotionGates`), ``force``, ``tracking_uri``.
+    :class:`tandem.ops.registry.PromotionGates`), ``force``, ``tracking_uri``.
     """
     cfg = cfg or {}
     client = client_for(cfg.get("tracking_uri"))

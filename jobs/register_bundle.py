@@ -1,12 +1,12 @@
 """Register the nightly run's bundle in MLflow as ONE model version with alias ``challenger``.
 
-extract: the run's bundle folder ``<models>/<run_id>`` (``tandem.catalog.run_bundle_dir``) and its
-``manifest.json`` (parts, dataset, the evaluation metrics the ``evaluate`` job recorded).
-load: ``tandem.registry.log_bundle`` — one run (params, metrics, manifest) and one model version
+extract: the run's bundle folder ``<models>/<run_id>`` (``tandem.data.catalog.run_bundle_dir``) and
+its ``manifest.json`` (parts, dataset, the evaluation metrics the ``evaluate`` job recorded).
+load: ``tandem.ops.registry.log_bundle`` — one run (params, metrics, manifest) and one model version
 of ``tandem-recommender`` holding the whole folder; ``challenger`` moves to it. When the night
 was tuned (``jobs/tune.py``), the folder's ``tuned.json`` travels with it, its chosen parameters
 are logged as run params ``tuned.<model>.<param>`` and set as model-version tags
-``tandem.tuned.<model>.<param>`` (``tandem.tuning.summary_tags``).
+``tandem.tuned.<model>.<param>`` (``tandem.evaluation.tuning.summary_tags``).
 
 Not idempotent by nature (each call creates a new version); a re-run registers the same files again
 under a new number, which is harmless: serving follows aliases, never "the latest".
@@ -20,12 +20,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from tandem import tuning
-from tandem.bundle import BundleManifest
-from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
-from tandem.job_cli import interval_parser, name_arg, parse
-from tandem.registry import MODEL_NAME, client_for, log_bundle
+from tandem.data.catalog import run_bundle_dir
+from tandem.evaluation import tuning
+from tandem.models.bundle import BundleManifest
+from tandem.ops.job_cli import interval_parser, name_arg, parse
+from tandem.ops.registry import MODEL_NAME, client_for, log_bundle
 
 
 def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any] | None = None,

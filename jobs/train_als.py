@@ -2,12 +2,12 @@
 
 extract: ``lake/training/run_id=<run_id>/interactions`` (``jobs/build_training_table.py``), only
     the columns ``user_idx, item_idx, weight``, read with pyarrow straight into numpy; the
-    confidence (``tandem.als.event_confidence``, summed per pair and capped) was computed there.
-transform: a users x items float32 CSR in the bundle's catalog order (the table's indexes are
-    the rows of ``items.parquet``/``users.parquet``), fit with ``tandem.als.fit_als`` with the
-    night's tuned parameters (``<models>/<run_id>/tuned.json``, ``jobs/tune.py``) over the
+    confidence (``tandem.models.als.event_confidence``, summed per pair and capped) was computed
+there. transform: a users x items float32 CSR in the bundle's catalog order (the table's indexes are
+    the rows of ``items.parquet``/``users.parquet``), fit with ``tandem.models.als.fit_als`` with
+    the night's tuned parameters (``<models>/<run_id>/tuned.json``, ``jobs/tune.py``) over the
     defaults.
-load: ``<models>/<run_id>/als/{user_factors,item_factors}.npy`` (``tandem.bundle.ALS_*``) and
+load: ``<models>/<run_id>/als/{user_factors,item_factors}.npy`` (``tandem.models.bundle.ALS_*``) and
     ``als/meta.json`` (overwritten on re-run). The ranker, the index build and the evaluation
     read these factors; nothing else fits ALS in the nightly chain.
 
@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tandem import als as A
-from tandem import tuning
-from tandem.bundle import ALS_ITEM_FACTORS, ALS_USER_FACTORS
-from tandem.catalog import run_bundle_dir
 from tandem.config import Paths, within_driver_budget
-from tandem.job_cli import interval_parser, parse
-from tandem.lake import TrainingTable
+from tandem.data.catalog import run_bundle_dir
+from tandem.data.lake import TrainingTable
+from tandem.evaluation import tuning
+from tandem.models import als as A
+from tandem.models.bundle import ALS_ITEM_FACTORS, ALS_USER_FACTORS
+from tandem.ops.job_cli import interval_parser, parse
 
 # float32 bytes per factor row kept by implicit (user and item factors, plus a solver copy)
 FACTOR_COPIES = 2
@@ -60,8 +60,9 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 
     ``spark`` and ``start`` are unused (common job signature; the table holds the window).
     Deterministic for a fixed table and ``cfg`` (seeded, one BLAS thread); re-runs overwrite.
-    The night's tuned parameters (``tandem.tuning``) overlay the defaults; ``cfg`` overrides both.
-    ``als/meta.json`` records the configuration actually fitted (fold-in must use the same).
+    The night's tuned parameters (``tandem.evaluation.tuning``) overlay the defaults; ``cfg``
+    overrides both. ``als/meta.json`` records the configuration actually fitted (fold-in must use
+    the same).
     """
     bundle_dir = run_bundle_dir(paths, end, run_id)
     cfg = tuning.overlay(A.ALS_CONFIG, bundle_dir, tuning.ALS, cfg)

@@ -3,16 +3,16 @@
 For the interval [start, end) with ``cut = end - label window`` (``label_days`` when set, else
 ``label_fraction`` of the interval) -- the request time:
 
-extract: the run's int-coded training table (``tandem.lake.TrainingTable``) and the night's
+extract: the run's int-coded training table (``tandem.data.lake.TrainingTable``) and the night's
     bundle: ALS item factors, two-tower user tower and item vectors, their ANN indexes. No model
-    is refit here (``tandem.night``: each model is fitted once a night).
+    is refit here (``tandem.evaluation.night``: each model is fitted once a night).
 transform:
     1. request users: users with a pair first engaged positively in [cut, end), the ranker's
        half of them (the evaluation scores the other half), a seeded sample of at most
-       ``max_users`` (``tandem.night.NIGHT_CONFIG``);
+       ``max_users`` (``tandem.evaluation.night.NIGHT_CONFIG``);
     2. their candidates at ``cut``: each source retrieves through its index from the user's
        pre-cut pairs (ALS user vectors folded in from them, the user tower and the sequence
-       model over the query history at ``cut``, ``tandem.query_history``: the last distinct
+       model over the query history at ``cut``, ``tandem.features.query_history``: the last distinct
        engaged items, what serving's session row holds; popularity before ``cut``), seen items
        dropped -- ALS top-``als_k``, two-tower
        top-``two_tower_k``, popular top-``popular_k``; a candidate is labelled 1 when it is one
@@ -21,18 +21,18 @@ transform:
     3. rows: groups with a positive; in them every positive, every explicit negative (label 0
        in ``lake/labels/ranking``: shown but not engaged, rated low; or a row of
        ``lake/negatives/ranking``, ``negative_sampling``) and a ``ranker_negative_rate`` sample
-       of the other candidates (:func:`tandem.ranker.training_rows`);
+       of the other candidates (:func:`tandem.models.ranker.training_rows`);
     4. each request at its own time: the user's first labelled row after ``cut`` (its ts and
        ``ctx_device``), so the hour and device features and the point-in-time entity and session
        features (``lake/features/session``, written by the feature consumer) vary as in the
        events; a user without such a row is asked at ``cut``, device unknown;
-    5. features through :func:`tandem.ranking_features.build_features` -- the function serving
-       calls -- with the bundle's ALS unit vectors and top-K co-occurrence (the arrays serving
-       loads); entity features from the feature store's point-in-time join as of ``cut``
-       (``tandem.feature_store.training_frame``), or with ``feature_source="history"`` computed
-       in-process (``tandem.evaluation``) from the request users' pre-cut events and, for the
-       item features, every pre-cut event's item columns in numpy; ``"feast"`` falls back to
-       ``"history"`` with a warning when no Feast repo is applied.
+    5. features through :func:`tandem.features.ranking_features.build_features` -- the function
+       serving calls -- with the bundle's ALS unit vectors and top-K co-occurrence (the arrays
+       serving loads); entity features from the feature store's point-in-time join as of ``cut``
+       (``tandem.features.feature_store.training_frame``), or with ``feature_source="history"``
+       computed in-process (``tandem.evaluation.protocol``) from the request users' pre-cut events
+       and, for the item features, every pre-cut event's item columns in numpy; ``"feast"`` falls
+       back to ``"history"`` with a warning when no Feast repo is applied.
 load, into the run's bundle ``<models>/<run_id>``: ``ranker/model.txt`` (LightGBM),
     ``ranker/cooc.npz`` (the table's top-K co-occurrence, computed in Spark, as an items x items
     CSR in catalog order), ``features.json`` and ``ranker/meta.json``.
@@ -43,7 +43,7 @@ Memory model at 5M users x 1M items x 50M events: the table's pair columns (~30M
 the request users' label and negative rows after ``cut`` (20k x ~200 x 120 B = 0.5 GB),
 their pre-cut events in pandas (20k x ~100 x 400 B = 0.8 GB), the cooc CSR 1M x 100 x 8 B =
 0.8 GB: ~5 GB peak; with ``feature_source="history"`` also the pre-cut events' item columns in
-numpy (50M x 56 B = 2.8 GB, ``tandem.lake.read_item_events``); every read is checked against
+numpy (50M x 56 B = 2.8 GB, ``tandem.data.lake.read_item_events``); every read is checked against
 ``TANDEM_DRIVER_BUDGET_MB`` and the cap ``max_users`` is the knob.
 
     python -m jobs.train_ranker --start 2026-01-01T00:00:00 --end 2026-01-02T00:00:00 \
@@ -63,19 +63,22 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from tandem import als as A
-from tandem import evaluation as E
-from tandem import features as FT
-from tandem import night as N
-from tandem import ranker as R
-from tandem import ranking_features as RF
 from tandem import schema as S
-from tandem import tuning
-from tandem.bundle import FEATURE_SPEC, RANKER_COOC, RANKER_MODEL, TT_ITEM_VECTORS
-from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
-from tandem.job_cli import name_arg
-from tandem.lake import epoch_ms
+from tandem.data.catalog import run_bundle_dir
+from tandem.data.lake import epoch_ms
+from tandem.evaluation import night as N
+from tandem.evaluation import point_in_time as EP
+from tandem.evaluation import protocol as E
+from tandem.evaluation import requests as EQ
+from tandem.evaluation import sources as ES
+from tandem.evaluation import tuning
+from tandem.features import entity as FT
+from tandem.features import ranking_features as RF
+from tandem.models import als as A
+from tandem.models import ranker as R
+from tandem.models.bundle import FEATURE_SPEC, RANKER_COOC, RANKER_MODEL, TT_ITEM_VECTORS
+from tandem.ops.job_cli import name_arg
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,8 @@ CONFIG: dict[str, Any] = {**E.EVAL_CONFIG, **N.CUT_CONFIG, "feature_source": "fe
 
 
 def feast_applied(paths: Paths) -> bool:
-    """Whether ``tandem.feature_store.apply`` has registered a repo under ``paths.feast``."""
+    """Whether ``tandem.features.feature_store.apply`` has registered a repo under
+    ``paths.feast``."""
     return (paths.feast / "feature_store.yaml").exists() and (paths.feast / "registry.db").exists()
 
 
@@ -94,7 +98,7 @@ def training_set(batch: N.Batch, lake: N.LakeLabels, cfg: dict[str, Any], store=
     Rows are the candidates the night's models retrieve; a row is positive when its pair is a
     label pair of the table or labelled 1 in ``lake/labels/ranking``; explicit negatives (label
     0 there, or in ``lake/negatives/ranking``) are all kept, the other negatives sampled
-    (:func:`tandem.ranker.training_rows`). Features are built for the kept rows only.
+    (:func:`tandem.models.ranker.training_rows`). Features are built for the kept rows only.
     """
     y = batch.labels | N.pair_mask(batch.cands, lake.positive)
     explicit = N.pair_mask(batch.cands, lake.negative)
@@ -103,16 +107,16 @@ def training_set(batch: N.Batch, lake: N.LakeLabels, cfg: dict[str, Any], store=
                            cfg["ranker"]["random_state"])
     cands = batch.cands[keep].reset_index(drop=True)
     if cfg["feature_source"] == "history":
-        X = E.feature_matrix(batch.fitted, batch.catalog, batch.requests, cands, cfg)
+        X = EQ.feature_matrix(batch.fitted, batch.catalog, batch.requests, cands, cfg)
     else:
         X = _features_from_store(store, batch.fitted, batch.catalog, batch.requests, cands)
     return X, y[keep].astype(np.int32), groups[keep]
 
 
-def _features_from_store(store, fitted: E.Fitted, catalog: E.Catalog, req: E.Requests,
+def _features_from_store(store, fitted: ES.Fitted, catalog: E.Catalog, req: EQ.Requests,
                          cands: pd.DataFrame) -> np.ndarray:
     """Entity features through Feast's point-in-time join, one entity row per candidate."""
-    from tandem.feature_store import training_frame, training_matrices
+    from tandem.features.feature_store import training_frame, training_matrices
 
     local = pd.Index(req.user_rows).get_indexer(cands["user_row"])
     entity_df = pd.DataFrame({
@@ -120,14 +124,14 @@ def _features_from_store(store, fitted: E.Fitted, catalog: E.Catalog, req: E.Req
         S.ITEM_ID: catalog.item_ids[cands["item"].to_numpy()],
         S.EVENT_TIMESTAMP: pd.to_datetime(req.now_ms[local], unit="ms", utc=True)})
     users, items, session = training_matrices(training_frame(store, entity_df))
-    _, recent = E.session_rows(fitted.history, catalog, req.user_rows, RF.N_RECENT)
+    _, recent = EP.session_rows(fitted.history, catalog, req.user_rows, RF.N_RECENT)
     sources = {c: cands[c].to_numpy(np.float32) for c in cands.columns
                if c.endswith(("_score", "_rank"))}
     hour = ((req.now_ms[local] // 3_600_000) % 24).astype(np.float32)
     rows = np.arange(len(cands))
     return RF.build_features(rows, cands["item"].to_numpy(), sources, users, items, session,
                              hour, RF.device_codes(req.device[local]), recent[local],
-                             fitted.space, E.sequence_inputs(fitted, req), sequence_rows=local)
+                             fitted.space, EQ.sequence_inputs(fitted, req), sequence_rows=local)
 
 
 def feature_spec() -> dict[str, Any]:
@@ -152,7 +156,7 @@ def _store_for(paths: Paths, cfg: dict[str, Any], store):
         log.warning("no Feast repo applied under %s: ranker features come from the event "
                     "history instead (feature_source=history)", paths.feast)
         return "history", None
-    from tandem.feature_store import open_store
+    from tandem.features.feature_store import open_store
 
     return "feast", open_store(paths)
 
@@ -163,8 +167,8 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 
     ``spark`` is unused (common job signature). Returns row/group/label counts and the feature
     source used. Deterministic for a given lake, interval and ``cfg``; re-runs overwrite.
-    The night's tuned ALS (fold-in) and ranker parameters (``tandem.tuning``; on a study night
-    the ranker's study runs here, on these rows) overlay the defaults; ``cfg`` overrides both.
+    The night's tuned ALS (fold-in) and ranker parameters (``tandem.evaluation.tuning``; on a study
+    night the ranker's study runs here, on these rows) overlay the defaults; ``cfg`` overrides both.
     """
     explicit = cfg or {}
     cfg = {**CONFIG, **explicit}

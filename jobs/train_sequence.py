@@ -1,13 +1,13 @@
-"""Nightly session sequence model (SASRec-style, ``tandem.sequence_train``) from the training
+"""Nightly session sequence model (SASRec-style, ``tandem.models.sequence_train``) from the training
 table, exported into the run's bundle.
 
-extract: the night's int-coded training table (``tandem.lake.TrainingTable``), the engaged pairs
-only, four columns (user_idx, item_idx, engaged_ts, positive_ts) read with pyarrow.
+extract: the night's int-coded training table (``tandem.data.lake.TrainingTable``), the engaged
+pairs only, four columns (user_idx, item_idx, engaged_ts, positive_ts) read with pyarrow.
 transform: each user's engaged items in order of first engagement -- the query history serving
-asks the model with (``tandem.query_history``) -- cut into rows of ``max_len + 1`` items from the
-newest end, the positive ones the targets; train the Transformer
-(``tandem.sequence_train.train_sequence``).
-load: ``sequence/item_vectors.npy`` + ``sequence/model.npz`` (``tandem.bundle``) and
+asks the model with (``tandem.features.query_history``) -- cut into rows of ``max_len + 1`` items
+from the newest end, the positive ones the targets; train the Transformer
+(``tandem.models.sequence_train.train_sequence``).
+load: ``sequence/item_vectors.npy`` + ``sequence/model.npz`` (``tandem.models.bundle``) and
 ``sequence/query_sample.npy``, the query vectors of a sample of users (their query histories at
 the end of the window) from which ``jobs/build_index.py`` tunes ``index/sequence.faiss``.
 
@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from tandem import query_history as QH
-from tandem.bundle import SEQ_QUERY_SAMPLE
-from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
-from tandem.job_cli import interval_parser, parse
-from tandem.lake import ENGAGED_TS, ITEM_IDX, POSITIVE_TS, USER_IDX, TrainingTable
+from tandem.data.catalog import run_bundle_dir
+from tandem.data.lake import ENGAGED_TS, ITEM_IDX, POSITIVE_TS, USER_IDX, TrainingTable
+from tandem.features import query_history as QH
+from tandem.models.bundle import SEQ_QUERY_SAMPLE
+from tandem.ops.job_cli import interval_parser, parse
 
 TRAIN_CONFIG: dict[str, Any] = {
     "sequence": {},  # SequenceConfig overrides
@@ -51,7 +51,7 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     Deterministic for a given table and ``cfg`` (seeded, one thread); a re-run overwrites the
     same files.
     """
-    from tandem.sequence_train import SequenceConfig, train_sequence
+    from tandem.models.sequence_train import SequenceConfig, train_sequence
 
     cfg = {**TRAIN_CONFIG, **(cfg or {})}
     bundle_dir = run_bundle_dir(paths, end, run_id)

@@ -2,13 +2,13 @@
 
 extract: the positive pairs of the run's int-coded training table (``lake/training/run_id=``,
 ``jobs/build_training_table.py``): ``user_idx, item_idx, positive_ts`` of pairs with a positive
-engagement (``tandem.dataset.positives`` with ``play_dwell_ms``, applied in Spark), the targets,
-and ``user_idx, item_idx, engaged_ts`` of the engaged pairs, the query histories
-(``tandem.query_history``: what serving's user tower pools), read with pyarrow into numpy --
-the indexes are already the bundle's catalog rows; the catalog's content
+engagement (``tandem.data.dataset.positives`` with ``play_dwell_ms``, applied in Spark), the
+targets, and ``user_idx, item_idx, engaged_ts`` of the engaged pairs, the query histories
+(``tandem.features.query_history``: what serving's user tower pools), read with pyarrow into numpy
+-- the indexes are already the bundle's catalog rows; the catalog's content
 columns (items created before ``end``) and the profile columns the user tower encodes.
-transform: content and profile features (``tandem.tower_features``) in the bundle's order;
-``tandem.two_tower.train_two_tower`` (int32 histories), with the night's tuned parameters
+transform: content and profile features (``tandem.features.tower_features``) in the bundle's order;
+``tandem.models.two_tower.train_two_tower`` (int32 histories), with the night's tuned parameters
 (``<models>/<run_id>/tuned.json``, ``jobs/tune.py``) over the defaults.
 load: ``<models>/<run_id>/two_tower/{item_vectors.npy,user_tower.npz,query_sample.npy}``
 (overwritten on re-run; ``run_id`` defaults to the end date, YYYYMMDD, like the DAG's).
@@ -32,19 +32,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tandem import tuning
-from tandem.bundle import INDEX_MAIN, TT_ITEM_VECTORS
-from tandem.catalog import run_bundle_dir
 from tandem.config import Paths
-from tandem.job_cli import interval_parser, parse
-from tandem.lake import TrainingTable
-from tandem.tower_inputs import (
+from tandem.data.catalog import run_bundle_dir
+from tandem.data.lake import TrainingTable
+from tandem.evaluation import tuning
+from tandem.models.bundle import INDEX_MAIN, TT_ITEM_VECTORS
+from tandem.models.tower_inputs import (
     TRAIN_CONFIG,
     catalog_frames,
     fit_tower,
     tower_pairs,
 )
-from tandem.user_tower import QUERY_SAMPLE
+from tandem.models.user_tower import QUERY_SAMPLE
+from tandem.ops.job_cli import interval_parser, parse
 
 
 def extract(paths: Paths, end: datetime, run_id: str, user_fields: tuple[str, ...]
@@ -74,8 +74,8 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 
     ``spark`` and ``start`` are unused (common job signature; the table holds the window).
     Deterministic for a given lake, interval and ``cfg`` (seeded); a re-run overwrites the same
-    files. The night's tuned parameters (``tandem.tuning``, when ``jobs/tune.py`` chose some)
-    overlay the defaults; ``cfg["two_tower"]`` overrides both.
+    files. The night's tuned parameters (``tandem.evaluation.tuning``, when ``jobs/tune.py`` chose
+    some) overlay the defaults; ``cfg["two_tower"]`` overrides both.
     """
     cfg = {**TRAIN_CONFIG, **(cfg or {})}
     bundle_dir = run_bundle_dir(paths, end, run_id)

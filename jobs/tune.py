@@ -2,11 +2,11 @@
 
 extract: the run's int-coded training table (``lake/training/run_id=``,
     ``jobs/build_training_table.py``): the pair columns, and for the two-tower the catalog's
-    content and the users' profile columns (``tandem.tower_inputs``).
-transform: ``tandem.tuning``: the validation split carved from the window BEFORE the ranker's
-    label cut (the period the nightly evaluation scores is never seen), a seeded sample of users;
-    one Optuna study per model (ALS: factors, regularization, alpha, iterations; two-tower: dim,
-    lr, epochs, temperature), seeded TPE, at most ``TANDEM_TUNE_TRIALS`` trials and
+    content and the users' profile columns (``tandem.models.tower_inputs``).
+transform: ``tandem.evaluation.tuning``: the validation split carved from the window BEFORE the
+    ranker's label cut (the period the nightly evaluation scores is never seen), a seeded sample of
+    users; one Optuna study per model (ALS: factors, regularization, alpha, iterations; two-tower:
+    dim, lr, epochs, temperature), seeded TPE, at most ``TANDEM_TUNE_TRIALS`` trials and
     ``TANDEM_TUNE_TIMEOUT_S`` seconds each, every trial an MLflow run nested under its study's
     run (under this job's run ``tune``), scored by validation NDCG@10.
 load: ``<models>/<run_id>/tuned.json`` (overwritten on re-run), which ``train_als`` and
@@ -20,7 +20,7 @@ study runs either. Deterministic for a given table and settings except for the t
 (a slower machine may finish fewer trials).
 
 Memory model at 5M users x 1M items x 50M events (~30M pairs): the pair columns in numpy,
-30M x 28 B = 0.85 GB (checked against ``TANDEM_DRIVER_BUDGET_MB`` by ``tandem.lake``); the fit
+30M x 28 B = 0.85 GB (checked against ``TANDEM_DRIVER_BUDGET_MB`` by ``tandem.data.lake``); the fit
 sample (``TANDEM_TUNE_FIT_USERS``, 50k users x ~6 pairs a user x 12 B x 2 CSRs: ~10 MB) and a
 trial's model on it: ALS (50k + 1M) x 128 x 4 B = 0.5 GB, the two-tower's item side
 1M x 128 x 4 B x 3 (Adam) = 1.5 GB; scoring ``SCORE_CHUNK`` (128) users x 1M items x 4 B
@@ -36,16 +36,16 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from tandem import als as A
-from tandem import night as N
-from tandem import tuning
-from tandem.bundle import TUNED_PARAMS
-from tandem.catalog import run_bundle_dir
 from tandem.config import Paths, TuningSettings
-from tandem.job_cli import interval_parser, parse
-from tandem.lake import TrainingTable, epoch_ms
-from tandem.tower_inputs import TRAIN_CONFIG, catalog_frames
-from tandem.tracking import start_run
+from tandem.data.catalog import run_bundle_dir
+from tandem.data.lake import TrainingTable, epoch_ms
+from tandem.evaluation import night as N
+from tandem.evaluation import tuning
+from tandem.models import als as A
+from tandem.models.bundle import TUNED_PARAMS
+from tandem.models.tower_inputs import TRAIN_CONFIG, catalog_frames
+from tandem.models.tracking import start_run
+from tandem.ops.job_cli import interval_parser, parse
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from serving.ranker_model import Ranker
 from serving.result import Result
 from serving.stores import FeastStore, MemoryStore, NoStore, OnlineStore, UserRows
 from serving.validation import RecommendQuery
-from tandem.ab import Experiment, Variant
-from tandem.impressions import Feed, ImpressionSink, NullSink
+from tandem.data.impressions import Feed, ImpressionSink, NullSink
+from tandem.policy.ab import Experiment, Variant
 
 # what callers build an App from, importable from here as before the split
 __all__ = ["App", "Engine", "FeastStore", "ItemFeatures", "MemoryStore", "NoStore",

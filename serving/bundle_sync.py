@@ -75,7 +75,7 @@ class BundleLedger:
 
     def mark_good(self, alias: str, version: str, bundle_dir: Path) -> None:
         """``version`` of ``alias`` passed warm-up and serves now; older downloads go."""
-        from tandem.registry import bundle_digest
+        from tandem.ops.registry import bundle_digest
 
         digest = bundle_digest(bundle_dir)
         with self._lock:
@@ -88,7 +88,7 @@ class BundleLedger:
 
     def last_good(self, alias: str) -> tuple[Path, str] | None:
         """(bundle dir, version) last served for ``alias`` if still intact (digest checked)."""
-        from tandem.registry import bundle_digest
+        from tandem.ops.registry import bundle_digest
 
         entry = self.good.get(alias)
         if entry is None or not Path(entry["path"]).is_dir():
@@ -121,7 +121,7 @@ class BundleLedger:
 def fetch_once(version: str, shared: Path, own: Path, download: Callable[[Path], Path]) -> Path:
     """The bundle of ``version`` in ``own``, hard-linked from its one download in ``shared``.
 
-    ``download(dest)`` (``tandem.registry.download_bundle``: digest checked) runs only when
+    ``download(dest)`` (``tandem.ops.registry.download_bundle``: digest checked) runs only when
     ``shared`` has no complete download of the version; under the lock, so processes asking
     together download once and the rest wait for it. The links give every process its own
     folder (its ledger prunes it as before) over the same inodes, so mapped arrays and the

@@ -6,7 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tandem.diversify import DIVERSIFY_CONFIG
+from tandem.policy.diversify import DIVERSIFY_CONFIG
+
+DAY_MS = 86_400_000  # ``fresh_days`` are days of this many ms
 
 
 @dataclass(frozen=True)

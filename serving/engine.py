@@ -11,10 +11,10 @@ Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)
                   store read (searching the nightly vector while the read was in flight cost a
                   second search for every user with recent items, most of them)
     merge         + fresh + popular + genre content (history + session); union, dedupe, drop
-                  seen/excluded  (tandem.retrieval)
-    features      one matrix for all candidates (tandem.ranking_features, as in training)
+                  seen/excluded  (tandem.policy.retrieval)
+    features      one matrix for all candidates (tandem.features.ranking_features, as in training)
     ranker        one LightGBM (or lleaves-compiled) call
-    mmr           MMR over the top of the ranked list (tandem.diversify)
+    mmr           MMR over the top of the ranked list (tandem.policy.diversify)
 
 Any failing or slow part degrades the answer instead of failing it: no user features -> the
 retrieval sources that do not need them; no ranker -> retrieval order; and each such case is
@@ -32,12 +32,9 @@ import functools
 import json
 import logging
 import time
-import uuid
-from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,46 +44,49 @@ import pandas as pd
 from serving import item_deltas, precomputed
 from serving import shared_memory as shm
 from serving.breaker import CircuitBreaker
+from serving.bundle_load import (
+    fitted_als_config,
+    load_catalog,
+    load_cooc,
+    load_user_index,
+    with_new_items,
+)
 from serving.caches import COLD_CACHE_ENTRIES, SIMILAR_CACHE_ENTRIES, BoundedCache
-from serving.config import ServingConfig
+from serving.cold_path import ColdPath
+from serving.config import DAY_MS, ServingConfig
 from serving.id_index import ARRAYS as ID_ARRAYS
 from serving.id_index import IdIndex
 from serving.item_table import ItemFeatures, ItemTableFactory
 from serving.ranker_model import Ranker
-from serving.result import Result, StageClock
+from serving.result import Result, StageClock, explain, new_request_id
 from serving.sequence_source import SequenceSource
 from serving.session_retrieval import SessionRetrieval
 from serving.stores import OnlineStore, UserRows
 from serving.validation import RecommendQuery
-from tandem import bundle as B
-from tandem import feature_log
-from tandem import features as F
-from tandem import query_history as QH
-from tandem import ranking_features as RF
+from serving.warm_up import WarmUpCheck
 from tandem import schema as s
-from tandem.ann import AnnIndex
-from tandem.diversify import rerank
-from tandem.exploration import epsilon_greedy, thompson, ucb
-from tandem.retrieval import SOURCE_BITS, SOURCES, CandidatePool, merge, source_names
+from tandem.features import entity as F
+from tandem.features import feature_log
+from tandem.features import query_history as QH
+from tandem.features import ranking_features as RF
+from tandem.models import bundle as B
+from tandem.models.ann import AnnIndex
+from tandem.policy.diversify import rerank
+from tandem.policy.retrieval import SOURCE_BITS, SOURCES, CandidatePool, merge
 
 log = logging.getLogger(__name__)
 
-DAY_MS = 86_400_000
 # online-store reads run here so a slow store can be abandoned at its deadline (shared by all
 # engines: a hot reload must not leak threads)
 _STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="online-store")
 # fallbacks that mean the online store did not answer (the user is then unknown only for now)
 STORE_FALLBACKS = ("online_store_timeout", "online_store_error", "online_store_open")
-# fallbacks that mean a part of the bundle failed: a warm-up with any of them refuses the bundle
-PART_FALLBACKS = frozenset({"user_tower_error", "two_tower_error", "als_error", "ranker_error",
-                            "sequence_error"})
 _PROFILE_CACHE = 4096  # encoded tower profiles memoised per engine
-CATALOG_ARRAYS = (*ID_ARRAYS, "popularity", "created_at")  # the catalog's mapped arrays
 
 
 # ------------------------------------------------------------------------------------ engine
 
-class Engine:
+class Engine(ColdPath, WarmUpCheck):
     """Everything one bundle version needs to answer requests; read-only after ``load``.
 
     Attributes
@@ -107,11 +107,15 @@ class Engine:
     The two-tower parts are optional (the nightly DAG's ``skip_two_tower``): without them
     ``tower`` and ``main_index`` are None, ``item_vectors`` are the unit ALS item factors (MMR),
     similar-items searches the ALS index, and retrieval is ALS + fresh + popular.
+
+    The cold path and similar items are :class:`serving.cold_path.ColdPath`'s methods, the
+    warm-up :class:`serving.warm_up.WarmUpCheck`'s; what is loaded besides the models comes from
+    :mod:`serving.bundle_load`.
     """
 
     def __init__(self, bundle_dir: Path, version: str, item_features: ItemTableFactory | None,
                  cfg: ServingConfig, cache_dir: Path | None = None):
-        from tandem.user_tower import UserTower
+        from tandem.models.user_tower import UserTower
 
         root = Path(bundle_dir)
         self.bundle_dir, self.version = root, str(version)
@@ -119,13 +123,13 @@ class Engine:
         derived = Path(cache_dir) / "derived" if cache_dir else None
         # catalog ids, their lookup, popularity and creation times: written once per bundle
         # (and hourly delta, whose new items get rows after the bundle's) and mapped
-        catalog, self.item_delta = _catalog(root, cfg.deltas_dir, derived)
+        catalog, self.item_delta = load_catalog(root, cfg.deltas_dir, derived)
         self.item_ids = catalog["ids"]
         self.item_index = IdIndex(*(catalog[name] for name in ID_ARRAYS))
         self.n_items = len(self.item_ids)
         self.popularity = catalog["popularity"]
         self.created_at = catalog["created_at"]
-        self.user_index = _user_index(root, derived)
+        self.user_index = load_user_index(root, derived)
         # the big arrays mapped from the bundle: N server processes share one copy; hourly new
         # items (serving.item_deltas) extend them into derived files, mapped as well
         new_items = self.item_delta is not None and len(self.item_delta.item_ids) > 0
@@ -138,7 +142,7 @@ class Engine:
             item_deltas.pad_rows(RF.unit_rows(a), n)), derived)
         if (root / B.TT_ITEM_VECTORS).exists():
             self.main_index, self.item_vectors = (
-                _with_new_items(root, self.item_delta, cfg.deltas_dir, n, derived) if new_items
+                with_new_items(root, self.item_delta, cfg.deltas_dir, n, derived) if new_items
                 else (shm.load_index(root / B.INDEX_MAIN),
                       shm.load_array(root / B.TT_ITEM_VECTORS)))
             self.tower = UserTower.load(root / B.TT_USER_TOWER, self.item_vectors)
@@ -153,7 +157,7 @@ class Engine:
         if self.ranker.n_features != len(names):
             raise ValueError(f"ranker expects {self.ranker.n_features} features, "
                              f"features.json names {len(names)}")
-        self.space = RF.ItemSpace(als_unit, *_cooc(root, self.n_items, derived))
+        self.space = RF.ItemSpace(als_unit, *load_cooc(root, self.n_items, derived))
         self.item_features = (item_features(self.item_ids) if item_features is not None
                               else ItemFeatures.from_frame(pd.DataFrame(
                                   {s.ITEM_ID: self.item_ids, "item_created_at": self.created_at}),
@@ -168,7 +172,7 @@ class Engine:
         self.genre_top = {g: by_pop[genres[by_pop, j]][: cfg.n_cold_exploit]
                           for j, g in enumerate(F.GENRE_VOCAB)}
         self.session_retrieval = SessionRetrieval.build(self.als_items, genres, self.popularity,
-                                                        _fitted_als_config(root))
+                                                        fitted_als_config(root))
         self._profiles: dict[tuple, np.ndarray] = {}  # see _encode_profile
         # per engine: a swapped-in model starts with empty caches (serving.caches)
         self.cold_cache = BoundedCache("cold_start", COLD_CACHE_ENTRIES)
@@ -255,7 +259,8 @@ class Engine:
         session = rows.session or {}
         recent_ids = list(q.session_item_ids) + list(session.get(s.SESSION_RECENT_ITEMS) or [])
         seen = self.rows_of(recent_ids)
-        # what every model is queried with: the definition training uses (tandem.query_history)
+        # what every model is queried with: the definition training uses
+        # (tandem.features.query_history)
         history = QH.request_history(seen)
         exclude = np.concatenate([seen, self.rows_of(q.exclude_item_ids)])
         result = self._stored(q, cfg, rows, exclude, now_ms, clock)
@@ -314,7 +319,7 @@ class Engine:
                 fallbacks.append("content_error")
             pool = merge(lists, exclude, self.n_items)
         scores = logged = None
-        request_id = _request_id()
+        request_id = new_request_id()
         if clock.elapsed_ms() > cfg.rank_deadline_ms:
             fallbacks.append("rank_deadline")
         elif len(pool):
@@ -341,7 +346,7 @@ class Engine:
         # no randomisation on this path: each item is shown with probability 1 (exactly)
         return Result(request_id, self.version, self.item_ids[picked.rows].tolist(),
                       scores[order], picked.source_mask, np.ones(len(order)),
-                      [_explain(int(mk)) for mk in picked.source_mask],
+                      [explain(int(mk)) for mk in picked.source_mask],
                       candidates=pool.count_by_source(), pool_size=len(pool), logged=logged)
 
     def _two_tower_lists(self, user_vec: np.ndarray | None, history: np.ndarray,
@@ -394,7 +399,8 @@ class Engine:
     def _features(self, pool: CandidatePool, lists, user_raw: Mapping[str, Any],
                   session_raw: Mapping[str, Any] | None, history: np.ndarray,
                   q: RecommendQuery, now_ms: int) -> np.ndarray:
-        """The ranker matrix through ``tandem.ranking_features`` (the training code path)."""
+        """The ranker matrix through ``tandem.features.ranking_features`` (the training code
+        path)."""
         n = len(pool)
         sources = {}
         for name, hits, scores in lists:
@@ -431,9 +437,9 @@ class Engine:
             masks = np.asarray(feed.source_masks, dtype=np.int64)[keep]
         if len(keep) < q.k:  # the filters left too few: compute
             return None
-        return Result(_request_id(), self.version, self.item_ids[idx[keep]].tolist(),
+        return Result(new_request_id(), self.version, self.item_ids[idx[keep]].tolist(),
                       np.asarray(feed.scores, dtype=np.float64)[keep], masks,
-                      np.ones(len(keep)), [_explain(int(mk)) for mk in masks],
+                      np.ones(len(keep)), [explain(int(mk)) for mk in masks],
                       path="precomputed")
 
     def _sequence_inputs(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -451,218 +457,9 @@ class Engine:
         with clock.stage("merge"):
             rows = self.popular[~np.isin(self.popular, exclude)][: q.k]
         mask = np.full(len(rows), SOURCE_BITS["popularity"], dtype=np.int64)
-        return Result(_request_id(), self.version, self.item_ids[rows].tolist(),
+        return Result(new_request_id(), self.version, self.item_ids[rows].tolist(),
                       self.popularity[rows].astype(np.float64), mask, np.ones(len(rows)),
-                      [_explain(SOURCE_BITS["popularity"])] * len(rows))
-
-    def _cold(self, q: RecommendQuery, cfg: ServingConfig, exclude: np.ndarray, now_ms: int,
-              clock: StageClock) -> Result:
-        """Popularity + onboarding-genre content, exploring fresh items; propensities logged."""
-        with clock.stage("cold_start"):
-            # ``newest`` is sorted by creation time: the fresh items are a prefix of it, so
-            # their count (with the genres) keys the cached pool exactly
-            n_fresh = int(np.count_nonzero(
-                self.created_at[self.newest] >= now_ms - cfg.fresh_days * DAY_MS))
-            key = (tuple(q.onboarding_genres), min(n_fresh, cfg.n_cold_explore),
-                   cfg.n_cold_exploit)
-            (exploit, fresh), hit = self.cold_cache.get(key, lambda: self._cold_pool(
-                q.onboarding_genres, self.newest[: key[1]], cfg))
-            if len(exclude):  # the live filter: a subset keeps the cached order
-                exploit = exploit.take(np.flatnonzero(~np.isin(exploit.rows, exclude)))
-            explore = fresh[~np.isin(fresh, exclude)]
-            rng = np.random.default_rng()
-            # one array over both pools: exploit rows first, then explore rows
-            pool_rows = np.concatenate([exploit.rows, explore])
-            masks = np.concatenate([exploit.source_mask,
-                                    np.full(len(explore), SOURCE_BITS["fresh"])])
-            if cfg.exploration in ("thompson", "ucb"):
-                clicks, imps = self._ctr_counts(pool_rows)
-                slate = (thompson(clicks, imps, q.k, rng) if cfg.exploration == "thompson"
-                         else ucb(clicks, imps, q.k, rng, cfg.ucb_c))
-                picks = slate.picks
-            else:
-                slate = epsilon_greedy(self.popularity[exploit.rows], len(explore), q.k,
-                                       cfg.epsilon, rng)
-                picks = np.where(slate.explored, len(exploit) + slate.picks, slate.picks)
-            rows, mask = pool_rows[picks], masks[picks]
-        return Result(_request_id(), self.version, self.item_ids[rows].tolist(), slate.score,
-                      mask.astype(np.int64), slate.propensity,
-                      [_explain(int(mk), explored=bool(x))
-                       for mk, x in zip(mask, slate.explored, strict=True)], cold_start=True,
-                      path="cached" if hit else "computed")
-
-    def _cold_pool(self, genres, fresh: np.ndarray,
-                   cfg: ServingConfig) -> tuple[CandidatePool, np.ndarray]:
-        """The part of a cold answer no one's history changes (cached per genres and fresh
-        set): popularity + genre content minus ``fresh``, content matches first, then by
-        popularity; and ``fresh`` (the exploration pool)."""
-        content = [self.genre_top[g] for g in genres if g in self.genre_top]
-        lists = [("content", r, self.popularity[r]) for r in content]
-        lists.append(("popularity", self.popular[: cfg.n_cold_exploit],
-                      self.popularity[self.popular[: cfg.n_cold_exploit]]))
-        exploit = merge(lists, fresh, self.n_items)
-        has_content = (exploit.source_mask & SOURCE_BITS["content"]) > 0
-        return exploit.take(np.lexsort((-self.popularity[exploit.rows], ~has_content))), fresh
-
-    def _ctr_counts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(clicks, impressions) over 7 days per row, from the item feature matrix (log1p)."""
-        cols = F.ITEM_FEATURES
-        imps = np.expm1(self.item_features.static[rows, cols.index("item_log_impressions_7d")])
-        ctr = self.item_features.static[rows, cols.index("item_ctr")]
-        return ctr * imps, imps
-
-    # --------------------------------------------------------------------------- similar
-    def similar(self, item_id: str, k: int) -> Result | None:
-        """``k`` nearest items to ``item_id`` in two-tower space (ALS space in an ALS-only
-        bundle); None for an unknown item."""
-        clock = StageClock()
-        row = int(self.item_index.get_indexer([item_id])[0])
-        if row < 0:
-            return None
-        index, vectors = ((self.main_index, self.item_vectors) if self.main_index is not None
-                          else (self.als_index, self.als_items))
-        with clock.stage("similar"):
-            def search() -> tuple[np.ndarray, np.ndarray]:
-                vec = vectors[row]
-                hits = self._search(index, vec[None], k + 1)[0]
-                hits = hits[(hits >= 0) & (hits != row)][:k]
-                return hits, vectors[hits] @ vec
-
-            (hits, scores), _ = self.similar_cache.get((row, k), search)
-        mask = np.full(len(hits), SOURCE_BITS["similar"], dtype=np.int64)
-        return Result(_request_id(), self.version, self.item_ids[hits].tolist(),
-                      scores.astype(np.float64), mask, np.ones(len(hits)),
-                      ["close in the two-tower space"] * len(hits), stages_ms=clock.stages)
-
-    # --------------------------------------------------------------------------- warm-up
-    def warm_up(self, cfg: ServingConfig, store: OnlineStore, n_requests: int = 64,
-                budget_s: float = 5.0, breaker: CircuitBreaker | None = None) -> WarmUp:
-        """Answer ``n_requests`` made-up requests before this engine takes real ones.
-
-        A fresh process answers its first requests slowly (1M-item bench bundle: the first
-        five took 23-196 ms against ~5 ms warm, two of them past the online store's deadline,
-        so degraded): lazily built library state, the store's connection per pool thread,
-        memoised encodings. A second server process that took traffic cold gave p99 238 ms
-        over a 40 s run at 100 QPS, every slow request in its first 4 s. The warm-up runs
-        known users (evenly spread over the ALS users), users known only by their session, a
-        cold user and similar items, through the same code as real requests; nothing is
-        recorded (metrics are recorded by ``App``). It stops after ``budget_s`` so a slow store
-        cannot hold up a start or a reload. Returns how many requests it answered and the
-        fallbacks they took (``App`` refuses a bundle whose parts fell back).
-        """
-        end = time.perf_counter() + budget_s
-        devices = ("web", "ios", "android", "tv")
-        users = self.user_index[np.linspace(0, len(self.user_index) - 1,
-                                            min(n_requests, len(self.user_index))).astype(int)]
-        session = tuple(self.item_ids[self.popular[:3]])
-        queries = [RecommendQuery("__warm_up_session__", 20, "web", session_item_ids=session),
-                   RecommendQuery("__warm_up_cold__", 20, "tv"),
-                   *(RecommendQuery(str(u), 20, devices[i % 4]) for i, u in enumerate(users))]
-        done, fallbacks = 0, Counter()
-        for q in queries[:n_requests]:
-            if time.perf_counter() > end:
-                break
-            fallbacks.update(self.recommend(q, cfg, store, breaker).fallbacks)
-            done += 1
-        self.similar(str(self.item_ids[self.popular[0]]), 10)
-        return WarmUp(done, dict(fallbacks))
-
-
-@dataclass(frozen=True)
-class WarmUp:
-    """What :meth:`Engine.warm_up` did: requests answered and their fallbacks by reason."""
-
-    requests: int
-    fallbacks: dict[str, int]
-
-    @property
-    def part_failures(self) -> dict[str, int]:
-        """Fallbacks that blame the bundle (not the online store or a slow machine)."""
-        return {k: n for k, n in self.fallbacks.items() if k in PART_FALLBACKS}
-
-
-def _catalog(root: Path, deltas_dir: str | None, folder: Path | None
-             ) -> tuple[dict[str, np.ndarray], B.ItemDelta | None]:
-    """The catalog's mapped arrays (``IdIndex`` arrays, popularity, created_at) and the delta
-    they include: ``items.parquet``'s rows, plus the newest hourly delta's items the bundle
-    does not have (``serving.item_deltas``), each set written once per (bundle file, delta)."""
-    items = root / B.ITEMS
-    base = shm.derived_arrays(shm.key_of(items), CATALOG_ARRAYS,
-                              lambda: _catalog_arrays(pd.read_parquet(items)), folder)
-    delta = item_deltas.load(root, deltas_dir, IdIndex(*(base[n] for n in ID_ARRAYS)))
-    if delta is None or len(delta.item_ids) == 0:
-        return base, delta
-    key = shm.key_of(items, str(item_deltas.folder(root, deltas_dir)), delta.stamp)
-    return shm.derived_arrays(key, CATALOG_ARRAYS, lambda: _catalog_arrays(
-        item_deltas.extend_items(pd.read_parquet(items), delta)), folder), delta
-
-
-def _with_new_items(root: Path, delta: B.ItemDelta, deltas_dir: str | None, n_items: int,
-                    folder: Path | None) -> tuple[AnnIndex, np.ndarray]:
-    """The two-tower index and item vectors with the delta's items added (rows past the
-    bundle's), each built once per (bundle, delta) and mapped."""
-    vectors, index = root / B.TT_ITEM_VECTORS, root / B.INDEX_MAIN
-    key = shm.key_of(vectors, index, str(item_deltas.folder(root, deltas_dir)), delta.stamp,
-                     n_items)
-
-    def extended_index() -> AnnIndex:
-        private = AnnIndex.load(index)
-        item_deltas.extend_vectors(shm.load_array(vectors), private, delta, n_items)
-        return private
-
-    return (shm.derived_index(key, extended_index, folder),
-            shm.derived_arrays(key, ["vectors"], lambda: {"vectors": item_deltas.extend_vectors(
-                shm.load_array(vectors), None, delta, n_items)}, folder)["vectors"])
-
-
-def _catalog_arrays(items: pd.DataFrame) -> dict[str, np.ndarray]:
-    return {**IdIndex.arrays(items[s.ITEM_ID].astype(str)),
-            "popularity": items["popularity"].to_numpy(np.float32),
-            "created_at": items[s.CREATED_AT].to_numpy(np.int64)}
-
-
-def _user_index(root: Path, folder: Path | None) -> IdIndex:
-    """The bundle's users (rows of the ALS user factors), mapped; empty without ``users``."""
-    users = root / B.USERS
-    if not users.exists():
-        return IdIndex.of([])
-    return IdIndex(**shm.derived_arrays(shm.key_of(users), ID_ARRAYS, lambda: IdIndex.arrays(
-        pd.read_parquet(users, columns=[s.USER_ID])[s.USER_ID].astype(str)), folder))
-
-
-def _cooc(root: Path, n_items: int, folder: Path | None):
-    """The ranker's co-occurrence matrix (CSR, and canonical CSC for the serving lookups) if
-    the bundle ships one, else an empty one, mapped; items added after the build
-    (``serving.item_deltas``) get empty rows and columns."""
-    import scipy.sparse as sp
-
-    path = root / getattr(B, "RANKER_COOC", "ranker/cooc.npz")
-    parts = ("data", "indices", "indptr")
-
-    def build() -> dict[str, np.ndarray]:
-        if path.exists():
-            cooc = sp.load_npz(path).tocsr().astype(np.float32)
-            cooc.resize((n_items, n_items))
-        else:
-            cooc = sp.csr_matrix((n_items, n_items), dtype=np.float32)
-        csc = sp.csc_matrix(cooc)
-        csc.sum_duplicates()
-        return {**{f"row_{p}": getattr(cooc, p) for p in parts},
-                **{f"col_{p}": getattr(csc, p) for p in parts}}
-
-    key = shm.key_of(path if path.exists() else "no cooc", n_items)
-    arrays = shm.derived_arrays(key, [f"{side}_{p}" for side in ("row", "col") for p in parts],
-                                build, folder)
-    shape = (n_items, n_items)
-    return (sp.csr_matrix(tuple(arrays[f"row_{p}"] for p in parts), shape=shape, copy=False),
-            sp.csc_matrix(tuple(arrays[f"col_{p}"] for p in parts), shape=shape, copy=False))
-
-
-def _fitted_als_config(root: Path) -> dict[str, Any]:
-    """The ALS configuration the bundle's factors were fitted with (``als/meta.json``, the
-    night's tuned values included); the defaults for a bundle without one."""
-    meta = (root / B.ALS_ITEM_FACTORS).with_name("meta.json")
-    return json.loads(meta.read_text()).get("config", {}) if meta.exists() else {}
+                      [explain(SOURCE_BITS["popularity"])] * len(rows))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -688,27 +485,3 @@ def _retrieval_order(pool: CandidatePool) -> np.ndarray:
     scores = np.empty(len(pool))
     scores[order] = -np.arange(len(pool), dtype=np.float64)
     return scores
-
-
-_EXPLAIN = {
-    "two_tower": "matches your taste profile", "als": "liked by people with similar history",
-    "session": "related to what you just watched", "fresh": "new on the catalog",
-    "popularity": "popular right now", "content": "in a genre you picked",
-    "similar": "similar item", "sequence": "what people watch next after your recent items",
-}
-
-
-def _explain(mask: int, explored: bool = False) -> str:
-    """Short reason from the sources (first source leads, others are mentioned)."""
-    names = source_names(mask)
-    if not names:
-        return ""
-    text = _EXPLAIN[names[0]]
-    if len(names) > 1:
-        text += " (also: " + ", ".join(names[1:]) + ")"
-    return text + ("; exploring" if explored else "")
-
-
-def _request_id() -> str:
-    return uuid.uuid4().hex
-

@@ -34,8 +34,8 @@ from serving.config import ServingConfig
 from serving.metrics import _MS_BUCKETS
 from serving.stores import OnlineStore
 from serving.validation import RecommendQuery
-from tandem.ab import Experiment, Variant
 from tandem.experiments import definitions as defs
+from tandem.policy.ab import Experiment, Variant
 
 log = logging.getLogger(__name__)
 _UNIT = tuple(x / 10 for x in range(-10, 11))

@@ -1,6 +1,6 @@
 """Items created since the nightly build, appended to a served bundle's catalog at engine load.
 
-``jobs/embed_new_items.py`` files a cumulative ``tandem.bundle.ItemDelta`` per bundle every
+``jobs/embed_new_items.py`` files a cumulative ``tandem.models.bundle.ItemDelta`` per bundle every
 hour under ``<deltas_dir>/<bundle_key>/``. An engine loads the newest one with its bundle: the
 new items get catalog rows after the bundle's, their content-only two-tower vectors go into the
 item vectors and the main FAISS index (``AnnIndex.add``), and they have no ALS factors (zero
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tandem import bundle as B
 from tandem import schema as s
-from tandem.ann import AnnIndex
+from tandem.models import bundle as B
+from tandem.models.ann import AnnIndex
 
 log = logging.getLogger(__name__)
 

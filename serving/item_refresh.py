@@ -38,7 +38,7 @@ class MaterializationWatcher:
     Parameters
     ----------
     watermark : the online store's materialization watermark
-        (``tandem.feature_store.materialization_watermark`` bound to the store)
+        (``tandem.features.feature_store.materialization_watermark`` bound to the store)
     interval_s : poll period (the hourly materialization needs no finer one)
     """
 

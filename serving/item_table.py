@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from serving import shared_memory as shm
-from tandem import features as F
 from tandem import schema as s
+from tandem.features import entity as F
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ItemFeatures:
 
 
 class SharedItemTable:
-    """An online-store item table (``tandem.feature_store.ItemFeatureTable``) read once per
+    """An online-store item table (``tandem.features.online.ItemFeatureTable``) read once per
     (catalog, materialization watermark) by whichever server process asks first, written as
     :class:`ItemFeatures` arrays and mapped by every process (1M items: ~140 MB each would
     otherwise hold, and read from the store, on its own).
@@ -114,7 +114,7 @@ class SharedItemTable:
 
 class ItemTable(Protocol):
     """Item features in catalog order: ``static`` [n, n_item_features] and ``take(rows, now)``
-    (``ItemFeatures`` here, or ``tandem.feature_store.ItemFeatureTable`` over Feast)."""
+    (``ItemFeatures`` here, or ``tandem.features.online.ItemFeatureTable`` over Feast)."""
 
     @property
     def static(self) -> np.ndarray: ...

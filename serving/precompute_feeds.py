@@ -36,10 +36,11 @@ from serving.engine import Engine
 from serving.precomputed import Feed, config_key, open_feeds, session_mark
 from serving.stores import FeastStore
 from serving.validation import RecommendQuery
-from tandem import feature_store
 from tandem import schema as s
-from tandem.bundle import DELTAS
-from tandem.job_cli import interval_parser, parse
+from tandem.features import feature_store
+from tandem.features import online as FO
+from tandem.models.bundle import DELTAS
+from tandem.ops.job_cli import interval_parser, parse
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     fs = feature_store.open_store(paths)
     # the server's new-item deltas too (serving.server's default for this state root)
     cfg = ServingConfig(deltas_dir=str(paths.models.resolve() / DELTAS))
-    engine = Engine(bundle_dir, version, lambda ids: feature_store.ItemFeatureTable(fs, ids), cfg)
+    engine = Engine(bundle_dir, version, lambda ids: FO.ItemFeatureTable(fs, ids), cfg)
     users = active_users(paths.user_features, end, args.share, args.max_users)
     out = compute_feeds(engine, FeastStore(fs), users, cfg, args.k, open_feeds(fs))
     out.update(version=version, seconds=round(time.perf_counter() - t0, 1))

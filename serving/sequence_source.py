@@ -3,8 +3,8 @@
 The query is the user's real-time history as the engine keeps it: the request's session items,
 then the online store's ``recent_item_ids`` (the feature consumer's last 20 engaged items, kept
 across sessions), newest first and deduplicated, at most 20 -- the query history of
-``tandem.query_history``, which the model's training rows, the night's ranker and ``make eval``
-compute with the same rule. The model (``tandem.sequence``) turns them
+``tandem.features.query_history``, which the model's training rows, the night's ranker and ``make
+eval`` compute with the same rule. The model (``tandem.models.sequence``) turns them
 into one vector; ``index/sequence.faiss`` returns the items with the largest ``h . E[item]``.
 
 A bundle without the sequence parts (older, or trained without them) has no such source:
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem import bundle as B
-from tandem.ann import AnnIndex
-from tandem.sequence import SequenceEncoder
+from tandem.models import bundle as B
+from tandem.models.ann import AnnIndex
+from tandem.models.sequence import SequenceEncoder
 
-NAME = "sequence"  # the tandem.retrieval source and ranking_features source name
+NAME = "sequence"  # the tandem.policy.retrieval source and ranking_features source name
 
 
 class SequenceSource:

@@ -54,11 +54,11 @@ from serving.config import ServingConfig  # noqa: E402
 from serving.experiments import DefinitionsWatcher  # noqa: E402
 from serving.servicer import RecommenderServicer  # noqa: E402
 from serving.stores import FeastStore  # noqa: E402
-from tandem.ab import Experiment  # noqa: E402
-from tandem.bundle import DELTAS, BundleManifest  # noqa: E402
 from tandem.config import Paths  # noqa: E402
 from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
+from tandem.models.bundle import DELTAS, BundleManifest  # noqa: E402
+from tandem.policy.ab import Experiment  # noqa: E402
 
 log = logging.getLogger("serving")
 
@@ -142,7 +142,7 @@ def stop(server: grpc.Server, app: App, grace_s: float = 5.0) -> None:
 
 def registry_source(tracking_uri: str | None, cache_dir: Path, timeout_s: float = 2.0,
                     shared_dir: Path | None = None):
-    """(fetch_bundle, probe_version) over the MLflow registry (``tandem.registry``).
+    """(fetch_bundle, probe_version) over the MLflow registry (``tandem.ops.registry``).
 
     Each call first checks the server answers within ``timeout_s`` (``RegistryUnavailable``
     otherwise: the App then serves its last good bundle). A version without a digest tag or
@@ -150,7 +150,7 @@ def registry_source(tracking_uri: str | None, cache_dir: Path, timeout_s: float 
     ``shared_dir`` (``--processes N``): a version is downloaded there once, by the first
     process that asks, and hard-linked into ``cache_dir`` (``bundle_sync.fetch_once``).
     """
-    from tandem import registry
+    from tandem.ops import registry
 
     client = registry.client_for(tracking_uri)
 
@@ -220,7 +220,8 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
         ledger = BundleLedger(cache)
     store, item_features = None, None
     if args.feast_home:
-        from tandem import feature_store
+        from tandem.features import feature_store
+        from tandem.features import online as FO
 
         fs = feature_store.open_store(Paths(Path(args.feast_home).resolve()))
         store = FeastStore(fs, socket_timeout_s=args.store_socket_timeout_ms / 1000.0)
@@ -231,7 +232,7 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
         watcher = MaterializationWatcher(lambda: feature_store.materialization_watermark(fs),
                                          args.item_refresh_s).start()
         item_features = watcher.track(lambda ids: SharedItemTable(  # one copy for --processes
-            lambda rows: feature_store.ItemFeatureTable(fs, rows), watcher.watermark, ids))
+            lambda rows: FO.ItemFeatureTable(fs, rows), watcher.watermark, ids))
     if args.item_features:  # built once per catalog and mapped by every process
         path = Path(args.item_features)
         item_features = lambda ids: ItemFeatures.shared(path, ids)  # noqa: E731
@@ -262,7 +263,7 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alias", default="champion", help="registry alias to serve")
     parser.add_argument("--tracking-uri", default=None, help="MLflow server (MLFLOW_TRACKING_URI)")
     parser.add_argument("--bundle-dir", default=None, help="serve this local bundle instead")
-    parser.add_argument("--experiment", default=None, help="A/B experiment JSON (tandem.ab)")
+    parser.add_argument("--experiment", default=None, help="A/B experiment JSON (tandem.policy.ab)")
     parser.add_argument("--experiments-file", default=None,
                         help="experiment definitions to follow hot (tandem.experiments."
                              "definitions; overrides --experiment while one is active)")
@@ -312,7 +313,8 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gil-switch-ms", type=float, default=1.0,
                         help="Python's GIL switch interval (default 5 ms); see main()")
     parser.add_argument("--impression-sink", default=None,
-                        help="module:factory of a tandem.impressions.ImpressionSink (e.g. Kafka)")
+                        help="module:factory of a tandem.data.impressions.ImpressionSink "
+                        "(e.g. Kafka)")
     parser.add_argument("--index-shards", type=int, default=1,
                         help="split the two-tower index into this many shards, each searched "
                              "by its own process (serving.shards)")

@@ -23,11 +23,11 @@ from serving.result import Result
 from serving.validation import InvalidRequest, parse_recommend, parse_similar
 from tandem.contracts import recommender_v1_pb2 as pb
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
-from tandem.retrieval import SOURCES
+from tandem.policy.retrieval import SOURCES
 
 log = logging.getLogger(__name__)
 
-# tandem.retrieval source name -> proto enum value (CANDIDATE_SOURCE_<NAME>)
+# tandem.policy.retrieval source name -> proto enum value (CANDIDATE_SOURCE_<NAME>)
 _SOURCE_ENUM = {name: pb.CandidateSource.Value(f"CANDIDATE_SOURCE_{name.upper()}")
                 for name in SOURCES}
 # less time than this left before the client's deadline: not even a fallback answer arrives

@@ -6,14 +6,14 @@ Horror clicks and likes) barely moved a known user's feed. Per request, from the
 online store already returns (no extra read):
 
 * **ALS fold-in**: the user's vector is re-solved from their nightly vector plus the session's
-  recent items (``tandem.als.fold_in_one``, the closed-form ALS user step; ~30 us for f = 32
+  recent items (``tandem.models.als.fold_in_one``, the closed-form ALS user step; ~30 us for f = 32
   and 20 items, one f x f solve). Each recent item gets the confidence the session's events
-  carry per item (``tandem.als`` event weights, capped like the nightly matrix): a click and a
-  like on an item weigh 4, as they would in the next nightly fit. A user without ALS factors
+  carry per item (``tandem.models.als`` event weights, capped like the nightly matrix): a click and
+  a like on an item weigh 4, as they would in the next nightly fit. A user without ALS factors
   (not in the last build) is folded in from the session alone.
 * **Content**: the user's genre profile (their history's ``user_genre_affinity`` plus the
   genres of their recent session items, which weigh more) retrieves the best-matching popular
-  items of its top genres (``tandem.retrieval.content_candidates``).
+  items of its top genres (``tandem.policy.retrieval.content_candidates``).
 
 Both are functions of the bundle (factors, genres, popularity) and the request's rows, so they
 need no state and cannot go stale: the feature consumer writes the session row within a second
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from tandem import als as A
-from tandem import features as F
-from tandem.retrieval import content_candidates, content_profile, genre_top_rows
+from tandem.features import entity as F
+from tandem.models import als as A
+from tandem.policy.retrieval import content_candidates, content_profile, genre_top_rows
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class SessionRetrieval:
     Attributes
     ----------
     als_items : float32 [n_items, f] ALS item factors; ``yty`` their Gram matrix [f, f]
-    item_genres : bool [n_items, N_GENRES] genre multi-hot (``tandem.features.GENRE_VOCAB``)
+    item_genres : bool [n_items, N_GENRES] genre multi-hot (``tandem.features.entity.GENRE_VOCAB``)
     genre_top : int64 [N_GENRES, N_GENRE_TOP] each genre's most popular rows, -1 padded
     popularity : float32 [n_items]
     als_cfg : the ALS configuration the bundle's factors were fitted with (``als/meta.json``:

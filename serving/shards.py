@@ -1,8 +1,8 @@
 """A FAISS index split into S shards, each searched by its own process (scatter-gather).
 
 For a catalog whose index outgrows one node (see the README's "When to shard"): items are split
-by catalog row (``row % S``) into S indexes built like the whole one (``tandem.ann``, ids = the
-catalog rows, so merged hits need no mapping), each loaded (memory-mapped) by one worker
+by catalog row (``row % S``) into S indexes built like the whole one (``tandem.models.ann``, ids =
+the catalog rows, so merged hits need no mapping), each loaded (memory-mapped) by one worker
 process. :meth:`ShardedIndex.search` sends the queries to every shard at once and merges the S
 top-k lists by score: the answer is the whole index's when each shard returns its exact top k,
 and the latency is the slowest shard's plus the merge. Here the workers are local processes
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem.ann import AnnIndex, build_index
+from tandem.models.ann import AnnIndex, build_index
 
 
 def build_shards(vectors: np.ndarray, n_shards: int, folder: Path, metric: str = "ip",
@@ -108,7 +108,7 @@ def sharded_engine(n_shards: int) -> type:
 
     from serving.engine import Engine
     from serving.shared_memory import DERIVED_DIR
-    from tandem import bundle as B
+    from tandem.models import bundle as B
 
     class ShardedEngine(Engine):
         def __init__(self, bundle_dir, version, item_features, cfg, cache_dir=None):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem.ann import AnnIndex
+from tandem.models.ann import AnnIndex
 
 DERIVED_DIR = Path.home() / ".cache" / "tandem" / "derived"
 

@@ -11,12 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tandem import features as F
+from tandem.features import entity as F
 
 
 @dataclass(frozen=True)
 class UserRows:
-    """Raw feature rows of one user (``tandem.features`` field names); None = not stored."""
+    """Raw feature rows of one user (``tandem.features.entity`` field names); None = not stored."""
 
     user: Mapping[str, Any] | None = None
     session: Mapping[str, Any] | None = None
@@ -38,10 +38,10 @@ class NoStore:
 
 class FeastStore:
     """The Feast online store: the user's profile, activity and session rows
-    (``tandem.feature_store.USER_REFS``, one online read per view); never per candidate."""
+    (``tandem.features.feature_store.USER_REFS``, one online read per view); never per candidate."""
 
     def __init__(self, feature_store, socket_timeout_s: float | None = None):
-        from tandem.feature_store import bound_read_timeout, user_row_reader
+        from tandem.features.online import bound_read_timeout, user_row_reader
 
         if socket_timeout_s is not None:  # a hung store frees the reading thread
             bound_read_timeout(feature_store, socket_timeout_s)

@@ -102,7 +102,7 @@ class Paths:
         return self.lake / "features" / "item"
 
     def training(self, run_id: str) -> Path:
-        """The int-coded training table of nightly run ``run_id`` (``tandem.lake``)."""
+        """The int-coded training table of nightly run ``run_id`` (``tandem.data.lake``)."""
         return self.lake / "training" / f"run_id={run_id}"
 
     @property

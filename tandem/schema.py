@@ -83,7 +83,7 @@ SESSION_COUNT_PREFIX: Final = "cnt_"  # Int64 cnt_<event_type> per event type, c
 SESSION_GAP_MS: Final = 30 * 60 * 1000  # inactivity that ends a session
 
 # Feast feature store names. feature_repo/definitions.py builds its objects from these and
-# tandem/features.py adds defaults and transforms. dtype strings: int64, float32, string,
+# tandem/features/entity.py adds defaults and transforms. dtype strings: int64, float32, string,
 # string_list, float32_list. All are features of an entity (join key user_id or item_id).
 USER_ENTITY: Final = "user"
 ITEM_ENTITY: Final = "item"

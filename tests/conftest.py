@@ -84,7 +84,7 @@ def kafka_broker(tmp_path_factory):
 
 def start_mlflow_server(root: Path, auth: bool = False):
     """A real ``mlflow server`` under ``root`` on a free loopback port (stop it with ``.stop()``);
-    ``auth``: MLflow's basic-auth app (``tandem.mlflow_server.client_env`` has the credentials).
+    ``auth``: MLflow's basic-auth app (``tandem.ops.mlflow_server.client_env`` has the credentials).
 
     While the server boots, the first MLflow client call's one-off cost is paid in parallel:
     MLflow loads every ``mlflow.request_header_provider`` plugin, and Feast registers one, which
@@ -93,7 +93,7 @@ def start_mlflow_server(root: Path, auth: bool = False):
     import importlib
     import threading
 
-    from tandem.mlflow_server import start_server
+    from tandem.ops.mlflow_server import start_server
 
     warm = threading.Thread(target=importlib.import_module,
                             args=("mlflow.tracking.request_header.registry",), daemon=True)
@@ -107,7 +107,7 @@ def start_mlflow_server(root: Path, auth: bool = False):
 def mlflow_server(tmp_path_factory):
     """One MLflow server (SQLite backend, proxied local artifacts) for the whole run.
 
-    Yields :class:`tandem.mlflow_server.MlflowServer`; use ``.url`` as tracking URI (e.g.
+    Yields :class:`tandem.ops.mlflow_server.MlflowServer`; use ``.url`` as tracking URI (e.g.
     ``monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)``). Tests share its registry,
     so never assume which version numbers or aliases other tests left behind.
     """

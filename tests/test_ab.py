@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tandem.ab import Experiment, Variant, bucket
+from tandem.policy.ab import Experiment, Variant, bucket
 
 EXP = Experiment("ranker-v2", "salt-1", (Variant("control", 1.0, "champion"),
                                          Variant("treatment", 1.0, "challenger",

@@ -24,10 +24,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving.app import App, ServingConfig, UserRows
 from serving.auth import Access
 from serving.server import create_server, local_source
-from tandem import grpc_channel
-from tandem import synthetic_bundle as S
 from tandem.contracts import recommender_v1_pb2 as pb
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
+from tandem.models import synthetic_bundle as S
+from tandem.ops import grpc_channel
 from tandem.security import InsecureSecretFile, kafka_client_kwargs, read_secret
 from tests.conftest import free_port
 

@@ -6,7 +6,7 @@ import urllib.error
 
 import pytest
 
-from tandem.airflow_client import AirflowClient
+from tandem.ops.airflow_client import AirflowClient
 
 
 class _Flaky(AirflowClient):

@@ -29,8 +29,9 @@ SCREENSHOT = REPO / "reports" / "airflow_ui_tandem_daily.png"
 @pytest.fixture(scope="module")
 def airflow_state(tmp_path_factory, mlflow_server):
     """A state root with a landed synthetic world, Airflow's DB migrated, env for every process."""
-    from tandem.airflow_client import airflow_env
-    from tandem.world import World, WorldConfig
+    from tandem.data.world import World
+    from tandem.data.world_config import WorldConfig
+    from tandem.ops.airflow_client import airflow_env
 
     paths = Paths(tmp_path_factory.mktemp("airflow-e2e"))
     World.generate(WorldConfig(n_users=300, n_items=200, n_events_target=30_000, days=7,
@@ -44,7 +45,7 @@ def airflow_state(tmp_path_factory, mlflow_server):
 
 
 def _dag_test(env: dict, dag_id: str, conf: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "tandem.airflow_client", dag_id,
+    proc = subprocess.run([sys.executable, "-m", "tandem.ops.airflow_client", dag_id,
                            json.dumps(conf)], env=env, capture_output=True, text=True,
                           timeout=1500, cwd=REPO)
     tail = (proc.stdout + proc.stderr)[-6000:]
@@ -53,7 +54,7 @@ def _dag_test(env: dict, dag_id: str, conf: dict) -> dict:
 
 
 def _champion(tracking_uri: str) -> int:
-    from tandem.registry import client_for, resolve_alias
+    from tandem.ops.registry import client_for, resolve_alias
 
     return resolve_alias("champion", client=client_for(tracking_uri)) or 0
 
@@ -100,8 +101,8 @@ def _trigger_in_the_ui(client, chromium: Path) -> None:
 @pytest.mark.timeout(1800)
 def test_trigger_daily_from_the_ui(airflow_state, mlflow_server):
     """Trigger tandem_daily from the UI (REST without a browser), see it build and promote."""
-    from tandem.airflow_client import start_standalone
-    from tandem.processes import stop
+    from tandem.ops.airflow_client import start_standalone
+    from tandem.ops.processes import stop
 
     paths, env = airflow_state
     if not any(paths.user_features.rglob("*.parquet")):

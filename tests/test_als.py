@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from tandem import als as A
 from tandem import schema as S
+from tandem.models import als as A
 
 
 def _events(rows):

@@ -1,11 +1,11 @@
-"""tandem.ann: recall against exact search, fresh-item add, the MIPS transform, save/load."""
+"""tandem.models.ann: recall against exact search, fresh-item add, the MIPS transform, save/load."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tandem.ann import (
+from tandem.models.ann import (
     EXACT_BELOW,
     AnnIndex,
     build_index,
@@ -128,7 +128,7 @@ def test_mapped_ivf_answers_like_loaded_and_starts_no_prefetch_threads(ivf, data
 
 def als_world(n: int, rng: np.random.Generator, n_users: int = 600, f: int = 16):
     """ALS-like item factors (clusters, norms growing with popularity) and user factors near
-    the cluster centres, the shape of ``tandem.synthetic_bundle``'s."""
+    the cluster centres, the shape of ``tandem.models.synthetic_bundle``'s."""
     centers = rng.normal(size=(120, f))
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
     popularity = 1.0 / (1.0 + rng.permutation(n)) ** 0.9
@@ -142,9 +142,10 @@ def als_world(n: int, rng: np.random.Generator, n_users: int = 600, f: int = 16)
 def als_data():
     """Items, and the ALS queries serving sends (nightly vectors, folded-in sessions, sessions
     alone) for 600 users: 400 to tune on, 200 held out for the test itself. Sessions are 1-7
-    items drawn uniformly, like the synthetic world's (``tandem.synthetic_bundle.user_rows``),
-    so their folded vectors point away from every cluster."""
-    from tandem import als as A
+    items drawn uniformly, like the synthetic world's
+    (``tandem.models.synthetic_bundle.user_rows``), so their folded vectors point away from every
+    cluster."""
+    from tandem.models import als as A
 
     rng = np.random.default_rng(3)
     items, users = als_world(EXACT_BELOW + 5000, rng)
@@ -244,8 +245,8 @@ def test_nightly_job_tunes_als_and_main_on_user_queries_and_saves_the_choice(tmp
     on queries made from the run's users (not items), and the sidecar holds the chosen
     setting, the candidates and the held-out recall and latency that the metrics repeat."""
     from jobs import build_index as job
-    from tandem import bundle as B
-    from tandem.user_tower import QUERY_SAMPLE
+    from tandem.models import bundle as B
+    from tandem.models.user_tower import QUERY_SAMPLE
 
     rng = np.random.default_rng(5)
     items, users = als_world(6000, rng, n_users=300)

@@ -160,7 +160,7 @@ def test_a_tiny_rung_runs_two_jobs_through_spark_submit(tmp_path, monkeypatch):
 def test_serving_bench_reads_the_bundle_a_rung_built(tmp_path):
     """``bench/serving.py --pipeline-rung``: bundle, state root, known users, scale and time."""
     from bench import serving as BS
-    from tandem import bundle as B
+    from tandem.models import bundle as B
 
     home = tmp_path / "1m"
     bundle = home / "models" / "20240104"

@@ -11,10 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tandem import features as feat
 from tandem import schema as s
 from tandem.config import Paths
-from tandem.dataset import (
+from tandem.data.dataset import (
     EVENT_ARROW_SCHEMA,
     EVENT_COLUMNS,
     ITEM_ARROW_SCHEMA,
@@ -24,6 +23,7 @@ from tandem.dataset import (
     conform,
     positives,
 )
+from tandem.features import entity as feat
 
 pytestmark = pytest.mark.spark
 
@@ -173,12 +173,13 @@ def test_each_day_sees_only_its_past_and_reruns_do_not_duplicate(spark, built):
 def test_feast_reads_the_latest_row_however_old(built):
     """Rows come only when values change, so the views' TTLs must span the gaps: u2's only row
     (two days before END) and i3's are what Feast serves and joins a month later."""
-    from tandem import feature_store as fs
+    from tandem.features import feature_store as fs
+    from tandem.features import online as FO
 
     paths, _ = built
     store = fs.apply(paths)
     fs.materialize(paths, END - timedelta(days=4), END, store)
-    values, ok = fs.fetch_user_features(store, "u2", deadline_s=5.0)
+    values, ok = FO.fetch_user_features(store, "u2", deadline_s=5.0)
     assert ok and (values["user_events_total"], values["user_avg_rating"]) == (1, 3.5)
     later = pd.Timestamp(END + timedelta(days=30))
     frame = store.get_historical_features(

@@ -32,7 +32,7 @@ def evil_values(marker: Path) -> list[str]:
 
 
 def test_every_task_runs_an_argument_list_not_a_shell(dagbag):
-    from tandem.argv_operator import ArgvOperator
+    from tandem.ops.argv_operator import ArgvOperator
 
     for dag_id in STRING_PARAMS:
         for task in dagbag.dags[dag_id].tasks:
@@ -61,7 +61,7 @@ def test_argv_operator_passes_a_rendered_value_as_one_argument(tmp_path):
     """Even a value no param pattern stopped stays one argv element: nothing parses it."""
     import jinja2
 
-    from tandem.argv_operator import ArgvOperator
+    from tandem.ops.argv_operator import ArgvOperator
 
     marker, out = tmp_path / "pwned", tmp_path / "argv.json"
     record = f"import json, sys; open({str(out)!r}, 'w').write(json.dumps(sys.argv[1:]))"
@@ -83,8 +83,8 @@ def test_argv_operator_passes_a_rendered_value_as_one_argument(tmp_path):
 def test_rest_trigger_with_shell_metacharacters_is_refused(tmp_path):
     """POST /api/v2/dags/{dag_id}/dagRuns (the Trigger button) with a shell payload in each
     string param: HTTP 400 every time, no run created, the marker file never appears."""
-    from tandem.airflow_client import start_standalone
-    from tandem.processes import stop
+    from tandem.ops.airflow_client import start_standalone
+    from tandem.ops.processes import stop
 
     paths = Paths(tmp_path / "tandem")
     marker = tmp_path / "pwned"
@@ -111,7 +111,7 @@ def test_rest_trigger_with_shell_metacharacters_is_refused(tmp_path):
 
 def test_jobs_refuse_junk_intervals_and_names_themselves(tmp_path):
     """The second line of defence: the job command line parses what the DAG passes."""
-    from tandem.job_cli import interval_parser, parse
+    from tandem.ops.job_cli import interval_parser, parse
 
     ap = interval_parser("job")
     good = ["--start", "2024-01-01T00:00:00+00:00", "--end", "2024-01-02", "--run-id", "20240102"]

@@ -22,9 +22,9 @@ import pyarrow.dataset as ds
 import pytest
 import scipy.sparse as sp
 
-from tandem import bundle as B
 from tandem import schema as s
 from tandem.config import Paths
+from tandem.models import bundle as B
 
 START = datetime(2024, 1, 1, tzinfo=UTC)  # WorldConfig.start_ms
 END = START + timedelta(days=7)
@@ -44,7 +44,8 @@ FULL = (B.ITEMS, B.USERS, B.ALS_USER_FACTORS, B.ALS_ITEM_FACTORS, B.TT_ITEM_VECT
 def lake(spark, tmp_path_factory) -> Paths:
     """The world's landing files ingested into lake/events (late arrivals: one extra day)."""
     from jobs import ingest_events
-    from tandem.world import World, WorldConfig
+    from tandem.data.world import World
+    from tandem.data.world_config import WorldConfig
 
     paths = Paths(tmp_path_factory.mktemp("daily") / "tandem")
     world = World.generate(WorldConfig(n_users=300, n_items=200, n_events_target=30_000, days=7,
@@ -67,7 +68,7 @@ def short_study(monkeypatch):
 def registry(mlflow_server, monkeypatch):
     """The session's MLflow server as MLFLOW_TRACKING_URI, with no ``champion`` alias yet
     (other tests share the registry; each chain test starts from "no champion")."""
-    from tandem.registry import CHAMPION, MODEL_NAME, client_for, resolve_alias
+    from tandem.ops.registry import CHAMPION, MODEL_NAME, client_for, resolve_alias
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     client = client_for()
@@ -175,8 +176,8 @@ def check_tuning(bundle, local, version: int, registry, two_tower: bool) -> dict
     registered version (the file in the bundle, tags on the version)."""
     import json
 
-    from tandem import tuning
-    from tandem.registry import MODEL_NAME
+    from tandem.evaluation import tuning
+    from tandem.ops.registry import MODEL_NAME
 
     doc = tuning.read(bundle)
     models = {"als", "ranker"} | ({"two_tower"} if two_tower else set())
@@ -207,7 +208,7 @@ def check_tuning(bundle, local, version: int, registry, two_tower: bool) -> dict
 def serve_champion(registry, tmp_path, version: int):
     """Download ``champion`` and build the serving App over it (the registry source's path)."""
     from serving.app import App, ServingConfig
-    from tandem.registry import CHAMPION, download_bundle
+    from tandem.ops.registry import CHAMPION, download_bundle
 
     local = download_bundle(CHAMPION, tmp_path / "bundles", registry)
     cfg = ServingConfig(ranker_backend="lightgbm", rank_deadline_ms=30_000.0,
@@ -235,7 +236,7 @@ def check_serving(app, bundle) -> None:
 @pytest.mark.mlflow
 @pytest.mark.slow
 def test_daily_chain_builds_promotes_and_serves_one_bundle(spark, lake, registry, tmp_path):
-    from tandem.registry import CHAMPION, resolve_alias, version_metrics
+    from tandem.ops.registry import CHAMPION, resolve_alias, version_metrics
 
     out = run_chain(spark, lake, "20240108", skip_two_tower=False)
     bundle = lake.models / "20240108"
@@ -273,7 +274,7 @@ def test_daily_chain_builds_promotes_and_serves_one_bundle(spark, lake, registry
 @pytest.mark.mlflow
 @pytest.mark.slow
 def test_daily_chain_without_two_tower_serves_als_only(spark, lake, registry, tmp_path):
-    from tandem.registry import CHAMPION, resolve_alias
+    from tandem.ops.registry import CHAMPION, resolve_alias
 
     out = run_chain(spark, lake, "20240108-als", skip_two_tower=True)
     bundle = lake.models / "20240108-als"

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tandem.diversify import mmr
+from tandem.policy.diversify import mmr
 
 # items 0 and 1 are the same direction; 2 points elsewhere; relevance 3 > 2 > 1
 VECS = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
@@ -69,7 +69,7 @@ def test_genre_cap_holds_on_a_large_pool():
 def test_rerank_is_mmr_over_the_top_of_the_pool_with_the_shared_defaults():
     """Serving and make eval call rerank: MMR only over the best ``mmr_pool`` by relevance,
     vectors and genres gathered by catalog row; the cap applies when configured."""
-    from tandem.diversify import DIVERSIFY_CONFIG, rerank
+    from tandem.policy.diversify import DIVERSIFY_CONFIG, rerank
 
     rel = np.array([1.0, 3.0, 2.0, 0.5])
     rows = np.array([2, 0, 1, 3])  # catalog rows of the pool

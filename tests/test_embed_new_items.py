@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from jobs import embed_new_items as job
-from tandem import bundle as B
 from tandem import schema as s
-from tandem.synthetic_bundle import NOW_MS, SyntheticSpec, build
-from tandem.user_tower import UserTower
+from tandem.models import bundle as B
+from tandem.models.synthetic_bundle import NOW_MS, SyntheticSpec, build
+from tandem.models.user_tower import UserTower
 
 SPEC = SyntheticSpec(n_items=300, n_users=200, n_als_users=100, n_clusters=8, n_trees=20,
                      n_train_groups=50, group_size=20)
@@ -77,7 +77,7 @@ def test_a_tampered_delta_is_refused_and_no_bundle_means_no_work(paths, tmp_path
 
 def test_serving_appends_a_delta_and_skips_a_bad_one(paths, tmp_path):
     from serving import item_deltas
-    from tandem.ann import build_index
+    from tandem.models.ann import build_index
 
     bundle_dir = nightly_with_new_items(paths, tmp_path)
     deltas = paths.models / B.DELTAS

@@ -4,10 +4,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tandem import diversify_sweep as DS
-from tandem import evaluation as E
 from tandem import schema as S
-from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform
+from tandem.data.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform
+from tandem.evaluation import diversify_sweep as DS
+from tandem.evaluation import offline as EO
+from tandem.evaluation import point_in_time as EP
+from tandem.evaluation import protocol as E
+from tandem.evaluation import sources as ES
+from tandem.features import ranking_features as RF
+from tandem.models import als as A
 
 
 def _ratings(rows):
@@ -73,7 +78,7 @@ def test_evaluate_end_to_end_on_a_tiny_world():
            "ranker": {**E.EVAL_CONFIG["ranker"], "n_estimators": 10, "min_child_samples": 5},
            "sequence": {"num_threads": 1, "dim": 8, "max_len": 8, "epochs": 3},
            "sequence_k": 10}
-    report = E.evaluate(_world(), cfg)
+    report = EO.evaluate(_world(), cfg)
     assert report["dataset"] == "tiny"
     assert set(report["models"]) == {"popularity", "als", "two_tower", "sequence", "two_stage"}
     assert "missing" in report["models"]["two_tower"]
@@ -131,23 +136,23 @@ def test_sweep_choice_is_the_best_validation_ndcg_that_keeps_alss_breadth():
 def test_evaluate_tunes_every_model_on_the_inner_split_only(monkeypatch):
     """With ``tune`` the studies score the inner split of the training data: the test events
     never reach an objective, and every later fit uses the choice."""
-    from tandem import tuning
     from tandem.config import TuningSettings
+    from tandem.evaluation import tuning
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     world = _world()
     _, test = E.temporal_split(world.events, 0.2)
     seen_by_studies = []
-    real_fit = E.A.fit_als
+    real_fit = A.fit_als
 
     def spy(matrix, user_ids, item_ids, cfg, show_progress=False):
         seen_by_studies.append(matrix.nnz)
         return real_fit(matrix, user_ids, item_ids, cfg, show_progress)
 
-    monkeypatch.setattr(E.A, "fit_als", spy)
+    monkeypatch.setattr(A, "fit_als", spy)
     cfg = {**E.EVAL_CONFIG, "two_tower": None, "als_k": 10, "popular_k": 5, "retrieval_k": 20,
            "tune": TuningSettings(n_trials=3, timeout_s=120)}
-    report = E.evaluate(world, cfg)
+    report = EO.evaluate(world, cfg)
     assert set(report["tuning"]) == {tuning.ALS, tuning.RANKER}
     for study in report["tuning"].values():
         assert study["trials"] == 3
@@ -163,9 +168,9 @@ def test_evaluate_tunes_every_model_on_the_inner_split_only(monkeypatch):
 def test_ml100k_quality_bar(ml100k_dir, tmp_path):
     """Issue 4's bar: two-stage NDCG@10 >= 1.10 x best single stage; ALS within 0.17 +-15%."""
     from jobs.evaluate import quality_bar, write_reports
-    from tandem.movielens import load_movielens
+    from tandem.data.movielens import load_movielens
 
-    report = E.evaluate(load_movielens(ml100k_dir))
+    report = EO.evaluate(load_movielens(ml100k_dir))
     bar = quality_bar(report)
     paths = write_reports({**report, "quality_bar": bar}, tmp_path)
     assert all(p.exists() for p in paths.values())
@@ -213,10 +218,10 @@ def test_session_rows_of_users_without_engagements_are_defaults():
     catalog = E.Catalog.of(Dataset(events, items, users, "t"))
     only_impressions = events.assign(**{S.EVENT_TYPE: S.IMPRESSION})
     for history in (only_impressions, events.iloc[:0]):
-        raw, recent = E.session_rows(history, catalog, np.array([0, 1]), n_recent=3)
+        raw, recent = EP.session_rows(history, catalog, np.array([0, 1]), n_recent=3)
         assert len(raw) == 2 and raw[S.SESSION_LENGTH].tolist() == [0, 0]
         assert recent.shape == (2, 3)
-    raw, _ = E.session_rows(events, catalog, np.array([0, 1]), n_recent=3)
+    raw, _ = EP.session_rows(events, catalog, np.array([0, 1]), n_recent=3)
     assert raw[S.SESSION_LENGTH].tolist() == [1, 1]
 
 
@@ -224,23 +229,23 @@ def test_content_source_in_training_is_servings_on_the_same_rows():
     """The ranker's content candidates (evaluation, nightly) come from the function serving
     calls with the profile serving builds: user_genre_affinity + the last engaged items."""
     from serving.session_retrieval import SessionRetrieval
-    from tandem import features as F
+    from tandem.features import entity as F
 
     data = _world()
     catalog = E.Catalog.of(data)
     train, _ = E.temporal_split(data.events)
-    fitted = E.fit_sources(train, catalog, {**E.EVAL_CONFIG, "two_tower": None,
-                                            "sequence": None,
-                                            "als": {**E.EVAL_CONFIG["als"], "factors": 4,
+    fitted = ES.fit_sources(train, catalog, {**E.EVAL_CONFIG, "two_tower": None,
+                                             "sequence": None,
+                                             "als": {**E.EVAL_CONFIG["als"], "factors": 4,
                                                     "iterations": 2}})
     rows = np.array([0, 1, 5])
-    inputs = E.content_inputs(train, catalog, fitted.popularity, rows, None)
-    got = E.content_lists(inputs, fitted.popularity, fitted.seen[rows], 8)
+    inputs = ES.content_inputs(train, catalog, fitted.popularity, rows, None)
+    got = ES.content_lists(inputs, fitted.popularity, fitted.seen[rows], 8)
     genres = F.genre_multi_hot(catalog.items[S.GENRES]) > 0
     served = SessionRetrieval.build(np.zeros((len(catalog.item_ids), 2), np.float32), genres,
                                     fitted.popularity.astype(np.float32))
-    urows = E.user_rows(train, catalog, rows, np.full(3, 10**12), None)
-    _, recent = E.session_rows(train, catalog, rows, 10)
+    urows = EP.user_rows(train, catalog, rows, np.full(3, 10**12), None)
+    _, recent = EP.session_rows(train, catalog, rows, 10)
     for local, row in enumerate(rows):
         seen = fitted.seen[row].indices
         items, scores = served.content({"user_genre_affinity": urows["user_genre_affinity"][local]},
@@ -255,25 +260,25 @@ def test_content_source_in_training_is_servings_on_the_same_rows():
 
 
 def test_two_stage_shows_servings_rerank_of_the_ranker_scores():
-    """``diversified`` picks k per user with tandem.diversify.rerank (serving's defaults)."""
-    from tandem import diversify as D
-    from tandem import features as F
+    """``diversified`` picks k per user with tandem.policy.diversify.rerank (serving's defaults)."""
+    from tandem.features import entity as F
+    from tandem.policy import diversify as D
 
     data = _world()
     catalog = E.Catalog.of(data)
-    fitted = E.fit_sources(data.events, catalog, {**E.EVAL_CONFIG, "two_tower": None,
-                                                  "sequence": None,
-                                                  "als": {**E.EVAL_CONFIG["als"], "factors": 4,
+    fitted = ES.fit_sources(data.events, catalog, {**E.EVAL_CONFIG, "two_tower": None,
+                                                   "sequence": None,
+                                                   "als": {**E.EVAL_CONFIG["als"], "factors": 4,
                                                           "iterations": 2}})
-    cands = E.candidates(fitted, np.array([0, 1]), {**E.EVAL_CONFIG, "als_k": 10,
-                                                    "popular_k": 5, "content_k": 5})
+    cands = ES.candidates(fitted, np.array([0, 1]), {**E.EVAL_CONFIG, "als_k": 10,
+                                                     "popular_k": 5, "content_k": 5})
     assert cands["content_score"].notna().any()
     scores = np.random.default_rng(0).random(len(cands))
-    shown = E.diversified(fitted, catalog, cands, scores, 4, D.DIVERSIFY_CONFIG)
+    shown = EO.diversified(fitted, catalog, cands, scores, 4, D.DIVERSIFY_CONFIG)
     users = cands["user_row"].to_numpy()
     assert len(shown) == 8 and (users[shown[:4]] == 0).all() and (users[shown[4:]] == 1).all()
     first = users == 0
     expected = D.rerank(scores[first], cands["item"].to_numpy()[first],
-                        E.RF.unit_rows(fitted.als.item_factors),
+                        RF.unit_rows(fitted.als.item_factors),
                         F.genre_multi_hot(catalog.items[S.GENRES]), 4)
     np.testing.assert_array_equal(shown[:4], np.flatnonzero(first)[expected])

@@ -15,13 +15,14 @@ from serving.experiments import ExperimentRuntime
 from serving.metrics import serve
 from tandem import schema as s
 from tandem.config import Paths
+from tandem.data.landing import event_records
+from tandem.data.world import World
+from tandem.data.world_config import WorldConfig
 from tandem.experiments import canary_task
 from tandem.experiments import definitions as defs
 from tandem.experiments.rehearsal import experiment_events
 from tandem.experiments.stream_ctr import LATENESS_MS, _Join, read_ctr
-from tandem.landing import event_records
 from tandem.streaming.producer import EventProducer
-from tandem.world import World, WorldConfig
 
 from .conftest import free_port
 from .test_experiments_report import hand_ctr

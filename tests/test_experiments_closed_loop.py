@@ -13,10 +13,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from serving.metrics import _MS_BUCKETS
 from tandem import schema as s
+from tandem.data.landing import event_records
+from tandem.data.world import World
+from tandem.data.world_config import WorldConfig
 from tandem.experiments import closed_loop
-from tandem.landing import event_records
 from tandem.validation import validate_event
-from tandem.world import World, WorldConfig
 
 
 def test_respond_answers_the_served_slates_with_the_click_model():

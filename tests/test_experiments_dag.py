@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.airflow, pytest.mark.spark, pytest.mark.kafka]
 
 
 def test_dag_reports_and_rolls_back_a_regressed_canary(tmp_path, kafka_broker):
-    from tandem.airflow_client import airflow_env
-    from tandem.landing import event_records
+    from tandem.data.landing import event_records
+    from tandem.ops.airflow_client import airflow_env
     from tandem.streaming.producer import EventProducer
     from tandem.streaming.topics import ensure_topics
 
@@ -55,7 +55,7 @@ def test_dag_reports_and_rolls_back_a_regressed_canary(tmp_path, kafka_broker):
     env.pop("MLFLOW_TRACKING_URI", None)
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True,
                    capture_output=True, timeout=300)
-    proc = subprocess.run([sys.executable, "-m", "tandem.airflow_client", "tandem_experiments",
+    proc = subprocess.run([sys.executable, "-m", "tandem.ops.airflow_client", "tandem_experiments",
                            json.dumps({"start": "2024-01-01T00:00:00+00:00",
                                        "end": "2024-01-02T00:00:00+00:00"})],
                           env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)

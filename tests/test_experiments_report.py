@@ -11,10 +11,11 @@ import pyarrow as pa
 import pytest
 
 from tandem import schema as s
+from tandem.data.landing import write_events_parquet, write_items
+from tandem.data.world import World
+from tandem.data.world_config import ARRIVAL_TS, WorldConfig
 from tandem.experiments import definitions as defs
 from tandem.experiments.rehearsal import experiment_events
-from tandem.landing import write_events_parquet, write_items
-from tandem.world import ARRIVAL_TS, World, WorldConfig
 
 pytestmark = pytest.mark.spark
 DAY0 = datetime(2024, 1, 1, tzinfo=UTC)

@@ -19,8 +19,8 @@ from serving.experiments import (
 )
 from serving.server import local_source
 from serving.validation import RecommendQuery
-from tandem import synthetic_bundle as S
 from tandem.experiments import definitions as defs
+from tandem.models import synthetic_bundle as S
 from tests.test_serving import SPEC, SynthStore
 
 pytestmark = pytest.mark.serving

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tandem.exploration import epsilon_greedy, thompson, ucb
+from tandem.policy.exploration import epsilon_greedy, thompson, ucb
 
 
 def test_epsilon_zero_is_pure_exploit():

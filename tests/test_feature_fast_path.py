@@ -1,4 +1,5 @@
-"""Serving's one-row fast path in tandem.features gives exactly the vectorized (training) values.
+"""Serving's one-row fast path in tandem.features.entity gives exactly the vectorized (training)
+values.
 
 A request's raw row arrives as ``{field: [value]}`` and skips pandas/pyarrow; a training frame of
 many rows goes through ``pd.to_numeric`` / ``pd.Categorical`` / pyarrow. Random rows with every
@@ -10,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tandem import features as F
 from tandem import schema as s
+from tandem.features import entity as F
 
 NOW_MS = 1_767_225_600_000
 _ABSENT = object()  # the field is not in the row at all

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from jobs import feature_skew as FS
-from tandem import feature_log as FL
-from tandem import ranking_features as RF
 from tandem import schema as s
-from tandem.impressions import Feed
+from tandem.data.impressions import Feed
+from tandem.features import feature_log as FL
+from tandem.features import ranking_features as RF
 from tandem.validation import ContractError
 
 
@@ -75,8 +75,9 @@ def test_a_logged_vector_equals_the_training_row_of_the_same_entity_and_time(
     from serving.app import App, FeastStore, ServingConfig
     from serving.server import local_source
     from serving.validation import RecommendQuery
-    from tandem import feature_store as fs
-    from tandem import synthetic_bundle as SB
+    from tandem.features import feature_store as fs
+    from tandem.features import online as FO
+    from tandem.models import synthetic_bundle as SB
     from tandem.streaming.feature_consumer import feast_sink
     from tandem.streaming.producer import EventProducer, ImpressionLogger
     from tests.test_feature_store import write_features
@@ -106,7 +107,7 @@ def test_a_logged_vector_equals_the_training_row_of_the_same_entity_and_time(
     sink = ImpressionLogger(EventProducer(kafka_broker.bootstrap, topic=new_topic(
         kafka_broker.bootstrap)), feature_log_topic=topic)
     app = App(fetch, probe, cfg=cfg, store=FeastStore(store), sink=sink,
-              item_features=lambda ids: fs.ItemFeatureTable(store, ids))
+              item_features=lambda ids: FO.ItemFeatureTable(store, ids))
     try:
         result = app.recommend(RecommendQuery("u1", 10, device="tv", ts=int(now.value // 1e6)))
         assert not result.fallbacks and result.logged is not None

@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tandem import feature_store as fs
-from tandem import features as F
 from tandem import schema as s
 from tandem.config import Paths
+from tandem.features import entity as F
+from tandem.features import feature_store as fs
+from tandem.features import online as FO
 
 pytestmark = pytest.mark.feast
 
@@ -69,7 +70,7 @@ def feast_repo(tmp_path_factory):
     write_features(paths)
     store = fs.apply(paths)
     fs.materialize(paths, (T0 - timedelta(days=1)).to_pydatetime(), T0.to_pydatetime(), store)
-    first = fs.fetch_user_features(store, "u1", deadline_s=5.0)[0]["user_avg_rating"]
+    first = FO.fetch_user_features(store, "u1", deadline_s=5.0)[0]["user_avg_rating"]
     fs.materialize(paths, T0.to_pydatetime(), T1.to_pydatetime(), store)
     return paths, store, first
 
@@ -78,10 +79,10 @@ def test_apply_materialize_online_round_trip(feast_repo):
     paths, store, first = feast_repo
     assert (paths.feast / "registry.db").exists() and (paths.feast / "online.db").exists()
     assert first == 4.0  # the first increment loaded only the T0 row
-    values, ok = fs.fetch_user_features(store, "u1", deadline_s=5.0)
+    values, ok = FO.fetch_user_features(store, "u1", deadline_s=5.0)
     assert ok and values["user_avg_rating"] == 2.0  # the second increment replaced it
     assert values["user_genre_affinity"] == pytest.approx([0.5, 0.5] + [0.0] * 17)
-    table = fs.ItemFeatureTable(store, ITEMS)
+    table = FO.ItemFeatureTable(store, ITEMS)
     cols = pd.DataFrame([item_row(k, T1) for k in range(len(ITEMS))])
     np.testing.assert_array_equal(table.take(np.arange(4), T1), F.item_matrix(cols, T1))
     assert table.take(np.array([1]), T1)[0, F.ITEM_FEATURES.index("item_genre_Drama")] == 1.0
@@ -92,7 +93,7 @@ def test_push_to_user_session_is_visible_online(feast_repo):
     fs.push_session(store, [{s.USER_ID: "u2", s.EVENT_TIMESTAMP: T1 + pd.Timedelta(minutes=5),
                              s.SESSION_LENGTH: 3, s.SESSION_RECENT_ITEMS: ["i1", "i0"],
                              s.SESSION_RECENT_GENRES: ["Drama"], "cnt_click": 2}])
-    values, ok = fs.fetch_user_features(store, "u2", deadline_s=5.0)
+    values, ok = FO.fetch_user_features(store, "u2", deadline_s=5.0)
     assert ok and values[s.SESSION_LENGTH] == 3 and values["cnt_click"] == 2
     assert values[s.SESSION_RECENT_ITEMS] == ["i1", "i0"]
     assert values["user_avg_rating"] == 3.0  # batch views are still there
@@ -103,7 +104,7 @@ def test_user_row_reader_reads_what_get_online_features_reads(feast_repo):
     fs.push_session(store, [{s.USER_ID: "u3", s.EVENT_TIMESTAMP: T1, s.SESSION_LENGTH: 2,
                              s.SESSION_RECENT_ITEMS: ["i3", "i2"],
                              s.SESSION_RECENT_GENRES: ["Comedy"], "cnt_view": 2}])
-    reader = fs.UserRowReader(store)
+    reader = FO.UserRowReader(store)
     for user in ("u1", "u2", "u3", "nobody"):  # batch rows only, both, session only, none
         sdk = store.get_online_features(features=list(fs.USER_REFS),
                                         entity_rows=[{s.USER_ID: user}]).to_dict()
@@ -133,11 +134,11 @@ def test_point_in_time_never_joins_a_later_row(feast_repo):
 
 def test_missing_entity_gives_defaults_not_errors(feast_repo):
     _, store, _ = feast_repo
-    values, ok = fs.fetch_user_features(store, "nobody", deadline_s=5.0)
+    values, ok = FO.fetch_user_features(store, "nobody", deadline_s=5.0)
     assert ok and values == F.default_row(F.USER_FIELDS + F.SESSION_FIELDS)
     now = T1 + pd.Timedelta(hours=1)
     np.testing.assert_array_equal(F.user_vector(values, now), F.user_vector({}, now))
-    table = fs.ItemFeatureTable(store, ["nope"])
+    table = FO.ItemFeatureTable(store, ["nope"])
     np.testing.assert_array_equal(table.take(np.array([0]), now)[0],
                                   F.item_matrix({s.ITEM_ID: ["nope"]}, now)[0])
     frame = fs.training_frame(store, pd.DataFrame({s.USER_ID: ["nobody"], s.ITEM_ID: ["nope"],
@@ -149,7 +150,7 @@ def test_missing_entity_gives_defaults_not_errors(feast_repo):
 
 def test_timeout_gives_defaults_and_not_ok(feast_repo):
     _, store, _ = feast_repo
-    values, ok = fs.fetch_user_features(store, "u1", deadline_s=0.0)
+    values, ok = FO.fetch_user_features(store, "u1", deadline_s=0.0)
     assert not ok and values == F.default_row(F.USER_FIELDS + F.SESSION_FIELDS)
 
 
@@ -171,9 +172,9 @@ def test_training_and_serving_paths_give_equal_features(feast_repo):
         s.EVENT_TIMESTAMP: [now] * len(idx)}))
     t_user, t_item, t_session = fs.training_matrices(frame)
     # serving: the user's online row once, the item table for the candidates
-    values, ok = fs.fetch_user_features(store, "u1", deadline_s=5.0)
+    values, ok = FO.fetch_user_features(store, "u1", deadline_s=5.0)
     assert ok and values[s.SESSION_LENGTH] == 4
-    s_item = fs.ItemFeatureTable(store, ITEMS).take(idx, now)
+    s_item = FO.ItemFeatureTable(store, ITEMS).take(idx, now)
     np.testing.assert_array_equal(t_item, s_item)
     np.testing.assert_array_equal(t_user, np.tile(F.user_vector(values, now), (len(idx), 1)))
     np.testing.assert_array_equal(t_session,

@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tandem import feature_store as fs
-from tandem import features as F
 from tandem import schema as s
 from tandem.config import REPO_ROOT, Paths
-from tandem.redis_server import RedisServer
+from tandem.features import entity as F
+from tandem.features import feature_store as fs
+from tandem.features import online as FO
+from tandem.ops.redis_server import RedisServer
 from tests.conftest import free_port
 from tests.test_feature_store import ITEMS, T0, T1, item_row, write_features
 
@@ -60,17 +61,17 @@ def test_redis_online_write_read_and_push(redis_url, tmp_path_factory):
     assert store.config.online_store.type == "redis"
     fs.materialize(paths, (T0 - timedelta(days=1)).to_pydatetime(), T1.to_pydatetime(), store)
 
-    values, ok = fs.fetch_user_features(store, "u1", deadline_s=5.0)
+    values, ok = FO.fetch_user_features(store, "u1", deadline_s=5.0)
     assert ok and values["user_avg_rating"] == 2.0
-    table = fs.ItemFeatureTable(store, ITEMS + ["nope"])
+    table = FO.ItemFeatureTable(store, ITEMS + ["nope"])
     cols = pd.DataFrame([item_row(k, T1) for k in range(len(ITEMS))] + [{s.ITEM_ID: "nope"}])
     np.testing.assert_array_equal(table.take(np.arange(5), T1), F.item_matrix(cols, T1))
 
     fs.push_session(store, [{s.USER_ID: "u1", s.EVENT_TIMESTAMP: T1 + pd.Timedelta(minutes=1),
                              s.SESSION_LENGTH: 7, s.SESSION_RECENT_ITEMS: ["i3"]}])
-    values, ok = fs.fetch_user_features(store, "u1", deadline_s=5.0)
+    values, ok = FO.fetch_user_features(store, "u1", deadline_s=5.0)
     assert ok and values[s.SESSION_LENGTH] == 7 and values[s.SESSION_RECENT_ITEMS] == ["i3"]
-    missing, ok = fs.fetch_user_features(store, "nobody", deadline_s=5.0)
+    missing, ok = FO.fetch_user_features(store, "nobody", deadline_s=5.0)
     assert ok and missing == F.default_row(F.USER_FIELDS + F.SESSION_FIELDS)
 
 
@@ -86,7 +87,7 @@ def test_redis_password_stays_in_the_environment(redis_with_password, tmp_path_f
     monkeypatch.setenv("TANDEM_FEAST_REDIS", f"{url},password={password}")
     store = fs.apply(paths, profile="redis")
     fs.materialize(paths, (T0 - timedelta(days=1)).to_pydatetime(), T1.to_pydatetime(), store)
-    values, ok = fs.fetch_user_features(store, "u1", deadline_s=5.0)
+    values, ok = FO.fetch_user_features(store, "u1", deadline_s=5.0)
     assert ok and values["user_avg_rating"] == 2.0
 
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
@@ -98,5 +99,5 @@ def test_redis_password_stays_in_the_environment(redis_with_password, tmp_path_f
     assert not leaked, leaked
 
     monkeypatch.setenv("TANDEM_FEAST_REDIS", url)
-    _, ok = fs.fetch_user_features(fs.open_store(paths), "u1", deadline_s=5.0)
+    _, ok = FO.fetch_user_features(fs.open_store(paths), "u1", deadline_s=5.0)
     assert not ok  # redis refuses the unauthenticated read: served defaults instead

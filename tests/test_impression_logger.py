@@ -7,7 +7,7 @@ import threading
 from prometheus_client import REGISTRY
 
 from tandem import schema as s
-from tandem.impressions import Feed
+from tandem.data.impressions import Feed
 from tandem.streaming.producer import ImpressionLogger, impression_events
 
 

@@ -160,7 +160,8 @@ def test_world_generator_data_end_to_end(spark, paths):
     from jobs.build_labels import run as build_labels
     from jobs.ingest_events import run
     from jobs.negative_sampling import run as negative_sampling
-    from tandem.world import World, WorldConfig
+    from tandem.data.world import World
+    from tandem.data.world_config import WorldConfig
 
     cfg = WorldConfig(n_users=40, n_items=30, n_events_target=1_500, days=1, late_share=0.0,
                       duplicate_share=0.05, start_ms=T0 - 10 * 3_600_000)

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from serving.item_refresh import MaterializationWatcher
-from tandem import feature_store as fs
-from tandem import features as F
 from tandem.config import Paths
+from tandem.features import entity as F
+from tandem.features import feature_store as fs
+from tandem.features import online as FO
 from tests.test_feature_store import ITEMS, T0, T1, item_row, snapshot_folder, write_features
 
 pytestmark = pytest.mark.feast
@@ -27,7 +28,7 @@ def test_item_table_refreshes_after_a_materialization(tmp_path):
     assert fs.materialization_watermark(store) is None
     fs.materialize(paths, (T0 - timedelta(days=1)).to_pydatetime(), T1.to_pydatetime(), store)
     watcher = MaterializationWatcher(lambda: fs.materialization_watermark(store), 0.05)
-    table = watcher.track(lambda ids: fs.ItemFeatureTable(store, ids))(np.array(ITEMS))
+    table = watcher.track(lambda ids: FO.ItemFeatureTable(store, ids))(np.array(ITEMS))
     pop = F.ITEM_FEATURES.index("item_log_pop_total")
     before = table.static[:, pop].copy()
     assert watcher.poll_once() == 0  # nothing new materialized: no reload
@@ -66,7 +67,7 @@ def test_shared_item_table_is_read_once_per_materialization_and_mapped(tmp_path)
 
     def read(ids):
         reads.append(len(ids))
-        return fs.ItemFeatureTable(store, ids)
+        return FO.ItemFeatureTable(store, ids)
 
     def watermark():
         return fs.materialization_watermark(store)
@@ -76,7 +77,7 @@ def test_shared_item_table_is_read_once_per_materialization_and_mapped(tmp_path)
     first = SharedItemTable(read, watermark, ids, folder)
     second = SharedItemTable(read, watermark, ids, folder)
     assert reads == [len(ids)]
-    control = fs.ItemFeatureTable(store, ids)
+    control = FO.ItemFeatureTable(store, ids)
     for got, want in zip((first.table.static, first.table.last_event_ts, first.table.created_at),
                          control.arrays, strict=True):
         np.testing.assert_array_equal(got, want)

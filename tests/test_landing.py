@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tandem import schema as s
-from tandem.dataset import EVENT_ARROW_SCHEMA, ITEM_COLUMNS, USER_COLUMNS, conform
-from tandem.landing import (
+from tandem.data.dataset import EVENT_ARROW_SCHEMA, ITEM_COLUMNS, USER_COLUMNS, conform
+from tandem.data.landing import (
     event_json_lines,
     event_records,
     write_events_parquet,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tandem import metrics as M
+from tandem.evaluation import metrics as M
 
 # user a: relevant x, y, z (3); user b: relevant w (1)
 TRUE = pd.DataFrame({"user_id": ["a", "a", "a", "b"], "item_id": ["x", "y", "z", "w"]})

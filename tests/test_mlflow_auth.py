@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tandem.config import Paths
-from tandem.mlflow_server import (
+from tandem.ops.mlflow_server import (
     ADMIN_USER,
     ANONYMOUS_PROBE,
     AuthFiles,
@@ -78,7 +78,7 @@ def test_authenticated_client_logs_registers_and_aliases(auth_server, monkeypatc
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from tandem.registry import MODEL_NAME, client_for, resolve_alias
+    from tandem.ops.registry import MODEL_NAME, client_for, resolve_alias
 
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(key, raising=False)
@@ -100,7 +100,7 @@ def test_authenticated_client_logs_registers_and_aliases(auth_server, monkeypatc
 
     assert client.get_run(run.info.run_id).data.metrics == {"ndcg_at_10": 0.25}
     assert client.download_artifacts(run.info.run_id, "model/MLmodel")
-    # serving's registry poller resolves aliases through tandem.registry with the same env
+    # serving's registry poller resolves aliases through tandem.ops.registry with the same env
     assert resolve_alias("champion", client=client_for(auth_server.url)) == int(version.version)
 
 
@@ -144,12 +144,12 @@ def test_the_demo_turns_auth_on_unless_told_not_to():
 @pytest.mark.slow
 def test_the_demos_mlflow_refuses_anonymous_requests_and_admits_its_clients(tmp_path,
                                                                              monkeypatch):
-    """``make demo``'s MLflow start-up (``tandem.demo.start_mlflow``, nothing set): anonymous
+    """``make demo``'s MLflow start-up (``tandem.cli.demo.start_mlflow``, nothing set): anonymous
     requests get 401; the demo process and a child started the way the demo starts serving,
     Airflow and through it the jobs (``processes.child_env`` of the stack's environment) get in
     through the environment; the password is on no command line, in no pid file, no log."""
-    from tandem import processes
-    from tandem.demo import Stack, start_mlflow
+    from tandem.cli.demo import Stack, start_mlflow
+    from tandem.ops import processes
 
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "TANDEM_MLFLOW_AUTH"):
         monkeypatch.setenv(key, "")  # so that monkeypatch removes what the demo sets

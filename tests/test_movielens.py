@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from tandem import schema as s
-from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, positives
-from tandem.landing import event_records
-from tandem.movielens import (
+from tandem.data.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, positives
+from tandem.data.landing import event_records
+from tandem.data.movielens import (
     MovieLensUnavailable,
     age_bucket,
     ensure_movielens,

@@ -1,4 +1,5 @@
-"""tandem.night on a hand-written training table: the cut, the user halves, seen items dropped."""
+"""tandem.evaluation.night on a hand-written training table: the cut, the user halves, seen items
+dropped."""
 
 import numpy as np
 import pyarrow as pa
@@ -6,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from tandem import lake as L
-from tandem import night as N
 from tandem import schema as S
+from tandem.data import lake as L
+from tandem.evaluation import night as N
 
 CUT = 1_000
 

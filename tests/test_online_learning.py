@@ -14,11 +14,11 @@ from jobs import embed_new_items
 from serving.app import App, ItemFeatures, MemoryStore, ServingConfig
 from serving.server import local_source
 from serving.validation import RecommendQuery
-from tandem import als as A
-from tandem import features as F
 from tandem import schema as s
-from tandem import synthetic_bundle as S
-from tandem.bundle import DELTAS, ITEMS
+from tandem.features import entity as F
+from tandem.models import als as A
+from tandem.models import synthetic_bundle as S
+from tandem.models.bundle import DELTAS, ITEMS
 
 pytestmark = pytest.mark.serving
 

@@ -1,11 +1,11 @@
-"""tandem.processes: what a long-lived child inherits."""
+"""tandem.ops.processes: what a long-lived child inherits."""
 
 from __future__ import annotations
 
 import sys
 import types
 
-from tandem import processes
+from tandem.ops import processes
 
 MP_KEYS = ("PROMETHEUS_MULTIPROCESS_DIR", "PROMETHEUS_MULTIPROC_DIR")
 

@@ -1,14 +1,22 @@
-"""One query history for serving and training (tandem.query_history): the items a serving
+"""One query history for serving and training (tandem.features.query_history): the items a serving
 request asks the models with are the items the training rows of the same user and time hold."""
 
 import numpy as np
 import pandas as pd
 
-from tandem import evaluation as E
-from tandem import night as N
-from tandem import query_history as QH
 from tandem import schema as S
-from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, Dataset, conform
+from tandem.data.dataset import (
+    EVENT_COLUMNS,
+    ITEM_COLUMNS,
+    USER_COLUMNS,
+    Dataset,
+    conform,
+)
+from tandem.evaluation import night as N
+from tandem.evaluation import point_in_time as EP
+from tandem.evaluation import protocol as E
+from tandem.evaluation import sources as ES
+from tandem.features import query_history as QH
 from tandem.streaming.session_state import replay, session_row
 
 ITEMS = [f"i{k}" for k in range(10)]
@@ -52,14 +60,14 @@ def test_serving_request_and_training_rows_query_the_same_items():
     assert served == ["i7", "i1", "i5", "i4", "i3"]
     history = events[events[S.TS] < T]
     # the ranker's training rows (evaluation and nightly): session row and recency items
-    raw, recent = E.session_rows(history, catalog, np.array([0]), n_recent=3)
+    raw, recent = EP.session_rows(history, catalog, np.array([0]), n_recent=3)
     assert raw[S.SESSION_RECENT_ITEMS][0] == served
     assert list(catalog.item_ids[recent[0]]) == served[:3]
     # the content source's profile items and the sequence model's query
-    inputs = E.content_inputs(history, catalog, np.zeros(len(ITEMS)), np.array([0]), None)
+    inputs = ES.content_inputs(history, catalog, np.zeros(len(ITEMS)), np.array([0]), None)
     assert list(catalog.item_ids[inputs[3][0][inputs[3][0] >= 0]]) == served
     hist = E._indexed(history, catalog)
-    query = E._query_rows(hist, 1, QH.QUERY_LEN)[0]
+    query = ES._query_rows(hist, 1, QH.QUERY_LEN)[0]
     assert list(catalog.item_ids[query[query >= 0]]) == served
     # the request's own session items come first, once
     assert _served(events, catalog, ["i9", "i5"]) == ["i9", "i5", "i7", "i1", "i4", "i3"]
@@ -67,8 +75,8 @@ def test_serving_request_and_training_rows_query_the_same_items():
 
 def test_the_nights_query_at_the_cut_is_the_served_one():
     """The nightly ranker's and evaluation's two-tower and sequence queries at the cut
-    (tandem.night.query_histories, from the asked users' pre-cut events) are exactly serving's,
-    re-engagements included: i1 clicked again moves to the front."""
+    (tandem.evaluation.night.query_histories, from the asked users' pre-cut events) are exactly
+    serving's, re-engagements included: i1 clicked again moves to the front."""
     events = _events([*EVENTS, AGAIN])
     catalog = _catalog(events)
     served = _served(events, catalog)
@@ -81,8 +89,8 @@ def test_the_nights_query_at_the_cut_is_the_served_one():
 
 
 def test_a_training_example_holds_the_query_before_its_target():
-    """The two-tower's example history (tandem.query_history.histories_before) is the query a
-    request at the target's time sees, without the target: i4 was played before it was liked."""
+    """The two-tower's example history (tandem.features.query_history.histories_before) is the query
+    a request at the target's time sees, without the target: i4 was played before it was liked."""
     users = np.zeros(4, np.int64)
     items, ts = np.array([1, 4, 5, 7]), np.array([2, 5, 6, 9])  # engaged pairs, first engagement
     q_items, q_ts = np.array([7, 4, 1]), np.array([9, 12, 2])  # a rating, a like of i4, a click

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from tandem import ranker as R
-from tandem.ranking_features import FEATURE_NAMES
+from tandem.features.ranking_features import FEATURE_NAMES
+from tandem.models import ranker as R
 
 
 def test_group_sizes_of_contiguous_keys():

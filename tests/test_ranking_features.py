@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from tandem import features as F
-from tandem import ranking_features as RF
+from tandem.features import entity as F
+from tandem.features import ranking_features as RF
 
 
 def _space():

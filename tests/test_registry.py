@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tandem import bundle as B
-from tandem.registry import (
+from tandem.models import bundle as B
+from tandem.models.tracking import RunLogger, metric_key, start_run
+from tandem.ops.registry import (
     CHALLENGER,
     CHAMPION,
     DIGEST_TAG,
@@ -37,7 +38,6 @@ from tandem.registry import (
     rollback,
     version_metrics,
 )
-from tandem.tracking import RunLogger, metric_key, start_run
 from tests.conftest import start_mlflow_server
 
 BASE = {"ndcg@10": 0.300, "coverage@10": 0.30, "diversity@10": 0.70}
@@ -47,7 +47,7 @@ GATES = PromotionGates(ndcg_tolerance=0.02, min_coverage=0.1, min_diversity=0.5)
 
 
 def make_bundle(root: Path, seed: int, metrics: dict[str, float]) -> Path:
-    """A small bundle in the ``tandem.bundle`` layout: 3 items, 2 users, 4-d factors."""
+    """A small bundle in the ``tandem.models.bundle`` layout: 3 items, 2 users, 4-d factors."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"item_id": ["i1", "i2", "i3"], "popularity": [3.0, 2.0, 1.0],
@@ -323,7 +323,7 @@ def test_start_run_logs_params_metrics_artifacts(server, client, tmp_path):
 def test_register_and_promote_jobs(server, client, bundles, paths):
     import jobs.promote
     import jobs.register_bundle
-    from tandem.catalog import run_bundle_dir
+    from tandem.data.catalog import run_bundle_dir
 
     start, end = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)
     make_bundle(run_bundle_dir(paths, end), 4, {**BETTER, "ndcg@10": 0.5})

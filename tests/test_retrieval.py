@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tandem.retrieval import SOURCE_BITS, content_candidates, merge, source_names
+from tandem.policy.retrieval import SOURCE_BITS, content_candidates, merge, source_names
 
 
 def test_merge_dedupes_and_keeps_every_source():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tandem.sequence import PAD, SequenceEncoder, right_aligned
-from tandem.sequence_train import SequenceConfig, train_sequence, training_rows
+from tandem.models.sequence import PAD, SequenceEncoder, right_aligned
+from tandem.models.sequence_train import SequenceConfig, train_sequence, training_rows
 
 N_ITEMS = 30
 SMALL = SequenceConfig(dim=16, max_len=10, epochs=15, lr=3e-3, batch_size=64)
@@ -110,7 +110,7 @@ def _write_table(paths, run_id: str, users, items, ts) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tandem import lake as L
+    from tandem.data import lake as L
 
     root = paths.training(run_id)
     n_users = int(users.max()) + 1
@@ -133,8 +133,8 @@ def test_job_trains_exports_and_indexes_from_the_training_table(paths):
     from datetime import datetime
 
     from jobs import build_index, train_sequence
-    from tandem import bundle as B
-    from tandem.ann import AnnIndex
+    from tandem.models import bundle as B
+    from tandem.models.ann import AnnIndex
 
     users, items, ts = _cycles()
     _write_table(paths, "20240120", users, items, ts)

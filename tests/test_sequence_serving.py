@@ -1,6 +1,6 @@
 """Serving with and without the session sequence model's bundle parts.
 
-A small synthetic bundle (tandem.synthetic_bundle) gets a sequence model trained on walks
+A small synthetic bundle (tandem.models.synthetic_bundle) gets a sequence model trained on walks
 through the catalog (item i is followed by i + 1); a bundle without those parts, and an older
 bundle whose ranker was trained without the sequence features, must still serve.
 """
@@ -18,12 +18,12 @@ import pytest
 from serving.app import App, ItemFeatures, ServingConfig, UserRows
 from serving.server import local_source
 from serving.validation import RecommendQuery
-from tandem import bundle as B
-from tandem import ranker as R
-from tandem import ranking_features as RF
-from tandem import synthetic_bundle as S
-from tandem.ann import build_index
-from tandem.sequence_train import SequenceConfig, train_sequence
+from tandem.features import ranking_features as RF
+from tandem.models import bundle as B
+from tandem.models import ranker as R
+from tandem.models import synthetic_bundle as S
+from tandem.models.ann import build_index
+from tandem.models.sequence_train import SequenceConfig, train_sequence
 
 pytestmark = pytest.mark.serving
 
@@ -88,7 +88,7 @@ def test_sequence_source_retrieves_the_next_items_and_feeds_the_ranker(world):
     assert result.candidates["sequence"] > 0
     # the sequence columns of the ranker's matrix are filled for the candidates it returned
     pool_lists = engine.sequence.lists(history, CFG.n_sequence)
-    from tandem.retrieval import merge
+    from tandem.policy.retrieval import merge
 
     pool = merge(pool_lists, history, engine.n_items)
     x = engine._features(pool, pool_lists, {}, None, history, _session_query(), S.NOW_MS)

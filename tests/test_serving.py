@@ -1,4 +1,5 @@
-"""A real gRPC server on a loopback port, over a small synthetic bundle (tandem.synthetic_bundle).
+"""A real gRPC server on a loopback port, over a small synthetic bundle
+(tandem.models.synthetic_bundle).
 
 Known users have online-store rows (ids u0..u1999 also have ALS factors); ids past the synthetic
 world's n_users are unknown (cold start); an unknown id with session items is warm.
@@ -28,11 +29,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving import metrics
 from serving.app import App, ItemFeatures, ServingConfig, UserRows
 from serving.server import SERVICE_NAME, create_server, local_source, stop
-from tandem import features as F
-from tandem import synthetic_bundle as S
-from tandem.ab import Experiment, Variant
 from tandem.contracts import recommender_v1_pb2 as pb
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
+from tandem.features import entity as F
+from tandem.models import synthetic_bundle as S
+from tandem.policy.ab import Experiment, Variant
 from tests.conftest import free_port, free_ports
 
 pytestmark = pytest.mark.serving
@@ -406,7 +407,7 @@ def test_lleaves_matches_lightgbm(world):
 def test_registry_alias_hot_reload(world, serve, mlflow_server, tmp_path):
     """The server follows a registry alias: moving it swaps the bundle with zero failed RPCs."""
     from serving.server import registry_source
-    from tandem import registry
+    from tandem.ops import registry
 
     alias = f"serving-test-{uuid.uuid4().hex[:8]}"  # the registry is shared by the whole run
     v1 = registry.log_bundle(world["bundle"], tracking_uri=mlflow_server.url, alias=alias)
@@ -476,9 +477,9 @@ def test_engine_searches_the_als_index_at_the_tuned_setting_in_its_metadata(worl
     import faiss
 
     from serving.validation import RecommendQuery
-    from tandem import als as A
-    from tandem import bundle as B
-    from tandem.ann import AnnIndex, tune_index
+    from tandem.models import als as A
+    from tandem.models import bundle as B
+    from tandem.models.ann import AnnIndex, tune_index
 
     bundle = Path(shutil.copytree(world["bundle"], tmp_path / "bundle"))
     items, users = np.load(bundle / B.ALS_ITEM_FACTORS), np.load(bundle / B.ALS_USER_FACTORS)

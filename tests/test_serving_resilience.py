@@ -32,7 +32,7 @@ from serving import metrics
 from serving.app import App, ServingConfig
 from serving.bundle_sync import BundleLedger
 from serving.server import create_server, stop
-from tandem import bundle as B
+from tandem.models import bundle as B
 from tests.conftest import free_port
 from tests.test_feature_store_redis import redis_url  # noqa: F401 - fixture
 from tests.test_serving import CFG, SlowStore, SynthStore, _req, world  # noqa: F401 - fixture
@@ -253,7 +253,7 @@ def gate(mlflow_server):
 
 def _registry_app(world, url: str, alias: str, cache: Path) -> App:
     from serving.server import registry_source
-    from tandem.ab import Experiment
+    from tandem.policy.ab import Experiment
 
     fetch, probe = registry_source(url, cache, timeout_s=1.0)
     return App(fetch, probe, Experiment.single(alias), CFG, SynthStore(),
@@ -273,7 +273,7 @@ def _broken_bundle(world, root: Path) -> Path:
 @pytest.mark.mlflow
 def test_registry_down_serves_last_good_then_syncs(world, mlflow_server, gate, tmp_path,
                                                    monkeypatch):
-    from tandem import registry
+    from tandem.ops import registry
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as serving.server sets it low
     alias = f"resilience-{uuid.uuid4().hex[:8]}"
@@ -302,7 +302,7 @@ def test_registry_down_serves_last_good_then_syncs(world, mlflow_server, gate, t
 
 @pytest.mark.mlflow
 def test_refused_version_is_remembered_not_refetched(world, mlflow_server, tmp_path):
-    from tandem import registry
+    from tandem.ops import registry
 
     alias = f"resilience-{uuid.uuid4().hex[:8]}"
     good = registry.log_bundle(world["bundle"], tracking_uri=mlflow_server.url, alias=alias)
@@ -328,7 +328,7 @@ def test_refused_version_is_remembered_not_refetched(world, mlflow_server, tmp_p
 
 @pytest.mark.mlflow
 def test_version_without_digest_is_refused(world, mlflow_server, tmp_path):
-    from tandem import registry
+    from tandem.ops import registry
 
     alias = f"resilience-{uuid.uuid4().hex[:8]}"
     good = registry.log_bundle(world["bundle"], tracking_uri=mlflow_server.url, alias=alias)
@@ -356,8 +356,8 @@ def test_hung_redis_trips_the_breaker(world, serve, redis_url, tmp_path_factory)
     closes it again."""
     from serving.app import FeastStore
     from serving.breaker import CLOSED, OPEN
-    from tandem import feature_store as fs
     from tandem.config import Paths
+    from tandem.features import feature_store as fs
     from tests.test_feature_store import T0, T1, write_features
 
     url = redis_url

@@ -34,10 +34,10 @@ from serving.precompute_feeds import active_users, compute_feeds
 from serving.precomputed import MAX_AGE_MS, SqliteFeeds, WithFeeds
 from serving.server import local_source
 from serving.validation import RecommendQuery
-from tandem import bundle as B
-from tandem import ranking_features as RF
 from tandem import schema as s
-from tandem import synthetic_bundle as S
+from tandem.features import ranking_features as RF
+from tandem.models import bundle as B
+from tandem.models import synthetic_bundle as S
 from tandem.streaming.session_state import apply_event, session_row
 from tests.conftest import free_port, free_ports
 from tests.test_serving import SPEC, SynthStore
@@ -144,8 +144,8 @@ def test_a_server_started_on_a_state_root_accepts_the_hourly_jobs_feeds(tmp_path
     in the key no stored feed was ever served (make bench: 0 % precomputed)."""
     from serving.precomputed import config_key
     from serving.server import arg_parser, config_from_args
-    from tandem.bundle import DELTAS
     from tandem.config import Paths
+    from tandem.models.bundle import DELTAS
 
     paths = Paths(tmp_path)
     server = config_from_args(arg_parser().parse_args(["--feast-home", str(tmp_path)]))
@@ -209,8 +209,8 @@ import sys, time
 import numpy as np
 from pathlib import Path
 from serving import shared_memory as shm
-from tandem import ranking_features as RF
-from tandem.ann import AnnIndex
+from tandem.features import ranking_features as RF
+from tandem.models.ann import AnnIndex
 root, mapped = Path(sys.argv[1]), sys.argv[2] == "mmap"
 if mapped:
     arr = shm.load_array(root / "vectors.npy")
@@ -232,7 +232,7 @@ def test_two_processes_share_the_mapped_bundle_arrays(tmp_path):
     """Two processes map the same vectors, derived unit rows and IVF index: each one's unique
     memory (USS) is smaller by about those arrays than that of a process reading them into
     memory (the control), and one derived file serves both."""
-    from tandem.ann import build_index
+    from tandem.models.ann import build_index
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((120_000, 64)).astype(np.float32)
@@ -370,8 +370,8 @@ def test_two_server_processes_with_a_registry_download_the_bundle_once(world, ml
     """``--processes 2`` with a registry: one download, hard-linked into each process's
     folder (same inodes, so the mapped arrays are one copy in the page cache), both serve it."""
     from serving.bundle_sync import BundleLedger
-    from tandem import registry
     from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
+    from tandem.ops import registry
     from tests.test_serving import _req
 
     alias = f"uss-{uuid.uuid4().hex[:8]}"
@@ -427,9 +427,10 @@ def test_bulk_loaded_redis_users_read_like_feast_writes_and_serve_stored_feeds(w
     ``write_to_online_store`` stores, and feeds in the same Redis are served by the App."""
     from serving.precomputed import open_feeds
     from serving.stores import FeastStore
-    from tandem import feature_store as FS
     from tandem.config import Paths
-    from tandem.redis_server import RedisServer
+    from tandem.features import feature_store as FS
+    from tandem.features import online as FO
+    from tandem.ops.redis_server import RedisServer
 
     try:
         redis = RedisServer(tmp_path / "redis", free_port())
@@ -449,7 +450,7 @@ def test_bulk_loaded_redis_users_read_like_feast_writes_and_serve_stored_feeds(w
         for view in views:
             fields = [f.name for f in fs.get_feature_view(view).features]
             fs.write_to_online_store(view, control[[s.USER_ID, s.EVENT_TIMESTAMP, *fields]])
-        reader = FS.user_row_reader(fs)
+        reader = FO.user_row_reader(fs)
         assert reader.read("u299") == reader.read("control")
         assert reader.read("u299")["user_age_bucket"] is not None
         names = {ref.split(":")[1] for ref in FS.USER_REFS}
@@ -474,7 +475,7 @@ def test_sharded_index_answers_like_the_whole_catalog(tmp_path):
     """Two shard processes (flat shards: exact) return the exact top-k of all items, ids being
     catalog rows, for several queries at once and for one."""
     from serving.shards import ShardedIndex, build_shards
-    from tandem.ann import exact_top_k
+    from tandem.models.ann import exact_top_k
 
     rng = np.random.default_rng(3)
     vectors = rng.standard_normal((3000, 16)).astype(np.float32)

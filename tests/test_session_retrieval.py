@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from serving.session_retrieval import SessionRetrieval
-from tandem import als as A
-from tandem import features as F
+from tandem.features import entity as F
+from tandem.models import als as A
 
 HORROR, COMEDY = F.GENRE_VOCAB.index("Horror"), F.GENRE_VOCAB.index("Comedy")
 

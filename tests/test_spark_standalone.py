@@ -108,7 +108,7 @@ def standalone(tmp_path_factory):
 @pytest.fixture(scope="module")
 def migrating(tmp_path_factory):
     """(env, the running ``airflow db migrate``): requested before the cluster, so they overlap."""
-    from tandem.airflow_client import airflow_env
+    from tandem.ops.airflow_client import airflow_env
 
     paths = Paths(tmp_path_factory.mktemp("standalone-airflow"))
     env = {**os.environ, **airflow_env(paths, port=free_port(),
@@ -126,7 +126,8 @@ def migrating(tmp_path_factory):
 
 def land(root: Path) -> Paths:
     """The tiny world's landing files under ``root``."""
-    from tandem.world import World, WorldConfig
+    from tandem.data.world import World
+    from tandem.data.world_config import WorldConfig
 
     paths = Paths(root)
     World.generate(WorldConfig(n_users=60, n_items=40, n_events_target=600, days=1,
@@ -138,7 +139,7 @@ def run_hourly(env: dict, root: Path, master: str) -> Paths:
     """Land the tiny world under ``root`` and run tandem_hourly with spark_default = master."""
     paths = land(root)
     conn = json.dumps({"conn_type": "spark", "host": master})
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.airflow_client", "tandem_hourly",
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.ops.airflow_client", "tandem_hourly",
                              json.dumps({"start": START, "end": END})],
                             env={**env, "TANDEM_HOME": str(root),
                                  "AIRFLOW_CONN_SPARK_DEFAULT": conn},

@@ -2,7 +2,7 @@
 
 The path under test is the one ``make demo`` shows: events -> Kafka (tansu) -> the feature
 consumer (a subprocess) -> Feast's online store (SQLite) -> serving's per-request user read ->
-retrieval and ranking. The bundle is the small synthetic one (tandem.synthetic_bundle).
+retrieval and ranking. The bundle is the small synthetic one (tandem.models.synthetic_bundle).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 from serving.app import App, FeastStore, ItemFeatures, ServingConfig
 from serving.server import create_server, local_source, stop
 from tandem import schema as s
-from tandem import synthetic_bundle as S
 from tandem.contracts import recommender_v1_pb2 as pb
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
+from tandem.models import synthetic_bundle as S
 from tests.test_streaming import new_topic, produce, start, wait_for
 from tests.test_streaming import stop as stop_consumer
 
@@ -43,7 +43,7 @@ def _session_items(reply) -> set[str]:
 
 
 def test_burst_through_kafka_changes_the_feed(kafka_broker, paths, tmp_path):
-    from tandem.feature_store import apply, open_store, session_source_path
+    from tandem.features.feature_store import apply, open_store, session_source_path
 
     bundle, item_parquet = S.build(tmp_path / "synthetic", SPEC)
     paths.root.mkdir(parents=True)

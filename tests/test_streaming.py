@@ -24,7 +24,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from tandem import schema as s
 from tandem.config import Paths
-from tandem.impressions import Feed
+from tandem.data.impressions import Feed
 from tandem.streaming.codec import MAX_RECORD_BYTES
 from tandem.streaming.dead_letter import reason_of
 from tandem.streaming.producer import EventProducer, ImpressionLogger
@@ -223,8 +223,8 @@ def test_landing_kill9_then_restart_loses_and_duplicates_nothing(kafka_broker, p
 
 def feature_repo(paths: Paths):
     """A catalog of ``GENRES`` and an applied Feast repo under ``paths``; returns the store."""
-    from tandem.feature_store import apply, open_store
-    from tandem.landing import write_items
+    from tandem.data.landing import write_items
+    from tandem.features.feature_store import apply, open_store
 
     paths.root.mkdir(parents=True)
     write_items(pd.DataFrame({s.ITEM_ID: list(GENRES), s.TITLE: list(GENRES),

@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from tandem import schema as S
-from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, conform
+from tandem.data.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, conform
 
 DAY_MS = 86_400_000
 T0 = int(pd.Timestamp("2024-01-01", tz="UTC").value // 1_000_000)
@@ -52,9 +52,9 @@ def _write_lake(paths, n_users=24, n_items=12):
 @pytest.mark.spark
 def test_training_table_is_int_coded_in_catalog_order(spark, paths):
     from jobs import build_training_table
-    from tandem import bundle as B
-    from tandem import lake as L
-    from tandem import ranking_features as RF
+    from tandem.data import lake as L
+    from tandem.features import ranking_features as RF
+    from tandem.models import bundle as B
 
     events = _write_lake(paths)
     start, end = datetime(2024, 1, 1), datetime(2024, 1, 20)
@@ -119,7 +119,7 @@ def test_training_table_is_int_coded_in_catalog_order(spark, paths):
 @pytest.mark.spark
 def test_train_als_job_fits_the_table_and_saves_factors(spark, paths, monkeypatch):
     from jobs import build_training_table, train_als
-    from tandem import bundle as B
+    from tandem.models import bundle as B
 
     _write_lake(paths)
     start, end = datetime(2024, 1, 1), datetime(2024, 1, 20)
@@ -154,9 +154,9 @@ def test_train_als_job_fits_the_table_and_saves_factors(spark, paths, monkeypatc
 @pytest.mark.spark
 def test_train_ranker_job_trains_on_retrieved_candidates(spark, paths):
     from jobs import build_index, build_training_table, train_als, train_ranker
-    from tandem import bundle as B
-    from tandem import ranker as R
-    from tandem import ranking_features as RF
+    from tandem.features import ranking_features as RF
+    from tandem.models import bundle as B
+    from tandem.models import ranker as R
 
     _write_lake(paths)
     cfg = {"two_tower": None, "label_days": 3, "feature_source": "history", "als_k": 6,
@@ -226,11 +226,11 @@ def test_ranker_training_set_reads_the_lake_labels_at_each_requests_time(spark, 
     kept as explicit negatives, and each request is asked at its own labelled row's hour and
     device (the context features vary as in the events)."""
     from jobs import build_index, build_training_table, train_als, train_ranker
-    from tandem import evaluation as E
-    from tandem import night as N
-    from tandem import ranking_features as RF
-    from tandem.catalog import run_bundle_dir
-    from tandem.lake import epoch_ms
+    from tandem.data.catalog import run_bundle_dir
+    from tandem.data.lake import epoch_ms
+    from tandem.evaluation import night as N
+    from tandem.evaluation import requests as EQ
+    from tandem.features import ranking_features as RF
 
     _write_lake(paths)
     cfg = {**train_ranker.CONFIG, "two_tower": None, "label_days": 3,
@@ -273,7 +273,7 @@ def test_ranker_training_set_reads_the_lake_labels_at_each_requests_time(spark, 
     with_positive = negatives["user_row"].isin(batch.cands["user_row"][batch.labels])
     assert (y == 0).sum() == with_positive.sum() > 0
     assert set(np.unique(groups)) <= set(batch.req.user_rows)
-    assert isinstance(batch.requests, E.Requests)
+    assert isinstance(batch.requests, EQ.Requests)
 
 
 def _night(spark, paths, n_eval_users=24):
@@ -302,10 +302,11 @@ def test_nightly_evaluate_reads_columns_never_a_pandas_window(spark, paths, monk
     import dataclasses
 
     from jobs import evaluate
-    from tandem import evaluation as E
-    from tandem import lake as L
-    from tandem import night as N
-    from tandem.item_events import ItemEvents
+    from tandem.data import lake as L
+    from tandem.data.item_events import ItemEvents
+    from tandem.evaluation import night as N
+    from tandem.evaluation import protocol as E
+    from tandem.evaluation import requests as EQ
 
     start, end, cfg = _night(spark, paths, n_eval_users=4)
     metrics = evaluate.run(None, paths, start, end, cfg)
@@ -327,9 +328,9 @@ def test_nightly_evaluate_reads_columns_never_a_pandas_window(spark, paths, monk
     for name in ("item", "ts", "event_type", "rating"):
         np.testing.assert_array_equal(getattr(batch.fitted.item_events, name),
                                       getattr(whole.item_events, name))
-    X = E.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, full)
+    X = EQ.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, full)
     np.testing.assert_array_equal(
-        X, E.feature_matrix(whole, batch.catalog, batch.requests, batch.cands, full))
+        X, EQ.feature_matrix(whole, batch.catalog, batch.requests, batch.cands, full))
     # a budget half the window's pandas frame: the old whole-window read stops, evaluate runs
     n_window = len(window.events)
     monkeypatch.setenv("TANDEM_DRIVER_BUDGET_MB", str(n_window * L.EVENT_ROW_BYTES / 2 / 2**20))
@@ -343,11 +344,12 @@ def test_nightly_evaluate_asks_each_request_at_its_labelled_row(spark, paths):
     """As the ranker trains and serving is asked: each evaluated user at their first labelled
     row after the cut, with its hour and device; retrieval-only numbers do not move."""
     from jobs import evaluate
-    from tandem import bundle as B
-    from tandem import evaluation as E
-    from tandem import lake as L
-    from tandem import night as N
-    from tandem import ranking_features as RF
+    from tandem.data import lake as L
+    from tandem.evaluation import night as N
+    from tandem.evaluation import protocol as E
+    from tandem.evaluation import requests as EQ
+    from tandem.features import ranking_features as RF
+    from tandem.models import bundle as B
 
     start, end, cfg = _night(spark, paths)
     bundle = paths.models / "20240110"
@@ -359,7 +361,7 @@ def test_nightly_evaluate_asks_each_request_at_its_labelled_row(spark, paths):
     batch, lake = evaluate.night_batch(paths, bundle, start, end, cut, full)
     users = batch.catalog.user_ids[batch.req.user_rows]
     assert len(lake.first) == len(users) > 1
-    X = E.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, full)
+    X = EQ.feature_matrix(batch.fitted, batch.catalog, batch.requests, batch.cands, full)
     number = np.array([int(u[1:]) for u in batch.catalog.user_ids[batch.cands["user_row"]]])
     hour, device = (RF.FEATURE_NAMES.index(c) for c in ("ctx_hour", "ctx_device_code"))
     np.testing.assert_array_equal(X[:, hour], number % 12)

@@ -1,5 +1,5 @@
-"""The nightly Optuna study (``tandem.tuning``, ``jobs/tune.py``): its bounds, its MLflow runs,
-the validation split's time rule and how often it really runs. The trainers' use of the chosen
+"""The nightly Optuna study (``tandem.evaluation.tuning``, ``jobs/tune.py``): its bounds, its MLflow
+runs, the validation split's time rule and how often it really runs. The trainers' use of the chosen
 parameters and their trip into the registered bundle are checked on the whole nightly chain
 (``tests/test_daily_chain.py``)."""
 
@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tandem import lake as L
-from tandem import tuning
 from tandem.config import TuningSettings
-from tandem.ranking_features import FEATURE_NAMES
+from tandem.data import lake as L
+from tandem.evaluation import tuning
+from tandem.features.ranking_features import FEATURE_NAMES
 
 END = datetime(2024, 1, 8, tzinfo=UTC)
 
@@ -66,14 +66,14 @@ def test_study_stops_at_its_time_bound(monkeypatch):
 def test_every_trial_is_an_mlflow_run_nested_under_its_study(mlflow_server, monkeypatch):
     from mlflow import MlflowClient
 
-    from tandem.tracking import EXPERIMENT, start_run
+    from tandem.models.tracking import EXPERIMENT, start_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     rng = np.random.default_rng(0)
     X = rng.random((600, len(FEATURE_NAMES))).astype(np.float32)
     groups = np.repeat(np.arange(60), 10)
     y = (X[:, 0] + 0.3 * rng.random(600) > 0.9).astype(np.int32)
-    from tandem.ranker import RANKER_CONFIG
+    from tandem.models.ranker import RANKER_CONFIG
 
     objective = tuning.ranker_objective(X, y, groups, {**RANKER_CONFIG, "n_jobs": 1}, seed=1)
     with start_run("tune") as job:
@@ -185,7 +185,7 @@ def test_tune_job_reuses_the_last_study_between_study_nights(paths):
 
 def test_tune_ranker_studies_once_on_a_study_night(paths, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from tandem.ranker import RANKER_CONFIG
+    from tandem.models.ranker import RANKER_CONFIG
 
     bundle = paths.models / "20240108"
     rng = np.random.default_rng(0)

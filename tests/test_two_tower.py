@@ -1,4 +1,5 @@
-"""tandem.two_tower training, the numpy export (tandem.user_tower), and the two nightly jobs.
+"""tandem.models.two_tower training, the numpy export (tandem.models.user_tower), and the two
+nightly jobs.
 
 Synthetic world whose right answer is obvious: items belong to one of ``G`` genres (their only
 content), each user likes one genre and interacts only with its items, so a user's next items are
@@ -19,12 +20,12 @@ import pytest
 from jobs import build_index as build_index_job
 from jobs import train_two_tower as train_job
 from tandem import schema as s
-from tandem.ann import AnnIndex
-from tandem.bundle import INDEX_ALS, INDEX_MAIN, ITEMS, TT_ITEM_VECTORS, TT_USER_TOWER
-from tandem.landing import write_events_parquet, write_items, write_users
-from tandem.tower_features import ItemContentSpec, UserFeatureSpec
-from tandem.two_tower import PAD, TwoTowerConfig, train_two_tower
-from tandem.user_tower import QUERY_SAMPLE, UserTower
+from tandem.data.landing import write_events_parquet, write_items, write_users
+from tandem.features.tower_features import ItemContentSpec, UserFeatureSpec
+from tandem.models.ann import AnnIndex
+from tandem.models.bundle import INDEX_ALS, INDEX_MAIN, ITEMS, TT_ITEM_VECTORS, TT_USER_TOWER
+from tandem.models.two_tower import PAD, TwoTowerConfig, train_two_tower
+from tandem.models.user_tower import QUERY_SAMPLE, UserTower
 
 G, PER_GENRE, N_USERS, PER_USER, HELD_OUT = 6, 20, 90, 14, 3
 GENRES = [f"g{j}" for j in range(G)]
@@ -183,6 +184,6 @@ def test_train_job_then_index_job_write_the_bundle_and_report_recall(spark, path
 
 
 def test_serving_runtime_never_imports_torch():
-    code = ("import sys, tandem.user_tower, tandem.ann; "
+    code = ("import sys, tandem.models.user_tower, tandem.models.ann; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -10,10 +10,11 @@ import pyarrow as pa
 import pytest
 
 from tandem import schema as s
-from tandem.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, positives
-from tandem.landing import event_records
+from tandem.data.dataset import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS, positives
+from tandem.data.landing import event_records
+from tandem.data.world import World
+from tandem.data.world_config import ARRIVAL_TS, DAY_MS, WorldConfig
 from tandem.validation import validate, validate_event
-from tandem.world import ARRIVAL_TS, DAY_MS, World, WorldConfig
 
 H = 3_600_000
 CFG = WorldConfig(n_users=200, n_items=100, n_events_target=20_000, days=3, seed=7)

@@ -1,1 +1,4 @@
-"""Python code generated from ``schemas/*.proto`` by ``make proto``; never edit by hand."""
+"""Python code generated from ``schemas/*.proto`` by ``make proto``; never edit by hand.
+
+Imports: grpc and protobuf only (the generated stubs).
+"""

@@ -44,7 +44,7 @@ from tandem.experiments import definitions as defs
 from tandem.experiments.canary import ArmHealth, decide
 from tandem.experiments.stats import Moments
 from tandem.experiments.stream_ctr import StreamCtr, read_ctr
-from tandem.job_cli import interval_parser, parse
+from tandem.ops.job_cli import interval_parser, parse
 from tandem.streaming.topics import EVENTS_TOPIC
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ travel the production path into the lake, and the experiment job reads them back
 
 One run, all on loopback, every component for real:
 
-1. a ``tandem.world`` world and a synthetic bundle over the same ids (``u<i>``, ``i<j>``);
+1. a ``tandem.data.world`` world and a synthetic bundle over the same ids (``u<i>``, ``i<j>``);
    a definitions file with an A/B of two serving configs (``control``: the default MMR,
    ``treatment``: ``mmr_lambda`` 0.3, a canary at its first ramp step of 50%, so the split is
    an even A/B) plus a shadow variant scoring off the hot path;
@@ -46,18 +46,19 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem import processes
 from tandem import schema as s
-from tandem import synthetic_bundle as S
 from tandem.config import REPO_ROOT, Paths
+from tandem.data.landing import event_records, write_items
+from tandem.data.world import World
+from tandem.data.world_config import WorldConfig
 from tandem.experiments import canary_task
 from tandem.experiments.definitions import Definition, definitions_path, save
-from tandem.grpc_channel import channel, wait_serving
-from tandem.landing import event_records, write_items
+from tandem.models import synthetic_bundle as S
+from tandem.ops import processes
+from tandem.ops.grpc_channel import channel, wait_serving
 from tandem.streaming.broker import _free_port, start_broker
 from tandem.streaming.producer import EventProducer
 from tandem.streaming.topics import EVENTS_TOPIC, ensure_topics
-from tandem.world import World, WorldConfig
 
 NAME = "closed-loop"
 

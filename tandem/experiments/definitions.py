@@ -18,7 +18,7 @@ atomically (write a temporary file, then rename), so a reader never sees half a 
                    "status": "ramping", "reason": null, "history": [],
                    "step_started": null, "baseline": {}}}]}
 
-* ``variants``: what serving splits users over (``tandem.ab``). A ``shadow`` variant gets no
+* ``variants``: what serving splits users over (``tandem.policy.ab``). A ``shadow`` variant gets no
   traffic: its alias scores the same requests off the hot path for comparison
   (``serving.experiments``).
 * ``canary`` (optional): the named variant's share of traffic is ``ramp[step]`` while
@@ -44,8 +44,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tandem.ab import Experiment, Variant
 from tandem.config import REPO_ROOT, Paths
+from tandem.policy.ab import Experiment, Variant
 
 RAMPING, ROLLED_BACK, DONE = "ramping", "rolled_back", "done"
 # An impression is clicked when a click on the same (request_id, item_id) happens within this

@@ -1,11 +1,11 @@
 """The statistics half of ``make experiment``: seeded A/A and planted-lift runs, OPE against the
-simulator's true CTR and a canary with a planted regression, all on ``tandem.world`` users.
+simulator's true CTR and a canary with a planted regression, all on ``tandem.data.world`` users.
 
 Why at the statistics level: 40+ seeded runs of serving + Kafka + Spark would take hours on a
 laptop and test the plumbing 40 times, not the statistics. Each run here draws fresh users from
-the same world, assigns them with the real hash split (``tandem.ab``), shows them slates, lets the
-world's click model answer (``World.simulate``'s probabilities; the planted lift multiplies a
-variant's true click probabilities by ``1 + lift``), sums per user and runs exactly the tests the
+the same world, assigns them with the real hash split (``tandem.policy.ab``), shows them slates,
+lets the world's click model answer (``World.simulate``'s probabilities; the planted lift multiplies
+a variant's true click probabilities by ``1 + lift``), sums per user and runs exactly the tests the
 report job runs (:mod:`tandem.experiments.stats`) on the per-user moments. The end-to-end path
 runs once in the full mode: :mod:`tandem.experiments.closed_loop` (the gRPC server answers
 simulated users, their responses go producer -> tansu -> landing consumer -> ``ingest_events``
@@ -40,8 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tandem import schema as s
-from tandem.ab import Experiment, Variant
 from tandem.config import REPO_ROOT
+from tandem.data.world import World
+from tandem.data.world_config import DAY_MS, WorldConfig
 from tandem.experiments import closed_loop, ope
 from tandem.experiments.canary import ArmHealth, decide
 from tandem.experiments.definitions import (
@@ -53,7 +54,7 @@ from tandem.experiments.definitions import (
     save,
 )
 from tandem.experiments.stats import Moments, delta_ratio
-from tandem.world import DAY_MS, World, WorldConfig
+from tandem.policy.ab import Experiment, Variant
 
 
 @dataclass(frozen=True)
@@ -257,8 +258,8 @@ def lake_readout(cfg: RehearsalConfig, work: Path) -> dict[str, Any]:
     a lake under ``work``, then ``jobs/experiment_report`` run as its own process per day (the
     way the DAG runs it). Returns the report's CTR comparison and SRM check."""
     from tandem.config import Paths
-    from tandem.landing import write_events_parquet, write_items
-    from tandem.world import ARRIVAL_TS
+    from tandem.data.landing import write_events_parquet, write_items
+    from tandem.data.world_config import ARRIVAL_TS
 
     paths = Paths(work / "state")
     world = World.generate(WorldConfig(n_users=20_000, n_items=500, n_events_target=10_000,

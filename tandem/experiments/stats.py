@@ -1,7 +1,7 @@
 """The statistics of an A/B readout, over per-variant sufficient statistics (no raw rows).
 
-The unit of randomization is the user (``tandem.ab`` hashes user ids), so every metric is first
-summed per user; a variant is then summarised by :class:`Moments` — the count of users and the
+The unit of randomization is the user (``tandem.policy.ab`` hashes user ids), so every metric is
+first summed per user; a variant is then summarised by :class:`Moments` — the count of users and the
 sums, squares and cross products of per-user values — which is all the tests below need. That is
 what lets the Spark job aggregate on the executors and run the statistics on the driver over a
 handful of rows whatever the traffic.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.config import Paths
-from tandem.job_cli import name_arg
+from tandem.ops.job_cli import name_arg
 from tandem.spark.io import utc
 from tandem.spark.session import get_spark
 

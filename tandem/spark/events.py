@@ -1,5 +1,5 @@
 """Lake events by EVENT time, and the one definition of a positive engagement (Spark twin of
-``tandem.dataset.positives``).
+``tandem.data.dataset.positives``).
 
 ``lake/events`` is partitioned by ARRIVAL hour. An event whose ``ts`` lies in ``[start, end)`` may
 have arrived a little before ``start`` (client clocks run ahead, up to the validator's skew) or

@@ -65,7 +65,7 @@ def decode_event(value: bytes | None, reference_ms: int | None = None,
                  validator: Callable[[Any, int | None], None] = validate_event
                  ) -> dict[str, Any]:
     """Parse and validate one record value (an event; ``validator`` checks another contract,
-    e.g. ``tandem.feature_log.validate_record``).
+    e.g. ``tandem.features.feature_log.validate_record``).
 
     Raises ``ContractError`` and nothing else: reason ``oversized``, ``undecodable:utf8``,
     ``undecodable:json``, ``undecodable:depth``, ``undecodable:number``,

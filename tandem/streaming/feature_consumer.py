@@ -81,7 +81,7 @@ def load_item_genres(paths: Paths) -> dict[str, list[str]]:
 
 def feast_sink(paths: Paths, stop: StopFlag | None = None) -> Sink:
     """Push rows to ``SESSION_PUSH_SOURCE``'s online store in the Feast repo of ``paths``
-    (applied beforehand by ``tandem.feature_store.apply``) and append the same rows to the
+    (applied beforehand by ``tandem.features.feature_store.apply``) and append the same rows to the
     session source's parquet folder (``lake/features/session``), which the ranker's training
     joins point-in-time: training sees the session values serving saw, not defaults. A replay
     after a crash appends the replayed rows again; they repeat (user, event_timestamp, values),
@@ -90,7 +90,7 @@ def feast_sink(paths: Paths, stop: StopFlag | None = None) -> Sink:
     Importing Feast takes seconds: the store opens in a daemon thread, overlapping the
     consumer-group join. A push waits for it, but raises :class:`Stopping` when ``stop`` is set
     meanwhile, and the daemon thread does not hold up the exit."""
-    from tandem.feature_store import open_store, push_session, session_source_path
+    from tandem.features.feature_store import open_store, push_session, session_source_path
 
     store = in_daemon_thread(open_store, paths)
     offline = session_source_path(paths)

@@ -26,7 +26,7 @@ not landed; the consumer keeps going. Every dead letter is acknowledged by the b
 batch's offsets are committed.
 
 The serve-time feature log (``feature_log.v1`` records on ``tandem.feature_log.v1``,
-:mod:`tandem.feature_log`) lands the same way under ``landing/feature_log/`` with
+:mod:`tandem.features.feature_log`) lands the same way under ``landing/feature_log/`` with
 ``--kind feature_log`` (its own topic and group by default), checked against its own contract.
 
 Run: ``python -m tandem.streaming.landing_consumer --home DIR --bootstrap HOST:PORT
@@ -49,8 +49,8 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
 
-from tandem import feature_log
 from tandem.config import Paths
+from tandem.features import feature_log
 from tandem.streaming.codec import encode_event
 from tandem.streaming.consumer import (
     StopFlag,

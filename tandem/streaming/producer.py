@@ -34,9 +34,9 @@ from kafka import KafkaProducer
 from kafka.producer.future import FutureRecordMetadata
 from prometheus_client import Counter
 
-from tandem import feature_log
 from tandem import schema as s
-from tandem.impressions import Feed
+from tandem.data.impressions import Feed
+from tandem.features import feature_log
 from tandem.security import kafka_client_kwargs
 from tandem.streaming.codec import encode_event, now_ms
 from tandem.streaming.topics import EVENTS_TOPIC
@@ -128,7 +128,7 @@ def impression_events(feed: Feed) -> list[dict[str, Any]]:
 
 
 class ImpressionLogger:
-    """Serving's impression sink (:class:`tandem.impressions.ImpressionSink`).
+    """Serving's impression sink (:class:`tandem.data.impressions.ImpressionSink`).
 
     :meth:`log` only enqueues the ``Feed`` (a few microseconds); a background thread turns it into
     impression events (:func:`impression_events`), validates and sends them. When the bounded
@@ -142,7 +142,7 @@ class ImpressionLogger:
     producer : where impressions go (owned: :meth:`close` closes it).
     max_feeds : queue capacity in feeds (one feed = one request's impressions).
     feature_log_topic : where a feed's sampled feature rows go (``Feed.logged``, one
-        ``feature_log.v1`` record per row, :mod:`tandem.feature_log`), through the same
+        ``feature_log.v1`` record per row, :mod:`tandem.features.feature_log`), through the same
         producer and queue; they are dropped and counted like impressions.
     """
 

@@ -9,7 +9,7 @@ Rules (the columns are ``tandem.schema.SESSION_FIELDS``):
 - A session ends after ``SESSION_GAP_MS`` without events; the next event starts a new one and
   resets ``session_length``, ``session_start_ts`` and the ``cnt_<event_type>`` counts.
 - ``recent_item_ids``: the last 20 distinct items the user *engaged* with (every type but
-  impression and dislike), newest first -- the query history of ``tandem.query_history``,
+  impression and dislike), newest first -- the query history of ``tandem.features.query_history``,
   which training computes with the same rule; kept across sessions, since a returning user's
   last items still say what they like. ``recent_genres``: those items' genres, distinct,
   newest first, at most 5 (an item's genres in catalog order).
@@ -28,9 +28,9 @@ from typing import Any
 import pandas as pd
 
 from tandem import schema as s
-from tandem.query_history import NOT_ENGAGEMENT, QUERY_LEN
+from tandem.features.query_history import NOT_ENGAGEMENT, QUERY_LEN
 
-MAX_RECENT_ITEMS = QUERY_LEN  # the rule is tandem.query_history's, which training computes
+MAX_RECENT_ITEMS = QUERY_LEN  # the rule is tandem.features.query_history's, which training computes
 MAX_RECENT_GENRES = 5
 
 

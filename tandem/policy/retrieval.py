@@ -1,0 +1,164 @@
+"""Merge candidate lists from several retrieval sources into one deduplicated, filtered pool.
+
+Sources are numbered by bit (``SOURCE_BITS``); an item found by several sources keeps all their
+bits and each source's retrieval score (NaN where a source did not return it), which the ranker
+features and the response's explanation use. Everything is array arithmetic over the
+concatenated lists: no Python loop over candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# order = bit position = column of CandidatePool.scores; names match the proto's CandidateSource
+SOURCES: tuple[str, ...] = ("two_tower", "als", "session", "fresh", "popularity", "content",
+                            "similar", "sequence")
+SOURCE_BITS: dict[str, int] = {name: 1 << i for i, name in enumerate(SOURCES)}
+
+
+@dataclass(frozen=True)
+class CandidatePool:
+    """Deduplicated candidates in ascending row order.
+
+    Attributes
+    ----------
+    rows : int64 array [n]
+        Catalog rows (bundle order), unique.
+    source_mask : int64 array [n]
+        OR of ``SOURCE_BITS`` of every source that returned the row.
+    scores : float32 array [n, len(SOURCES)]
+        Retrieval score per source, NaN where that source did not return the row.
+    """
+
+    rows: np.ndarray
+    source_mask: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, positions: np.ndarray) -> CandidatePool:
+        return CandidatePool(self.rows[positions], self.source_mask[positions],
+                             self.scores[positions])
+
+    def count_by_source(self) -> dict[str, int]:
+        """How many pooled candidates each source contributed (an item counts for each)."""
+        return {name: int(np.count_nonzero(self.source_mask & bit))
+                for name, bit in SOURCE_BITS.items()}
+
+
+def merge(lists: Sequence[tuple[str, np.ndarray, np.ndarray]], exclude: np.ndarray,
+          n_items: int) -> CandidatePool:
+    """Union ``(source, rows, scores)`` lists, drop excluded and invalid rows.
+
+    Parameters
+    ----------
+    lists : sequence of (source name, int rows [m], float scores [m])
+        Rows may repeat across lists and be -1 (FAISS pads short results with -1).
+    exclude : int array
+        Rows never to return (seen, explicitly excluded); -1 entries are ignored.
+    n_items : int
+        Catalog size; rows outside ``[0, n_items)`` are dropped.
+    """
+    if lists:
+        rows = np.concatenate([np.asarray(r, dtype=np.int64).ravel() for _, r, _ in lists])
+        scores = np.concatenate([np.asarray(s, dtype=np.float32).ravel() for _, _, s in lists])
+        col = np.concatenate([np.full(len(np.ravel(r)), SOURCES.index(n), dtype=np.int64)
+                              for n, r, _ in lists])
+    else:
+        rows, scores, col = (np.zeros(0, np.int64), np.zeros(0, np.float32),
+                             np.zeros(0, np.int64))
+    keep = (rows >= 0) & (rows < n_items) & ~np.isin(rows, exclude)
+    rows, scores, col = rows[keep], scores[keep], col[keep]
+    unique, inverse = np.unique(rows, return_inverse=True)
+    mask = np.zeros(len(unique), dtype=np.int64)
+    np.bitwise_or.at(mask, inverse, np.left_shift(1, col))
+    table = np.full((len(unique), len(SOURCES)), np.nan, dtype=np.float32)
+    table[inverse, col] = scores
+    return CandidatePool(unique, mask, table)
+
+
+N_GENRE_TOP = 200  # popular items kept per genre for content retrieval
+# the recent items' genre profile (share of the newest items per genre, so a burst's genre is 1)
+# against the history's (user_genre_affinity scaled to sum 1)
+RECENT_GENRE_WEIGHT = 2.0
+N_RECENT_GENRE_ITEMS = 10  # newest engaged items whose genres form the recent profile
+
+
+def genre_top_rows(item_genres: np.ndarray, popularity: np.ndarray,
+                   m: int = N_GENRE_TOP) -> np.ndarray:
+    """int64 [n_vocab, m]: per genre, its ``m`` most popular catalog rows (-1 padded), the
+    ``genre_top`` of :func:`content_candidates` (built once per model, not per request)."""
+    genres = np.asarray(item_genres, dtype=bool)
+    by_pop = np.argsort(-np.asarray(popularity), kind="stable")
+    top = np.full((genres.shape[1], m), -1, dtype=np.int64)
+    for j in range(genres.shape[1]):  # over genres (a few dozen), not candidates
+        hits = by_pop[genres[by_pop, j]][:m]
+        top[j, : len(hits)] = hits
+    return top
+
+
+def content_profile(affinity: np.ndarray, item_genres: np.ndarray,
+                    recent: np.ndarray) -> np.ndarray:
+    """float32 [n_vocab]: the genre profile :func:`content_candidates` draws from.
+
+    ``affinity`` is the user's ``user_genre_affinity`` (share of their positives per genre),
+    scaled to sum 1; ``recent`` their newest engaged items (catalog rows, newest first, -1 for
+    none), whose genre shares weigh :data:`RECENT_GENRE_WEIGHT` so a burst of one genre moves
+    the profile. Serving (``serving.session_retrieval``) and training
+    (``tandem.evaluation.protocol``) both build the profile here.
+    """
+    profile = np.clip(np.nan_to_num(np.asarray(affinity, np.float32)), 0.0, None)
+    total = float(profile.sum())
+    profile = profile / total if total > 0 else profile
+    rows = np.asarray(recent, dtype=np.int64)[:N_RECENT_GENRE_ITEMS]
+    rows = rows[rows >= 0]
+    if len(rows):
+        share = np.asarray(item_genres[rows], np.float32).sum(axis=0) / len(rows)
+        profile = profile + RECENT_GENRE_WEIGHT * share
+    return profile.astype(np.float32)
+
+
+def content_candidates(genre_top: np.ndarray, item_genres: np.ndarray, popularity: np.ndarray,
+                       profile: np.ndarray, n: int, n_genres: int = 3
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Content-based retrieval: items whose genres match a user's genre profile.
+
+    Parameters
+    ----------
+    genre_top : int array [n_vocab, m]
+        Per genre, its ``m`` most popular catalog rows (-1 padded), precomputed at load.
+    item_genres : bool or float array [n_items, n_vocab]
+        Genre multi-hot of the catalog.
+    popularity : float array [n_items]
+        Breaks ties between equally matching items (more popular first).
+    profile : float array [n_vocab]
+        Weight per genre (>= 0): the user's history and session, see the caller.
+    n, n_genres
+        Candidates to return; how many of the profile's heaviest genres to draw from.
+
+    Returns
+    -------
+    (rows [<= n] int64, scores [<= n] float32), best first: score is the cosine between the
+    item's genre multi-hot and ``profile``. Only the drawn genres' lists are scored (no pass
+    over the catalog), so the cost is ``n_genres * m`` whatever the catalog size.
+    """
+    weights = np.asarray(profile, dtype=np.float32)
+    norm = float(np.linalg.norm(weights))
+    if norm == 0.0 or n <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    top = np.argsort(-weights, kind="stable")[:n_genres]
+    rows = np.unique(genre_top[top[weights[top] > 0]].ravel())
+    rows = rows[rows >= 0]
+    hot = np.asarray(item_genres[rows], dtype=np.float32)
+    scores = (hot @ weights) / (np.sqrt(np.maximum(hot.sum(axis=1), 1.0)) * norm)
+    order = np.lexsort((-popularity[rows], -scores))[:n]
+    return rows[order].astype(np.int64), scores[order].astype(np.float32)
+
+
+def source_names(mask: int) -> list[str]:
+    """Names of the sources set in one ``source_mask`` value (for building a reply)."""
+    return [name for name, bit in SOURCE_BITS.items() if mask & bit]
