@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,11 @@ from .conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.airflow, pytest.mark.spark, pytest.mark.mlflow, pytest.mark.slow]
-START, END = "2024-01-01T00:00:00+00:00", "2024-01-08T00:00:00+00:00"
+# three days: every job's cost grows with the interval's days and landing hours, what the
+# DAG runs prove does not (test_daily_chain checks the chain's bundle in depth in-process)
+DAYS = 3
+START, END = "2024-01-01T00:00:00+00:00", "2024-01-04T00:00:00+00:00"
+RUN_ID = "20240104"  # the daily run id: the interval's end date
 SCREENSHOT = REPO / "reports" / "airflow_ui_tandem_daily.png"
 
 
@@ -34,7 +39,7 @@ def airflow_state(tmp_path_factory, mlflow_server):
     from tandem.ops.airflow_client import airflow_env
 
     paths = Paths(tmp_path_factory.mktemp("airflow-e2e"))
-    World.generate(WorldConfig(n_users=300, n_items=200, n_events_target=30_000, days=7,
+    World.generate(WorldConfig(n_users=300, n_items=200, n_events_target=30_000, days=DAYS,
                                seed=0)).write(paths)
     env = {**os.environ, **airflow_env(paths, port=free_port(), log_ports=(free_port(),
                                                                               free_port())),
@@ -129,9 +134,16 @@ def test_trigger_daily_from_the_ui(airflow_state, mlflow_server):
                                             "dataset": "synthetic-ui"})
         deadline, state, run = time.monotonic() + 1500, None, None  # within the test timeout
         while time.monotonic() < deadline:
-            runs = [r for r in client._request(
-                "GET", "/api/v2/dags/tandem_daily/dagRuns")["dag_runs"]
-                if r["run_type"] == "manual"]
+            try:
+                runs = [r for r in client._request(
+                    "GET", "/api/v2/dags/tandem_daily/dagRuns")["dag_runs"]
+                    if r["run_type"] == "manual"]
+            except (TimeoutError, ConnectionError, urllib.error.URLError) as exc:
+                # a poll the busy API server does not answer in time (its workers share the
+                # CPUs with the run's jobs) is retried, as AirflowClient.wait_run does
+                if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
+                    raise
+                runs = []
             if runs and runs[-1]["state"] in ("success", "failed"):
                 state, run = runs[-1]["state"], runs[-1]
                 break
@@ -139,7 +151,7 @@ def test_trigger_daily_from_the_ui(airflow_state, mlflow_server):
         assert state == "success", f"the triggered run ended {state}"
         assert run["conf"]["dataset"] == "synthetic-ui"
         assert run["conf"].get("skip_two_tower", False) is False
-        bundle = paths.models / "20240108"
+        bundle = paths.models / RUN_ID
         assert (bundle / "manifest.json").exists() and (bundle / "ranker" / "model.txt").exists()
         assert (bundle / "two_tower").exists()
         assert _champion(mlflow_server.url) >= 1

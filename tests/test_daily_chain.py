@@ -1,7 +1,9 @@
 """The nightly chain (dags/daily.py) end to end: one bundle that is promoted and served.
 
-A small synthetic world (300 users, 200 items, ~30k events over 7 days) is written as landing
-files and ingested once for the module. Each test then runs every job of ``tandem_daily``
+A small synthetic world (300 users, 200 items, ~30k events over 3 days: the chain's cost grows
+with the interval's days and hours, what it proves does not) is written as landing files and
+ingested once for the module, and its negatives (a pure function of the lake and the interval)
+are sampled once for the module too. Each test then runs every job of ``tandem_daily``
 in-process, in DAG order, with one run id -- negative_sampling -> build_training_table -> tune
 -> train_als -> train_two_tower (or skipped) -> train_sequence -> build_index -> train_ranker ->
 evaluate -> register_bundle -> promote -- against the session's MLflow server, downloads the
@@ -27,7 +29,9 @@ from tandem.config import Paths
 from tandem.models import bundle as B
 
 START = datetime(2024, 1, 1, tzinfo=UTC)  # WorldConfig.start_ms
-END = START + timedelta(days=7)
+DAYS = 3
+END = START + timedelta(days=DAYS)
+RUN_ID = f"{END:%Y%m%d}"  # the DAG's run id: the interval's end date
 END_MS = int(END.timestamp() * 1000)
 DATASET = "world-300x200"
 # the tuned parameters decide the models' sizes (a short study: the chain's wiring is under
@@ -48,12 +52,23 @@ def lake(spark, tmp_path_factory) -> Paths:
     from tandem.data.world_config import WorldConfig
 
     paths = Paths(tmp_path_factory.mktemp("daily") / "tandem")
-    world = World.generate(WorldConfig(n_users=300, n_items=200, n_events_target=30_000, days=7,
-                                       seed=0))
+    world = World.generate(WorldConfig(n_users=300, n_items=200, n_events_target=30_000,
+                                       days=DAYS, seed=0))
     world.write(paths)
     counts = ingest_events.run(spark, paths, START, END + timedelta(days=1))
     assert counts["valid"] > 25_000 and counts["invalid"] == 0
     return paths
+
+
+@pytest.fixture(scope="module")
+def negatives(spark, lake) -> dict:
+    """The chain's first task, once for the module: its output is keyed by the interval's days
+    (no run id), so both chains read the same negatives; a second run would rewrite them equal."""
+    from jobs import negative_sampling
+
+    counts = negative_sampling.run(spark, lake, START, END)
+    assert counts["positives"] > 0 and counts["retrieval"] > 0, counts
+    return counts
 
 
 @pytest.fixture(autouse=True)
@@ -77,14 +92,15 @@ def registry(mlflow_server, monkeypatch):
     return client
 
 
-def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[str, dict]:
-    """Every task of tandem_daily, in order, as the DAG runs them (one interval, one run id)."""
+def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool,
+              negatives: dict) -> dict[str, dict]:
+    """Every task of tandem_daily, in order, as the DAG runs them (one interval, one run id);
+    the first, negative_sampling, ran once for the module (``negatives``: its counts)."""
     from jobs import (
         build_index,
         build_training_table,
         evaluate,
         feature_skew,
-        negative_sampling,
         promote,
         register_bundle,
         train_als,
@@ -94,7 +110,7 @@ def run_chain(spark, paths: Paths, run_id: str, skip_two_tower: bool) -> dict[st
         tune,
     )
 
-    out = {"negative_sampling": negative_sampling.run(spark, paths, START, END),
+    out = {"negative_sampling": negatives,
            "build_training_table": build_training_table.run(spark, paths, START, END,
                                                             run_id=run_id),
            "tune": tune.run(None, paths, START, END, {"two_tower": TWO_TOWER}, run_id=run_id,
@@ -235,11 +251,12 @@ def check_serving(app, bundle) -> None:
 @pytest.mark.spark
 @pytest.mark.mlflow
 @pytest.mark.slow
-def test_daily_chain_builds_promotes_and_serves_one_bundle(spark, lake, registry, tmp_path):
+def test_daily_chain_builds_promotes_and_serves_one_bundle(spark, lake, negatives, registry,
+                                                          tmp_path):
     from tandem.ops.registry import CHAMPION, resolve_alias, version_metrics
 
-    out = run_chain(spark, lake, "20240108", skip_two_tower=False)
-    bundle = lake.models / "20240108"
+    out = run_chain(spark, lake, RUN_ID, skip_two_tower=False, negatives=negatives)
+    bundle = lake.models / RUN_ID
     assert all((bundle / part).exists() for part in (*FULL, B.MANIFEST))
     check_alignment(lake, bundle, two_tower=True)
 
@@ -273,11 +290,12 @@ def test_daily_chain_builds_promotes_and_serves_one_bundle(spark, lake, registry
 @pytest.mark.spark
 @pytest.mark.mlflow
 @pytest.mark.slow
-def test_daily_chain_without_two_tower_serves_als_only(spark, lake, registry, tmp_path):
+def test_daily_chain_without_two_tower_serves_als_only(spark, lake, negatives, registry,
+                                                      tmp_path):
     from tandem.ops.registry import CHAMPION, resolve_alias
 
-    out = run_chain(spark, lake, "20240108-als", skip_two_tower=True)
-    bundle = lake.models / "20240108-als"
+    out = run_chain(spark, lake, f"{RUN_ID}-als", skip_two_tower=True, negatives=negatives)
+    bundle = lake.models / f"{RUN_ID}-als"
     assert not (bundle / "two_tower").exists() and not (bundle / B.INDEX_MAIN).exists()
     check_alignment(lake, bundle, two_tower=False)
     manifest = B.BundleManifest.load(bundle)
@@ -355,7 +373,7 @@ def test_dag_commands_match_the_jobs_command_lines(tmp_path, monkeypatch, skip_t
     for name, (args, kwargs) in calls.items():
         assert [a for a in args if isinstance(a, datetime)] == [START, END], name
         if name != "negative_sampling":  # an interval job: its outputs are keyed by date
-            assert kwargs["run_id"] == "20240108", name
+            assert kwargs["run_id"] == RUN_ID, name
     assert calls["evaluate"][1]["dataset"] == DATASET
     assert calls["register_bundle"][0][4]["dataset"] == DATASET
     assert calls["promote"][0][4]["force"] is True
@@ -365,7 +383,7 @@ def test_skip_two_tower_removes_an_earlier_attempts_parts(paths):
     """A re-run with skip_two_tower must not ship the vectors a previous attempt left behind."""
     from jobs import train_two_tower
 
-    bundle = paths.models / "20240108"
+    bundle = paths.models / RUN_ID
     kept = [B.ALS_ITEM_FACTORS, B.INDEX_ALS, B.INDEX_ALS + ".json"]
     stale = [B.TT_ITEM_VECTORS, B.TT_USER_TOWER, B.INDEX_MAIN, B.INDEX_MAIN + ".json"]
     for rel in kept + stale:
