@@ -50,14 +50,16 @@ def with_new_items(root: Path, delta: B.ItemDelta, deltas_dir: str | None, n_ite
     key = shm.key_of(vectors, index, str(item_deltas.folder(root, deltas_dir)), delta.stamp,
                      n_items)
 
+    base = shm.load_array(vectors)  # mapped: its shape costs nothing
+
     def extended_index() -> AnnIndex:
         private = AnnIndex.load(index)
-        item_deltas.extend_vectors(shm.load_array(vectors), private, delta, n_items)
+        item_deltas.add_to_index(private, delta, len(base), base.shape[1])
         return private
 
     return (shm.derived_index(key, extended_index, folder),
             shm.derived_arrays(key, ["vectors"], lambda: {"vectors": item_deltas.extend_vectors(
-                shm.load_array(vectors), None, delta, n_items)}, folder)["vectors"])
+                base, delta, n_items)}, folder)["vectors"])
 
 
 def catalog_arrays(items: pd.DataFrame) -> dict[str, np.ndarray]:

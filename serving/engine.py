@@ -287,7 +287,7 @@ class Engine(ColdPath, WarmUpCheck):
         with clock.stage("user_tower"):
             try:
                 user_vec = (None if self.tower is None
-                            else self.tower.encode(self._tower_feats(user_raw), history[:20]))
+                            else self.tower.encode(self._tower_feats(user_raw), history))
             except Exception:  # noqa: BLE001
                 log.exception("user tower failed")
                 fallbacks.append("user_tower_error")

@@ -79,16 +79,19 @@ def pad_rows(matrix: np.ndarray, n_rows: int) -> np.ndarray:
     return np.vstack([matrix, np.zeros((n_rows - len(matrix), matrix.shape[1]), matrix.dtype)])
 
 
-def extend_vectors(vectors: np.ndarray, index: AnnIndex | None, delta: B.ItemDelta | None,
-                   n_rows: int) -> np.ndarray:
-    """Two-tower ``vectors`` with the delta's appended, and the same rows added to ``index``
-    (ids = catalog rows). A delta without vectors (ALS-only build) pads zero rows instead."""
-    first = len(vectors)
-    if delta is None or n_rows == first:
+def extend_vectors(vectors: np.ndarray, delta: B.ItemDelta | None, n_rows: int) -> np.ndarray:
+    """Two-tower ``vectors`` with the delta's appended. A delta without vectors (ALS-only
+    build) pads zero rows instead."""
+    if delta is None or n_rows == len(vectors):
         return vectors
     if delta.vectors.shape[1] != vectors.shape[1]:
         return pad_rows(vectors, n_rows)
-    added = np.asarray(delta.vectors, dtype=vectors.dtype)
-    if index is not None:
-        index.add(added, np.arange(first, first + len(added), dtype=np.int64))
-    return np.vstack([vectors, added])
+    return np.vstack([vectors, np.asarray(delta.vectors, dtype=vectors.dtype)])
+
+
+def add_to_index(index: AnnIndex, delta: B.ItemDelta, first: int, dim: int) -> None:
+    """Add the delta's vectors to ``index`` under catalog rows ``first, first + 1, ...`` (the
+    rows :func:`extend_vectors` gives them); a delta without vectors adds nothing."""
+    if len(delta.vectors) and delta.vectors.shape[1] == dim:
+        index.add(np.asarray(delta.vectors, dtype=np.float32),
+                  np.arange(first, first + len(delta.vectors), dtype=np.int64))

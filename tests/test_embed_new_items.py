@@ -90,14 +90,16 @@ def test_serving_appends_a_delta_and_skips_a_bad_one(paths, tmp_path):
     vectors = np.load(bundle_dir / B.TT_ITEM_VECTORS)
     index = build_index(vectors, metric="ip")
     n = len(known) + 1
-    extended = item_deltas.extend_vectors(vectors, index, delta, n)
+    extended = item_deltas.extend_vectors(vectors, delta, n)
+    item_deltas.add_to_index(index, delta, len(vectors), vectors.shape[1])
     assert extended.shape == (n, vectors.shape[1])
+    np.testing.assert_array_equal(extended[-1], delta.vectors[0])
     assert index.search(delta.vectors, 1)[1][0, 0] == n - 1
     # ALS-only: zero rows; the new item's factors are zero until the next nightly fit
     als = item_deltas.pad_rows(np.ones((len(known), 4), np.float32), n)
     np.testing.assert_array_equal(als[-1], 0.0)
     no_vectors = B.ItemDelta(stamp, delta.item_ids, delta.created_at, np.zeros((1, 0)))
-    np.testing.assert_array_equal(item_deltas.extend_vectors(als[:-1], None, no_vectors, n), als)
+    np.testing.assert_array_equal(item_deltas.extend_vectors(als[:-1], no_vectors, n), als)
     # a delta whose bytes do not match its digest is skipped: the bundle serves as built
     npz = deltas / B.bundle_key(bundle_dir) / f"items-{stamp}.npz"
     npz.write_bytes(npz.read_bytes()[:-8] + b"\0" * 8)
