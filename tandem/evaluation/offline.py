@@ -37,6 +37,7 @@ from tandem.evaluation.sources import (
     Fitted,
     _fit_tower,
     candidates,
+    engaged_pairs,
     fit_sources,
     source_scores,
     top_lists,
@@ -115,8 +116,11 @@ def tune_sources(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
         fit = A.fit_als(matrix, catalog.user_ids, catalog.item_ids, {**cfg["als"], **params})
         return tuning.retrieval_ndcg(fit.user_factors[rows], fit.item_factors, seen, rows, rel)
 
+    pairs = engaged_pairs(hist, cfg["play_dwell_ms"])  # the same in every trial
+
     def two_tower(params: dict[str, Any]) -> float:
-        model = _fit_tower(hist, catalog, {**cfg, "two_tower": {**cfg["two_tower"], **params}})
+        model = _fit_tower(hist, catalog, {**cfg, "two_tower": {**cfg["two_tower"], **params}},
+                           pairs)
         return tuning.retrieval_ndcg(model.user_vectors()[rows], model.item_vectors(), seen,
                                      rows, rel)
 
@@ -147,24 +151,20 @@ def _pair_mask(cands: pd.DataFrame, pairs: pd.DataFrame, catalog: Catalog) -> np
 
 @dataclass
 class InnerSplit:
-    """One inner temporal split: its sources, requests, every candidate and the ranker's rows.
-
-    ``cands`` holds every candidate of the holdout's users (the validation lists re-rank them);
-    ``keep`` marks the rows the ranker learns from, ``X`` / ``labels`` are theirs.
-    """
+    """One inner temporal split: its sources, requests, relevant pairs and every candidate of
+    the holdout's users (the validation lists re-rank them)."""
 
     fitted: Fitted
     req: Requests
     rel: pd.DataFrame
     cands: pd.DataFrame
-    keep: np.ndarray
-    X: np.ndarray
-    labels: np.ndarray
 
 
 def _ranker_rows(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
-                 progress: Progress) -> tuple[InnerSplit, pd.DataFrame]:
-    """One inner temporal split of ``train``: (the split, its inner training part). Sources are
+                 progress: Progress
+                 ) -> tuple[InnerSplit, np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
+    """One inner temporal split of ``train``: (the split, the ranker's rows ``X``, their labels
+    and user rows, the split's inner training part). Sources are
     fit on the inner training part; candidates are labelled with the inner holdout's positives,
     its explicit negatives kept (:func:`R.training_rows`)."""
     inner_train, inner_val = temporal_split(train, cfg["test_fraction"])
@@ -181,19 +181,21 @@ def _ranker_rows(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
     kept = cands[keep].reset_index(drop=True)
     progress("ranker features")
     X = feature_matrix(fitted, catalog, req, kept, cfg)
-    return InnerSplit(fitted, req, rel, cands, keep, X, labels[keep]), inner_train
+    return (InnerSplit(fitted, req, rel, cands), X, labels[keep],
+            cands["user_row"].to_numpy()[keep], inner_train)
 
 
 @dataclass
 class TwoStage:
     """The ranker and what it learned from: every inner split's rows (``groups``: user row +
-    level x n_users), the splits themselves and the ranker's study (or None)."""
+    level x n_users), the first split (the diversify sweep's validation lists come from it)
+    and the ranker's study (or None)."""
 
     model: Any
     X: np.ndarray
     y: np.ndarray
     groups: np.ndarray
-    splits: list[InnerSplit]
+    first: InnerSplit
     study: Any = None
 
 
@@ -209,12 +211,11 @@ def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
     as features: more labelled requests from the same history, none of them from the test
     period.
     """
-    parts, splits, history = [], [], train
+    parts, first, history = [], None, train
     for level in range(cfg["ranker_splits"]):
-        split, history = _ranker_rows(history, catalog, cfg, progress)
-        groups = split.cands["user_row"].to_numpy()[split.keep] + level * len(catalog.user_ids)
-        parts.append((split.X, split.labels, groups))
-        splits.append(split)
+        split, X, labels, users, history = _ranker_rows(history, catalog, cfg, progress)
+        parts.append((X, labels, users + level * len(catalog.user_ids)))
+        first = split if first is None else first
     X, labels, groups = (np.concatenate(p) for p in zip(*parts, strict=True))
     y = labels.astype(np.int32)
     study = None
@@ -225,7 +226,7 @@ def train_two_stage(train: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
         cfg = {**cfg, "ranker": {**cfg["ranker"], **study.params}}
     progress("ranker training")
     model = R.train_ranker(X, y, groups, cfg["ranker"])
-    return TwoStage(model, X, y, groups, splits, study)
+    return TwoStage(model, X, y, groups, first, study)
 
 
 @dataclass
@@ -249,7 +250,7 @@ def validation_lists(fit: TwoStage, catalog: Catalog, cfg: dict[str, Any]
     the held-out users -- ranked by the final ranker they would be in-sample (it learned from
     them), which flatters relevance against diversity. Baseline: the split's ALS top-k.
     """
-    split, k = fit.splits[0], cfg["k"]
+    split, k = fit.first, cfg["k"]
     rng = np.random.default_rng(cfg["ranker"]["random_state"])
     held = split.req.user_rows[rng.random(len(split.req.user_rows)) < cfg["sweep_user_share"]]
     if not len(held):

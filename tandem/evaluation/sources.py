@@ -75,16 +75,18 @@ def fit_sources(history: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any] = E
     als = A.fit_als(matrix, catalog.user_ids, catalog.item_ids, cfg["als"])
     timings["als_fit_s"] = time.perf_counter() - t0
     tower = None
+    pairs = (engaged_pairs(hist, cfg["play_dwell_ms"]) if cfg.get("two_tower") is not None
+             or cfg.get("sequence") is not None else None)
     if cfg.get("two_tower") is not None:
         progress("fitting two-tower")
         t0 = time.perf_counter()
-        tower = _fit_tower(hist, catalog, cfg)
+        tower = _fit_tower(hist, catalog, cfg, pairs)
         timings["two_tower_fit_s"] = time.perf_counter() - t0
     sequence = recent = None
     if cfg.get("sequence") is not None:
         progress("fitting the sequence model")
         t0 = time.perf_counter()
-        sequence, recent = _fit_sequence(hist, catalog, cfg)
+        sequence, recent = _fit_sequence(hist, catalog, cfg, pairs)
         timings["sequence_fit_s"] = time.perf_counter() - t0
     space = RF.ItemSpace(RF.unit_rows(als.item_factors), RF.cooccurrence(seen))
     return Fitted(history, seen, popularity, als, tower, space, timings, sequence, recent,
@@ -154,13 +156,13 @@ def _query_rows(hist: pd.DataFrame, n_users: int, n: int) -> np.ndarray:
                           hist[S.TS].to_numpy(np.int64)[engaged], n_users, n)
 
 
-def _fit_sequence(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
-    """The sequence model on the history's engaged pairs in time order, the positive ones its
-    targets (as ``jobs/train_sequence.py`` on the table): (numpy runtime, each user's query
-    history, newest first)."""
+def _fit_sequence(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any],
+                  pairs: pd.DataFrame):
+    """The sequence model on the history's engaged ``pairs`` (:func:`engaged_pairs`) in time
+    order, the positive ones its targets (as ``jobs/train_sequence.py`` on the table): (numpy
+    runtime, each user's query history, newest first)."""
     from tandem.models.sequence_train import SequenceConfig, train_sequence
 
-    pairs = engaged_pairs(hist, cfg["play_dwell_ms"])
     seq_cfg = SequenceConfig(**cfg["sequence"])
     model = train_sequence(pairs["user_idx"].to_numpy(np.int64),
                            pairs["item_idx"].to_numpy(np.int64), pairs["ts"].to_numpy(np.int64),
@@ -169,9 +171,10 @@ def _fit_sequence(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
     return model.encoder(), recent
 
 
-def _fit_tower(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
+def _fit_tower(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any], pairs: pd.DataFrame):
     """Two-tower on the history's positive interactions (``tandem.models.two_tower``), its engaged
-    pairs the query histories (as ``jobs/train_two_tower.py`` on the table)."""
+    ``pairs`` (:func:`engaged_pairs`) the query histories (as ``jobs/train_two_tower.py`` on the
+    table)."""
     from tandem.features.tower_features import ItemContentSpec
     from tandem.models.two_tower import TwoTowerConfig, train_two_tower
 
@@ -180,9 +183,8 @@ def _fit_tower(hist: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any]):
                           catalog.items[S.RELEASE_YEAR].tolist())
     train = hist.loc[positives(hist, cfg["play_dwell_ms"]), ["user_idx", "item_idx", S.TS]]
     tt_cfg = TwoTowerConfig(**cfg["two_tower"])
-    history = engaged_pairs(hist, cfg["play_dwell_ms"])[["user_idx", "item_idx", "ts"]]
     return train_two_tower(train, content, cfg=tt_cfg, n_users=len(catalog.user_ids),
-                           item_spec=spec, history=history)
+                           item_spec=spec, history=pairs[["user_idx", "item_idx", "ts"]])
 
 
 def source_scores(fitted: Fitted, user_rows: np.ndarray) -> dict[str, np.ndarray]:
