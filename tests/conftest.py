@@ -42,6 +42,25 @@ def free_ports(n: int) -> list[int]:
             continue
 
 
+def wait_for_metrics(proc, ports, timeout_s: float, log: Path | None = None) -> None:
+    """Wait until every metrics ``port`` of a started ``serving.server`` answers (its processes
+    are up); fail early when ``proc`` exits, with the tail of ``log`` when given."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    for port in ports:
+        while True:
+            tail = log.read_text()[-3000:] if log is not None else ""
+            assert proc.poll() is None, f"server exited:\n{tail}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1)
+                break
+            except OSError:
+                assert time.time() < deadline, f"metrics port {port} never opened:\n{tail}"
+                time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     """One local[2] session for the whole run (1-2 partitions keep tiny-data tests fast)."""

@@ -34,7 +34,7 @@ from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
 from tandem.features import entity as F
 from tandem.models import synthetic_bundle as S
 from tandem.policy.ab import Experiment, Variant
-from tests.conftest import free_port, free_ports
+from tests.conftest import free_port, free_ports, wait_for_metrics
 
 pytestmark = pytest.mark.serving
 
@@ -432,16 +432,7 @@ def test_two_server_processes_share_one_port_and_stop_together(world):
          "--port", str(port), "--metrics-port", str(metrics_port), "--processes", "2",
          "--ranker-backend", "lightgbm"], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     try:
-        deadline = time.time() + 120
-        for mport in (metrics_port, metrics_port + 1):
-            while True:
-                assert proc.poll() is None, "server exited"
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=1)
-                    break
-                except OSError:
-                    assert time.time() < deadline, f"metrics port {mport} never opened"
-                    time.sleep(0.5)
+        wait_for_metrics(proc, (metrics_port, metrics_port + 1), 120)
         time.sleep(2)
         channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
                                           options=[("grpc.use_local_subchannel_pool", 1)])

@@ -12,8 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from tandem.features import ranking_features as RF
 from tandem.models import bundle as B
 from tandem.models import synthetic_bundle as S
 from tandem.streaming.session_state import apply_event, session_row
-from tests.conftest import free_port, free_ports
+from tests.conftest import free_port, free_ports, wait_for_metrics
 from tests.test_serving import SPEC, SynthStore
 
 pytestmark = pytest.mark.serving
@@ -387,17 +385,7 @@ def test_two_server_processes_with_a_registry_download_the_bundle_once(world, ml
         cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
         stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 600
-        for mport in (metrics_port, metrics_port + 1):
-            while True:
-                log = (tmp_path / "server.log").read_text()[-3000:]
-                assert proc.poll() is None, f"server exited:\n{log}"
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=1)
-                    break
-                except OSError:
-                    assert time.time() < deadline, f"metrics port {mport} never opened:\n{log}"
-                    time.sleep(0.5)
+        wait_for_metrics(proc, (metrics_port, metrics_port + 1), 600, tmp_path / "server.log")
         download = cache / "shared" / f"v{version}"
         assert [p.name for p in (cache / "shared").iterdir() if p.is_dir()] == [download.name]
         files = {p.relative_to(download): p.stat() for p in download.rglob("*") if p.is_file()}
