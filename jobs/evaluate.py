@@ -18,10 +18,12 @@ popularity through the night's ANN indexes, ranked by the night's LightGBM ranke
 pairs first engaged positively in [cut, end), pre-cut items excluded. Each request is asked as
 serving is asked and as the ranker learned: at the user's first labelled row after the cut, with
 that row's time (hour) and device (``tandem.evaluation.night.ask_at_labels``; at the cut, device
-unknown, for a user without one). Features are computed in-process
-(``tandem.evaluation.requests.feature_matrix``) from the request users' pre-cut events and, for the
-item features, every pre-cut event's item columns read into numpy
-(``tandem.data.lake.read_item_events``). It writes the run's bundle ``manifest.json``
+unknown, for a user without one). Features come from where the ranker's came from in training
+(its ``meta.json``'s ``feature_source``): Feast's point-in-time join when it trained on the feature
+store (the DAG's default; ``tandem.evaluation.requests.store_feature_matrix``, the function
+``train_ranker`` calls), else in-process (``tandem.evaluation.requests.feature_matrix``) from the
+request users' pre-cut events and, for the item features, every pre-cut event's item columns read
+into numpy (``tandem.data.lake.read_item_events``). It writes the run's bundle ``manifest.json``
 (``tandem.models.bundle.BundleManifest``): the parts present, the dataset label, the metrics
 (two-stage under plain names such as ``ndcg@10``, ``coverage@10``, ``diversity@10`` -- the names the
 promotion gates read -- and every model's as ``<model>.<metric>``) and params, plus the full report
@@ -29,8 +31,10 @@ as ``eval.json`` beside it.
 
 Lake-mode memory model at 5M users x 1M items x 50M events: the table's pair columns
 (30M x 36 B = 1.1 GB); the sampled users' (cap 20k) events in pandas (20k x ~100 x 400 B =
-0.8 GB) and label rows (20k x ~200 x 120 B = 0.5 GB); the item features' columns of every
-pre-cut event in numpy (50M x 56 B = 2.8 GB, where the window in pandas would be 20 GB); the
+0.8 GB) and label rows (20k x ~200 x 120 B = 0.5 GB); with in-process features, the item
+features' columns of every pre-cut event in numpy (50M x 56 B = 2.8 GB, where the window in
+pandas would be 20 GB; with Feast's join instead, its entity frame and result: one row per
+candidate, below); the
 sampled users' candidates (20k x ~700 rows x ~50 features x 4 B = 2.8 GB): ~8 GB peak, every read
 checked against ``TANDEM_DRIVER_BUDGET_MB`` first (an error naming it, not an OOM kill);
 ``night.max_users`` is the knob.
@@ -202,11 +206,12 @@ def manifest_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def night_report(batch, ranker, cfg: dict[str, Any], dataset: str, at_labels: int
-                 ) -> dict[str, Any]:
+def night_report(batch, ranker, cfg: dict[str, Any], dataset: str, at_labels: int,
+                 store=None) -> dict[str, Any]:
     """The report of ``tandem.evaluation.offline.evaluate``'s shape for one
     ``tandem.evaluation.night.Batch`` whose ``at_labels`` requests were moved to their first
-    labelled row."""
+    labelled row. ``store``: the Feast store the ranker's features came from in training
+    (None: in-process features from the history, the ranker's ``feature_source="history"``)."""
     import numpy as np
     import pandas as pd
 
@@ -232,7 +237,8 @@ def night_report(batch, ranker, cfg: dict[str, Any], dataset: str, at_labels: in
         preds[src] = EO._pred_frame(catalog, rows[head], top["item"].to_numpy()[head],
                                     -top["rank"].to_numpy()[head])
     cands = batch.cands
-    X = EQ.feature_matrix(batch.fitted, catalog, batch.requests, cands, cfg)
+    X = (EQ.feature_matrix(batch.fitted, catalog, batch.requests, cands, cfg) if store is None
+         else EQ.store_feature_matrix(store, batch.fitted, catalog, batch.requests, cands))
     rows, items = cands["user_row"].to_numpy(), cands["item"].to_numpy()
     preds["two_stage"] = EO._pred_frame(catalog, rows, items, R.predict(ranker, X))
     retrieval["combined"] = M.recall_at_k(rel, EO._pred_frame(catalog, rows, items,
@@ -267,17 +273,35 @@ def night_report(batch, ranker, cfg: dict[str, Any], dataset: str, at_labels: in
 
 
 def night_batch(paths: Paths, bundle_dir: Path, start: datetime, end: datetime, cut_ms: int,
-                cfg: dict[str, Any]):
+                cfg: dict[str, Any], item_events: bool = True):
     """(``tandem.evaluation.night.Batch``, ``tandem.evaluation.night.LakeLabels``) of the evaluation
-    half: candidates from the bundle's sources, the inputs of in-process features (item features
-    from every pre-cut event's columns in numpy, nothing else beyond the request users), each
-    request asked at its user's first labelled row -- the rule the ranker trained with."""
+    half: candidates from the bundle's sources, the inputs of the features (with ``item_events``
+    every pre-cut event's item columns in numpy, for in-process item features; nothing else
+    beyond the request users), each request asked at its user's first labelled row -- the rule
+    the ranker trained with."""
     from tandem.data.lake import epoch_ms
     from tandem.evaluation import night as N
 
     batch = N.prepare(paths, bundle_dir, start, end, cut_ms, N.EVALUATION, cfg,
-                      item_events=True)
+                      item_events=item_events)
     return batch, N.ask_at_labels(paths, batch, cut_ms, epoch_ms(end))
+
+
+def ranker_feature_source(bundle_dir: Path) -> str:
+    """Where the bundle's ranker took its training features (``train_ranker``'s meta.json)."""
+    meta = (bundle_dir / B.RANKER_MODEL).with_name("meta.json")
+    return json.loads(meta.read_text()).get("feature_source", "history") if meta.exists() \
+        else "history"
+
+
+def ranker_feature_store(paths: Paths, bundle_dir: Path):
+    """The Feast store to score with when the ranker trained on it, else None (in-process
+    features): evaluation must see the features the ranker learned from, or it measures skew."""
+    if ranker_feature_source(bundle_dir) != "feast":
+        return None
+    from tandem.features.feature_store import open_store
+
+    return open_store(paths)
 
 
 def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any] | None = None,
@@ -306,9 +330,12 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     if not (bundle_dir / B.TT_ITEM_VECTORS).exists():
         cfg["two_tower"] = None  # the bundle serves without two-tower: evaluate it that way
     cut_ms = epoch_ms(N.label_cut(start, end, cfg))
-    batch, lake = night_batch(paths, bundle_dir, start, end, cut_ms, cfg)
+    store = ranker_feature_store(paths, bundle_dir)
+    batch, lake = night_batch(paths, bundle_dir, start, end, cut_ms, cfg,
+                              item_events=store is None)
     report = night_report(batch, R.load(bundle_dir / B.RANKER_MODEL), cfg, dataset,
-                          len(lake.first))
+                          len(lake.first), store)
+    report["protocol"]["feature_source"] = "history" if store is None else "feast"
     bundle_dir.mkdir(parents=True, exist_ok=True)
     (bundle_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     protocol = report["protocol"]

@@ -63,15 +63,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from tandem import schema as S
 from tandem.config import Paths
 from tandem.data.catalog import run_bundle_dir
 from tandem.data.lake import epoch_ms
 from tandem.evaluation import night as N
-from tandem.evaluation import point_in_time as EP
 from tandem.evaluation import protocol as E
 from tandem.evaluation import requests as EQ
-from tandem.evaluation import sources as ES
 from tandem.evaluation import tuning
 from tandem.features import entity as FT
 from tandem.features import ranking_features as RF
@@ -109,29 +106,8 @@ def training_set(batch: N.Batch, lake: N.LakeLabels, cfg: dict[str, Any], store=
     if cfg["feature_source"] == "history":
         X = EQ.feature_matrix(batch.fitted, batch.catalog, batch.requests, cands, cfg)
     else:
-        X = _features_from_store(store, batch.fitted, batch.catalog, batch.requests, cands)
+        X = EQ.store_feature_matrix(store, batch.fitted, batch.catalog, batch.requests, cands)
     return X, y[keep].astype(np.int32), groups[keep]
-
-
-def _features_from_store(store, fitted: ES.Fitted, catalog: E.Catalog, req: EQ.Requests,
-                         cands: pd.DataFrame) -> np.ndarray:
-    """Entity features through Feast's point-in-time join, one entity row per candidate."""
-    from tandem.features.feature_store import training_frame, training_matrices
-
-    local = pd.Index(req.user_rows).get_indexer(cands["user_row"])
-    entity_df = pd.DataFrame({
-        S.USER_ID: catalog.user_ids[cands["user_row"].to_numpy()],
-        S.ITEM_ID: catalog.item_ids[cands["item"].to_numpy()],
-        S.EVENT_TIMESTAMP: pd.to_datetime(req.now_ms[local], unit="ms", utc=True)})
-    users, items, session = training_matrices(training_frame(store, entity_df))
-    _, recent = EP.session_rows(fitted.history, catalog, req.user_rows, RF.N_RECENT)
-    sources = {c: cands[c].to_numpy(np.float32) for c in cands.columns
-               if c.endswith(("_score", "_rank"))}
-    hour = ((req.now_ms[local] // 3_600_000) % 24).astype(np.float32)
-    rows = np.arange(len(cands))
-    return RF.build_features(rows, cands["item"].to_numpy(), sources, users, items, session,
-                             hour, RF.device_codes(req.device[local]), recent[local],
-                             fitted.space, EQ.sequence_inputs(fitted, req), sequence_rows=local)
 
 
 def feature_spec() -> dict[str, Any]:

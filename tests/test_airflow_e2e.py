@@ -154,6 +154,11 @@ def test_trigger_daily_from_the_ui(airflow_state, mlflow_server):
         bundle = paths.models / RUN_ID
         assert (bundle / "manifest.json").exists() and (bundle / "ranker" / "model.txt").exists()
         assert (bundle / "two_tower").exists()
+        # the DAG's ranker learns from Feast's point-in-time rows, and evaluate scores it with
+        # the same source (in-process features would measure a skew, not the ranker)
+        trained = json.loads((bundle / "ranker" / "meta.json").read_text())["feature_source"]
+        report = json.loads((bundle / "eval.json").read_text())
+        assert trained == report["protocol"]["feature_source"] == "feast"
         assert _champion(mlflow_server.url) >= 1
     finally:
         stop(paths.run, "airflow")

@@ -15,6 +15,7 @@ order of its ``items.parquet`` / ``users.parquet``, whichever job wrote them.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -268,6 +269,8 @@ def test_daily_chain_builds_promotes_and_serves_one_bundle(spark, lake, negative
     assert {"als.ndcg@10", "two_tower.ndcg@10", "popularity.ndcg@10"} <= set(manifest.metrics)
     assert manifest.params["two_tower"] is True
     assert out["train_ranker"]["feature_source"] == "history"  # no Feast repo in this lake
+    report = json.loads((bundle / "eval.json").read_text())  # evaluate scored as it trained
+    assert report["protocol"]["feature_source"] == "history"
 
     version = out["register_bundle"]["version"]
     assert version_metrics(version, registry)["ndcg_at_10"] == pytest.approx(

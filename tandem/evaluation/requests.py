@@ -64,6 +64,29 @@ def feature_matrix(fitted: Fitted, catalog: Catalog, req: Requests, cands: pd.Da
                              sequence_inputs(fitted, req))
 
 
+def store_feature_matrix(store, fitted: Fitted, catalog: Catalog, req: Requests,
+                         cands: pd.DataFrame) -> np.ndarray:
+    """The same matrix with the entity features from Feast's point-in-time join (one entity row
+    per candidate, at its request's time): what the nightly ranker trains on, so the nightly
+    evaluation scores it with the features it learned from (``feature_source="feast"``)."""
+    from tandem.features.feature_store import training_frame, training_matrices
+
+    local = pd.Index(req.user_rows).get_indexer(cands["user_row"])
+    entity_df = pd.DataFrame({
+        S.USER_ID: catalog.user_ids[cands["user_row"].to_numpy()],
+        S.ITEM_ID: catalog.item_ids[cands["item"].to_numpy()],
+        S.EVENT_TIMESTAMP: pd.to_datetime(req.now_ms[local], unit="ms", utc=True)})
+    users, items, session = training_matrices(training_frame(store, entity_df))
+    _, recent = session_rows(fitted.history, catalog, req.user_rows, RF.N_RECENT)
+    sources = {c: cands[c].to_numpy(np.float32) for c in cands.columns
+               if c.endswith(("_score", "_rank"))}
+    hour = ((req.now_ms[local] // 3_600_000) % 24).astype(np.float32)
+    rows = np.arange(len(cands))
+    return RF.build_features(rows, cands["item"].to_numpy(), sources, users, items, session,
+                             hour, RF.device_codes(req.device[local]), recent[local],
+                             fitted.space, sequence_inputs(fitted, req), sequence_rows=local)
+
+
 def sequence_inputs(fitted: Fitted, req: Requests) -> tuple[np.ndarray, np.ndarray] | None:
     """(queries [m, d] of the requests' users, item vectors) for ``sequence_affinity``: the
     query the sequence source retrieves with (:func:`source_scores`); None without the model."""
