@@ -43,9 +43,10 @@ system-deps:
 proto: $(STAMP)
 	@$(BIN)/python -m tandem.contracts.build
 
-# the full chaos scenarios (marker `chaos`) run in `make chaos`, their quick subset here
+# the full chaos scenarios (marker `chaos`) run in `make chaos`, their quick subset here;
+# the 30 slowest tests are listed at the end (where the suite's time goes)
 test: setup system-deps
-	$(BIN)/python -m pytest -m "not chaos" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not chaos" --durations=30 $(PYTEST_ARGS)
 
 demo: setup system-deps
 	$(BIN)/python -m tandem.cli demo
