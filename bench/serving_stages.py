@@ -7,12 +7,14 @@ stored users drawn by activity, 5 % new ones) against an in-memory store holding
 users' profile and session rows, so the numbers are the engine's CPU alone. The stage deadlines
 are off (a loaded machine would otherwise skip ranking past ``rank_deadline_ms`` and make the
 answers depend on the load). Prints mean / p50 /
-p99 per stage (``Result.stages_ms``) and the whole call; ``--profile`` adds cProfile's top
+p99 per stage (``Result.stages_ms``) and the whole call; ``--cpu`` measures them in CPU time
+of the request thread instead of wall time (on a machine other work shares, wall time counts
+their time slices too); ``--profile`` adds cProfile's top
 functions; ``--out`` writes the numbers and the answers (to compare two code versions on the
 same requests: run it under each and diff the answers).
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python bench/serving_stages.py \\
-        --world var/bench/synthetic-1000000-5000000-150x15 [--requests 300] [--profile]
+        --world var/bench/synthetic-1000000-5000000-150x15 [--requests 300] [--cpu] [--profile]
 """
 
 from __future__ import annotations
