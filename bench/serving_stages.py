@@ -7,12 +7,14 @@ stored users drawn by activity, 5 % new ones) against an in-memory store holding
 users' profile and session rows, so the numbers are the engine's CPU alone. The stage deadlines
 are off (a loaded machine would otherwise skip ranking past ``rank_deadline_ms`` and make the
 answers depend on the load). Prints mean / p50 /
-p99 per stage (``Result.stages_ms``) and the whole call; ``--profile`` adds cProfile's top
+p99 per stage (``Result.stages_ms``) and the whole call; ``--cpu`` measures them in CPU time
+of the request thread instead of wall time (on a machine other work shares, wall time counts
+their time slices too); ``--profile`` adds cProfile's top
 functions; ``--out`` writes the numbers and the answers (to compare two code versions on the
 same requests: run it under each and diff the answers).
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python bench/serving_stages.py \\
-        --world var/bench/synthetic-1000000-5000000-150x15 [--requests 300] [--profile]
+        --world var/bench/synthetic-1000000-5000000-150x15 [--requests 300] [--cpu] [--profile]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pstats
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -32,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serving import make_requests  # noqa: E402
+from serving import result as result_module  # noqa: E402
 from serving.config import ServingConfig  # noqa: E402
 from serving.engine import Engine  # noqa: E402
 from serving.item_table import ItemFeatures  # noqa: E402
@@ -53,7 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--cpu", action="store_true",
+                        help="stages in CPU time of the request thread (time.thread_time), not "
+                             "wall time: the machine may be shared")
     args = parser.parse_args(argv)
+    if args.cpu:  # StageClock reads serving.result's clock
+        result_module.time = SimpleNamespace(perf_counter=time.thread_time)
     params = json.loads((args.world / "bundle" / "manifest.json").read_text())["params"]
     n_items, n_users = params["n_items"], params["n_users"]
     frame = pd.read_parquet(args.world / "item_features.parquet")
@@ -75,10 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
     answers = []
     if profile:
         profile.enable()
+    clock = time.process_time if args.cpu else time.perf_counter
     for q in queries[WARM_UP:]:
-        t0 = time.perf_counter()
+        t0 = clock()
         result = engine.recommend(q, cfg, store)
-        stages["total"].append((time.perf_counter() - t0) * 1000)
+        stages["total"].append((clock() - t0) * 1000)
         for name, ms in result.stages_ms.items():
             stages.setdefault(name, []).append(ms)
         answers.append(result.item_ids if not result.cold_start else None)  # cold: random

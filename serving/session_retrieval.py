@@ -30,7 +30,7 @@ import numpy as np
 
 from tandem.features import entity as F
 from tandem.models import als as A
-from tandem.policy.retrieval import content_candidates, content_profile, genre_top_rows
+from tandem.policy.retrieval import GenreLists, content_profile
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class SessionRetrieval:
     ----------
     als_items : float32 [n_items, f] ALS item factors; ``yty`` their Gram matrix [f, f]
     item_genres : bool [n_items, N_GENRES] genre multi-hot (``tandem.features.entity.GENRE_VOCAB``)
-    genre_top : int64 [N_GENRES, N_GENRE_TOP] each genre's most popular rows, -1 padded
-    popularity : float32 [n_items]
+    genre_lists : each genre's most popular rows, with their genres and popularity
+        (``tandem.policy.retrieval.GenreLists``)
     als_cfg : the ALS configuration the bundle's factors were fitted with (``als/meta.json``:
         the night's tuned regularization and alpha); fold-in must solve with the same
     """
@@ -50,16 +50,16 @@ class SessionRetrieval:
     als_items: np.ndarray
     yty: np.ndarray
     item_genres: np.ndarray
-    genre_top: np.ndarray
-    popularity: np.ndarray
+    genre_lists: GenreLists
     als_cfg: Mapping[str, Any] = field(default_factory=lambda: A.ALS_CONFIG)
 
     @classmethod
     def build(cls, als_items: np.ndarray, item_genres: np.ndarray, popularity: np.ndarray,
               als_cfg: Mapping[str, Any] = A.ALS_CONFIG) -> SessionRetrieval:
-        return cls(als_items, A.gram(als_items), np.asarray(item_genres, bool),
-                   genre_top_rows(item_genres, popularity),
-                   np.asarray(popularity, np.float32), {**A.ALS_CONFIG, **als_cfg})
+        genres = np.asarray(item_genres, bool)
+        return cls(als_items, A.gram(als_items), genres,
+                   GenreLists.build(genres, np.asarray(popularity, np.float32)),
+                   {**A.ALS_CONFIG, **als_cfg})
 
     def als_query(self, prior: np.ndarray | None, history: np.ndarray,
                   session: Mapping[str, Any] | None) -> np.ndarray | None:
@@ -75,7 +75,7 @@ class SessionRetrieval:
         (``user_genre_affinity``) and the session's newest items' genres."""
         profile = content_profile(_affinity(user.get("user_genre_affinity")), self.item_genres,
                                   history)
-        return content_candidates(self.genre_top, self.item_genres, self.popularity, profile, n)
+        return self.genre_lists.candidates(profile, n)
 
 
 def _affinity(value: Any) -> np.ndarray:

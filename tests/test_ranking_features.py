@@ -156,3 +156,49 @@ def test_sequence_affinity_is_the_sources_score_for_every_candidate():
                           sequence_rows=users)
     np.testing.assert_array_equal(x[:, RF.FEATURE_NAMES.index("sequence_affinity")], out)
     assert "content_score" in RF.FEATURE_NAMES and "content_rank" in RF.FEATURE_NAMES
+
+
+def _hstacked(user_rows, items, sources, users, item_m, session_m, hour, device, recent, space):
+    """build_features as it was before it wrote into one matrix: its blocks concatenated
+    (float64 where any block is) and cast to float32 once; the reference for the bits."""
+    n = len(items)
+    src = np.column_stack([np.asarray(sources.get(name, np.full(n, np.nan)), dtype=np.float32)
+                           for name in RF.SOURCE_FEATURES[:-1]])
+    n_sources = (~np.isnan(src[:, 0::2])).sum(axis=1, dtype=np.float32)[:, None]
+    per_user = users[user_rows]
+    cross = F.genre_affinity_cross(per_user[:, F.USER_AFFINITY_SLICE],
+                                   item_m[:, F.ITEM_GENRE_SLICE])
+    return np.hstack([src, n_sources, per_user, item_m, session_m[user_rows], cross[:, None],
+                      hour[user_rows, None], device[user_rows, None],
+                      RF.sequence_affinity(items, user_rows, None)[:, None],
+                      RF.recency_features(items, user_rows, recent, space)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("n_users", [1, 3])  # one request (broadcast rows) and a batch
+def test_build_features_bits_equal_one_cast_of_the_concatenated_blocks(n_users):
+    """Writing each block into the float32 matrix rounds exactly as one cast of the float64
+    concatenation did: same bits, so a ranker scores old and new matrices identically."""
+    rng = np.random.default_rng(n_users)
+    n, n_items = 400, 300
+    space = RF.ItemSpace(RF.unit_rows(rng.normal(size=(n_items, 8)).astype(np.float32)),
+                         sp.random(n_items, n_items, density=0.1, format="csr", dtype=np.float32,
+                                   random_state=5))
+    user_rows = rng.integers(0, n_users, n)
+    items = rng.integers(0, n_items, n)
+    sources = {"als_score": np.where(rng.random(n) < 0.5, rng.normal(size=n), np.nan),  # f64
+               "als_rank": rng.integers(1, 500, n).astype(np.float64),
+               "content_score": rng.random(n).astype(np.float32)}
+    users = rng.normal(size=(n_users, len(F.USER_FEATURES)))  # float64, like user_matrix's math
+    item_m = rng.normal(size=(n, len(F.ITEM_FEATURES))).astype(np.float32)
+    item_m[:, F.ITEM_GENRE_SLICE] = rng.random((n, F.N_GENRES)) < 0.2
+    session_m = rng.normal(size=(n_users, len(F.SESSION_FEATURES))).astype(np.float32)
+    hour = rng.integers(0, 24, n_users).astype(np.float32)
+    device = rng.integers(0, 5, n_users).astype(np.float64)
+    recent = rng.integers(0, n_items, (n_users, RF.N_RECENT))
+    recent[-1, 2:] = RF.PAD
+    args = (user_rows, items, sources, users, item_m, session_m, hour, device, recent, space)
+    got = RF.build_features(*args)
+    want = _hstacked(*args)
+    assert got.dtype == np.float32 and got.shape == (n, len(RF.FEATURE_NAMES))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.isnan(got).any() and not np.isnan(got[:, RF.FEATURE_NAMES.index("n_sources")]).any()

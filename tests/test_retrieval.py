@@ -2,7 +2,14 @@
 
 import numpy as np
 
-from tandem.policy.retrieval import SOURCE_BITS, content_candidates, merge, source_names
+from tandem.policy.retrieval import (
+    SOURCE_BITS,
+    GenreLists,
+    content_candidates,
+    genre_top_rows,
+    merge,
+    source_names,
+)
 
 
 def test_merge_dedupes_and_keeps_every_source():
@@ -43,3 +50,22 @@ def test_content_candidates_rank_by_genre_match_then_popularity():
     assert rows.tolist() == [2, 1, 5, 4, 0]
     # an empty profile retrieves nothing
     assert len(content_candidates(genre_top, genres, popularity, np.zeros(3), 10)[0]) == 0
+
+
+def test_genre_lists_give_content_candidates_rows_and_scores():
+    """Serving's per-model GenreLists (each genre's list gathered once) return exactly what
+    content_candidates computes from the catalog arrays, ties in popularity included."""
+    rng = np.random.default_rng(0)
+    genres = rng.random((5000, 19)) < 0.15
+    popularity = np.round(rng.random(5000), 2).astype(np.float32)  # many ties
+    lists = GenreLists.build(genres, popularity, m=50)
+    genre_top = genre_top_rows(genres, popularity, m=50)
+    profiles = [np.where(rng.random(19) < 0.3, rng.random(19), 0.0).astype(np.float32)
+                for _ in range(50)] + [np.zeros(19, np.float32), np.eye(19, dtype=np.float32)[4]]
+    for profile in profiles:
+        want = content_candidates(genre_top, genres, popularity, profile, 60)
+        got = lists.candidates(profile, 60)
+        assert np.array_equal(got[0], want[0])
+        assert np.array_equal(got[1].view(np.uint32), want[1].view(np.uint32))
+    assert len(lists.candidates(profiles[0], 60)[0]) == 60
+    assert len(lists.candidates(profiles[-2], 60)[0]) == 0  # empty profile

@@ -139,21 +139,23 @@ def recency_features(items: np.ndarray, user_rows: np.ndarray, recent: np.ndarra
     einsum sums over ``f`` in the same order either way, so both give identical bits.
     """
     n, r = len(items), recent.shape[1]
-    cand = space.unit_vectors[items]  # [n, f]
+    out = np.full((n, len(RECENCY_FEATURES)), np.nan, dtype=np.float32)
     if len(recent) == 1:  # one request: its R vectors, broadcast over the candidates
+        if not (recent[0] >= 0).any():  # no recent items: every row is missing
+            return out
         row = np.where(recent[0] >= 0, recent[0], 0)
-        cos = np.einsum("nf,rf->nr", cand, space.unit_vectors[row])
+        cos = np.einsum("nf,rf->nr", space.unit_vectors[items], space.unit_vectors[row])
         valid = np.broadcast_to(recent[0] >= 0, (n, r))
         safe = np.broadcast_to(row, (n, r))
+        has = slice(None)  # every row has the request's recent items: no row gathers
     else:
         per_candidate = recent[user_rows]
         valid = per_candidate >= 0
         safe = np.where(valid, per_candidate, 0)
-        cos = np.einsum("nf,nrf->nr", cand, space.unit_vectors[safe])
+        cos = np.einsum("nf,nrf->nr", space.unit_vectors[items], space.unit_vectors[safe])
+        has = valid.any(axis=1)
     cooc = space.cooc_values(np.repeat(items, r), safe.ravel()).reshape(n, r)
-    has = valid.any(axis=1)
     count = np.maximum(valid.sum(axis=1), 1)
-    out = np.full((n, len(RECENCY_FEATURES)), np.nan, dtype=np.float32)
     out[has, 0] = np.where(valid, cos, -np.inf).max(axis=1)[has]
     out[has, 1] = (np.where(valid, cos, 0.0).sum(axis=1) / count)[has]
     out[has, 2] = np.where(valid[:, 0], cos[:, 0], np.nan)[has]
@@ -232,18 +234,42 @@ def build_features(user_rows: np.ndarray, items: np.ndarray, sources: dict[str, 
         per request)
     """
     n = len(items)
-    src = np.column_stack(
-        [np.asarray(sources.get(name, np.full(n, np.nan)), dtype=np.float32)
-         for name in SOURCE_FEATURES[:-1]]) if n else np.zeros((0, len(SOURCE_FEATURES) - 1))
-    n_sources = (~np.isnan(src[:, 0::2])).sum(axis=1, dtype=np.float32)[:, None]
-    users = user_matrix[user_rows]
-    cross = F.genre_affinity_cross(users[:, F.USER_AFFINITY_SLICE],
-                                   item_matrix[:, F.ITEM_GENRE_SLICE])
-    blocks = [
-        src, n_sources, users, item_matrix, session_matrix[user_rows],
-        cross[:, None], hour[user_rows, None], device[user_rows, None],
-        sequence_affinity(items, user_rows if sequence_rows is None else sequence_rows,
-                          sequence)[:, None],
-        recency_features(items, user_rows, recent, space),
-    ]
-    return np.hstack(blocks).astype(np.float32)
+    # Each block is cast to float32 as it is written into one matrix (what one cast of their
+    # float64 concatenation gave, bit for bit, after two full-size copies); column-major, so
+    # each column is one contiguous write (the ranker copies it to its row-major float64 input)
+    out = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32, order="F")
+    for j, name in enumerate(SOURCE_FEATURES[:-1]):
+        out[:, j] = sources.get(name, np.nan)
+    n_src = len(SOURCE_FEATURES)
+    out[:, n_src - 1] = (~np.isnan(out[:, : n_src - 1: 2])).sum(axis=1, dtype=np.float32)
+    one_user = len(user_matrix) == 1  # a request: its rows broadcast, not gathered per item
+    users = user_matrix[0] if one_user else user_matrix[user_rows]
+    at = _BLOCKS
+    out[:, at["user"]] = users
+    out[:, at["item"]] = item_matrix
+    out[:, at["session"]] = session_matrix[0] if one_user else session_matrix[user_rows]
+    out[:, at["cross"]] = F.genre_affinity_cross(users[..., F.USER_AFFINITY_SLICE],
+                                                 item_matrix[:, F.ITEM_GENRE_SLICE])
+    out[:, at["hour"]] = hour[0] if one_user else hour[user_rows]
+    out[:, at["device"]] = device[0] if one_user else device[user_rows]
+    out[:, at["sequence"]] = sequence_affinity(
+        items, user_rows if sequence_rows is None else sequence_rows, sequence)
+    out[:, at["recency"]] = recency_features(items, user_rows, recent, space)
+    return out
+
+
+def _block_columns() -> dict[str, slice | int]:
+    """Where each block of :func:`build_features` sits in :data:`FEATURE_NAMES`."""
+    sizes = {"sources": len(SOURCE_FEATURES), "user": len(F.USER_FEATURES),
+             "item": len(F.ITEM_FEATURES), "session": len(F.SESSION_FEATURES), "cross": 1,
+             "hour": 1, "device": 1, "sequence": len(SEQUENCE_FEATURES),
+             "recency": len(RECENCY_FEATURES)}
+    out, start = {}, 0
+    for name, size in sizes.items():
+        out[name] = start if size == 1 else slice(start, start + size)
+        start += size
+    assert start == len(FEATURE_NAMES)
+    return out
+
+
+_BLOCKS = _block_columns()

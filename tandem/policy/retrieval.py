@@ -146,16 +146,78 @@ def content_candidates(genre_top: np.ndarray, item_genres: np.ndarray, popularit
     item's genre multi-hot and ``profile``. Only the drawn genres' lists are scored (no pass
     over the catalog), so the cost is ``n_genres * m`` whatever the catalog size.
     """
-    weights = np.asarray(profile, dtype=np.float32)
-    norm = float(np.linalg.norm(weights))
-    if norm == 0.0 or n <= 0:
+    top = _drawn_genres(profile, n, n_genres)
+    if top is None:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    top = np.argsort(-weights, kind="stable")[:n_genres]
-    rows = np.unique(genre_top[top[weights[top] > 0]].ravel())
+    rows = np.unique(genre_top[top].ravel())
     rows = rows[rows >= 0]
     hot = np.asarray(item_genres[rows], dtype=np.float32)
-    scores = (hot @ weights) / (np.sqrt(np.maximum(hot.sum(axis=1), 1.0)) * norm)
-    order = np.lexsort((-popularity[rows], -scores))[:n]
+    return _rank_by_match(rows, hot, _root_counts(hot), popularity[rows], profile, n)
+
+
+@dataclass(frozen=True)
+class GenreLists:
+    """:func:`content_candidates` with what it reads of each genre's list gathered once per
+    model: serving draws from the same lists on every request, and gathering their rows' genres
+    and popularity from the catalog-wide arrays (random rows of a 1M-item table) cost more
+    than the scoring. Same rows and scores as :func:`content_candidates`.
+
+    Attributes
+    ----------
+    rows : int64 [n_vocab, m] each genre's most popular rows (:func:`genre_top_rows`, -1 padded)
+    hot : float32 [n_vocab, m, n_vocab] their genre multi-hot, ``root_counts`` [n_vocab, m] the
+        square root of their genre counts (at least 1); popularity : [n_vocab, m] theirs
+    """
+
+    rows: np.ndarray
+    hot: np.ndarray
+    root_counts: np.ndarray
+    popularity: np.ndarray
+
+    @classmethod
+    def build(cls, item_genres: np.ndarray, popularity: np.ndarray,
+              m: int = N_GENRE_TOP) -> GenreLists:
+        rows = genre_top_rows(item_genres, popularity, m)
+        safe = np.maximum(rows, 0)  # padding slots are dropped before they are read
+        hot = np.asarray(item_genres[safe], dtype=np.float32)
+        return cls(rows, hot, _root_counts(hot), np.asarray(popularity)[safe])
+
+    def candidates(self, profile: np.ndarray, n: int, n_genres: int = 3
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`content_candidates` of ``profile`` (same arguments and result)."""
+        top = _drawn_genres(profile, n, n_genres)
+        if top is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        rows, first = np.unique(self.rows[top].ravel(), return_index=True)
+        first = first[rows >= 0]
+        return _rank_by_match(rows[rows >= 0], self.hot[top].reshape(-1, self.hot.shape[2])[first],
+                              self.root_counts[top].ravel()[first],
+                              self.popularity[top].ravel()[first], profile, n)
+
+
+def _drawn_genres(profile: np.ndarray, n: int, n_genres: int) -> np.ndarray | None:
+    """The profile's ``n_genres`` heaviest genres with weight > 0 (None: nothing to draw)."""
+    weights = np.asarray(profile, dtype=np.float32)
+    if float(np.linalg.norm(weights)) == 0.0 or n <= 0:
+        return None
+    top = np.argsort(-weights, kind="stable")[:n_genres]
+    return top[weights[top] > 0]
+
+
+def _root_counts(hot: np.ndarray) -> np.ndarray:
+    """sqrt(genres per item), at least 1: the item side of the cosine."""
+    return np.sqrt(np.maximum(hot.sum(axis=-1), 1.0))
+
+
+def _rank_by_match(rows: np.ndarray, hot: np.ndarray, root_counts: np.ndarray,
+                   popularity: np.ndarray, profile: np.ndarray, n: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``n`` of ``rows`` (genre multi-hot ``hot``, :func:`_root_counts`) by cosine
+    with ``profile``, more popular first among equals."""
+    weights = np.asarray(profile, dtype=np.float32)
+    norm = float(np.linalg.norm(weights))
+    scores = (hot @ weights) / (root_counts * norm)
+    order = np.lexsort((-popularity, -scores))[:n]
     return rows[order].astype(np.int64), scores[order].astype(np.float32)
 
 
