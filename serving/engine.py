@@ -14,8 +14,8 @@ Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)
                   seen/excluded  (tandem.policy.retrieval)
     features      one matrix for all candidates (tandem.features.ranking_features, as in training)
     ranker        one LightGBM (or lleaves-compiled) call
-    mmr           MMR over the top of the ranked list, calibrated to the user's genre profile
-                  (history + session: the content source's) (tandem.policy.diversify)
+    mmr           MMR over the top of the ranked list, calibrated to the genres the session's
+                  newest items agree on (tandem.policy.diversify)
 
 Any failing or slow part degrades the answer instead of failing it: no user features -> the
 retrieval sources that do not need them; no ranker -> retrieval order; and each such case is
@@ -312,10 +312,8 @@ class Engine(ColdPath, WarmUpCheck):
             popular = self.popular[: cfg.n_popular]
             lists.append(("fresh", fresh, self.created_at[fresh].astype(np.float32)))
             lists.append(("popularity", popular, self.popularity[popular]))
-            profile = None
             try:
-                profile = self.session_retrieval.profile(user_raw, history)
-                lists.append(("content", *self.session_retrieval.content(profile,
+                lists.append(("content", *self.session_retrieval.content(user_raw, history,
                                                                          cfg.n_content)))
             except Exception:  # noqa: BLE001 - a bad profile row costs the source, not the reply
                 log.exception("content retrieval failed")
@@ -345,7 +343,8 @@ class Engine(ColdPath, WarmUpCheck):
                            self.item_features.static[:, F.ITEM_GENRE_SLICE], q.k,
                            {"mmr_lambda": cfg.mmr_lambda, "mmr_pool": cfg.mmr_pool,
                             "genre_cap": cfg.genre_cap, "calibration": cfg.calibration},
-                           profile)
+                           self.session_retrieval.intent(history) if cfg.calibration > 0
+                           else None)
         picked = pool.take(order)
         # no randomisation on this path: each item is shown with probability 1 (exactly)
         return Result(request_id, self.version, self.item_ids[picked.rows].tolist(),

@@ -13,9 +13,10 @@ online store already returns (no extra read):
   (not in the last build) is folded in from the session alone.
 * **Content**: the user's genre profile (their history's ``user_genre_affinity`` plus the
   genres of their recent session items, which weigh more) retrieves the best-matching popular
-  items of its top genres (``tandem.policy.retrieval.content_candidates``); the re-ranking then
-  calibrates the shown list's genre mix to the same profile (``tandem.policy.diversify``), since
-  the ranker, trained on histories, does not rank a session's genre up by itself.
+  items of its top genres (``tandem.policy.retrieval.content_candidates``); the re-ranking can
+  calibrate the shown list's genre mix to the genres the session's items agree on
+  (``tandem.policy.diversify``), since the ranker, trained on histories, does not rank a
+  session's genre up by itself.
 
 Both are functions of the bundle (factors, genres, popularity) and the request's rows, so they
 need no state and cannot go stale: the feature consumer writes the session row within a second
@@ -32,7 +33,12 @@ import numpy as np
 
 from tandem.features import entity as F
 from tandem.models import als as A
-from tandem.policy.retrieval import content_candidates, content_profile, genre_top_rows
+from tandem.policy.retrieval import (
+    content_candidates,
+    content_profile,
+    genre_top_rows,
+    session_intent,
+)
 
 
 @dataclass(frozen=True)
@@ -71,15 +77,17 @@ class SessionRetrieval:
         return A.session_query(self.als_items, self.yty, prior, history, session,
                                dict(self.als_cfg))
 
-    def profile(self, user: Mapping[str, Any], history: np.ndarray) -> np.ndarray:
-        """The user's genre profile [N_GENRES]: their history (``user_genre_affinity``) and the
-        session's newest items' genres, which weigh more. The content source draws from it and
-        the re-ranking calibrates the shown list to it (``tandem.policy.diversify``)."""
-        return content_profile(_affinity(user.get("user_genre_affinity")), self.item_genres,
-                               history)
+    def intent(self, history: np.ndarray) -> np.ndarray:
+        """The genres the session's newest items agree on [N_GENRES]: the re-ranking calibrates
+        the shown list to them (``tandem.policy.retrieval.session_intent``)."""
+        return session_intent(self.item_genres, history)
 
-    def content(self, profile: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, scores) of the content source for a genre ``profile`` (:meth:`profile`)."""
+    def content(self, user: Mapping[str, Any], history: np.ndarray,
+                n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, scores) of the content source for a genre profile from the user's history
+        (``user_genre_affinity``) and the session's newest items' genres."""
+        profile = content_profile(_affinity(user.get("user_genre_affinity")), self.item_genres,
+                                  history)
         return content_candidates(self.genre_top, self.item_genres, self.popularity, profile, n)
 
 

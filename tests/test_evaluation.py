@@ -253,9 +253,8 @@ def test_content_source_in_training_is_servings_on_the_same_rows():
     _, recent = EP.session_rows(train, catalog, rows, 10)
     for local, row in enumerate(rows):
         seen = fitted.seen[row].indices
-        profile = served.profile({"user_genre_affinity": urows["user_genre_affinity"][local]},
-                                 recent[local][recent[local] >= 0])
-        items, scores = served.content(profile, 8 + len(seen))
+        items, scores = served.content({"user_genre_affinity": urows["user_genre_affinity"][local]},
+                                       recent[local][recent[local] >= 0], 8 + len(seen))
         keep = ~np.isin(items, seen)
         mine = got[got["local"] == local]
         np.testing.assert_array_equal(mine["item"].to_numpy(), items[keep][:8])
@@ -284,7 +283,15 @@ def test_two_stage_shows_servings_rerank_of_the_ranker_scores():
     users = cands["user_row"].to_numpy()
     assert len(shown) == 8 and (users[shown[:4]] == 0).all() and (users[shown[4:]] == 1).all()
     first = users == 0
-    expected = D.rerank(scores[first], cands["item"].to_numpy()[first],
-                        RF.unit_rows(fitted.als.item_factors),
-                        F.genre_multi_hot(catalog.items[S.GENRES]), 4)
+    vectors, genres = RF.unit_rows(fitted.als.item_factors), F.genre_multi_hot(
+        catalog.items[S.GENRES])
+    expected = D.rerank(scores[first], cands["item"].to_numpy()[first], vectors, genres, 4)
+    np.testing.assert_array_equal(shown[:4], np.flatnonzero(first)[expected])
+    # calibrated to each user's session intent, as serving reads it (the query history's genres)
+    intents = EO.group_intents(fitted, catalog, cands, None)
+    assert intents.shape == (2, F.N_GENRES) and intents.max() >= 0.5
+    cfg = {**D.DIVERSIFY_CONFIG, "calibration": 3.0}
+    shown = EO.diversified(fitted, catalog, cands, scores, 4, cfg, intents)
+    expected = D.rerank(scores[first], cands["item"].to_numpy()[first], vectors, genres, 4, cfg,
+                        intents[0])
     np.testing.assert_array_equal(shown[:4], np.flatnonzero(first)[expected])

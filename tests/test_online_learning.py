@@ -77,8 +77,7 @@ def test_a_burst_refolds_als_and_brings_its_genre_through_content(world):
     np.testing.assert_array_equal(folded[:20], top[:20])
     assert len(np.setdiff1d(folded[:50], nightly[:50])) >= 10
     # content: the session's genre leads over the Comedy history
-    rows, _ = engine.session_retrieval.content(engine.session_retrieval.profile(user, history),
-                                               CFG.n_content)
+    rows, _ = engine.session_retrieval.content(user, history, CFG.n_content)
     genres = engine.item_features.static[:, F.ITEM_GENRE_SLICE] > 0
     assert genres[rows[:50], HORROR].all()
     assert after.candidates["content"] >= 50

@@ -2,7 +2,13 @@
 
 import numpy as np
 
-from tandem.policy.retrieval import SOURCE_BITS, content_candidates, merge, source_names
+from tandem.policy.retrieval import (
+    SOURCE_BITS,
+    content_candidates,
+    merge,
+    session_intent,
+    source_names,
+)
 
 
 def test_merge_dedupes_and_keeps_every_source():
@@ -43,3 +49,16 @@ def test_content_candidates_rank_by_genre_match_then_popularity():
     assert rows.tolist() == [2, 1, 5, 4, 0]
     # an empty profile retrieves nothing
     assert len(content_candidates(genre_top, genres, popularity, np.zeros(3), 10)[0]) == 0
+
+
+def test_session_intent_is_the_genres_most_newest_items_share():
+    # genres: 0 Horror, 1 Comedy, 2 Drama
+    genres = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1]], bool)
+    # a burst of Horror (rows 0, 1, 4, newest first): Horror alone (Comedy 1/3, Drama 1/3 drop)
+    np.testing.assert_allclose(session_intent(genres, np.array([4, 1, 0])), [1.0, 0.0, 0.0])
+    # a spread (Horror 2/4, Comedy 2/4, Drama 2/4): every genre at half is kept
+    np.testing.assert_allclose(session_intent(genres, np.array([1, 2, 3, 4])), [0.5, 0.5, 0.5])
+    # nothing agreed on, padding and no history: no intent
+    np.testing.assert_allclose(session_intent(genres, np.array([0, 2, 3])), [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(session_intent(genres, np.array([0, -1, -1])), [1.0, 0.0, 0.0])
+    assert session_intent(genres, np.zeros(0, np.int64)).tolist() == [0.0, 0.0, 0.0]

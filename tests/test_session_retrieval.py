@@ -52,15 +52,14 @@ def test_content_follows_the_session_over_the_history():
     sr = _world()
     comedy_fan = {"user_genre_affinity": [1.0 if g == COMEDY else 0.0
                                           for g in range(F.N_GENRES)]}
-    none = np.zeros(0, np.int64)
-    rows, scores = sr.content(sr.profile(comedy_fan, none), 5)
+    rows, scores = sr.content(comedy_fan, np.zeros(0, np.int64), 5)
     assert rows.tolist() == [0, 1, 2, 3, 4]  # most popular Comedy first
     np.testing.assert_allclose(scores, 1.0, rtol=1e-6)
-    rows, _ = sr.content(sr.profile(comedy_fan, np.array([25, 24, 23])), 25)
+    rows, _ = sr.content(comedy_fan, np.array([25, 24, 23]), 25)
     assert rows[:20].tolist() == list(range(20, 40))  # the session's genre leads ...
     assert rows[20:].tolist() == [0, 1, 2, 3, 4]  # ... the history's follows
-    assert len(sr.content(sr.profile({}, none), 5)[0]) == 0  # no profile, no content
+    assert len(sr.content({}, np.zeros(0, np.int64), 5)[0]) == 0  # no profile, no content
     # the online store returns the affinity as an array; a malformed one reads as the default
     as_array = {"user_genre_affinity": np.asarray(comedy_fan["user_genre_affinity"])}
-    assert sr.content(sr.profile(as_array, none), 5)[0].tolist() == [0, 1, 2, 3, 4]
-    assert len(sr.content(sr.profile({"user_genre_affinity": [1.0, 2.0]}, none), 5)[0]) == 0
+    assert sr.content(as_array, np.zeros(0, np.int64), 5)[0].tolist() == [0, 1, 2, 3, 4]
+    assert len(sr.content({"user_genre_affinity": [1.0, 2.0]}, np.zeros(0, np.int64), 5)[0]) == 0

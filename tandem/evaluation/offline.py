@@ -39,7 +39,7 @@ from tandem.evaluation.sources import (
     candidates,
     engaged_pairs,
     fit_sources,
-    genre_profiles,
+    session_intents,
     source_scores,
     top_lists,
 )
@@ -55,20 +55,20 @@ def _group_starts(users: np.ndarray) -> np.ndarray:
     return np.r_[0, np.flatnonzero(np.diff(users)) + 1] if len(users) else np.zeros(0, int)
 
 
-def group_profiles(fitted: Fitted, catalog: Catalog, cands: pd.DataFrame,
-                   play_dwell_ms: int | None) -> np.ndarray:
-    """The genre profile (the calibration target of :func:`diversified`) of each user's run of
+def group_intents(fitted: Fitted, catalog: Catalog, cands: pd.DataFrame,
+                  play_dwell_ms: int | None) -> np.ndarray:
+    """The session intent (the calibration target of :func:`diversified`) of each user's run of
     ``cands``, in run order: what serving's re-ranking reads at the request."""
     users = cands["user_row"].to_numpy()
-    return genre_profiles(fitted, catalog, users[_group_starts(users)], play_dwell_ms)
+    return session_intents(fitted, catalog, users[_group_starts(users)], play_dwell_ms)
 
 
 def diversified(fitted: Fitted, catalog: Catalog, cands: pd.DataFrame, ranked: np.ndarray,
-                k: int, cfg: dict[str, Any], profiles: np.ndarray | None = None) -> np.ndarray:
+                k: int, cfg: dict[str, Any], intents: np.ndarray | None = None) -> np.ndarray:
     """Positions into ``cands`` of each user's ``k`` shown items, in the order shown: serving's
     re-ranking (``tandem.policy.diversify.rerank``: MMR over serving's item vectors -- the
     two-tower's, unit ALS factors without it -- the genre cap and the calibration to each user's
-    genre profile, ``profiles`` of :func:`group_profiles`; None: no calibration) on the ranker's
+    session intent, ``intents`` of :func:`group_intents`; None: no calibration) on the ranker's
     scores. One call per user (the request path's own loop), never per candidate."""
     vectors = (fitted.tower.item_vectors() if fitted.tower is not None
                else RF.unit_rows(fitted.als.item_factors))
@@ -78,7 +78,7 @@ def diversified(fitted: Fitted, catalog: Catalog, cands: pd.DataFrame, ranked: n
     starts = _group_starts(users)
     ends = np.r_[starts[1:], len(users)]
     picked = [lo + D.rerank(ranked[lo:hi], items[lo:hi], vectors, genres, k, cfg,
-                            None if profiles is None else profiles[g])
+                            None if intents is None else intents[g])
               for g, (lo, hi) in enumerate(zip(starts, ends, strict=True))]
     return np.concatenate(picked) if picked else np.zeros(0, np.int64)
 
@@ -254,7 +254,7 @@ class RankedLists:
     ranked: np.ndarray
     rel: pd.DataFrame  # (user_id, item_id) relevant pairs
     baseline: pd.DataFrame  # ALS's top-k of the same users (a prediction frame)
-    profiles: np.ndarray  # [users' runs in cands, n_genres] calibration targets (group_profiles)
+    intents: np.ndarray  # [users' runs in cands, n_genres] calibration targets (group_intents)
 
 
 def validation_lists(fit: TwoStage, catalog: Catalog, cfg: dict[str, Any]
@@ -285,7 +285,7 @@ def validation_lists(fit: TwoStage, catalog: Catalog, cfg: dict[str, Any]
     baseline = _pred_frame(catalog, top["user_row"].to_numpy(), top["item"].to_numpy(),
                            -top["rank"].to_numpy(float))
     return RankedLists(split.fitted, cands, ranked, rel, baseline,
-                       group_profiles(split.fitted, catalog, cands, cfg["play_dwell_ms"]))
+                       group_intents(split.fitted, catalog, cands, cfg["play_dwell_ms"]))
 
 
 def _shown_frame(lists: RankedLists, catalog: Catalog, k: int, setting: dict[str, Any]
@@ -293,7 +293,7 @@ def _shown_frame(lists: RankedLists, catalog: Catalog, k: int, setting: dict[str
     """The prediction frame of the lists as shown with one diversify ``setting``."""
     users = lists.cands["user_row"].to_numpy()
     shown = diversified(lists.fitted, catalog, lists.cands, lists.ranked, k, setting,
-                        lists.profiles)
+                        lists.intents)
     return _pred_frame(catalog, users[shown], lists.cands["item"].to_numpy()[shown],
                        -_position_in_group(users[shown]))
 
@@ -375,7 +375,7 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
                         np.zeros(len(cands)))
     retrieval["combined"] = M.recall_at_k(rel, union, k=len(catalog.item_ids))
     test_lists = RankedLists(fitted, cands, ranked, rel, preds["als"],
-                             group_profiles(fitted, catalog, cands, cfg["play_dwell_ms"]))
+                             group_intents(fitted, catalog, cands, cfg["play_dwell_ms"]))
     sweep = chosen = None
     if valid is not None:
         progress("diversify sweep: re-ranking with every setting")

@@ -16,16 +16,18 @@ rest are filled by plain MMR over what is left: the caller asked for ``k`` items
 list is worse than a soft cap.
 
 Calibration (Steck, "Calibrated Recommendations", RecSys 2018) rides on it too: with a target
-genre distribution ``p`` (the user's genre profile, :func:`tandem.policy.retrieval.content_profile`:
-their history plus their newest engaged items, which weigh more) and ``calibration = w > 0``,
-step ``t`` also subtracts ``w * KL(p || q~)``, where ``q`` is the genre distribution of the list
-with the candidate added and ``q~ = (1 - a) q + a p`` (``a`` = :data:`CALIBRATION_ALPHA`, so an
-absent genre costs a finite amount). The ranker learns which items a user engages with next from
-histories; it cannot learn what a session says when the training events hold no sessions like it
-(a burst of one genre), and it ranks the popular head of every genre alike. Calibration makes the
-shown list's genre mix follow the user's profile, so twelve Horror films just engaged with make
-Horror a large share of the target, and the list shows Horror in proportion; a user whose
-profile spans several genres gets a list that spans them too.
+genre distribution ``p`` and ``calibration = w > 0``, step ``t`` also subtracts
+``w * KL(p || q~)``, where ``q`` is the genre distribution of the list with the candidate added
+and ``q~ = (1 - a) q + a p`` (``a`` = :data:`CALIBRATION_ALPHA`, so an absent genre costs a
+finite amount). The target serving and ``make eval`` pass is the session's intent
+(:func:`tandem.policy.retrieval.session_intent`): the genres at least half of the user's newest
+engaged items share. The ranker learns which items a user engages with next from histories; it
+cannot learn what a session says when the training events hold no sessions like it (a burst of
+one genre), and it ranks the popular head above them. Twelve Horror films just engaged with make
+Horror the whole target, and the list brings Horror films up until the marginal KL gain no
+longer pays for the relevance lost. Calibrating to the whole genre profile instead (history and
+session) was tried: it chased every minor genre of every user and cost ml-100k's validation
+NDCG@10 17 % at ``w = 1``.
 """
 
 from __future__ import annotations
