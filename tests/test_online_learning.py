@@ -88,9 +88,9 @@ def test_a_burst_of_one_genre_is_lost_in_the_ranker_and_calibration_brings_it(wo
     films. Retrieval brings dozens of Horror films (content, session, fold-in), but the ranker,
     which learned from histories without such sessions, ranks them below the popular head:
     serving's default re-ranking (the ranker's order, MMR) shows none of them. Calibrating the
-    list's genre mix to the user's profile, in which the session's genres weigh most
+    list's genre mix to the session's intent -- the genres the newest items agree on, Horror
     (``tandem.policy.diversify``, a ``ServingConfig.calibration`` variant: off by default, as
-    ``make eval``'s validation split chooses), shows at least 3 of 10."""
+    ``make eval``'s validation split chooses) -- shows at least 3 of 10."""
     user = {"user_genre_affinity": [1.0 if g == F.GENRE_VOCAB.index("Comedy") else 0.0
                                     for g in range(F.N_GENRES)]}
     burst = _horror_fan_burst(world["frame"])
