@@ -104,7 +104,8 @@ def markdown(report: dict[str, Any]) -> str:
         verdict = "met" if chosen["met_rule"] else "none met it: the default kept"
         lines += ["", f"Re-ranking chosen on the validation split ({chosen['validation_users']} "
                       f"held-out users of the first inner split): mmr_lambda "
-                      f"{chosen['mmr_lambda']}, genre_cap {chosen['genre_cap']} ({chosen['rule']};"
+                      f"{chosen['mmr_lambda']}, genre_cap {chosen['genre_cap']}, calibration "
+                      f"{chosen['calibration']} ({chosen['rule']};"
                       f" {verdict}); {len(report['diversify_sweep']) // 2} settings swept."]
     bar = report.get("quality_bar")
     if bar:

@@ -16,7 +16,8 @@ class ServingConfig:
     """Knobs of the request path; an A/B variant may override any of them.
 
     Candidate counts per source, MMR (``mmr_lambda`` in [0, 1], over the top ``mmr_pool`` of the
-    ranked list; at most ``genre_cap`` items sharing a genre, 0 = off), cold-start exploration
+    ranked list; at most ``genre_cap`` items sharing a genre, 0 = off; ``calibration``: weight of
+the list's genre mix matching the user's genre profile, 0 = off), cold-start exploration
     (``exploration`` = ``epsilon_greedy`` | ``thompson`` | ``ucb`` with bonus weight ``ucb_c``),
     and the per-stage deadlines in milliseconds: the online store read is abandoned after
     ``online_store_timeout_ms``; if retrieval ends later than ``rank_deadline_ms`` into the
@@ -35,6 +36,7 @@ class ServingConfig:
     mmr_lambda: float = DIVERSIFY_CONFIG["mmr_lambda"]  # one default for serving and eval
     mmr_pool: int = DIVERSIFY_CONFIG["mmr_pool"]
     genre_cap: int = DIVERSIFY_CONFIG["genre_cap"]
+    calibration: float = DIVERSIFY_CONFIG["calibration"]
     exploration: str = "epsilon_greedy"
     epsilon: float = 0.1
     ucb_c: float = 1.0

@@ -14,7 +14,8 @@ Request path of :meth:`Engine.recommend` (stages are timed and named in metrics)
                   seen/excluded  (tandem.policy.retrieval)
     features      one matrix for all candidates (tandem.features.ranking_features, as in training)
     ranker        one LightGBM (or lleaves-compiled) call
-    mmr           MMR over the top of the ranked list (tandem.policy.diversify)
+    mmr           MMR over the top of the ranked list, calibrated to the genres the session's
+                  newest items agree on (tandem.policy.diversify)
 
 Any failing or slow part degrades the answer instead of failing it: no user features -> the
 retrieval sources that do not need them; no ranker -> retrieval order; and each such case is
@@ -341,7 +342,9 @@ class Engine(ColdPath, WarmUpCheck):
             order = rerank(scores, pool.rows, self.item_vectors,
                            self.item_features.static[:, F.ITEM_GENRE_SLICE], q.k,
                            {"mmr_lambda": cfg.mmr_lambda, "mmr_pool": cfg.mmr_pool,
-                            "genre_cap": cfg.genre_cap})
+                            "genre_cap": cfg.genre_cap, "calibration": cfg.calibration},
+                           self.session_retrieval.intent(history) if cfg.calibration > 0
+                           else None)
         picked = pool.take(order)
         # no randomisation on this path: each item is shown with probability 1 (exactly)
         return Result(request_id, self.version, self.item_ids[picked.rows].tolist(),

@@ -197,7 +197,8 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
                          online_store_timeout_ms=args.store_timeout_ms,
                          store_breaker_failures=args.breaker_failures,
                          store_breaker_cooldown_s=args.breaker_cooldown_s,
-                         genre_cap=args.genre_cap, deltas_dir=_deltas_dir(args))
+                         genre_cap=args.genre_cap, calibration=args.calibration,
+                         deltas_dir=_deltas_dir(args))
 
 
 def build_app(args: argparse.Namespace, engine_cls=None) -> App:
@@ -302,6 +303,9 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-k", type=int, default=100)
     parser.add_argument("--genre-cap", type=int, default=ServingConfig.genre_cap,
                         help="at most this many items per genre in a list; 0 = off")
+    parser.add_argument("--calibration", type=float, default=ServingConfig.calibration,
+                        help="weight of the list's genre mix matching the user's genre profile "
+                             "(history + session; tandem.policy.diversify); 0 = off")
     parser.add_argument("--exploration", choices=["epsilon_greedy", "thompson", "ucb"],
                         default="epsilon_greedy")
     parser.add_argument("--ranker-backend", choices=["auto", "lleaves", "lightgbm"],

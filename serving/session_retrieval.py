@@ -13,7 +13,10 @@ online store already returns (no extra read):
   (not in the last build) is folded in from the session alone.
 * **Content**: the user's genre profile (their history's ``user_genre_affinity`` plus the
   genres of their recent session items, which weigh more) retrieves the best-matching popular
-  items of its top genres (``tandem.policy.retrieval.content_candidates``).
+  items of its top genres (``tandem.policy.retrieval.content_candidates``); the re-ranking can
+  calibrate the shown list's genre mix to the genres the session's items agree on
+  (``tandem.policy.diversify``), since the ranker, trained on histories, does not rank a
+  session's genre up by itself.
 
 Both are functions of the bundle (factors, genres, popularity) and the request's rows, so they
 need no state and cannot go stale: the feature consumer writes the session row within a second
@@ -30,7 +33,7 @@ import numpy as np
 
 from tandem.features import entity as F
 from tandem.models import als as A
-from tandem.policy.retrieval import GenreLists, content_profile
+from tandem.policy.retrieval import GenreLists, content_profile, session_intent
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class SessionRetrieval:
         there is nothing to fold (no history and no prior)."""
         return A.session_query(self.als_items, self.yty, prior, history, session,
                                dict(self.als_cfg))
+
+    def intent(self, history: np.ndarray) -> np.ndarray:
+        """The genres the session's newest items agree on [N_GENRES]: the re-ranking calibrates
+        the shown list to them (``tandem.policy.retrieval.session_intent``)."""
+        return session_intent(self.item_genres, history)
 
     def content(self, user: Mapping[str, Any], history: np.ndarray,
                 n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -84,3 +84,53 @@ def test_rerank_is_mmr_over_the_top_of_the_pool_with_the_shared_defaults():
     # position 1 (row 0, genre 0) first; position 2 (row 1, genre 0, more relevant than
     # position 0) is blocked by the cap, so position 0 (row 2, genre 1) comes second
     np.testing.assert_array_equal(capped, [1, 0])
+
+
+def test_calibration_brings_the_targets_genres_into_the_list():
+    """Steck's calibration: each step pays ``w * KL(target || the list's genre mix)``; a list of
+    the ranker's top A items misses the target's B half, so B moves up (the genre-less item
+    brings no genre and moves nothing)."""
+    target = np.array([0.5, 0.5])
+    assert mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES, target=target).tolist() == [0, 1, 2]
+    # step 2: one more A leaves B out (KL 1.96), the B item (relevance 0.25 vs 0.75) makes
+    # the mix (0.5, 0.5) (KL 0); step 3: a second A costs only KL 0.06
+    assert mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES, target=target,
+               calibration=1.0).tolist() == [0, 3, 1]
+    # an A-only target asks for nothing the ranker's order does not already give
+    assert mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES, target=np.array([1.0, 0.0]),
+               calibration=1.0).tolist() == [0, 1, 2]
+    # no target (or an empty one): calibration is off
+    assert mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES, target=np.zeros(2),
+               calibration=1.0).tolist() == [0, 1, 2]
+
+
+def test_calibration_moves_a_large_lists_genre_mix_to_the_target():
+    rng = np.random.default_rng(1)
+    genres = rng.random((100, 6)) < 0.3
+    rel = rng.random(100) + 2.0 * genres[:, 0]  # the ranker likes genre 0
+    target = np.array([0.1, 0.1, 0.1, 0.1, 0.1, 0.5])  # the user wants genre 5
+
+    def kl(picked: np.ndarray) -> float:
+        q = genres[picked].sum(axis=0) / genres[picked].sum()
+        return float((target * np.log(target / np.maximum(q, 1e-3))).sum())
+
+    plain = mmr(rel, np.eye(100), 10, lam=1.0, genres=genres)
+    calibrated = mmr(rel, np.eye(100), 10, lam=1.0, genres=genres, target=target,
+                     calibration=1.0)
+    assert len(set(calibrated.tolist())) == 10
+    assert kl(calibrated) < 0.5 * kl(plain)
+    assert genres[calibrated, 5].sum() >= genres[plain, 5].sum() + 3
+
+
+def test_rerank_calibrates_to_the_target_it_is_given():
+    from tandem.policy.diversify import DIVERSIFY_CONFIG, rerank
+
+    rows = np.array([4, 3, 2, 1, 0])  # the pool's catalog rows: genres by row, reversed
+    catalog_genres = GENRES[::-1].astype(np.float32)
+    cfg = {**DIVERSIFY_CONFIG, "mmr_lambda": 1.0, "calibration": 1.0}
+    target = np.array([0.5, 0.5])
+    np.testing.assert_array_equal(rerank(REL5, rows, VECS5, catalog_genres, 3, cfg, target),
+                                  [0, 3, 1])
+    np.testing.assert_array_equal(rerank(REL5, rows, VECS5, catalog_genres, 3,
+                                         {**cfg, "calibration": 0.0}, target), [0, 1, 2])
+    np.testing.assert_array_equal(rerank(REL5, rows, VECS5, catalog_genres, 3, cfg), [0, 1, 2])

@@ -100,37 +100,42 @@ def test_evaluate_end_to_end_on_a_tiny_world():
     # the diversify sweep: every grid setting on both splits, the two-stage row is the chosen
     # setting's test row, the choice follows the rule on the validation rows only
     sweep, chosen = report["diversify_sweep"], report["diversify_chosen"]
-    n = len(DS.GRID["mmr_lambda"]) * len(DS.GRID["genre_cap"])
+    n = len(DS.GRID["mmr_lambda"]) * len(DS.GRID["genre_cap"]) * len(DS.GRID["calibration"])
     assert [r["split"] for r in sweep].count("validation") == n == len(sweep) - n
     picked = [r for r in sweep if r["split"] == "test"
-              and (r["mmr_lambda"], r["genre_cap"]) == (chosen["mmr_lambda"], chosen["genre_cap"])]
+              and all(r[key] == chosen[key] for key in DS.KEYS)]
     two_stage = report["models"]["two_stage"]
     assert {m: picked[0][m] for m in ("ndcg@10", "coverage@10", "diversity@10")} == {
         m: two_stage[m] for m in ("ndcg@10", "coverage@10", "diversity@10")}
     assert report["diversify"]["mmr_lambda"] == chosen["mmr_lambda"]
     valid = [r for r in sweep if r["split"] == "validation"]
     assert DS.choose(valid, chosen["validation_als"], E.EVAL_CONFIG["diversify"], 10) == (
-        {"mmr_lambda": chosen["mmr_lambda"], "genre_cap": chosen["genre_cap"]},
-        chosen["met_rule"])
+        {key: chosen[key] for key in DS.KEYS}, chosen["met_rule"])
 
 
 def test_sweep_choice_is_the_best_validation_ndcg_that_keeps_alss_breadth():
-    rows = [{"mmr_lambda": 1.0, "genre_cap": 0, "ndcg@10": 0.30, "coverage@10": 0.2,
-             "diversity@10": 0.5},   # most relevant, narrower than ALS
-            {"mmr_lambda": 0.9, "genre_cap": 0, "ndcg@10": 0.25, "coverage@10": 0.4,
-             "diversity@10": 0.7},
-            {"mmr_lambda": 0.7, "genre_cap": 2, "ndcg@10": 0.25, "coverage@10": 0.5,
-             "diversity@10": 0.8},   # as good: the earlier (lighter) setting wins
-            {"mmr_lambda": 0.5, "genre_cap": 2, "ndcg@10": 0.20, "coverage@10": 0.6,
-             "diversity@10": 0.9}]
+    rows = [{"mmr_lambda": 1.0, "genre_cap": 0, "calibration": 0.0, "ndcg@10": 0.30,
+             "coverage@10": 0.2, "diversity@10": 0.5},   # most relevant, narrower than ALS
+            {"mmr_lambda": 0.9, "genre_cap": 0, "calibration": 1.0, "ndcg@10": 0.25,
+             "coverage@10": 0.4, "diversity@10": 0.7},
+            {"mmr_lambda": 0.7, "genre_cap": 2, "calibration": 0.0, "ndcg@10": 0.25,
+             "coverage@10": 0.5, "diversity@10": 0.8},   # as good: the earlier setting wins
+            {"mmr_lambda": 0.5, "genre_cap": 2, "calibration": 0.0, "ndcg@10": 0.20,
+             "coverage@10": 0.6, "diversity@10": 0.9}]
     als = {"ndcg@10": 0.2, "coverage@10": 0.3, "diversity@10": 0.6}
-    default = {"mmr_lambda": 0.7, "mmr_pool": 100, "genre_cap": 0}
-    assert DS.choose(rows, als, default, 10) == ({"mmr_lambda": 0.9, "genre_cap": 0}, True)
+    default = {"mmr_lambda": 0.7, "mmr_pool": 100, "genre_cap": 0, "calibration": 1.0}
+    assert DS.choose(rows, als, default, 10) == (
+        {"mmr_lambda": 0.9, "genre_cap": 0, "calibration": 1.0}, True)
     wide = {**als, "diversity@10": 0.95}  # nothing is as diverse: the default stays
-    assert DS.choose(rows, wide, default, 10) == ({"mmr_lambda": 0.7, "genre_cap": 0}, False)
+    assert DS.choose(rows, wide, default, 10) == (
+        {"mmr_lambda": 0.7, "genre_cap": 0, "calibration": 1.0}, False)
     grid = DS.settings({"mmr_lambda": (1.0, 0.5), "genre_cap": (0, 2)}, default)
-    assert [(g["mmr_lambda"], g["genre_cap"], g["mmr_pool"]) for g in grid] == [
-        (1.0, 0, 100), (1.0, 2, 100), (0.5, 0, 100), (0.5, 2, 100)]
+    assert [(g["mmr_lambda"], g["genre_cap"], g["calibration"], g["mmr_pool"])
+            for g in grid] == [(1.0, 0, 1.0, 100), (1.0, 2, 1.0, 100), (0.5, 0, 1.0, 100),
+                               (0.5, 2, 1.0, 100)]
+    with_calibration = DS.settings({"mmr_lambda": (1.0,), "genre_cap": (0,),
+                                    "calibration": (0.0, 3.0)}, default)
+    assert [g["calibration"] for g in with_calibration] == [0.0, 3.0]
 
 
 def test_evaluate_tunes_every_model_on_the_inner_split_only(monkeypatch):
@@ -278,7 +283,15 @@ def test_two_stage_shows_servings_rerank_of_the_ranker_scores():
     users = cands["user_row"].to_numpy()
     assert len(shown) == 8 and (users[shown[:4]] == 0).all() and (users[shown[4:]] == 1).all()
     first = users == 0
-    expected = D.rerank(scores[first], cands["item"].to_numpy()[first],
-                        RF.unit_rows(fitted.als.item_factors),
-                        F.genre_multi_hot(catalog.items[S.GENRES]), 4)
+    vectors, genres = RF.unit_rows(fitted.als.item_factors), F.genre_multi_hot(
+        catalog.items[S.GENRES])
+    expected = D.rerank(scores[first], cands["item"].to_numpy()[first], vectors, genres, 4)
+    np.testing.assert_array_equal(shown[:4], np.flatnonzero(first)[expected])
+    # calibrated to each user's session intent, as serving reads it (the query history's genres)
+    intents = EO.group_intents(fitted, catalog, cands, None)
+    assert intents.shape == (2, F.N_GENRES) and intents.max() >= 0.5
+    cfg = {**D.DIVERSIFY_CONFIG, "calibration": 3.0}
+    shown = EO.diversified(fitted, catalog, cands, scores, 4, cfg, intents)
+    expected = D.rerank(scores[first], cands["item"].to_numpy()[first], vectors, genres, 4, cfg,
+                        intents[0])
     np.testing.assert_array_equal(shown[:4], np.flatnonzero(first)[expected])

@@ -8,6 +8,7 @@ from tandem.policy.retrieval import (
     content_candidates,
     genre_top_rows,
     merge,
+    session_intent,
     source_names,
 )
 
@@ -69,3 +70,16 @@ def test_genre_lists_give_content_candidates_rows_and_scores():
         assert np.array_equal(got[1].view(np.uint32), want[1].view(np.uint32))
     assert len(lists.candidates(profiles[0], 60)[0]) == 60
     assert len(lists.candidates(profiles[-2], 60)[0]) == 0  # empty profile
+
+
+def test_session_intent_is_the_genres_most_newest_items_share():
+    # genres: 0 Horror, 1 Comedy, 2 Drama
+    genres = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1]], bool)
+    # a burst of Horror (rows 0, 1, 4, newest first): Horror alone (Comedy 1/3, Drama 1/3 drop)
+    np.testing.assert_allclose(session_intent(genres, np.array([4, 1, 0])), [1.0, 0.0, 0.0])
+    # a spread (Horror 2/4, Comedy 2/4, Drama 2/4): every genre at half is kept
+    np.testing.assert_allclose(session_intent(genres, np.array([1, 2, 3, 4])), [0.5, 0.5, 0.5])
+    # nothing agreed on, padding and no history: no intent
+    np.testing.assert_allclose(session_intent(genres, np.array([0, 2, 3])), [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(session_intent(genres, np.array([0, -1, -1])), [1.0, 0.0, 0.0])
+    assert session_intent(genres, np.zeros(0, np.int64)).tolist() == [0.0, 0.0, 0.0]

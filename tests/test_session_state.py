@@ -34,3 +34,20 @@ def test_fold_counts_recent_items_genres_and_session_gap():
     assert replay(events[:4], GENRES)["u1"].version_us == 3_000_001
     u2 = session_row("u2", states["u2"])
     assert (u2[s.SESSION_RECENT_ITEMS], u2["cnt_impression"], u2[s.SESSION_LENGTH]) == ([], 1, 1)
+
+
+def test_the_demo_burst_reaches_the_session_as_24_events():
+    """``make demo``'s burst: a click and a like per item, each its own event, so the feature
+    consumer's dedup (by event id) keeps both and the session weighs the likes too."""
+    from tandem.cli.demo import burst_events
+    from tandem.models.als import session_confidence
+    from tandem.streaming.dedup import RecentEventIds
+
+    items = [f"h{i}" for i in range(12)]
+    events = burst_events("42", items, 10_000_000, "demo-x")
+    seen = RecentEventIds()
+    assert not any(seen.is_duplicate(e[s.EVENT_ID], e[s.TS]) for e in events)
+    row = session_row("42", replay(events, {i: ["Horror"] for i in items})["42"])
+    assert (row["cnt_click"], row["cnt_like"], row[s.SESSION_LENGTH]) == (12, 12, 24)
+    assert row[s.SESSION_RECENT_ITEMS] == items[::-1]
+    assert session_confidence(row, len(items)) == 4.0  # a click and a like per item

@@ -277,6 +277,16 @@ def print_feed(paths: Paths, user_id: str, reply, titles) -> None:
     console.print(table)
 
 
+def burst_events(user_id: str, items: list[str], now_ms: int, session: str) -> list[dict]:
+    """A click and a like on each of ``items``, one item a second up to ``now_ms``. Each event
+    has its own id: a click and a like sharing one would read as a replay, and the lake and the
+    feature consumer would keep only the click (the burst then weighed a quarter as much)."""
+    return [{"event_id": f"{session}-{n}-{etype}", "event_type": etype, "user_id": user_id,
+             "item_id": item, "ts": now_ms - (len(items) - n) * 1000, "session_id": session,
+             "context": {"device": "tv", "country": "US", "surface": "home"}}
+            for n, item in enumerate(items) for etype in ("click", "like")]
+
+
 def burst(stack: Stack, user_ids: list[str], titles) -> None:
     """Send 12 engagements with one genre through Kafka for the first of ``user_ids`` whose feed
     has no session neighbours yet (an earlier demo's burst stays in its session for the session
@@ -290,12 +300,8 @@ def burst(stack: Stack, user_ids: list[str], titles) -> None:
             break
     genre = "Horror"
     liked = [i for i, (_, g) in titles.items() if genre in g][:12]
-    now = int(time.time() * 1000)
-    session = f"demo-{uuid.uuid4().hex[:8]}"
-    events = [{"event_id": f"{session}-{n}", "event_type": etype, "user_id": user_id,
-               "item_id": item, "ts": now - (len(liked) - n) * 1000, "session_id": session,
-               "context": {"device": "tv", "country": "US", "surface": "home"}}
-              for n, item in enumerate(liked) for etype in ("click", "like")]
+    events = burst_events(user_id, liked, int(time.time() * 1000),
+                          f"demo-{uuid.uuid4().hex[:8]}")
     t0 = _step(f"burst: {len(events)} click/like events on {genre} films for user {user_id} "
                "through Kafka")
     producer = EventProducer(stack.bootstrap, client_id="tandem-demo")

@@ -1,4 +1,4 @@
-"""Choosing the re-ranking setting (MMR lambda, genre cap) on a validation split.
+"""Choosing the re-ranking setting (MMR lambda, genre cap, calibration) on a validation split.
 
 ``make eval`` ranks each user's candidates once and then re-ranks the same scores with every
 setting of a small grid (:data:`GRID`): re-ranking is cheap (``tandem.policy.diversify.rerank``, one
@@ -24,15 +24,17 @@ from tandem.evaluation import metrics as M
 
 # lambda 1.0 = the ranker's order; cap 0 = no genre quota (tandem.policy.diversify)
 GRID: dict[str, tuple] = {"mmr_lambda": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
-                          "genre_cap": (0, 4, 3, 2)}
-KEYS = ("mmr_lambda", "genre_cap")
+                          "genre_cap": (0, 4, 3, 2), "calibration": (0.0, 1.0, 3.0)}
+KEYS = ("mmr_lambda", "genre_cap", "calibration")
 
 
 def settings(grid: Mapping[str, Sequence], base: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every (mmr_lambda, genre_cap) of ``grid`` over ``base`` (``mmr_pool`` and the rest),
-    lambda-major in grid order."""
-    return [{**base, "mmr_lambda": float(lam), "genre_cap": int(cap)}
-            for lam, cap in itertools.product(grid["mmr_lambda"], grid["genre_cap"])]
+    """Every (mmr_lambda, genre_cap, calibration) of ``grid`` over ``base`` (``mmr_pool`` and
+    the rest), lambda-major in grid order; a grid without ``calibration`` keeps ``base``'s."""
+    calibrations = grid.get("calibration", (base.get("calibration", 0.0),))
+    return [{**base, "mmr_lambda": float(lam), "genre_cap": int(cap), "calibration": float(c)}
+            for lam, cap, c in itertools.product(grid["mmr_lambda"], grid["genre_cap"],
+                                                 calibrations)]
 
 
 def list_metrics(pred: pd.DataFrame, rel: pd.DataFrame, n_items: int,
@@ -46,8 +48,8 @@ def list_metrics(pred: pd.DataFrame, rel: pd.DataFrame, n_items: int,
 
 def choose(validation: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
            default: Mapping[str, Any], k: int) -> tuple[dict[str, Any], bool]:
-    """(the chosen ``{mmr_lambda, genre_cap}``, whether a setting met the rule) from
-    ``validation`` rows (``mmr_lambda``, ``genre_cap`` and their metrics, grid order) and the
+    """(the chosen ``{mmr_lambda, genre_cap, calibration}``, whether a setting met the rule)
+    from ``validation`` rows (those keys and their metrics, grid order) and the
     ALS ``baseline``'s metrics on the same users; ``default`` when none qualifies."""
     ndcg, cov, div = f"ndcg@{k}", f"coverage@{k}", f"diversity@{k}"
     ok = [r for r in validation if r[cov] >= baseline[cov] and r[div] >= baseline[div]]

@@ -39,6 +39,7 @@ from tandem.evaluation.sources import (
     candidates,
     engaged_pairs,
     fit_sources,
+    session_intents,
     source_scores,
     top_lists,
 )
@@ -49,27 +50,42 @@ from tandem.models import ranker as R
 from tandem.policy import diversify as D
 
 
+def _group_starts(users: np.ndarray) -> np.ndarray:
+    """Start of each run of equal ``users`` (a user's candidates are contiguous)."""
+    return np.r_[0, np.flatnonzero(np.diff(users)) + 1] if len(users) else np.zeros(0, int)
+
+
+def group_intents(fitted: Fitted, catalog: Catalog, cands: pd.DataFrame,
+                  play_dwell_ms: int | None) -> np.ndarray:
+    """The session intent (the calibration target of :func:`diversified`) of each user's run of
+    ``cands``, in run order: what serving's re-ranking reads at the request."""
+    users = cands["user_row"].to_numpy()
+    return session_intents(fitted, catalog, users[_group_starts(users)], play_dwell_ms)
+
+
 def diversified(fitted: Fitted, catalog: Catalog, cands: pd.DataFrame, ranked: np.ndarray,
-                k: int, cfg: dict[str, Any]) -> np.ndarray:
+                k: int, cfg: dict[str, Any], intents: np.ndarray | None = None) -> np.ndarray:
     """Positions into ``cands`` of each user's ``k`` shown items, in the order shown: serving's
     re-ranking (``tandem.policy.diversify.rerank``: MMR over serving's item vectors -- the
-    two-tower's, unit ALS factors without it -- and the genre cap) on the ranker's scores. One call
-    per user (the request path's own loop), never per candidate."""
+    two-tower's, unit ALS factors without it -- the genre cap and the calibration to each user's
+    session intent, ``intents`` of :func:`group_intents`; None: no calibration) on the ranker's
+    scores. One call per user (the request path's own loop), never per candidate."""
     vectors = (fitted.tower.item_vectors() if fitted.tower is not None
                else RF.unit_rows(fitted.als.item_factors))
     genres = F.genre_multi_hot(catalog.items[S.GENRES])
     users = cands["user_row"].to_numpy()
     items = cands["item"].to_numpy()
-    starts = np.r_[0, np.flatnonzero(np.diff(users)) + 1] if len(users) else np.zeros(0, int)
+    starts = _group_starts(users)
     ends = np.r_[starts[1:], len(users)]
-    picked = [lo + D.rerank(ranked[lo:hi], items[lo:hi], vectors, genres, k, cfg)
-              for lo, hi in zip(starts, ends, strict=True)]
+    picked = [lo + D.rerank(ranked[lo:hi], items[lo:hi], vectors, genres, k, cfg,
+                            None if intents is None else intents[g])
+              for g, (lo, hi) in enumerate(zip(starts, ends, strict=True))]
     return np.concatenate(picked) if picked else np.zeros(0, np.int64)
 
 
 def _position_in_group(users: np.ndarray) -> np.ndarray:
     """0-based position of each row within its run of equal ``users`` (the shown order)."""
-    starts = np.r_[0, np.flatnonzero(np.diff(users)) + 1] if len(users) else np.zeros(0, int)
+    starts = _group_starts(users)
     return (np.arange(len(users)) - np.repeat(starts, np.diff(np.r_[starts, len(users)])))\
         .astype(float)
 
@@ -238,6 +254,7 @@ class RankedLists:
     ranked: np.ndarray
     rel: pd.DataFrame  # (user_id, item_id) relevant pairs
     baseline: pd.DataFrame  # ALS's top-k of the same users (a prediction frame)
+    intents: np.ndarray  # [users' runs in cands, n_genres] calibration targets (group_intents)
 
 
 def validation_lists(fit: TwoStage, catalog: Catalog, cfg: dict[str, Any]
@@ -267,14 +284,16 @@ def validation_lists(fit: TwoStage, catalog: Catalog, cfg: dict[str, Any]
     top = top_lists(split.fitted.als.scores(req.user_rows), k, split.fitted.seen, req.user_rows)
     baseline = _pred_frame(catalog, top["user_row"].to_numpy(), top["item"].to_numpy(),
                            -top["rank"].to_numpy(float))
-    return RankedLists(split.fitted, cands, ranked, rel, baseline)
+    return RankedLists(split.fitted, cands, ranked, rel, baseline,
+                       group_intents(split.fitted, catalog, cands, cfg["play_dwell_ms"]))
 
 
 def _shown_frame(lists: RankedLists, catalog: Catalog, k: int, setting: dict[str, Any]
                  ) -> pd.DataFrame:
     """The prediction frame of the lists as shown with one diversify ``setting``."""
     users = lists.cands["user_row"].to_numpy()
-    shown = diversified(lists.fitted, catalog, lists.cands, lists.ranked, k, setting)
+    shown = diversified(lists.fitted, catalog, lists.cands, lists.ranked, k, setting,
+                        lists.intents)
     return _pred_frame(catalog, users[shown], lists.cands["item"].to_numpy()[shown],
                        -_position_in_group(users[shown]))
 
@@ -355,7 +374,8 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
     union = _pred_frame(catalog, cands["user_row"].to_numpy(), cands["item"].to_numpy(),
                         np.zeros(len(cands)))
     retrieval["combined"] = M.recall_at_k(rel, union, k=len(catalog.item_ids))
-    test_lists = RankedLists(fitted, cands, ranked, rel, preds["als"])
+    test_lists = RankedLists(fitted, cands, ranked, rel, preds["als"],
+                             group_intents(fitted, catalog, cands, cfg["play_dwell_ms"]))
     sweep = chosen = None
     if valid is not None:
         progress("diversify sweep: re-ranking with every setting")
@@ -388,9 +408,9 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
                       f"{cfg['ranker_splits']} nested inner temporal splits of training data "
                       "(explicit negatives kept); sources refit on full training data",
             "diversify": "serving's re-ranking (tandem.policy.diversify.rerank) of the ranked "
-                         "lists; with a sweep, its (mmr_lambda, genre_cap) is chosen on the first "
-                         "inner split's held-out users (tandem.evaluation.diversify_sweep), "
-                         "never on test",
+                         "lists; with a sweep, its (mmr_lambda, genre_cap, calibration) is chosen "
+                         "on the first inner split's held-out users "
+                         "(tandem.evaluation.diversify_sweep), never on test",
         },
         "models": models,
         "retrieval": {f"recall@{cfg['retrieval_k']}": {k_: v for k_, v in retrieval.items()
@@ -401,7 +421,7 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
                        "default_val_ndcg@10": r.default_value, "trials": r.trials}
                    for m, r in studies.items()},
         "diversify": {key: cfg["diversify"][key] for key in ("mmr_lambda", "mmr_pool",
-                                                              "genre_cap")},
+                                                              "genre_cap", "calibration")},
         "diversify_sweep": sweep,
         "diversify_chosen": chosen,
         "timings_s": {"tuning": t_tune, "ranker_train_total": t_ranker, **fitted.timings,

@@ -21,9 +21,10 @@ Protocol (issue 4):
   threshold, shown but not engaged: what ``lake/labels/ranking`` holds as label 0) are all
   kept, and the ranker learns on every split's requests. The sources are then refit on the full
   training data for the test pass (quality probe in ``../shared/notes``).
-- **re-ranking**: the two-stage lists are shown through serving's MMR / genre cap
-  (``tandem.policy.diversify``); the ranked lists are computed once and re-ranked with every
-  (``mmr_lambda``, ``genre_cap``) of ``diversify_grid``, and the setting is chosen on the first
+- **re-ranking**: the two-stage lists are shown through serving's MMR / genre cap / calibration
+  to the user's genre profile (``tandem.policy.diversify``); the ranked lists are computed once and
+  re-ranked with every (``mmr_lambda``, ``genre_cap``, ``calibration``) of ``diversify_grid``, and
+  the setting is chosen on the first
   inner split's held-out users (``tandem.evaluation.diversify_sweep``), never on the test split.
 - **tuning** (``cfg["tune"]``: a ``tandem.config.TuningSettings``; absent by default): Optuna
   studies (``tandem.evaluation.tuning``) choose ALS's, the two-tower's and the ranker's parameters
@@ -78,8 +79,8 @@ EVAL_CONFIG: dict[str, Any] = {
     "sequence": {"num_threads": 1},  # SequenceConfig overrides; None disables the source
     "sequence_k": 200,
     "content_k": 100,  # genre-profile candidates, as serving's ``n_content``; 0 disables
-    "diversify": D.DIVERSIFY_CONFIG,  # serving's MMR / genre-cap defaults, applied to two-stage
-    # (mmr_lambda, genre_cap) grid re-ranking the two-stage lists; the setting is chosen on the
+    "diversify": D.DIVERSIFY_CONFIG,  # serving's re-ranking defaults, applied to two-stage
+    # (mmr_lambda, genre_cap, calibration) grid re-ranking the two-stage lists; chosen on the
     # inner validation split (tandem.evaluation.diversify_sweep) and replaces "diversify"'s; None:
     # no sweep
     "diversify_grid": DS.GRID,

@@ -117,6 +117,20 @@ def content_inputs(history: pd.DataFrame, catalog: Catalog, popularity: np.ndarr
     return T.genre_top_rows(item_genres, popularity), item_genres, affinity, recent
 
 
+def session_intents(fitted: Fitted, catalog: Catalog, rows: np.ndarray,
+                    play_dwell_ms: int | None) -> np.ndarray:
+    """float32 [len(rows), n_genres]: the genres each user's newest engaged items agree on at
+    the end of the history (``tandem.policy.retrieval.session_intent`` of the query history of
+    :func:`content_inputs`), the target serving's re-ranking calibrates a shown list to
+    (``serving.session_retrieval.SessionRetrieval.intent``). One call per user, never per
+    candidate."""
+    _, item_genres, _, recent = content_inputs(fitted.history, catalog, fitted.popularity, rows,
+                                               play_dwell_ms)
+    return np.stack([T.session_intent(item_genres, recent[i])
+                     for i in range(len(rows))]) if len(rows) else np.zeros((0, F.N_GENRES),
+                                                                            np.float32)
+
+
 def content_lists(inputs: tuple[np.ndarray, ...], popularity: np.ndarray, seen: sp.csr_matrix,
                   k: int) -> pd.DataFrame:
     """(local, item, score, rank) of the content source for each row of ``seen`` (the users of

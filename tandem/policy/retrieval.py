@@ -122,6 +122,24 @@ def content_profile(affinity: np.ndarray, item_genres: np.ndarray,
     return profile.astype(np.float32)
 
 
+# a genre shared by at least this share of the newest engaged items is the session's intent
+INTENT_SHARE = 0.5
+
+
+def session_intent(item_genres: np.ndarray, recent: np.ndarray) -> np.ndarray:
+    """float32 [n_vocab]: the genres the user's newest engaged items AGREE on -- each genre's
+    share of ``recent`` (catalog rows, newest first, -1 for none; the newest
+    :data:`N_RECENT_GENRE_ITEMS`), zero below :data:`INTENT_SHARE`. Twelve Horror films in a row
+    give Horror alone; a spread of genres (most histories) gives nothing or their one common
+    genre. The re-ranking calibrates the shown list to it (``tandem.policy.diversify``)."""
+    rows = np.asarray(recent, dtype=np.int64)[:N_RECENT_GENRE_ITEMS]
+    rows = rows[rows >= 0]
+    if not len(rows):
+        return np.zeros(np.shape(item_genres)[1], np.float32)
+    share = np.asarray(item_genres[rows], np.float32).sum(axis=0) / len(rows)
+    return np.where(share >= INTENT_SHARE, share, 0.0).astype(np.float32)
+
+
 def content_candidates(genre_top: np.ndarray, item_genres: np.ndarray, popularity: np.ndarray,
                        profile: np.ndarray, n: int, n_genres: int = 3
                        ) -> tuple[np.ndarray, np.ndarray]:
