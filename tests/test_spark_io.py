@@ -109,3 +109,25 @@ def test_a_write_that_fails_before_the_swap_touches_nothing(spark, tmp_path):
     with pytest.raises(Exception, match="task died"):
         overwrite_interval(boom, root, H0, H2)
     assert _ids(spark, root) == old
+
+
+def test_a_small_write_of_many_partitions_uses_every_core_and_one_file_each(spark, tmp_path):
+    """Rebalanced by partition, a few MB over 48 hours is not coalesced to one writer task (the
+    default 1 MB minimum did that), and each hour still gets one file."""
+    from pyspark.sql import functions as F
+
+    from tandem.spark.io import overwrite_interval
+
+    n = 48 * 200
+    digest = F.sha2(F.col("id").cast("string"), 256)  # ~2 MB that the shuffle cannot compress
+    df = spark.range(n).select(
+        F.concat(digest, F.sha2(digest, 256), F.sha2(F.sha2(digest, 256), 256)).alias(s.EVENT_ID),
+        F.concat(F.lit("2024-01-0"), (1 + F.col("id") % 48 / 24).cast("int").cast("string"))
+        .alias(s.DATE), (F.col("id") % 24).cast("int").alias(s.HOUR))
+    day = H0.replace(hour=0)
+    overwrite_interval(df, tmp_path, day, day + timedelta(days=2), sort_by=[s.EVENT_ID])
+    files = list(tmp_path.glob("date=*/hour=*/*.parquet"))
+    assert len(files) == 48  # one file per hour
+    writers = {f.name.split("-")[1] for f in files}  # part-<task partition>-<uuid>...
+    assert len(writers) == spark.sparkContext.defaultParallelism == 2
+    assert spark.read.parquet(str(tmp_path)).distinct().count() == n

@@ -210,22 +210,38 @@ def _swap(spark: SparkSession, root: str, token: str, folders: Sequence[str]) ->
     only between those two renames; an exception anywhere puts every old partition back.
     """
     base = f"{root}/{SWAP_PREFIX}{token}"
+    rels = [_relative(root, folder) for folder in folders]
+    # which targets and staged folders exist: one listing per parent folder, not two
+    # exists() round trips per partition (a backfill swaps thousands)
+    present, staged = _present(spark, root, rels), _present(spark, f"{base}/new", rels)
     moved: list[tuple[str, str]] = []  # (target, aside) already moved aside
     try:
-        for folder in folders:
-            rel = _relative(root, folder)
-            aside, staged = f"{base}/old/{rel}", f"{base}/new/{rel}"
-            if exists(spark, folder):
+        for folder, rel in zip(folders, rels, strict=True):
+            aside = f"{base}/old/{rel}"
+            if rel in present:
                 rename(spark, folder, aside)
                 moved.append((folder, aside))
                 if os.environ.get(FAILPOINT_ENV) == SWAP_FAILPOINT:
                     os.kill(os.getpid(), signal.SIGKILL)
-            if exists(spark, staged):
-                rename(spark, staged, folder)
+            if rel in staged:
+                rename(spark, f"{base}/new/{rel}", folder)
     except BaseException:
         _swap_rollback(spark, base, moved)
         raise
     delete(spark, base)
+
+
+def _present(spark: SparkSession, folder: str, rels: Sequence[str]) -> set[str]:
+    """The ``rels`` (``date=...`` or ``date=.../hour=...``) that exist under ``folder``."""
+    by_parent: dict[str, list[str]] = {}
+    for rel in rels:
+        parent, _, name = rel.rpartition("/")
+        by_parent.setdefault(parent, []).append(name)
+    found = set()
+    for parent, names in by_parent.items():
+        children = set(_children(spark, f"{folder}/{parent}" if parent else folder))
+        found |= {f"{parent}/{n}" if parent else n for n in names if n in children}
+    return found
 
 
 def _swap_rollback(spark: SparkSession, base: str, moved: Sequence[tuple[str, str]]) -> None:
@@ -278,5 +294,8 @@ def overwrite_interval(df: DataFrame, root: str | Path, start: datetime, end: da
     out = df.hint("rebalance", *parts)
     if sort_by:
         out = out.sortWithinPartitions(*parts, *sort_by)
-    out.write.mode("overwrite").partitionBy(*parts).parquet(f"{root}/{SWAP_PREFIX}{token}/new")
+    # the staging folder is new: a static write into it skips dynamic overwrite's own staging
+    # folder and its per-partition moves
+    (out.write.mode("overwrite").option("partitionOverwriteMode", "static").partitionBy(*parts)
+     .parquet(f"{root}/{SWAP_PREFIX}{token}/new"))
     _swap(spark, root, token, interval_dirs(root, start, end, hourly))

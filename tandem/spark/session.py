@@ -33,6 +33,10 @@ def get_spark(app_name: str = "tandem", master: str | None = None,
         .config("spark.sql.adaptive.coalescePartitions.enabled", "true")
         .config("spark.sql.adaptive.advisoryPartitionSizeInBytes",
                 str(spark_write_partition_bytes()))
+        # a small write of many partitions (a backfill's thousands of hourly folders, each a
+        # parquet file to open and commit) keeps one writer per core instead of being coalesced
+        # to one task by the default 1 MB minimum; each partition still goes to one writer
+        .config("spark.sql.adaptive.coalescePartitions.minPartitionSize", str(64 << 10))
         .config("spark.ui.enabled", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "2g"))

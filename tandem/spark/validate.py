@@ -88,7 +88,7 @@ class _Json:
 
     ``kind`` is ``schema_of_variant`` of the value: null when the field is absent, else
     ``BIGINT``, ``DECIMAL(p,s)``, ``DOUBLE``, ``STRING``, ``BOOLEAN``, ``VOID`` (JSON null),
-    ``OBJECT<...>`` or ``ARRAY<...>``.
+    ``OBJECT<...>`` (``OBJECT`` where the schema expects an object) or ``ARRAY<...>``.
     """
 
     def __init__(self, path: tuple[str, ...]) -> None:
@@ -123,14 +123,20 @@ def _helper_columns(value: Column, nodes: list[tuple[tuple[str, ...], dict]]) ->
     cols = []
     for path, node in nodes:
         sub = F.try_variant_get(value, ".".join(("$", *path)), "variant")
-        cols.append(F.schema_of_variant(sub).alias(_helper("kind", path)))
+        kind = F.schema_of_variant(sub)
         types = node.get("type", [])
         if "integer" in types or _NUMBER_CHECKS & node.keys():  # only what a check reads
             cols.append(F.try_variant_get(sub, "$", "double").alias(_helper("num", path)))
         if _STRING_CHECKS & node.keys():
             cols.append(F.try_variant_get(sub, "$", "string").alias(_helper("str", path)))
         if "properties" in node:
-            cols.append(F.json_object_keys(F.to_json(sub)).alias(_helper("keys", path)))
+            # an object's keys from the variant itself (not re-parsed from to_json), and its kind
+            # without schema_of_variant's walk of every nested value: together ~4x cheaper than
+            # those two on the record, which ingest judges for every line
+            keys = F.map_keys(F.try_variant_get(sub, "$", "map<string,variant>"))
+            cols.append(keys.alias(_helper("keys", path)))
+            kind = F.when(keys.isNotNull(), F.lit("OBJECT")).otherwise(kind)
+        cols.append(kind.alias(_helper("kind", path)))
     return cols
 
 
