@@ -769,7 +769,10 @@ def shadow_side_by_side(w: dict, args: argparse.Namespace, requests: list,
         scraped = _scrape(mport[0])
     finally:
         stop_server(proc)
-    return {"p99_ms_without": without["p99_ms"], "p99_ms_with": fixed["p99_ms"],
+    from serving.config import ServingConfig
+
+    return {"shadow_sample": ServingConfig.shadow_sample,  # the server's default share
+            "p99_ms_without": without["p99_ms"], "p99_ms_with": fixed["p99_ms"],
             "p50_ms_without": without["p50_ms"], "p50_ms_with": fixed["p50_ms"],
             "errors_with": fixed["errors"],
             "shadow_scored": scraped.get("tandem_shadow_seconds_count", 0.0),

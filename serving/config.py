@@ -17,7 +17,8 @@ class ServingConfig:
 
     Candidate counts per source, MMR (``mmr_lambda`` in [0, 1], over the top ``mmr_pool`` of the
     ranked list; at most ``genre_cap`` items sharing a genre, 0 = off; ``calibration``: weight of
-the list's genre mix matching the user's genre profile, 0 = off), cold-start exploration
+    the list's genre mix matching the genres the session's newest items agree on, 0 = off),
+    cold-start exploration
     (``exploration`` = ``epsilon_greedy`` | ``thompson`` | ``ucb`` with bonus weight ``ucb_c``),
     and the per-stage deadlines in milliseconds: the online store read is abandoned after
     ``online_store_timeout_ms``; if retrieval ends later than ``rank_deadline_ms`` into the
@@ -49,6 +50,9 @@ the list's genre mix matching the user's genre profile, 0 = off), cold-start exp
     store_breaker_cooldown_s: float = 5.0  # open this long, then one trial read
     deltas_dir: str | None = None  # <models>/deltas: hourly new items (serving.item_deltas)
     feature_log_share: float = 0.01  # ranked candidates whose feature rows are logged
+    # share of requests a shadow variant scores a second time: the shadow shares the process's
+    # cores (and GIL) with live traffic, so scoring every request doubles the CPU per request
+    shadow_sample: float = 0.1
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> ServingConfig:
         return replace(self, **dict(overrides)) if overrides else self

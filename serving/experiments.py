@@ -3,8 +3,12 @@
 * :class:`DefinitionsWatcher` re-reads ``experiments.json`` (``tandem.experiments.definitions``)
   when its modification time changes — the registry poller calls it — so a canary step or a
   rollback the DAG wrote is served within one poll, like a new champion.
-* :class:`ShadowScorer`: a shadow variant's alias scores the same requests OFF the hot path. The
-  request thread only ``put_nowait``s (query, config, served ids) into a bounded queue — when it
+* :class:`ShadowScorer`: a shadow variant's alias scores a sample of the same requests
+  (``ServingConfig.shadow_sample``, every 1/sample-th answered request) OFF the hot path. The
+  scorer shares the process's cores and GIL with live traffic, so scoring every request would
+  double the CPU a request costs and, near capacity, the live tail with it; a 10 % sample still
+  gives thousands of comparisons an hour. The request thread only ``put_nowait``s (query,
+  config, served ids) into a bounded queue — when it
   is full the request is dropped and counted, never waited for — and one daemon worker answers
   it with the shadow engine, then records overlap@k (shared items / k), Kendall's tau of the
   shared items' ranks (-1..1; none when fewer than two are shared) and the shadow's latency as
@@ -83,12 +87,19 @@ class ShadowScorer:
         self.breaker = CircuitBreaker(None, cfg.store_breaker_failures,
                                       cfg.store_breaker_cooldown_s)
         self.aliases: tuple[str, ...] = ()
+        self.sample = min(max(cfg.shadow_sample, 0.0), 1.0)
+        self._seen = 0  # requests submitted; the n-th is scored when n x sample crosses an int
         self._queue: queue.Queue = queue.Queue(maxsize)
         self._worker = threading.Thread(target=self._run, name="shadow", daemon=True)
         self._worker.start()
 
     def submit(self, q: RecommendQuery, cfg: ServingConfig, served: list[str]) -> None:
-        """Queue ``q`` for every shadow alias; never blocks (drop and count when full)."""
+        """Queue ``q`` for every shadow alias when it is in the sample; never blocks (drop and
+        count when full). Concurrent request threads may race on the counter: the share is then
+        approximate, never the latency."""
+        self._seen += 1
+        if int(self._seen * self.sample) == int((self._seen - 1) * self.sample):
+            return
         for alias in self.aliases:
             try:
                 self._queue.put_nowait((alias, q, cfg, served))

@@ -198,7 +198,7 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
                          store_breaker_failures=args.breaker_failures,
                          store_breaker_cooldown_s=args.breaker_cooldown_s,
                          genre_cap=args.genre_cap, calibration=args.calibration,
-                         deltas_dir=_deltas_dir(args))
+                         shadow_sample=args.shadow_sample, deltas_dir=_deltas_dir(args))
 
 
 def build_app(args: argparse.Namespace, engine_cls=None) -> App:
@@ -306,6 +306,8 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", type=float, default=ServingConfig.calibration,
                         help="weight of the list's genre mix matching the user's genre profile "
                              "(history + session; tandem.policy.diversify); 0 = off")
+    parser.add_argument("--shadow-sample", type=float, default=ServingConfig.shadow_sample,
+                        help="share of requests a shadow variant scores off the hot path (0-1)")
     parser.add_argument("--exploration", choices=["epsilon_greedy", "thompson", "ucb"],
                         default="epsilon_greedy")
     parser.add_argument("--ranker-backend", choices=["auto", "lleaves", "lightgbm"],

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -57,21 +59,23 @@ def test_app_follows_definitions_and_scores_the_shadow(tmp_path):
     sources = {"champion": local_source(v1), "challenger": local_source(v2)}
     path = tmp_path / "experiments.json"
     defs.save(path, [_definition()])
-    app = App(lambda a: sources[a][0](a), lambda a: sources[a][1](a), None, CFG, SynthStore(),
+    app = App(lambda a: sources[a][0](a), lambda a: sources[a][1](a), None,
+              replace(CFG, shadow_sample=0.25), SynthStore(),
               item_features=lambda ids: ItemFeatures.from_frame(frame, pd.Index(ids)),
               definitions=DefinitionsWatcher(path))
     try:
         assert set(app.engines) == {"champion", "challenger"}
         assert [v.name for v in app.experiment.variants] == ["treatment", "control"]
         before = _sample("tandem_shadow_overlap_count", alias="challenger")
+        dropped_before = _sample("tandem_shadow_dropped_total", alias="challenger")
         users = [f"u{i}" for i in range(120)]
         seen = {u: app.recommend(RecommendQuery(u, 10, ts=S.NOW_MS)).variant for u in users}
         assert 10 < sum(v == "treatment" for v in seen.values()) < 50  # ~25%
         assert all(seen[u] == app.experiment.assign(u).name for u in users)
         app.runtime.shadow.join()
         scored = _sample("tandem_shadow_overlap_count", alias="challenger") - before
-        dropped = _sample("tandem_shadow_dropped_total", alias="challenger")
-        assert scored + dropped >= 120 and scored > 0
+        dropped = _sample("tandem_shadow_dropped_total", alias="challenger") - dropped_before
+        assert scored + dropped == 30 and scored > 0  # a quarter of the 120 answered requests
         assert _sample("tandem_shadow_seconds_count", alias="challenger") >= scored
         assert 0 <= _sample("tandem_shadow_overlap_sum", alias="challenger") <= scored
         assert _sample("tandem_variant_seconds_count", experiment="hot",
@@ -98,7 +102,8 @@ class _SlowEngine:
 
 def test_full_shadow_queue_drops_and_never_blocks():
     release = threading.Event()
-    scorer = ShadowScorer(lambda: {"slow": _SlowEngine(release)}, SynthStore(), CFG, maxsize=2)
+    scorer = ShadowScorer(lambda: {"slow": _SlowEngine(release)}, SynthStore(),
+                          replace(CFG, shadow_sample=1.0), maxsize=2)
     scorer.aliases = ("slow",)
     before = _sample("tandem_shadow_dropped_total", alias="slow")
     t0 = time.perf_counter()
@@ -110,4 +115,31 @@ def test_full_shadow_queue_drops_and_never_blocks():
     release.set()
     scorer.join()
     assert _sample("tandem_shadow_failed_total", alias="slow") >= 2
+    scorer.close()
+
+
+class _RecordingEngine:
+    def __init__(self):
+        self.users: list[str] = []
+
+    def recommend(self, q, cfg, store, breaker):
+        self.users.append(q.user_id)
+        return SimpleNamespace(item_ids=["i1", "i2"])
+
+
+@pytest.mark.parametrize("sample, scored", [(0.1, ["u9", "u19", "u29", "u39"]),
+                                            (0.25, ["u3", "u7", "u11", "u15", "u19", "u23",
+                                                    "u27", "u31", "u35", "u39"]),
+                                            (0.0, [])])
+def test_the_shadow_scores_its_sample_of_requests(sample, scored):
+    """Every 1/sample-th request is scored a second time, the others cost the shadow nothing:
+    the live traffic's CPU grows by the sample, not by a second full scoring."""
+    engine = _RecordingEngine()
+    scorer = ShadowScorer(lambda: {"rec": engine}, SynthStore(),
+                          replace(CFG, shadow_sample=sample))
+    scorer.aliases = ("rec",)
+    for i in range(40):
+        scorer.submit(RecommendQuery(f"u{i}", 2), CFG, ["i1", "i2"])
+    scorer.join()
+    assert engine.users == scored
     scorer.close()
