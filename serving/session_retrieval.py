@@ -13,7 +13,7 @@ online store already returns (no extra read):
   (not in the last build) is folded in from the session alone.
 * **Content**: the user's genre profile (their history's ``user_genre_affinity`` plus the
   genres of their recent session items, which weigh more) retrieves the best-matching popular
-  items of its top genres (``tandem.policy.retrieval.content_candidates``); the re-ranking can
+  items of its top genres (``tandem.policy.retrieval.GenreLists``); the re-ranking can
   calibrate the shown list's genre mix to the genres the session's items agree on
   (``tandem.policy.diversify``), since the ranker, trained on histories, does not rank a
   session's genre up by itself.

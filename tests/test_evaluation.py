@@ -245,7 +245,7 @@ def test_content_source_in_training_is_servings_on_the_same_rows():
                                                     "iterations": 2}})
     rows = np.array([0, 1, 5])
     inputs = ES.content_inputs(train, catalog, fitted.popularity, rows, None)
-    got = ES.content_lists(inputs, fitted.popularity, fitted.seen[rows], 8)
+    got = ES.content_lists(inputs, fitted.seen[rows], 8)
     genres = F.genre_multi_hot(catalog.items[S.GENRES]) > 0
     served = SessionRetrieval.build(np.zeros((len(catalog.item_ids), 2), np.float32), genres,
                                     fitted.popularity.astype(np.float32))

@@ -413,6 +413,6 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
         depth["content"] = cfg["content_k"]
         inputs = ES.content_inputs(fitted.history, catalog, req.popularity, req.user_rows,
                                    cfg["play_dwell_ms"])
-        lists["content"] = ES.content_lists(inputs, req.popularity, req.history, depth["content"])
+        lists["content"] = ES.content_lists(inputs, req.history, depth["content"])
     cands = candidates(lists, req, depth)
     return Batch(req, lists, cands, label_mask(cands, req), catalog, fitted, at_cut)

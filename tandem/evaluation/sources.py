@@ -95,7 +95,7 @@ def fit_sources(history: pd.DataFrame, catalog: Catalog, cfg: dict[str, Any] = E
 
 
 def content_inputs(history: pd.DataFrame, catalog: Catalog, popularity: np.ndarray,
-                   rows: np.ndarray, play_dwell_ms: int | None) -> tuple[np.ndarray, ...]:
+                   rows: np.ndarray, play_dwell_ms: int | None) -> tuple:
     """What serving's content source reads, from ``history`` for user ``rows``: each genre's
     popular items, the catalog's genre multi-hot, each user's ``user_genre_affinity`` (share of
     positives per genre, as :func:`user_rows`) and query history (``tandem.features.query_history``,
@@ -114,7 +114,8 @@ def content_inputs(history: pd.DataFrame, catalog: Catalog, popularity: np.ndarr
     recent = QH.query_items(local[engaged], hist["item_idx"].to_numpy()[engaged],
                             hist[S.TS].to_numpy(np.int64)[engaged], len(rows),
                             T.N_RECENT_GENRE_ITEMS)
-    return T.genre_top_rows(item_genres, popularity), item_genres, affinity, recent
+    return (T.GenreLists.build(item_genres, np.asarray(popularity, np.float32)), item_genres,
+            affinity, recent)
 
 
 def session_intents(fitted: Fitted, catalog: Catalog, rows: np.ndarray,
@@ -131,19 +132,17 @@ def session_intents(fitted: Fitted, catalog: Catalog, rows: np.ndarray,
                                                                             np.float32)
 
 
-def content_lists(inputs: tuple[np.ndarray, ...], popularity: np.ndarray, seen: sp.csr_matrix,
-                  k: int) -> pd.DataFrame:
+def content_lists(inputs: tuple, seen: sp.csr_matrix, k: int) -> pd.DataFrame:
     """(local, item, score, rank) of the content source for each row of ``seen`` (the users of
-    :func:`content_inputs`, in its order): the function serving calls
-    (``tandem.policy.retrieval.content_candidates``) on the same genre profile, seen items dropped.
+    :func:`content_inputs`, in its order): the lists serving draws from
+    (``tandem.policy.retrieval.GenreLists``) on the same genre profile, seen items dropped.
     One call per user (microseconds each), never per candidate."""
-    genre_top, item_genres, affinity, recent = inputs
+    genre_lists, item_genres, affinity, recent = inputs
     frames = []
     for row in range(seen.shape[0]):
         profile = T.content_profile(affinity[row], item_genres, recent[row])
         done = seen.indices[seen.indptr[row]:seen.indptr[row + 1]]
-        items, scores = T.content_candidates(genre_top, item_genres, popularity, profile,
-                                             k + len(done))
+        items, scores = genre_lists.candidates(profile, k + len(done))
         keep = ~np.isin(items, done)
         items, scores = items[keep][:k], scores[keep][:k]
         frames.append(pd.DataFrame({"local": row, "item": items, "score": scores,
@@ -244,7 +243,7 @@ def candidates(fitted: Fitted, user_rows: np.ndarray, cfg: dict[str, Any],
     if fitted.catalog is not None and cfg.get("content_k"):
         inputs = content_inputs(fitted.history, fitted.catalog, fitted.popularity, user_rows,
                                 cfg["play_dwell_ms"])
-        top = content_lists(inputs, fitted.popularity, fitted.seen[user_rows], cfg["content_k"])
+        top = content_lists(inputs, fitted.seen[user_rows], cfg["content_k"])
         top.insert(0, "user_row", user_rows[top.pop("local").to_numpy(np.int64)])
         frames.append(top.rename(columns={"score": "content_score", "rank": "content_rank"})
                       .set_index(["user_row", "item"]))

@@ -73,7 +73,8 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7,
     max_per_genre : int
         Quota per genre in the picked list (0 = no quota).
     target : float array [n_genres], optional
-        The user's genre profile (any non-negative scale; normalised here); needed, with
+        The target genre distribution, e.g. the session's intent (any non-negative scale;
+        normalised here); needed, with
         ``genres``, when ``calibration > 0``. None or all-zero: no calibration.
     calibration : float
         Weight of ``KL(target || list's genre distribution)`` in each step's gain (0 = off).
@@ -147,7 +148,7 @@ def rerank(relevance: np.ndarray, rows: np.ndarray, vectors: np.ndarray,
            genres: np.ndarray | None, k: int, cfg: dict[str, Any] = DIVERSIFY_CONFIG,
            target: np.ndarray | None = None) -> np.ndarray:
     """Positions (into ``relevance``) of the ``k`` items one list shows: :func:`mmr` with the
-    genre cap and the calibration to ``target`` (the user's genre profile) over the top
+    genre cap and the calibration to ``target`` (the session's intent) over the top
     ``mmr_pool`` by relevance, as serving's request path applies it.
 
     ``rows`` [n] are the candidates' catalog rows; ``vectors`` [n_items, d] and ``genres``
