@@ -6,7 +6,7 @@ One run, all on loopback, every component for real:
 1. a ``tandem.data.world`` world and a synthetic bundle over the same ids (``u<i>``, ``i<j>``);
    a definitions file with an A/B of two serving configs (``control``: the default MMR,
    ``treatment``: ``mmr_lambda`` 0.3, a canary at its first ramp step of 50%, so the split is
-   an even A/B) plus a shadow variant scoring off the hot path;
+   an even A/B) plus a shadow variant scoring every request off the hot path;
 2. the tansu broker, the landing consumer and ``python -m serving.server`` (its Kafka impression
    sink, ``--experiments-file``, a Prometheus port) as their own processes;
 3. ``requests`` gRPC calls for world users; :meth:`World.respond` (the world's click model)
@@ -204,7 +204,10 @@ def run(work: Path, cfg: LoopConfig = LoopConfig(), reports: Path | None = None
             "--item-features", str(item_features), "--port", str(port), "--metrics-port",
             str(metrics_port), "--experiments-file", str(definitions_path(paths)),
             "--ranker-backend", "lightgbm", "--impression-sink",
-            "tandem.streaming.producer:impression_logger_from_env"], env=env)
+            "tandem.streaming.producer:impression_logger_from_env",
+            # the rehearsal's few hundred requests come one at a time, so the shadow can score
+            # every one of them (the server's default samples a share to protect a loaded p99)
+            "--shadow-sample", "1"], env=env)
         try:
             if not wait_serving(f"127.0.0.1:{port}", 300):
                 raise RuntimeError(f"serving did not start; see {paths.run / 'serving.log'}")
