@@ -17,7 +17,8 @@ class ServingConfig:
 
     Candidate counts per source, MMR (``mmr_lambda`` in [0, 1], over the top ``mmr_pool`` of the
     ranked list; at most ``genre_cap`` items sharing a genre, 0 = off; ``calibration``: weight of
-    the list's genre mix matching the genres the session's newest items agree on, 0 = off),
+    the list's genre mix matching the genres the session's newest items agree on, 0 = off;
+    ``intent_floor``: at least this many items of that intent's strongest genre, 0 = off),
     cold-start exploration
     (``exploration`` = ``epsilon_greedy`` | ``thompson`` | ``ucb`` with bonus weight ``ucb_c``),
     and the per-stage deadlines in milliseconds: the online store read is abandoned after
@@ -38,6 +39,7 @@ class ServingConfig:
     mmr_pool: int = DIVERSIFY_CONFIG["mmr_pool"]
     genre_cap: int = DIVERSIFY_CONFIG["genre_cap"]
     calibration: float = DIVERSIFY_CONFIG["calibration"]
+    intent_floor: int = DIVERSIFY_CONFIG["intent_floor"]
     exploration: str = "epsilon_greedy"
     epsilon: float = 0.1
     ucb_c: float = 1.0

@@ -198,7 +198,8 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
                          store_breaker_failures=args.breaker_failures,
                          store_breaker_cooldown_s=args.breaker_cooldown_s,
                          genre_cap=args.genre_cap, calibration=args.calibration,
-                         shadow_sample=args.shadow_sample, deltas_dir=_deltas_dir(args))
+                         intent_floor=args.intent_floor, shadow_sample=args.shadow_sample,
+                         deltas_dir=_deltas_dir(args))
 
 
 def build_app(args: argparse.Namespace, engine_cls=None) -> App:
@@ -304,8 +305,11 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--genre-cap", type=int, default=ServingConfig.genre_cap,
                         help="at most this many items per genre in a list; 0 = off")
     parser.add_argument("--calibration", type=float, default=ServingConfig.calibration,
-                        help="weight of the list's genre mix matching the user's genre profile "
-                             "(history + session; tandem.policy.diversify); 0 = off")
+                        help="weight of the list's genre mix matching the genres the session's "
+                             "newest items agree on (tandem.policy.diversify); 0 = off")
+    parser.add_argument("--intent-floor", type=int, default=ServingConfig.intent_floor,
+                        help="at least this many items of the genre the session's newest items "
+                             "agree on (tandem.policy.diversify); 0 = off")
     parser.add_argument("--shadow-sample", type=float, default=ServingConfig.shadow_sample,
                         help="share of requests a shadow variant scores off the hot path (0-1)")
     parser.add_argument("--exploration", choices=["epsilon_greedy", "thompson", "ucb"],

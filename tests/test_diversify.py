@@ -127,10 +127,55 @@ def test_rerank_calibrates_to_the_target_it_is_given():
 
     rows = np.array([4, 3, 2, 1, 0])  # the pool's catalog rows: genres by row, reversed
     catalog_genres = GENRES[::-1].astype(np.float32)
-    cfg = {**DIVERSIFY_CONFIG, "mmr_lambda": 1.0, "calibration": 1.0}
+    cfg = {**DIVERSIFY_CONFIG, "mmr_lambda": 1.0, "calibration": 1.0, "intent_floor": 0}
     target = np.array([0.5, 0.5])
     np.testing.assert_array_equal(rerank(REL5, rows, VECS5, catalog_genres, 3, cfg, target),
                                   [0, 3, 1])
     np.testing.assert_array_equal(rerank(REL5, rows, VECS5, catalog_genres, 3,
                                          {**cfg, "calibration": 0.0}, target), [0, 1, 2])
+    np.testing.assert_array_equal(rerank(REL5, rows, VECS5, catalog_genres, 3, cfg), [0, 1, 2])
+
+
+def test_the_intent_floor_fills_only_the_last_slots_a_list_lacks():
+    """At least ``intent_floor`` picks carry the target's strongest genre; only the last slots
+    change, and a list that already has them is untouched."""
+    b_target = np.array([0.0, 1.0])  # the session's newest items agree on B
+    plain = mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES)
+    assert plain.tolist() == [0, 1, 2]
+    # one B item in the pool: the floor of 2 can only be met once; it takes the last slot
+    assert mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES, target=b_target,
+               intent_floor=2).tolist() == [0, 1, 3]
+    # an A target: the ranker's top 3 already carry A, nothing moves
+    assert mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES, target=np.array([1.0, 0.0]),
+               intent_floor=3).tolist() == [0, 1, 2]
+    # no target, or the floor off: the ranker's order
+    assert mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES, target=np.zeros(2),
+               intent_floor=2).tolist() == [0, 1, 2]
+    assert mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES, target=b_target,
+               intent_floor=0).tolist() == [0, 1, 2]
+
+
+def test_the_intent_floor_on_a_large_pool_keeps_the_rankers_head():
+    rng = np.random.default_rng(3)
+    genres = rng.random((100, 6)) < 0.3
+    genres[:, 5] = False
+    genres[rng.choice(100, 8, replace=False), 5] = True  # a rare genre the ranker ignores
+    rel = rng.random(100) - 5.0 * genres[:, 5]
+    target = np.eye(6)[5]
+    plain = mmr(rel, np.eye(100), 10, lam=0.7, genres=genres)
+    floored = mmr(rel, np.eye(100), 10, lam=0.7, genres=genres, target=target, intent_floor=3)
+    assert genres[plain, 5].sum() == 0 and genres[floored, 5].sum() == 3
+    np.testing.assert_array_equal(floored[:7], plain[:7])  # the head is the ranker's (and MMR's)
+    assert len(set(floored.tolist())) == 10
+
+
+def test_rerank_applies_the_configured_intent_floor():
+    from tandem.policy.diversify import DIVERSIFY_CONFIG, rerank
+
+    rows = np.array([4, 3, 2, 1, 0])
+    catalog_genres = GENRES[::-1].astype(np.float32)
+    cfg = {**DIVERSIFY_CONFIG, "mmr_lambda": 1.0, "calibration": 0.0, "intent_floor": 1}
+    b_target = np.array([0.0, 1.0])
+    np.testing.assert_array_equal(rerank(REL5, rows, VECS5, catalog_genres, 3, cfg, b_target),
+                                  [0, 1, 3])
     np.testing.assert_array_equal(rerank(REL5, rows, VECS5, catalog_genres, 3, cfg), [0, 1, 2])

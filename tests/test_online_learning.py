@@ -83,14 +83,15 @@ def test_a_burst_refolds_als_and_brings_its_genre_through_content(world):
     assert after.candidates["content"] >= 50
 
 
-def test_a_burst_of_one_genre_is_lost_in_the_ranker_and_calibration_brings_it(world):
+def test_a_burst_of_one_genre_is_lost_in_the_ranker_and_the_intent_floor_brings_it(world):
     """``make demo``'s burst on the production path: a Comedy fan clicks and likes 12 Horror
     films. Retrieval brings dozens of Horror films (content, session, fold-in), but the ranker,
     which learned from histories without such sessions, ranks them below the popular head:
-    serving's default re-ranking (the ranker's order, MMR) shows none of them. Calibrating the
-    list's genre mix to the session's intent -- the genres the newest items agree on, Horror
-    (``tandem.policy.diversify``, a ``ServingConfig.calibration`` variant: off by default, as
-    ``make eval``'s validation split chooses) -- shows at least 3 of 10."""
+    the ranker's order through MMR alone shows none of them. Serving's default re-ranking holds
+    the session intent's floor (``tandem.policy.diversify``: at least ``intent_floor`` items of
+    the genre the newest items agree on, Horror) and shows 3 of 10; the full calibration (a
+    ``ServingConfig.calibration`` variant, off by default as ``make eval``'s validation split
+    chooses) shows at least as many."""
     user = {"user_genre_affinity": [1.0 if g == F.GENRE_VOCAB.index("Comedy") else 0.0
                                     for g in range(F.N_GENRES)]}
     burst = _horror_fan_burst(world["frame"])
@@ -106,8 +107,10 @@ def test_a_burst_of_one_genre_is_lost_in_the_ranker_and_calibration_brings_it(wo
         genres = engine.item_features.static[:, F.ITEM_GENRE_SLICE] > 0
         return int(genres[engine.rows_of(reply.item_ids), HORROR].sum())
 
-    assert CFG.calibration == 0 and horror_shown(CFG) == 0
-    assert horror_shown(CFG.with_overrides({"calibration": 1.0})) >= 3
+    no_intent = CFG.with_overrides({"intent_floor": 0})
+    assert CFG.calibration == 0 and horror_shown(no_intent) == 0
+    assert CFG.intent_floor == 3 and horror_shown(CFG) == 3
+    assert horror_shown(no_intent.with_overrides({"calibration": 1.0})) >= 3
 
 
 def test_a_new_item_is_retrievable_after_one_hourly_run(world, paths):

@@ -30,6 +30,14 @@ agree on a genre (Drama, mostly), and a target of that genre alone, normalised t
 distribution, asks for a list of nothing else -- validation NDCG@10 fell 16 % at ``w = 1``, so
 calibration is off by default (:data:`DIVERSIFY_CONFIG`). Calibrating to the whole genre profile
 (history and session) cost as much (17 %): it chased every minor genre of every user.
+
+The intent floor is the one-sided form that is on by default: with ``intent_floor = m > 0`` the
+list holds at least ``m`` items of the intent's strongest genre (when the pool has them), and it
+only ever acts on the LAST slots -- once the slots left are exactly the ones the floor still needs,
+only items of that genre may be picked. A list that already shows ``m`` of them is untouched, so a
+history whose newest items agree on Drama (most of ml-100k) loses nothing; a burst of twelve
+Horror films after a Drama history gets at least ``m`` Horror films the ranker alone would have
+ranked below the fold.
 """
 
 from __future__ import annotations
@@ -49,13 +57,17 @@ DIVERSIFY_CONFIG: dict[str, Any] = {
     # 0.205 -> 0.173 at 1, 0.149 at 3), so ``make eval``'s sweep chooses 0; an A/B variant
     # (``ServingConfig.calibration``, ``serving.server --calibration``) turns it on
     "calibration": 0.0,
+    # at least this many of a list's picks carry the session intent's strongest genre (0 = off):
+    # the one-sided calibration, acting only on a list that lacks them (see the module docstring)
+    "intent_floor": 3,
 }
 CALIBRATION_ALPHA = 0.01  # the target's share mixed into the list's distribution (Steck's alpha)
 
 
 def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7,
         genres: np.ndarray | None = None, max_per_genre: int = 0,
-        target: np.ndarray | None = None, calibration: float = 0.0) -> np.ndarray:
+        target: np.ndarray | None = None, calibration: float = 0.0,
+        intent_floor: int = 0) -> np.ndarray:
     """Positions (into ``relevance``) of ``min(k, n)`` items in MMR order.
 
     Parameters
@@ -78,6 +90,9 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7,
         ``genres``, when ``calibration > 0``. None or all-zero: no calibration.
     calibration : float
         Weight of ``KL(target || list's genre distribution)`` in each step's gain (0 = off).
+    intent_floor : int
+        At least this many picks carry ``target``'s strongest genre, as far as the pool has
+        them (0 = off; needs ``genres`` and a non-zero ``target``).
 
     Returns
     -------
@@ -102,9 +117,13 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7,
         onehot = np.asarray(genres, dtype=bool)
         per_genre = np.zeros(onehot.shape[1], dtype=np.int64)
         blocked = np.zeros(n, dtype=bool)
+    intent_rows = _intent_rows(genres, target, intent_floor)
+    still_needed = 0 if intent_rows is None else min(intent_floor, k, int(intent_rows.sum()))
     picked = np.empty(k, dtype=np.int64)
     for t in range(k):
         total = gain if calibrate is None else gain - calibrate(per_genre, onehot)
+        if still_needed and still_needed >= k - t:  # every slot left is the floor's
+            total = np.where(intent_rows, total, -np.inf)
         best = int(np.argmax(total))
         if capped:
             allowed = np.where(blocked, -np.inf, total)
@@ -115,6 +134,8 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7,
         if capped:
             blocked |= onehot[:, per_genre >= max_per_genre].any(axis=1)
         picked[t] = best
+        if still_needed and intent_rows[best]:
+            still_needed -= 1
         # the penalty is the max similarity to any picked item, so each pick can only lower
         # a gain: take the min with this pick's term instead of recomputing from scratch
         after = base - (1.0 - lam) * sim[best]
@@ -144,11 +165,23 @@ def _calibration(genres: np.ndarray | None, target: np.ndarray | None, weight: f
     return cost
 
 
+def _intent_rows(genres: np.ndarray | None, target: np.ndarray | None,
+                 floor: int) -> np.ndarray | None:
+    """bool [n]: the pool's items carrying ``target``'s strongest genre; None when the floor is
+    off or there is no intent."""
+    if floor <= 0 or genres is None or target is None:
+        return None
+    p = np.nan_to_num(np.asarray(target, dtype=np.float64))
+    if p.max(initial=0.0) <= 0:
+        return None
+    return np.asarray(genres, dtype=bool)[:, int(np.argmax(p))]
+
+
 def rerank(relevance: np.ndarray, rows: np.ndarray, vectors: np.ndarray,
            genres: np.ndarray | None, k: int, cfg: dict[str, Any] = DIVERSIFY_CONFIG,
            target: np.ndarray | None = None) -> np.ndarray:
     """Positions (into ``relevance``) of the ``k`` items one list shows: :func:`mmr` with the
-    genre cap and the calibration to ``target`` (the session's intent) over the top
+    genre cap, the calibration to ``target`` (the session's intent) and its floor over the top
     ``mmr_pool`` by relevance, as serving's request path applies it.
 
     ``rows`` [n] are the candidates' catalog rows; ``vectors`` [n_items, d] and ``genres``
@@ -157,8 +190,10 @@ def rerank(relevance: np.ndarray, rows: np.ndarray, vectors: np.ndarray,
     """
     top = np.argsort(-np.asarray(relevance), kind="stable")[: cfg["mmr_pool"]]
     cap, weight = cfg["genre_cap"], cfg.get("calibration", 0.0)
+    floor = cfg.get("intent_floor", 0)
     picked_rows = rows[top]
-    uses_genres = (cap > 0 or (weight > 0 and target is not None)) and genres is not None
+    uses_target = (weight > 0 or floor > 0) and target is not None
+    uses_genres = (cap > 0 or uses_target) and genres is not None
     onehot = genres[picked_rows] > 0 if uses_genres else None
     return top[mmr(relevance[top], vectors[picked_rows], k, cfg["mmr_lambda"], onehot, cap,
-                   target, weight)]
+                   target, weight, floor)]
