@@ -15,9 +15,10 @@ Memory model at 5M users x 1M items x 50M events (~30M pairs, ~25M engaged): the
 25M x 24 B = 600 MB (checked against ``TANDEM_DRIVER_BUDGET_MB``), the sort order and chunk keys
 as much again; the training rows are capped at ``max_sequences`` (1M x 51 x 4 B = 200 MB); the
 model is the item embedding 1M x 64 x 4 B = 256 MB plus Adam's two moments (x3) and a few
-hundred KB of Transformer weights. Time: epochs x rows / batch_size steps over [128, 50, 64]
-batches; on MovieLens-100K (30 epochs) one fit took ~150 s of wall time on the shared 2-core box
-under heavy load, one thread.
+hundred KB of Transformer weights. Time: min(epochs x rows / batch_size, ``max_steps``) steps
+over [128, 50, 64] batches, ~0.1 s each on one quiet core (~0.25 s under load): the step budget
+(2,000) bounds a night at ~3-4 min whatever the rows. MovieLens-100K's 30 epochs are ~570 steps;
+the 1M-event bench rung's 30 epochs would be 4,560 (19,333 rows), past 8 min before the budget.
 
     python -m jobs.train_sequence --start 2026-01-01T00:00:00 --end 2026-02-01T00:00:00
 """

@@ -18,7 +18,10 @@ Memory model at 5M users x 1M items x 50M events (~20M positive of ~30M engaged 
 keys of the engaged pairs, 30M x 8 B x 2 = 0.5 GB, while they are built), per-user last items
 5M x 20 x 4 B = 0.4 GB, profiles 5M x 4 fields (~0.8 GB as pandas objects while encoded),
 content 1M x ~40 x 4 B, the id embedding 1M x 64 x 4 B x 3 (Adam) = 0.8 GB: ~5.5 GB peak;
-the pair reads are checked against ``TANDEM_DRIVER_BUDGET_MB``.
+the pair reads are checked against ``TANDEM_DRIVER_BUDGET_MB``. Time: min(epochs x pairs /
+batch_size, ``TwoTowerConfig.max_steps`` = 5,000) optimiser steps, so a night's fit is bounded
+whatever the pairs (MovieLens-100K's 5 epochs are ~800 steps; at 20M pairs 5 epochs would be
+~200k); at 1M items each step's Adam update also touches the whole id embedding.
 
     python -m jobs.train_two_tower --start 2026-01-01T00:00:00 --end 2026-02-01T00:00:00
 """

@@ -187,3 +187,37 @@ def test_serving_runtime_never_imports_torch():
     code = ("import sys, tandem.models.user_tower, tandem.models.ann; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_the_step_budget_bounds_training_whatever_the_rows():
+    """``fit_minibatches``' ``max_steps`` cuts the epochs (mid-epoch if need be): a nightly fit
+    costs the budget's steps, not epochs x rows / batch; no budget runs every epoch."""
+    import torch
+
+    from tandem.models.two_tower import fit_minibatches
+
+    w = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    seen: list[int] = []
+
+    def batch_loss(idx):
+        seen.append(len(idx))
+        return ((w - 1.0) ** 2).sum()
+
+    rng = np.random.default_rng(0)
+    losses = fit_minibatches(opt, 1_000, 5, 100, rng, batch_loss, max_steps=23)
+    assert len(seen) == 23 and len(losses) == 3  # two full epochs and a cut third
+    seen.clear()
+    assert len(fit_minibatches(opt, 1_000, 5, 100, rng, batch_loss)) == 5 and len(seen) == 50
+    # the model's config carries the budget into the fit
+    small = train_two_tower(*_budget_world(), cfg=TwoTowerConfig(
+        dim=8, hidden=8, history_len=4, epochs=50, batch_size=16, n_sampled_negatives=8,
+        num_threads=1, max_steps=7))
+    assert len(small.loss_history) == 1  # 7 steps < one epoch of the world's rows
+
+
+def _budget_world() -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"user_idx": rng.integers(0, 20, 200), "item_idx": rng.integers(0, 30, 200),
+                          "ts": np.arange(200)})
+    return frame, np.eye(30, dtype=np.float32)

@@ -43,6 +43,7 @@ class SequenceConfig:
     n_negatives : uniform catalog negatives per step, shared by the batch
     max_chunks_per_user, max_sequences : caps on training rows (see the module docstring)
     batch_size, epochs, lr, weight_decay : optimisation (Adam)
+    max_steps : optimiser steps in all, whatever the rows (0 = no cap): the nightly cost bound
     num_threads : torch intra-op threads; random_state : seeds torch and numpy
     """
 
@@ -55,6 +56,9 @@ class SequenceConfig:
     max_sequences: int = 1_000_000
     batch_size: int = 128
     epochs: int = 30
+    # optimiser steps in all (0 = epochs only; see fit_minibatches): a [128, 50, 64] step is
+    # ~0.1 s on one core, so ~3-4 min a night at any scale; MovieLens-100K needs ~570
+    max_steps: int = 2_000
     lr: float = 1e-3
     weight_decay: float = 0.0
     num_threads: int = 1
@@ -218,5 +222,5 @@ def train_sequence(users: np.ndarray, items: np.ndarray, ts: np.ndarray, n_items
     losses = fit_minibatches(opt, len(rows), cfg.epochs if len(rows) else 0, cfg.batch_size, rng,
                              lambda idx: _batch_loss(net, rows[idx], is_target[idx], n_items,
                                                      n_neg, gen),
-                             "sequence" if cfg.show_progress else None)
+                             "sequence" if cfg.show_progress else None, cfg.max_steps)
     return SequenceModel(net, cfg, losses, len(rows))

@@ -57,6 +57,7 @@ class TwoTowerConfig:
     temperature : softmax temperature on cosine similarities
     n_sampled_negatives : uniform catalog negatives per step, shared by the batch
     batch_size, epochs, lr, weight_decay : optimisation (Adam)
+    max_steps : optimiser steps in all, whatever the rows (0 = no cap): the nightly cost bound
     num_threads : torch intra-op threads during training
     random_state : seeds torch and numpy
     show_progress : print one line per epoch
@@ -70,6 +71,7 @@ class TwoTowerConfig:
     n_sampled_negatives: int = 256
     batch_size: int = 512
     epochs: int = 5
+    max_steps: int = 5_000  # optimiser steps in all (0 = epochs only): see fit_minibatches
     lr: float = 3e-3
     weight_decay: float = 1e-6
     num_threads: int = 2
@@ -224,25 +226,36 @@ def _batch_loss(towers: _Towers, content: torch.Tensor, user_feats: torch.Tensor
 
 
 def fit_minibatches(opt: torch.optim.Optimizer, n_rows: int, epochs: int, batch_size: int,
-                    rng: np.random.Generator, batch_loss, progress: str | None = None
-                    ) -> list[float]:
+                    rng: np.random.Generator, batch_loss, progress: str | None = None,
+                    max_steps: int = 0) -> list[float]:
     """Shuffled mini-batch epochs over ``n_rows`` training rows: ``batch_loss(indexes)`` ->
     the batch's loss tensor, one optimiser step per batch (the two-tower and the sequence
-    model train this way). Returns the mean loss per epoch; ``progress`` names the model in a
-    printed line per epoch."""
+    model train this way). Returns the mean loss per epoch (a cut epoch's over its steps);
+    ``progress`` names the model in a printed line per epoch.
+
+    ``max_steps > 0`` ends training after that many optimiser steps in all, mid-epoch if need
+    be: epochs x rows / batch grows with the platform's rows, the step budget does not, so a
+    nightly fit costs the same at 1M and at 50M events (each step still sees a fresh shuffled
+    batch; a smaller catalog than the budget trains its full epochs, unchanged)."""
     losses: list[float] = []
+    done = 0
     for epoch in range(epochs):
         perm = torch.from_numpy(rng.permutation(n_rows))
         total, steps = 0.0, 0
         for start in range(0, len(perm), batch_size):
+            if max_steps and done >= max_steps:
+                break
             loss = batch_loss(perm[start:start + batch_size])
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total, steps = total + loss.item(), steps + 1
-        losses.append(total / max(steps, 1))
-        if progress:
-            print(f"{progress} epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}")
+            total, steps, done = total + loss.item(), steps + 1, done + 1
+        if steps:
+            losses.append(total / steps)
+            if progress:
+                print(f"{progress} epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}")
+        if max_steps and done >= max_steps:
+            break
     return losses
 
 
@@ -303,6 +316,6 @@ def train_two_tower(interactions: pd.DataFrame, item_content: np.ndarray,
         opt, len(items), cfg.epochs, cfg.batch_size, rng,
         lambda idx: _batch_loss(towers, content_t, feats_t[users_t[idx]], before_t[idx],
                                 items_t[idx], log_q, n_items, cfg, gen),
-        "two-tower" if cfg.show_progress else None)
+        "two-tower" if cfg.show_progress else None, cfg.max_steps)
     return TwoTowerModel(towers, cfg, item_content, user_feats, last, counts, losses,
                          item_spec, user_spec)
