@@ -218,6 +218,6 @@ def test_the_step_budget_bounds_training_whatever_the_rows():
 
 def _budget_world() -> tuple[pd.DataFrame, np.ndarray]:
     rng = np.random.default_rng(1)
-    frame = pd.DataFrame({"user_idx": rng.integers(0, 20, 200), "item_idx": rng.integers(0, 30, 200),
-                          "ts": np.arange(200)})
+    frame = pd.DataFrame({"user_idx": rng.integers(0, 20, 200),
+                          "item_idx": rng.integers(0, 30, 200), "ts": np.arange(200)})
     return frame, np.eye(30, dtype=np.float32)
