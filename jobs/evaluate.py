@@ -1,7 +1,8 @@
 """The offline evaluation job: the issue-4 protocol end to end, on a MovieLens folder or the lake.
 
 Dataset mode -- ``python -m jobs.evaluate --data ../shared/data/ml-100k`` (``make eval DATA=...``)
-loads either MovieLens format with :func:`tandem.data.movielens.load_movielens`, runs
+loads either MovieLens format, or a synthetic world from its spec file
+(:func:`tandem.data.datasets.load_dataset`), runs
 :func:`tandem.evaluation.offline.evaluate` (popularity, ALS-only, two-tower-only and the two-stage
 system, side by side in one run), and writes
 
@@ -160,7 +161,7 @@ def run_dataset(data_dir: Path, out_dir: Path, cfg: dict[str, Any] | None = None
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from tandem.data.movielens import load_movielens
+    from tandem.data.datasets import load_dataset
     from tandem.evaluation import offline as EO
     from tandem.evaluation import protocol as E
 
@@ -174,7 +175,7 @@ def run_dataset(data_dir: Path, out_dir: Path, cfg: dict[str, Any] | None = None
             bar.update(task, description=text)
             console.log(text)
 
-        data = load_movielens(data_dir)
+        data = load_dataset(data_dir)
         report = EO.evaluate(data, cfg, progress=step)
         report["quality_bar"] = quality_bar(report) if "two_stage" in report["models"] else None
         step("writing reports")
@@ -358,7 +359,8 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=movielens_100k_dir(),
-                        help="dataset mode: a MovieLens folder (100K files or a CSV release)")
+                        help="dataset mode: a MovieLens folder (100K files or a CSV release) "
+                             "or a folder with a world_config.json (tandem.cli world --spec)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--tune", action="store_true",

@@ -153,3 +153,24 @@ def test_write_landing_is_idempotent(paths):
     assert sorted(paths.landing_events.rglob("*.jsonl")) == files
     assert sum(len(f.read_text().splitlines()) for f in files) == lines
     assert all(f.parent.name.startswith("hour=") and len(f.parent.name) == 7 for f in files)
+
+
+def test_a_world_spec_folder_is_an_offline_dataset(tmp_path, data):
+    """``make eval DATA=<folder>``: a folder with ``world_config.json`` (``tandem.cli world
+    --spec``) loads as the world its seed generates; a misspelt field is an error, not a silent
+    default; any other folder is read as MovieLens."""
+    from tandem.cli.commands import main as cli
+    from tandem.data.datasets import load_dataset
+
+    cli(["world", "--spec", str(tmp_path / "w"), "--users", str(CFG.n_users), "--items",
+         str(CFG.n_items), "--events", str(CFG.n_events_target), "--days", str(CFG.days),
+         "--seed", str(CFG.seed)])
+    loaded = load_dataset(tmp_path / "w")
+    pd.testing.assert_frame_equal(loaded.events, data.events)
+    assert len(loaded.items) == CFG.n_items and loaded.name == "world-7"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "world_config.json").write_text(json.dumps({"n_user": 5}))
+    with pytest.raises(ValueError, match="n_user"):
+        load_dataset(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="u.data"):
+        load_dataset(tmp_path)

@@ -83,12 +83,18 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def world(args: argparse.Namespace) -> None:
-    """Generate a synthetic world and land it (JSONL by arrival hour, or parquet for big ones)."""
+    """Generate a synthetic world and land it (JSONL by arrival hour, or parquet for big ones),
+    or with ``--spec`` only write its spec, which ``make eval DATA=<folder>`` generates from."""
     from tandem.data.world import World
     from tandem.data.world_config import WorldConfig
 
     cfg = WorldConfig(n_users=args.users, n_items=args.items, n_events_target=args.events,
                       days=args.days, seed=args.seed)
+    if args.spec is not None:  # a spec `make eval DATA=<folder>` generates the world from
+        from tandem.data.datasets import write_world_spec
+
+        console.print(f"wrote {write_world_spec(args.spec, cfg)}")
+        return
     t0 = time.monotonic()
     counts = World.generate(cfg).write(Paths.default(), events_parquet=args.parquet)
     console.print(f"world written in {time.monotonic() - t0:.1f}s: {counts}")
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--days", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parquet", type=Path, default=None, help="write events as parquet here")
+    p.add_argument("--spec", type=Path, default=None,
+                   help="only write the world's spec into this folder (for make eval DATA=...)")
     p.set_defaults(func=world)
     sub.add_parser("stop", help="stop what demo started").set_defaults(func=stop)
     args = parser.parse_args(argv)
