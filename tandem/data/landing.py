@@ -56,7 +56,11 @@ def event_json_lines(events: pd.DataFrame | pa.Table) -> str:
     Rendering is vectorized (pandas' C JSON writer plus a few whole-text replacements that are
     safe because JSON string values never contain an unescaped ``"`` or newline).
     """
-    frame = _as_pandas(events)
+    return _render(_as_pandas(events))
+
+
+def _render(frame: pd.DataFrame) -> str:
+    """:func:`event_json_lines` of a frame already in contract columns (:func:`_as_pandas`)."""
     if frame.empty:
         return ""
     text = frame[_JSON_ORDER].to_json(orient="records", lines=True)
@@ -116,12 +120,13 @@ def write_landing_events(events: pd.DataFrame | pa.Table, landing_root: Path, na
     {partition path ``date=.../hour=HH``: rows written}
     """
     order, hours, bounds = _hour_groups(_arrival(events, arrival))
+    # contract columns once for all hours: per hour it cost ~0.15 s, 5.5 min of make demo's
+    # 2,222 MovieLens hours; rendering an hour's slice is ~1 ms
+    frame = _as_pandas(events)
     written = {}
     for h, lo, hi in zip(hours, bounds[:-1], bounds[1:], strict=True):
-        idx = order[lo:hi]
-        part = events.take(idx) if isinstance(events, pa.Table) else events.iloc[idx]
         rel = _partition(h, pad=True)
-        text = event_json_lines(part)
+        text = _render(frame.iloc[order[lo:hi]])
         _atomic_write(Path(landing_root) / rel / f"{name}.jsonl",
                       lambda p, t=text: p.write_text(t, encoding="utf-8"))
         written[rel] = hi - lo
