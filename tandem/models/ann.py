@@ -9,8 +9,11 @@ Choice by catalog size (measurements in ../shared/notes/perf-floor.md, 1M x 64, 
   recall@k against exact search on a sample of the queries serving sends (user vectors, folded-in
   sessions; not items) reaches ``target_recall``, keeps the cheapest (fewest vectors compared per
   query, a deterministic cost) and measures recall and single-thread latency on held-out
-  queries; :func:`build_index` is one nlist (default ``4 sqrt(n)``). IVF is
-  preferred over HNSW: HNSW was 3x slower at equal recall, 70x slower to build, and left some
+  queries; :func:`build_index` is one nlist (default ``4 sqrt(n)``). IVF-PQ fast-scan (4-bit
+  codes, ~17 B per item) with an exact re-rank of its best 4-16 x k was measured at 1M items and
+  rejected: at equal recall@200 it cost as much CPU per one-query search or more (the probed
+  lists hold ~70-125 items each, and fast-scan's per-list work dominates; README, issue 17).
+  IVF is preferred over HNSW: HNSW was 3x slower at equal recall, 70x slower to build, and left some
   queries stuck in one popular cluster (per-query recall < 0.5); IVF with enough probes did not.
 
 Metrics: ``"ip"`` for L2-normalised vectors (two-tower; cosine = inner product) and ``"mips"`` for
@@ -40,7 +43,11 @@ import faiss
 import numpy as np
 
 EXACT_BELOW = 20_000
-NPROBE_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+# nprobe candidates, in steps of 64 from 256 to 768: at 1M items the ALS index needs 5-10 % of
+# its 8000 lists, and a step from 512 to 768 cost 0.9 ms per query (make bench's ALS mix, 8000
+# lists: recall@200 0.953 / 0.965 / 0.974 at nprobe 512 / 640 / 768, 3.4 / 4.3 / 5.1 ms CPU).
+NPROBE_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 576,
+               640, 704, 768, 896, 1024)
 NLIST_FACTORS = (2, 4, 8)  # tune_index's candidate nlist = factor * sqrt(n)
 TRAIN_POINTS_PER_LIST = 64  # k-means sample size per list: 1M x 64, nlist 4000 trains in ~20 s
 
