@@ -155,6 +155,7 @@ class Engine(ColdPath, WarmUpCheck):
         names = (json.loads((root / B.FEATURE_SPEC).read_text())["names"]
                  if (root / B.FEATURE_SPEC).exists() else RF.FEATURE_NAMES)
         self.feature_columns = RF.columns_of(names)
+        self.feature_names = tuple(names)  # the columns of the matrix the ranker is given
         if self.ranker.n_features != len(names):
             raise ValueError(f"ranker expects {self.ranker.n_features} features, "
                              f"features.json names {len(names)}")
@@ -336,7 +337,7 @@ class Engine(ColdPath, WarmUpCheck):
             scores = _retrieval_order(pool)
         else:  # what the ranker saw, for a sampled share of the candidates (skew checks)
             logged = feature_log.sample(request_id, self.item_ids, pool.rows, x,
-                                        RF.FEATURE_NAMES, cfg.feature_log_share, now_ms,
+                                        self.feature_names, cfg.feature_log_share, now_ms,
                                         q.device or None)
         with clock.stage("mmr"):
             order = rerank(scores, pool.rows, self.item_vectors,

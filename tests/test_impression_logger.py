@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 from prometheus_client import REGISTRY
 
@@ -72,3 +73,41 @@ def test_impression_events_follow_the_contract():
         (0, s.IMPRESSION, None), (1, s.IMPRESSION, None), (2, s.IMPRESSION, None)]
     long_id = impression_events(feed("r" * 64, n=1))[0][s.EVENT_ID]
     assert len(long_id) == 32  # hashed to stay within the contract's 64 characters
+
+
+class RecordingProducer:
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+        self.records: list[dict] = []
+
+    def send(self, event: dict):
+        self.sent.append(event)
+        return _Future()
+
+    def send_record(self, topic: str, record: dict, contract: str):
+        self.records.append(record)
+        return _Future()
+
+    def flush(self, timeout=None) -> None:
+        return None
+
+    def close(self, timeout=None) -> None:
+        return None
+
+
+def test_a_malformed_feature_sample_loses_the_sample_never_the_impressions():
+    import numpy as np
+
+    from tandem.data.impressions import FeatureSample
+
+    producer = RecordingProducer()
+    logger = ImpressionLogger(producer)
+    before = REGISTRY.get_sample_value("tandem_feature_rows_dropped_total") or 0
+    bad = FeatureSample(["i0"], ("a", "b", "c"), np.zeros((1, 2), np.float32), 1, None)
+    good = FeatureSample(["i1"], ("a", "b"), np.ones((1, 2), np.float32), 1, None)
+    logger.log(replace(feed("r0"), logged=bad))
+    logger.log(replace(feed("r1"), logged=good))
+    logger.close()
+    assert [e[s.EVENT_ID] for e in producer.sent] == ["r0:0", "r0:1", "r1:0", "r1:1"]
+    assert [r["request_id"] for r in producer.records] == ["r1"]
+    assert REGISTRY.get_sample_value("tandem_feature_rows_dropped_total") - before == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import lightgbm as lgb
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 from serving.app import App, ItemFeatures, ServingConfig, UserRows
 from serving.server import local_source
 from serving.validation import RecommendQuery
+from tandem.features import feature_log
 from tandem.features import ranking_features as RF
 from tandem.models import bundle as B
 from tandem.models import ranker as R
@@ -132,8 +134,23 @@ def test_older_ranker_without_sequence_features_serves(world, tmp_path):
     model.fit(x, y, group=[20] * 20, feature_name=names)
     R.save(model, old / B.RANKER_MODEL)
     (old / B.FEATURE_SPEC).write_text(json.dumps({"names": names}))
-    app = _app(world, old)
+    feeds: list = []
+
+    class Sink:
+        def log(self, feed) -> None:
+            feeds.append(feed)
+
+    fetch, probe = local_source(old)
+    app = App(fetch, probe, None, replace(CFG, feature_log_share=1.0), NoRows(), Sink(),
+              item_features=world["items"])
     engine = next(iter(app.engines.values()))
     assert len(engine.feature_columns) == len(names) == len(RF.FEATURE_NAMES) - 5
     result = app.recommend(_session_query())
     assert result.fallbacks == [] and len(result.item_ids) == 10
+    # the logged sample names the columns the ranker was given (the demo served an older
+    # champion whose samples named every column and failed to serialise)
+    sample = feeds[-1].logged
+    assert tuple(sample.names) == tuple(names) and sample.values.shape[1] == len(names)
+    records = feature_log.records(feeds[-1])
+    assert len(records) == len(sample.item_ids) > 0
+    assert list(records[0][feature_log.FEATURES]) == names

@@ -48,6 +48,8 @@ IMPRESSIONS_LOGGED = Counter("tandem_impressions_logged_total",
                              "Impressions handed to the Kafka producer")
 IMPRESSIONS_DROPPED = Counter("tandem_impressions_dropped_total",
                               "Impressions not logged, by reason", ["reason"])
+FEATURE_ROWS_DROPPED = Counter("tandem_feature_rows_dropped_total",
+                               "Sampled ranker feature rows not logged (a malformed sample)")
 
 
 class EventProducer:
@@ -176,11 +178,16 @@ class ImpressionLogger:
                 return
             try:
                 events = impression_events(feed)
-                logged = feature_log.records(feed)
             except Exception:  # a malformed feed must not kill the logging thread
                 log.exception("bad feed")
                 self._drop("bad_feed", len(feed.item_ids))
                 continue
+            try:  # a bad feature sample loses the sample, never the feed's impressions
+                logged = feature_log.records(feed)
+            except Exception:
+                log.exception("bad feature sample")
+                FEATURE_ROWS_DROPPED.inc(len(feed.logged.item_ids) if feed.logged else 0)
+                logged = []
             for imp in events:
                 if self._send(self._producer.send, imp):
                     self.logged += 1
