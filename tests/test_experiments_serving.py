@@ -6,11 +6,16 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import pandas as pd
 import psutil
 import pytest
@@ -21,9 +26,12 @@ from serving.experiments import DefinitionsWatcher
 from serving.server import local_source
 from serving.shadow import NICE, ShadowScorer, overlap_at_k, rank_correlation
 from serving.validation import RecommendQuery
+from tandem.contracts import recommender_v1_pb2 as pb
+from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc
 from tandem.experiments import definitions as defs
 from tandem.models import synthetic_bundle as S
 from tandem.policy.ab import Experiment, Variant
+from tests.conftest import free_port, wait_for_metrics
 from tests.test_serving import SPEC, SynthStore
 
 pytestmark = pytest.mark.serving
@@ -76,6 +84,7 @@ def _child_app(bundles: dict, aliases: tuple[str, ...]) -> App:
     return _app_of(bundles, Experiment("shadow", "", tuple(Variant(a, 1.0, a) for a in aliases)))
 
 
+@pytest.mark.slow
 def test_app_follows_definitions_and_scores_the_shadow(bundles, tmp_path):
     path = tmp_path / "experiments.json"
     defs.save(path, [_definition()])
@@ -114,13 +123,17 @@ def test_app_follows_definitions_and_scores_the_shadow(bundles, tmp_path):
         app.close()
 
 
+def _only_shadow_definition() -> defs.Definition:
+    return defs.Definition.from_dict({
+        "name": "only", "start": (datetime.now(UTC) - timedelta(days=1)).isoformat(),
+        "variants": [{"name": "control", "alias": "champion"},
+                     {"name": "shadow", "alias": "challenger", "shadow": True}]})
+
+
 def _shadowed_app(bundles: dict, tmp_path) -> App:
     """An App serving the champion, with the challenger scoring every request in a child."""
     path = tmp_path / "experiments.json"
-    defs.save(path, [defs.Definition.from_dict({
-        "name": "only", "start": (datetime.now(UTC) - timedelta(days=1)).isoformat(),
-        "variants": [{"name": "control", "alias": "champion"},
-                     {"name": "shadow", "alias": "challenger", "shadow": True}]})])
+    defs.save(path, [_only_shadow_definition()])
     return _app_of(bundles, None, replace(CFG, shadow_sample=1.0),
                    definitions=DefinitionsWatcher(path),
                    shadow_source=functools.partial(_child_app, bundles))
@@ -142,6 +155,7 @@ def test_the_server_never_loads_a_shadow_only_alias(bundles, tmp_path):
     assert _gone(child)
 
 
+@pytest.mark.slow
 def test_a_killed_child_never_fails_a_request_and_is_restarted(bundles, tmp_path):
     """kill -9 of the shadow child while requests run: every request is answered, the child
     comes back (counted) and scores again."""
@@ -170,6 +184,43 @@ def test_a_killed_child_never_fails_a_request_and_is_restarted(bundles, tmp_path
     finally:
         app.close()
     assert _gone(second)
+
+
+@pytest.mark.slow
+def test_a_killed_server_leaves_no_shadow_child(bundles, tmp_path):
+    """The real wiring (``serving.server``'s own flags build the child's engines): the child
+    scores what the server answers, and a server killed -9 leaves no process behind."""
+    path = tmp_path / "experiments.json"
+    defs.save(path, [_only_shadow_definition()])
+    port, metrics_port = free_port(), free_port()
+    log = tmp_path / "server.log"
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--bundle-dir", str(bundles["champion"]),
+         "--port", str(port), "--metrics-port", str(metrics_port), "--ranker-backend",
+         "lightgbm", "--experiments-file", str(path), "--shadow-sample", "1"],
+        cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, stdout=log.open("w"),
+        stderr=subprocess.STDOUT)
+    try:
+        wait_for_metrics(proc, (metrics_port,), 120, log)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.RecommenderStub(channel)
+            for i in range(5):
+                assert len(stub.Recommend(pb.RecommendRequest(user_id=f"u{i}", k=10),
+                                          timeout=30).items) == 10
+        assert _wait(lambda: _scraped(metrics_port, "tandem_shadow_seconds_count") >= 5, 90), \
+            log.read_text()[-3000:]
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("spawn_main" in " ".join(c.cmdline()) for c in children)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert _gone(children)  # the shadow child and multiprocessing's resource tracker
+
+
+def _scraped(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 def _wait(cond, timeout_s: float) -> bool:
@@ -256,6 +307,7 @@ def test_the_shadow_scores_its_sample_of_requests(sample, scored):
         scorer.close()
 
 
+@pytest.mark.slow
 def test_a_child_that_cannot_load_stops_shadowing_with_its_reason():
     scorer = ShadowScorer(_broken_source, replace(CFG, shadow_sample=1.0), ("gone",),
                           max_restarts=1)
