@@ -769,17 +769,29 @@ def shadow_side_by_side(w: dict, args: argparse.Namespace, requests: list,
                                                       "--shadow-sample", str(args.shadow_sample)))
     try:
         warm_connections(port, requests)
+        shadow_up_s = wait_shadow_up(mport[0])
         fixed = fixed_rate(port, requests, args.qps, args.duration)
         scraped = _scrape(mport[0])
     finally:
         stop_server(proc)
-    return {"shadow_sample": args.shadow_sample,
+    return {"shadow_sample": args.shadow_sample, "shadow_up_after_s": shadow_up_s,
             "p99_ms_without": without["p99_ms"], "p99_ms_with": fixed["p99_ms"],
             "p50_ms_without": without["p50_ms"], "p50_ms_with": fixed["p50_ms"],
             "errors_with": fixed["errors"],
             "shadow_scored": scraped.get("tandem_shadow_seconds_count", 0.0),
             "shadow_dropped": scraped.get("tandem_shadow_dropped_total", 0.0),
             "shadow_restarts": scraped.get("tandem_shadow_restarts_total", 0.0)}
+
+
+def wait_shadow_up(metrics_port: int, timeout_s: float = 600.0) -> float | None:
+    """Seconds until the server's shadow child scores (``tandem_shadow_up``; it loads its own
+    engines at low priority after the server serves), None if it never did."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if _scrape(metrics_port).get("tandem_shadow_up", 0.0) >= 1:
+            return round(time.perf_counter() - t0, 1)
+        time.sleep(1)
+    return None
 
 
 def _scrape(port: int) -> dict[str, float]:
