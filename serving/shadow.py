@@ -4,7 +4,7 @@ path, on neither the live requests' GIL nor (when they need it) their cores.
 Why a process: a scoring thread in the server shares its GIL and both cores of the bench box
 with live requests. At a sustainable 50 QPS on the 1M-item bench world a thread scoring every
 request moved the live p99 from 41 ms to 1.6 s; a 10 % sample still added 2.9 ms on the smaller
-world. The child runs at nice :data:`NICE`, so when live requests want the cores the kernel
+world. The child scores at nice :data:`NICE`, so when live requests want the cores the kernel
 gives them first and the shadow takes what is left (the README has the numbers).
 
 * Server side, :class:`ShadowScorer`: the request thread only ``put_nowait``s a small picklable
@@ -45,9 +45,10 @@ from serving.validation import RecommendQuery
 
 log = logging.getLogger(__name__)
 
-# The child's niceness. Under contention the kernel gives a nice-10 process ~1/10 of a nice-0
-# one's share, so live requests come first; at 19 (~1/70) the child could not even load its
-# engines in minutes on the shared 2-core bench box while other jobs ran.
+# The child's niceness once its engines are loaded (it loads at the server's own priority, as
+# the server's hot reloads do: niced, it took minutes to load on the shared 2-core box). Under
+# contention the kernel gives a nice-10 process ~1/10 of a nice-0 one's share: live requests
+# come first, and the shadow still makes progress on a busy host (19 gives it ~1/70).
 NICE = 10
 _UNIT = tuple(x / 10 for x in range(-10, 11))
 
@@ -258,7 +259,6 @@ def _child(source: ShadowSource, aliases: tuple[str, ...], requests, results,
            parent: int) -> None:
     """The shadow process: load the aliases' engines, then score what arrives until told to
     stop or the server is gone."""
-    os.nice(NICE)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s shadow[%(process)d] %(name)s %(message)s")
     _one_thread()
@@ -268,6 +268,7 @@ def _child(source: ShadowSource, aliases: tuple[str, ...], requests, results,
         log.exception("shadow engines failed to load")
         results.put(("fatal", "", f"load failed: {exc!r}"[:500]))
         raise SystemExit(1) from exc
+    os.nice(NICE)  # loaded at the server's priority (like its own reloads), scores below it
     results.put(("ready", "", {a: getattr(app.engines.get(a), "version", None)
                                for a in aliases}))
     breaker = CircuitBreaker(None, app.cfg.store_breaker_failures,
