@@ -53,6 +53,7 @@ import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from bench.host_probe import SLOW_RATIO, STALL_MS, HostProbe, event_seconds  # noqa: E402
+from serving.config import ServingConfig  # noqa: E402
 from tandem import schema as s  # noqa: E402
 from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
@@ -289,7 +290,6 @@ def heavy_users(stored: np.ndarray, users: int, share: float, most: int) -> np.n
 def precompute(w: dict, users: np.ndarray) -> dict:
     """Feeds of ``users`` stored in the online store by the hourly job's code
     (``serving.precompute_feeds.compute_feeds``) with the bundle the server serves."""
-    from serving.config import ServingConfig
     from serving.engine import Engine
     from serving.item_table import ItemFeatures
     from serving.precompute_feeds import compute_feeds
@@ -604,8 +604,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="100k items, 500k users, 20 s runs (a quick check)")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--shadow", action="store_true",
-                        help="run the fixed-rate load again with a shadow variant scoring every "
-                             "request; report both p99s (\"shadow\")")
+                        help="run the fixed-rate load again with a shadow variant (in its own "
+                             "process) scoring a sample of requests; report both p99s "
+                             "(\"shadow\")")
+    parser.add_argument("--shadow-sample", type=float, default=ServingConfig.shadow_sample,
+                        help="share of requests the --shadow run's shadow scores")
     # One process: side by side on the 2-core box (1M items, 100 QPS) one process gave p99
     # 21.8 ms / p99.9 30 ms and 145 QPS closed loop, two gave 32.4 / 181 ms and 183 QPS: more
     # throughput, but a longer fixed-rate tail (twice the memory, and the client shares the cores)
@@ -762,21 +765,33 @@ def shadow_side_by_side(w: dict, args: argparse.Namespace, requests: list,
                      {"name": "shadow", "alias": "champion", "shadow": True}]})])
     proc, port, mport = start_server(["-m", "serving.server"], w["bundle"], w["features"],
                                      w["feast_home"], "auto", args.work / "shadow_server.log",
-                                     args.processes, ("--experiments-file", str(path)))
+                                     args.processes, ("--experiments-file", str(path),
+                                                      "--shadow-sample", str(args.shadow_sample)))
     try:
         warm_connections(port, requests)
+        shadow_up_s = wait_shadow_up(mport[0])
         fixed = fixed_rate(port, requests, args.qps, args.duration)
         scraped = _scrape(mport[0])
     finally:
         stop_server(proc)
-    from serving.config import ServingConfig
-
-    return {"shadow_sample": ServingConfig.shadow_sample,  # the server's default share
+    return {"shadow_sample": args.shadow_sample, "shadow_up_after_s": shadow_up_s,
             "p99_ms_without": without["p99_ms"], "p99_ms_with": fixed["p99_ms"],
             "p50_ms_without": without["p50_ms"], "p50_ms_with": fixed["p50_ms"],
             "errors_with": fixed["errors"],
             "shadow_scored": scraped.get("tandem_shadow_seconds_count", 0.0),
-            "shadow_dropped": scraped.get("tandem_shadow_dropped_total", 0.0)}
+            "shadow_dropped": scraped.get("tandem_shadow_dropped_total", 0.0),
+            "shadow_restarts": scraped.get("tandem_shadow_restarts_total", 0.0)}
+
+
+def wait_shadow_up(metrics_port: int, timeout_s: float = 600.0) -> float | None:
+    """Seconds until the server's shadow child scores (``tandem_shadow_up``; it loads its own
+    engines at low priority after the server serves), None if it never did."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if _scrape(metrics_port).get("tandem_shadow_up", 0.0) >= 1:
+            return round(time.perf_counter() - t0, 1)
+        time.sleep(1)
+    return None
 
 
 def _scrape(port: int) -> dict[str, float]:

@@ -29,10 +29,11 @@ from serving.breaker import CircuitBreaker
 from serving.bundle_sync import BundleLedger, BundleRejected
 from serving.config import ServingConfig
 from serving.engine import Engine
-from serving.experiments import DefinitionsWatcher, ExperimentRuntime, ShadowScorer
+from serving.experiments import DefinitionsWatcher, ExperimentRuntime
 from serving.item_table import ItemFeatures, ItemTableFactory
 from serving.ranker_model import Ranker
 from serving.result import Result
+from serving.shadow import ShadowScorer, ShadowSource
 from serving.stores import FeastStore, MemoryStore, NoStore, OnlineStore, UserRows
 from serving.validation import RecommendQuery
 from tandem.data.impressions import Feed, ImpressionSink, NullSink
@@ -98,6 +99,8 @@ class App:
         memory only
     definitions : follow an experiment definitions file (``serving.experiments``): its active
         split replaces ``experiment`` and its shadow aliases score off the hot path
+    shadow_source : builds the shadow aliases' engines in the shadow child process
+        (:mod:`serving.shadow`; picklable); None: shadow variants are not scored (logged)
 
     A bundle serves only after a warm-up without part fallbacks (``PART_FALLBACKS``); one that
     fails to fetch, load or warm up is refused and remembered (``BundleRejected``), and the
@@ -111,7 +114,8 @@ class App:
                  item_features: ItemTableFactory | None = None,
                  cache_dir: Path | None = None, engine_cls: type[Engine] = Engine,
                  ledger: BundleLedger | None = None,
-                 definitions: DefinitionsWatcher | None = None):
+                 definitions: DefinitionsWatcher | None = None,
+                 shadow_source: ShadowSource | None = None):
         self.fetch_bundle, self.probe_version = fetch_bundle, probe_version
         self.runtime = ExperimentRuntime(experiment or Experiment.single(), definitions)
         self.cfg = cfg or ServingConfig()
@@ -124,6 +128,7 @@ class App:
         self.engine_cls = engine_cls
         self.ledger = ledger or BundleLedger(None)
         self.engines: dict[str, Engine] = {}
+        self.shadow_source = shadow_source
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._sync_experiment(self._start)
@@ -142,14 +147,19 @@ class App:
         if want is None:
             return
         try:
-            added = {a: load(a) for a in self.runtime.aliases(want[0].aliases + want[1])
+            added = {a: load(a) for a in self.runtime.aliases(want[0].aliases)
                      if a not in self.engines}
         except Exception:  # noqa: BLE001 - the old split keeps serving; retried next poll
             log.exception("experiment %s: an alias failed to load", want[0].name)
             return
         self.engines = {**self.engines, **added}
-        self.runtime.apply(*want, lambda: ShadowScorer(lambda: self.engines, self.store,
-                                                       self.cfg))
+        self.runtime.apply(*want, self._shadow_scorer)
+
+    def _shadow_scorer(self, aliases: tuple[str, ...]) -> ShadowScorer | None:
+        if self.shadow_source is None:
+            log.warning("shadow aliases %s: no shadow source, not scored", aliases)
+            return None
+        return ShadowScorer(self.shadow_source, self.cfg, aliases)
 
     def _start(self, alias: str) -> Engine:
         """The alias's registry bundle, else its last good one (registry down, or refused)."""
@@ -222,7 +232,7 @@ class App:
         except Exception:
             self.runtime.failed(variant)
             raise
-        self.runtime.observe(variant, time.perf_counter() - t0, q, cfg, result.item_ids)
+        self.runtime.observe(variant, time.perf_counter() - t0, q, result.item_ids)
         result.experiment, result.variant = self.experiment.name, variant.name
         m.VARIANTS.labels(self.experiment.name, variant.name).inc()
         m.observe(result)

@@ -29,6 +29,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one thread per request; requests run side by side
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -58,7 +59,7 @@ from tandem.config import Paths  # noqa: E402
 from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
 from tandem.models.bundle import DELTAS, BundleManifest  # noqa: E402
-from tandem.policy.ab import Experiment  # noqa: E402
+from tandem.policy.ab import Experiment, Variant  # noqa: E402
 
 log = logging.getLogger("serving")
 
@@ -202,22 +203,33 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
                          deltas_dir=_deltas_dir(args))
 
 
-def build_app(args: argparse.Namespace, engine_cls=None) -> App:
-    """The App the command-line flags describe."""
+def build_app(args: argparse.Namespace, engine_cls=None,
+              shadow_aliases: tuple[str, ...] = ()) -> App:
+    """The App the command-line flags describe.
+
+    With ``shadow_aliases`` it is the shadow child's (``serving.shadow``): those aliases as its
+    split, its own download folder (``<cache>/shadow``, versions fetched once into the shared
+    downloads and hard-linked), no impression log, no definitions followed.
+    """
     from serving.item_refresh import MaterializationWatcher
     from serving.item_table import ItemFeatures, SharedItemTable
 
-    experiment = (Experiment.load(args.experiment) if args.experiment
-                  else Experiment.single(args.alias))
+    if shadow_aliases:
+        experiment = Experiment("shadow", "", tuple(Variant(a, 1.0, a) for a in shadow_aliases))
+    else:
+        experiment = (Experiment.load(args.experiment) if args.experiment
+                      else Experiment.single(args.alias))
     cfg = config_from_args(args)
     ledger = None
     if args.bundle_dir:
         fetch, probe = local_source(Path(args.bundle_dir))
     else:
-        cache = Path(args.cache_dir) if args.cache_dir else Paths.default().bundle_cache
-        shared = None
+        base = Path(args.cache_dir) if args.cache_dir else Paths.default().bundle_cache
+        cache, shared = base, None
         if args.processes > 1:  # one download for all, hard-linked into each one's folder
-            cache, shared = cache / f"process-{args.process_index}", cache / SHARED_DOWNLOADS
+            cache, shared = base / f"process-{args.process_index}", base / SHARED_DOWNLOADS
+        if shadow_aliases:
+            cache, shared = cache / "shadow", base / SHARED_DOWNLOADS
         fetch, probe = registry_source(args.tracking_uri, cache, args.registry_timeout_s, shared)
         ledger = BundleLedger(cache)
     store, item_features = None, None
@@ -243,10 +255,24 @@ def build_app(args: argparse.Namespace, engine_cls=None) -> App:
 
         engine_cls = sharded_engine(args.index_shards)
     extra = {"engine_cls": engine_cls} if engine_cls is not None else {}
+    if shadow_aliases:
+        return App(fetch, probe, experiment, cfg, store, item_features=item_features,
+                   ledger=ledger, **extra)
     if args.experiments_file:
         extra["definitions"] = DefinitionsWatcher(Path(args.experiments_file))
     return App(fetch, probe, experiment, cfg, store, sink=_sink(args.impression_sink),
-               item_features=item_features, ledger=ledger, **extra)
+               item_features=item_features, ledger=ledger,
+               shadow_source=functools.partial(shadow_app, args), **extra)
+
+
+def shadow_app(args: argparse.Namespace, aliases: tuple[str, ...]) -> App:
+    """The shadow child's engines (runs IN the child, ``serving.shadow``): the server's own
+    flags, so the same bundle source and online store; it polls the registry like the server,
+    so it follows the shadow alias's hot reloads."""
+    app = build_app(args, shadow_aliases=aliases)
+    if not args.bundle_dir:
+        app.start_polling(args.poll_s)
+    return app
 
 
 def _sink(spec: str | None):
@@ -311,7 +337,8 @@ def arg_parser() -> argparse.ArgumentParser:
                         help="at least this many items of the genre the session's newest items "
                              "agree on (tandem.policy.diversify); 0 = off")
     parser.add_argument("--shadow-sample", type=float, default=ServingConfig.shadow_sample,
-                        help="share of requests a shadow variant scores off the hot path (0-1)")
+                        help="share of requests a shadow variant scores off the hot path, in "
+                             "its own low-priority process (0-1)")
     parser.add_argument("--exploration", choices=["epsilon_greedy", "thompson", "ucb"],
                         default="epsilon_greedy")
     parser.add_argument("--ranker-backend", choices=["auto", "lleaves", "lightgbm"],

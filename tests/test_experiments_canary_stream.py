@@ -59,7 +59,7 @@ def _serve(runtime: ExperimentRuntime, variant: str, n: int, seconds: float,
     per-variant recording (what App.recommend calls)."""
     v = next(x for x in runtime.experiment.variants if x.name == variant)
     for _ in range(n):
-        runtime.observe(v, seconds, None, None, [])
+        runtime.observe(v, seconds, None, [])
     for _ in range(errors):
         runtime.failed(v)
 

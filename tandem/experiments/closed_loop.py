@@ -150,6 +150,23 @@ def shadow_block(samples: dict[str, dict]) -> dict[str, Any]:
             "latency_ms_p99_bucket": None if p99 is None else p99 * 1000.0}
 
 
+def _shadow_settled(metrics_port: int, requests: int, timeout_s: float) -> str:
+    """Serving's metrics once its shadow child has answered (scored, dropped or failed) every
+    request, or at ``timeout_s``: the child scores in its own process, behind the replies."""
+    names = ("tandem_shadow_seconds_count", "tandem_shadow_dropped_total",
+             "tandem_shadow_failed_total")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=10) as resp:
+            text = resp.read().decode()
+        samples = parse_metrics(text)
+        if (sum(sum(samples.get(n, {}).values()) for n in names) >= requests
+                or time.monotonic() > deadline):
+            return text
+        time.sleep(0.5)
+
+
 def _landed(stats: Path) -> int:
     try:
         return int(json.loads(stats.read_text())["counts"].get("landed", 0))
@@ -220,9 +237,7 @@ def run(work: Path, cfg: LoopConfig = LoopConfig(), reports: Path | None = None
             deadline = time.monotonic() + cfg.land_timeout_s
             while _landed(stats) < sent and time.monotonic() < deadline:
                 time.sleep(0.5)
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                        timeout=10) as resp:
-                text = resp.read().decode()
+            text = _shadow_settled(metrics_port, len(users), cfg.land_timeout_s)
             samples = parse_metrics(text)
             # one look, not saved: the loop's traffic is over, and the report below must see
             # the split that traffic had
