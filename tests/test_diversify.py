@@ -153,6 +153,10 @@ def test_the_intent_floor_fills_only_the_last_slots_a_list_lacks():
                intent_floor=2).tolist() == [0, 1, 2]
     assert mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES, target=b_target,
                intent_floor=0).tolist() == [0, 1, 2]
+    # the genre cap wins over a larger floor: cap 1 on an A target keeps one A item
+    a_capped = mmr(REL5, VECS5, 3, lam=1.0, genres=GENRES, max_per_genre=1,
+                   target=np.array([1.0, 0.0]), intent_floor=3)
+    assert GENRES[a_capped, 0].sum() == 1
 
 
 def test_the_intent_floor_on_a_large_pool_keeps_the_rankers_head():

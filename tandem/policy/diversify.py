@@ -92,7 +92,8 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7,
         Weight of ``KL(target || list's genre distribution)`` in each step's gain (0 = off).
     intent_floor : int
         At least this many picks carry ``target``'s strongest genre, as far as the pool has
-        them (0 = off; needs ``genres`` and a non-zero ``target``).
+        them and never above ``max_per_genre`` (0 = off; needs ``genres`` and a non-zero
+        ``target``).
 
     Returns
     -------
@@ -118,7 +119,9 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float = 0.7,
         per_genre = np.zeros(onehot.shape[1], dtype=np.int64)
         blocked = np.zeros(n, dtype=bool)
     intent_rows = _intent_rows(genres, target, intent_floor)
-    still_needed = 0 if intent_rows is None else min(intent_floor, k, int(intent_rows.sum()))
+    # a floor above the genre cap would break the cap: the cap wins
+    floor = min(intent_floor, max_per_genre) if capped else intent_floor
+    still_needed = 0 if intent_rows is None else min(floor, k, int(intent_rows.sum()))
     picked = np.empty(k, dtype=np.int64)
     for t in range(k):
         total = gain if calibrate is None else gain - calibrate(per_genre, onehot)
