@@ -407,11 +407,18 @@ def run_rung(name: str, rung: Rung, args: argparse.Namespace, report: dict,
           f"items) under {paths.root}", flush=True)
     world = land_world(rung, paths, args.days, args.seed)
     start, end = datetime.fromisoformat(world["start"]), datetime.fromisoformat(world["end"])
+    # the hourly tasks cover every landing hour (late arrivals land up to LATE_DAYS after the
+    # last event); the nightly ones the days the events happened, as a daily run after the last
+    # event day would: the ranker's labels come from the window's last part (label_fraction),
+    # which the landing-only days would leave empty ("no request users")
+    nightly_end = datetime.fromtimestamp(world["world_end_ms"] / 1000, tz=UTC)
     # a rerun of some tasks of a rung (same world) keeps the other tasks' earlier numbers
     before = report["rungs"].get(name, {})
     same = (before.get("events"), before.get("users")) == (world["events"], rung.users)
     entry = {"users": rung.users, "items": rung.items, "events": world["events"],
-             "interval": [world["start"], world["end"]], "generate_s": world["generate_s"],
+             "interval": [world["start"], world["end"]],
+             "nightly_interval": [world["start"], nightly_end.isoformat()],
+             "generate_s": world["generate_s"],
              "jobs": before.get("jobs", {}) if same else {}, "total_s": 0.0,
              "complete": False, "home": str(paths.root), "master": args.master,
              "driver_memory": report["spark_driver_memory"], "cpus": report["cpus"],
@@ -425,7 +432,8 @@ def run_rung(name: str, rung: Rung, args: argparse.Namespace, report: dict,
         for task in tasks:
             print(f"[{name}] {task.name} ...", flush=True)
             try:
-                result = run_task(task, paths, args.master, start, end, env,
+                result = run_task(task, paths, args.master, start,
+                                  nightly_end if task in NIGHTLY else end, env,
                                   paths.root / f"{task.name}.log")
             except RuntimeError as err:
                 entry["failed"] = str(err)
@@ -440,7 +448,7 @@ def run_rung(name: str, rung: Rung, args: argparse.Namespace, report: dict,
         if server is not None:
             server.stop()
     entry["complete"] = all(t.name in entry["jobs"] for t in TASKS)
-    entry["bundle"] = str(paths.models / run_id_of(end))
+    entry["bundle"] = str(paths.models / run_id_of(nightly_end))
     write_report(args.out, report)
 
 

@@ -377,6 +377,12 @@ def prepare(paths, bundle_dir: Path, start, end, cut_ms: int, role: str, cfg: di
     night_cfg = {**NIGHT_CONFIG, **cfg.get("night", {})}
     table = L.TrainingTable.of(paths, bundle_dir.name)
     req = requests(table, cut_ms, role, night_cfg)
+    if not len(req.user_rows):
+        raise ValueError(
+            f"no {role} request users: no pair of {bundle_dir.name}'s training table was first "
+            f"engaged positively in [{pd.Timestamp(cut_ms, unit='ms', tz='UTC')}, {end}); the "
+            "label window (label_days, else label_fraction of the interval) must end where the "
+            "events do")
     night = Night.load(bundle_dir, cfg["als"])
     item_ids = pd.Index(pd.read_parquet(bundle_dir / B.ITEMS, columns=[S.ITEM_ID])[S.ITEM_ID])
     user_ids = pd.Index(pd.read_parquet(bundle_dir / B.USERS, columns=[S.USER_ID])[S.USER_ID])
