@@ -64,7 +64,7 @@ from tandem.spark.tables import (
     events_schema,
     quarantine_schema,
 )
-from tandem.spark.validate import PARSED, flat_event_columns, with_reason
+from tandem.spark.validate import lake_event_schema, with_reason
 
 log = logging.getLogger(__name__)
 _PARTITION = r"date=(\d{4}-\d{2}-\d{2})/hour=(\d{1,2})/"
@@ -119,7 +119,7 @@ def read_lines(spark: SparkSession, files: list[str]) -> DataFrame:
 
 
 def judge(lines: DataFrame) -> DataFrame:
-    """Add ``reason`` (null = valid) and the parsed event; judged at the landing hour's end.
+    """Add ``reason`` (null = valid) and the event's lake columns; judged at the landing hour's end.
 
     The landing hour (not the whole interval) is the reference, so a line gets the same verdict
     whether the interval is one hour or a day.
@@ -155,7 +155,7 @@ def run(spark: SparkSession, paths: Paths, start: datetime, end: datetime,
     seen = read_table(spark, paths.event_ids, event_ids_schema(), start - cfg.lookback, start)
     candidates = mark_duplicates(
         judged.where(F.col(s.REASON).isNull()).select(
-            *flat_event_columns(F.col(PARSED)), s.DATE, s.HOUR, SOURCE_FILE, LINE_NUMBER),
+            *lake_event_schema().names, s.DATE, s.HOUR, SOURCE_FILE, LINE_NUMBER),
         seen).cache()
     totals = judged.agg(F.count("*").alias("read"),
                         F.count(s.REASON).alias("invalid")).first()

@@ -143,3 +143,31 @@ def test_flat_columns_of_a_valid_event(spark):
     assert row["ts"] == 1_700_000_000_000
     assert row["ctx_country"] == "DE" and row["position"] == 3 and row["propensity"] == 0.25
     assert row["dwell_ms"] is None
+
+
+def test_spark_reasons_equal_python_reasons_on_every_mutant(spark):
+    """Every field at every JSON type and bound: the fast path accepts none of the bad records."""
+    from tests.test_validation_fast import _mutants
+
+    lines = [json.dumps(m).encode() for m in _mutants("event")]
+    got = spark_line_reasons(spark, lines, REF_MS)
+    assert got == [python_line_reason(ln, REF_MS) for ln in lines]
+    assert len(got) > 800 and 50 < got.count(None) < len(got) - 500  # accepts and rejects
+
+
+def test_fast_path_takes_the_usual_spellings_only(spark):
+    """The common valid spellings skip the per-field checks; rare ones (1e3) take them."""
+    from pyspark.sql import functions as F
+
+    from tandem.spark.validate import _fast_accepts, _nodes, _typed_record, parse
+    from tandem.validation import load_schema
+
+    schema = load_schema("event")
+    usual = [GOOD, CASES[1][0], {**GOOD, "context": None, "position": None, "propensity": 1},
+             {**GOOD, "context": {}}, _without("context", "value", "session_id")]
+    rare = [{**GOOD, "ts": 1.7e12}, {**GOOD, "position": 3.0}]
+    df = spark.createDataFrame([(json.dumps(r),) for r in usual + rare], "line string")
+    v = parse(F.col("line"))
+    fast = _fast_accepts(schema, _nodes(schema), F.schema_of_variant(v),
+                         F.try_variant_get(v, "$", _typed_record(schema).simpleString()))
+    assert [r[0] for r in df.select(fast).collect()] == [True] * len(usual) + [False] * len(rare)
