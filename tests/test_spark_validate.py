@@ -135,10 +135,11 @@ def test_spark_reasons_equal_python_reasons(spark):
 def test_flat_columns_of_a_valid_event(spark):
     from pyspark.sql import functions as F
 
-    from tandem.spark.validate import flat_event_columns, lake_event_schema, parse
+    from tandem.spark.validate import lake_event_schema, with_reason
 
     df = spark.createDataFrame([(json.dumps({**GOOD, "ts": 1.7e12}),)], "line string")
-    row = df.select(*flat_event_columns(parse(F.col("line")))).first().asDict()
+    judged = with_reason(df, "line", F.lit(2_000_000_000_000))
+    row = judged.select(*[f.name for f in lake_event_schema()]).first().asDict()
     assert [f.name for f in lake_event_schema()] == list(row)
     assert row["ts"] == 1_700_000_000_000
     assert row["ctx_country"] == "DE" and row["position"] == 3 and row["propensity"] == 0.25

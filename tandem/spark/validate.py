@@ -347,9 +347,3 @@ def _flat_columns(typed: Column, flat: list[tuple[str, tuple[str, ...], DataType
 def lake_event_schema() -> StructType:
     """Flat lake columns of an event (no partitions): integer -> long, number -> double."""
     return StructType([StructField(c, t) for c, _, t in _flat_fields()])
-
-
-def flat_event_columns(value: Column) -> list[Column]:
-    """The lake columns of a parsed, VALID event (VARIANT), in :func:`lake_event_schema` order."""
-    typed = F.try_variant_get(value, "$", _typed_record(load_schema("event")).simpleString())
-    return _flat_columns(typed, _flat_fields())
