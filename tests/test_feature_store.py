@@ -180,3 +180,33 @@ def test_training_and_serving_paths_give_equal_features(feast_repo):
     np.testing.assert_array_equal(t_session,
                                   np.tile(F.session_vector(values, now), (len(idx), 1)))
     assert t_session[0, F.SESSION_FEATURES.index("session_active")] == 1.0
+
+
+def test_materialization_writes_in_batches_and_loses_no_row(tmp_path):
+    """Feast's default converts a whole interval to protos in one batch (the 10m pipeline rung's
+    1.57M rows took materialize to 6.6 GB); both profiles write 10k rows at a time, and every row
+    of an interval larger than a batch arrives, batch boundaries included."""
+    import sqlite3
+
+    import yaml
+
+    for profile in fs.PROFILES:
+        text = fs.render(Paths(tmp_path / profile), profile, redis="127.0.0.1:1").joinpath(
+            "feature_store.yaml").read_text()
+        assert yaml.safe_load(text)["materialization"]["online_write_batch_size"] == 10_000
+    paths = Paths(tmp_path / "many")
+    n = 25_001
+    frame = pd.DataFrame([user_row(f"u{k}", T1, float(k % 5)) for k in range(n)])
+    frame.to_parquet(snapshot_folder(paths.user_features, T1) / "part-0.parquet", index=False)
+    pd.DataFrame([item_row(0, T1)]).to_parquet(
+        snapshot_folder(paths.item_features, T1) / "part-0.parquet", index=False)
+    store = fs.apply(paths)
+    assert store.config.materialization_config.online_write_batch_size == 10_000
+    fs.materialize(paths, (T1 - timedelta(hours=1)).to_pydatetime(), T1.to_pydatetime(), store)
+    with sqlite3.connect(paths.feast / "online.db") as db:
+        stored = db.execute(f"SELECT COUNT(DISTINCT entity_key) FROM "
+                            f"{store.project}_{s.USER_ACTIVITY_VIEW}").fetchone()[0]
+    assert stored == n
+    for k in (0, 9_999, 10_000, 20_000, n - 1):
+        values, ok = FO.fetch_user_features(store, f"u{k}", deadline_s=5.0)
+        assert ok and values["user_avg_rating"] == float(k % 5)
