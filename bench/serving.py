@@ -10,7 +10,8 @@
    (``serving.precompute_feeds``, the hourly job's code).
 2. Starts the Tandem server (``python -m serving.server``) as its own process, drives it with a
    gRPC load generator at a fixed rate (open loop: latency counts from the scheduled send time,
-   so queueing is not hidden) and then in closed loop, ``--duration`` seconds each. During the
+   so queueing is not hidden) and then in closed loop, ``--duration`` seconds each; every
+   measured fixed-rate pass starts ``SETTLE_S`` after the server's warm-up. During the
    fixed-rate run bench/host_probe.py watches the machine itself (vCPU stalls and slowdowns the
    guest cannot see), so a tail that the VM caused is told apart from one the server caused.
 3. Starts the naive server (bench/naive_server.py: Feast for the user and every candidate, exact
@@ -314,6 +315,17 @@ def precompute(w: dict, users: np.ndarray) -> dict:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"precomputed feeds: {out}")
     return out
+
+
+SETTLE_S = 30.0
+
+
+def settle(ready: float) -> None:
+    """Wait until ``SETTLE_S`` after ``ready`` (the end of the server's warm-up) before a
+    measured run. A freshly started server is still settling: at 1M items (session 8) the
+    first fixed-rate pass of a new server had p99 126 ms, the same server kind measured 30 s
+    after its warm-up 28.8 ms; every measured pass waits the same time, so they compare."""
+    time.sleep(max(0.0, SETTLE_S - (time.perf_counter() - ready)))
 
 
 def _stubs(port: int) -> tuple[list, list]:
@@ -685,8 +697,10 @@ def _tandem_runs(args: argparse.Namespace, pipeline: bool, redis: RedisServer | 
                                      args.processes)
     report["server_processes"] = args.processes
     report["server_start_s"] = round(time.perf_counter() - t0, 1)
+    report["settle_s"] = SETTLE_S  # every measured fixed-rate pass starts this long after warm-up
     try:
         warm_connections(port, requests)
+        settle(time.perf_counter())
         before = histogram(mport, "tandem_recommend_path_seconds", "path")
         with BackgroundCpu(proc) as other, HostProbe() as host:
             fixed = fixed_rate(port, requests, args.qps, args.duration)
@@ -739,6 +753,7 @@ def _naive_run(args: argparse.Namespace, w: dict, requests: list, report: dict) 
                                          extra=("--no-precomputed-feeds",))
         try:
             closed_loop(port, requests[:50], 1, 3.0)
+            settle(time.perf_counter())
             naive = fixed_rate(port, requests, args.qps, args.duration)
             naive_lat = naive["_latencies_ms"]
             report["naive"] = _public(naive)
@@ -750,8 +765,6 @@ def _naive_run(args: argparse.Namespace, w: dict, requests: list, report: dict) 
                                                 / report["fixed_rate"]["p99_ms"], 2)
     return naive_lat
 
-
-SHADOW_SETTLE_S = 30.0
 
 
 def shadow_side_by_side(w: dict, args: argparse.Namespace, requests: list) -> dict:
@@ -780,17 +793,16 @@ def shadow_side_by_side(w: dict, args: argparse.Namespace, requests: list) -> di
             warm_connections(port, requests)
             ready = time.perf_counter()
             up_s = wait_shadow_up(mport[0]) if name == "with" else None
-            # both passes start SHADOW_SETTLE_S after their warm-up: the "with" pass waits for
-            # its child anyway, and a server measured sooner is still settling (first pair,
+            # the "with" pass waits for its child within the settle time (first pair,
             # without-pass first and unsettled: p99 127 ms without vs 43 ms with)
-            time.sleep(max(0.0, SHADOW_SETTLE_S - (time.perf_counter() - ready)))
+            settle(ready)
             passes[name] = (fixed_rate(port, requests, args.qps, args.duration),
                             _scrape(mport[0]), up_s)
         finally:
             stop_server(proc)
     (without, _, _), (fixed, scraped, shadow_up_s) = passes["without"], passes["with"]
     return {"shadow_sample": args.shadow_sample, "shadow_up_after_s": shadow_up_s,
-            "qps": args.qps, "settle_s": SHADOW_SETTLE_S,
+            "qps": args.qps, "settle_s": SETTLE_S,
             "order": "without, then with; each a fresh server, measured settle_s after warm-up",
             "p99_ms_without": without["p99_ms"], "p99_ms_with": fixed["p99_ms"],
             "p50_ms_without": without["p50_ms"], "p50_ms_with": fixed["p50_ms"],
