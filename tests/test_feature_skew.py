@@ -28,6 +28,21 @@ def test_psi_is_zero_for_the_same_values_and_large_for_a_shift():
     assert FS.psi(np.zeros(100), np.zeros(100)) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_psi_sees_a_shift_away_from_a_value_training_holds_for_most_rows():
+    """The demo's activity columns: 0 (the default) in every training row, a count in serving.
+    Every decile of a constant is that value; served values at or above it shared its bin and
+    PSI read 0 while all 34 rows differed."""
+    trained = np.zeros(200)
+    assert FS.psi(trained, np.full(200, 5.2)) > 0.25  # all above the constant
+    assert FS.psi(trained, np.full(200, -1.0)) > 0.25  # all below it
+    mostly = np.r_[np.zeros(180), np.arange(1.0, 21.0)]  # 90 % zeros, then a tail
+    assert FS.psi(mostly, np.r_[np.zeros(100), np.arange(1.0, 101.0)]) > 0.25
+    assert FS.psi(mostly, mostly) == pytest.approx(0.0, abs=1e-12)
+    codes = np.repeat([1.0, 2.0, 3.0], 100)  # a categorical code: a bin per value
+    assert FS.psi(codes, np.repeat([1.0, 3.0, 2.0], [100, 100, 100])) == pytest.approx(0.0)
+    assert FS.psi(codes, np.repeat([1.0, 2.0, 3.0], [200, 50, 50])) > 0.25
+
+
 def test_report_fails_above_the_threshold_and_skips_with_too_few_rows():
     rng = np.random.default_rng(1)
     trained = pd.DataFrame({"a": rng.normal(size=500), "b": rng.normal(size=500)})
