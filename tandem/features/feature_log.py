@@ -101,9 +101,15 @@ def read_logged(paths: Paths, start: datetime, end: datetime, max_rows: int,
         rows += [r for r in map(json.loads, files[k].read_text().splitlines())
                  if lo <= r[s.TS] < hi]
     within_driver_budget(len(rows) * LOGGED_ROW_BYTES, "the sampled feature log")
+    return logged_frame(rows[:max_rows])
+
+
+def logged_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """``feature_log.v1`` records as :func:`read_logged` returns them: one row per (request,
+    item) (a record landed twice counts once), a float64 column per feature name."""
     if not rows:
         return pd.DataFrame(columns=["request_id", s.USER_ID, s.ITEM_ID, s.TS, "device"])
-    frame = pd.DataFrame(rows[:max_rows]).drop_duplicates(["request_id", s.ITEM_ID])
+    frame = pd.DataFrame(list(rows)).drop_duplicates(["request_id", s.ITEM_ID])
     frame = frame.reset_index(drop=True)
     features = pd.DataFrame(frame.pop(FEATURES).tolist(), index=frame.index).astype(np.float64)
     return pd.concat([frame.drop(columns=[s.MODEL_VERSION]), features], axis=1)
