@@ -3,6 +3,10 @@
 Serving samples ``share`` of the candidates it ranks (:func:`sample`: a seeded draw per request,
 so one request's sample is reproducible) and hands their input rows -- the very array the
 ranker scored -- to the impression sink with the feed (``tandem.data.impressions.Feed.logged``).
+A request whose online-store read failed or missed its deadline logs none: it ranked on default
+user and session features, which says how the store did (``tandem_fallbacks_total``), not
+whether serving and training define a feature alike; in the first ``make demo`` with a skew
+step, 3 such requests of 65 on a busy machine were the only rows that still differed.
 The Kafka impression logger turns them into ``feature_log.v1`` records (``schemas/``) on
 :data:`FEATURE_LOG_TOPIC`; the landing consumer (``--kind feature_log``) lands them as JSON lines
 under :func:`landing_dir` by arrival hour, as it lands events; ``jobs/feature_skew.py`` reads them
