@@ -140,8 +140,9 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 
             store = open_store(paths)
         training = training_features(store, logged)
-    else:
-        training = pd.DataFrame(columns=list(COMPARED), dtype=np.float32)
+    else:  # nothing is judged: no training rows are built and no column is compared (1..49
+        # logged rows against an empty frame of COMPARED columns crashed the gate task)
+        training = pd.DataFrame(index=logged.index)
     report = compare(logged, training, cfg)
     report["not_compared"] = sorted(set(names) - set(COMPARED))
     report["interval"] = [start.isoformat(), end.isoformat()]

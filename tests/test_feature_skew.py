@@ -4,6 +4,7 @@ components (Feast on SQLite/DuckDB, the tansu broker, the landing consumer, serv
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import numpy as np
@@ -212,3 +213,28 @@ def test_a_vector_served_long_after_its_feature_rows_equals_the_training_row(pat
     assert len(i1) == 1 and training.loc[i1, "session_length"].item() == 3
     assert training.loc[i1, "item_avg_rating"].item() == 3.25
     assert training.loc[i1, "user_log_events_total"].item() == pytest.approx(np.log1p(9))
+
+
+def test_the_demo_runs_the_gate_module_over_the_serving_interval(paths):
+    """``make demo``'s skew step (``tandem.cli.demo_skew``): it counts the interval's landed rows
+    and runs ``python -m jobs.feature_skew`` (the DAG task's module) over the interval with the
+    demo's home, then reads the report back; too few rows: the job skips and passes."""
+    from datetime import UTC, datetime
+
+    from tandem.cli import demo_skew as DS
+    from tandem.config import REPO_ROOT
+
+    start = datetime(2026, 1, 2, 10, 15, tzinfo=UTC)
+    end = datetime(2026, 1, 2, 10, 20, tzinfo=UTC)
+    at = int(start.timestamp() * 1000)
+    folder = FL.landing_dir(paths) / "date=2026-01-02" / "hour=10"
+    folder.mkdir(parents=True)
+    records = [{"request_id": "r1", s.USER_ID: "u1", s.ITEM_ID: f"i{k}", s.TS: at + k * 60_000,
+                "device": "tv", s.MODEL_VERSION: "3", FL.FEATURES: {"item_ctr": 0.1}}
+               for k in range(6)]  # ts +0..+5 min: the last is outside [start, end)
+    (folder / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert DS.wait_landed(paths, start, end, expected=5, timeout_s=1.0) == 5
+    report, code, _ = DS.run_gate(paths, start, end, {"PYTHONPATH": str(REPO_ROOT)})
+    assert code == 0 and report["rows"] == 5 and report["passed"] and "skipped" in report
+    assert report["interval"] == [start.isoformat(), end.isoformat()]
+    assert DS.skew_table(report).row_count == 0
