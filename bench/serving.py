@@ -167,7 +167,8 @@ def _fill_feast(home: Path, world: Path, user_rows: np.ndarray, stored_items: in
 
 
 def _refresh_sessions(home: Path, user_ids: np.ndarray, n_items: int) -> None:
-    """Session rows expire after 2 h (their TTL): write them fresh before every run."""
+    """Session rows go idle (``session_active`` 0) 30 min after their last event: write them
+    fresh before every run."""
     from tandem.config import Paths
     from tandem.features import feature_store as FS
 

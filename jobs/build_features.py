@@ -42,8 +42,8 @@ How a run over ``(start, end]`` works (``tandem.spark.rolling`` has the math):
 4. **rows only for entities whose values changed** since their previous snapshot (events landed,
    or left a window, or their profile/catalog row changed; new entities once): the latest row
    with ``event_timestamp <= T`` (what Feast's point-in-time join and materialization read)
-   equals a full recomputation at ``T``. The Feast views' TTLs cover the gaps
-   (``feature_repo/definitions.py``);
+   equals a full recomputation at ``T``. No Feast view has a TTL: a row holds until the
+   entity's next one, online and in the join (``feature_repo/definitions.py``);
 5. the new state at ``end``; states older than ``state_keep_hours`` are deleted.
 
 Every output replaces its interval's partitions atomically (``tandem.spark.io``), so re-running

@@ -10,7 +10,7 @@ extract: the feature log of ``[start, end)`` (``tandem.features.feature_log.read
     :data:`COMPARED`. Retrieval scores and recency features depend on the night's indexes and
     the request's retrieval, which the log records but training cannot replay at an arbitrary
     time: they are listed as not compared. Per feature: PSI of the logged values against the
-    training values (bins at the training values' deciles, NaN its own bin), the mean
+    training values (bins at and between the training values' deciles, NaN its own bin), the mean
     difference (logged minus training, rows where both are finite) and the row count.
 load: ``<home>/reports/skew.json``: ``{"features": {name: {"psi", "mean_diff", "n"}}, "max_psi",
     "threshold", "passed", "rows", "not_compared"}``. ``passed`` is ``max_psi <= threshold``
@@ -79,9 +79,13 @@ def training_features(store, logged: pd.DataFrame) -> pd.DataFrame:
 def psi(expected: np.ndarray, actual: np.ndarray, bins: int = 10) -> float:
     """Population stability index of ``actual`` against ``expected``.
 
-    Bins: the distinct deciles (``bins`` quantiles) of the finite ``expected`` values, plus one
-    bin for NaN. Each share is floored at :data:`EPS`. 0 = same distribution; > 0.1 is the
-    usual "investigate", > 0.25 "shifted".
+    Bins: each distinct decile (``bins`` quantiles) of the finite ``expected`` values is a bin
+    of its own, and so is each open interval around them, plus one bin for NaN. A feature's
+    deciles are often one value (a count that is 0 for most rows, a default): with half-open
+    intervals ``[edge, next)`` a column that is constant in training and anything at or above
+    that value in serving fell into the same bin, and PSI was 0 while every value differed.
+    Each share is floored at :data:`EPS`. 0 = same distribution; > 0.1 is the usual
+    "investigate", > 0.25 "shifted".
     """
     finite = expected[np.isfinite(expected)]
     edges = (np.unique(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1]))
@@ -89,8 +93,10 @@ def psi(expected: np.ndarray, actual: np.ndarray, bins: int = 10) -> float:
 
     def shares(x: np.ndarray) -> np.ndarray:
         nan = ~np.isfinite(x)
-        counts = np.bincount(np.searchsorted(edges, x[~nan], side="right"),
-                             minlength=len(edges) + 1)
+        # below edge k: bin 2k; equal to it: 2k + 1; above the last: 2 * len(edges)
+        at = (np.searchsorted(edges, x[~nan], side="left")
+              + np.searchsorted(edges, x[~nan], side="right"))
+        counts = np.bincount(at, minlength=2 * len(edges) + 1)
         return np.maximum(np.r_[counts, nan.sum()] / max(len(x), 1), EPS)
 
     e, a = shares(expected), shares(actual)
@@ -134,8 +140,9 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
 
             store = open_store(paths)
         training = training_features(store, logged)
-    else:
-        training = pd.DataFrame(columns=list(COMPARED), dtype=np.float32)
+    else:  # nothing is judged: no training rows are built and no column is compared (1..49
+        # logged rows against an empty frame of COMPARED columns crashed the gate task)
+        training = pd.DataFrame(index=logged.index)
     report = compare(logged, training, cfg)
     report["not_compared"] = sorted(set(names) - set(COMPARED))
     report["interval"] = [start.isoformat(), end.isoformat()]

@@ -335,7 +335,10 @@ class Engine(ColdPath, WarmUpCheck):
                 fallbacks.append("ranker_error")
         if scores is None:
             scores = _retrieval_order(pool)
-        else:  # what the ranker saw, for a sampled share of the candidates (skew checks)
+        elif not any(f in STORE_FALLBACKS for f in fallbacks):
+            # what the ranker saw, for a sampled share of the candidates (skew checks); not when
+            # the user's rows were not read: their defaults measure the store (counted in
+            # tandem_fallbacks_total), not a feature's definition
             logged = feature_log.sample(request_id, self.item_ids, pool.rows, x,
                                         self.feature_names, cfg.feature_log_share, now_ms,
                                         q.device or None)

@@ -94,7 +94,7 @@ ITEM_POPULARITY_VIEW: Final = "item_popularity"
 USER_SOURCE: Final = "user_features_source"
 ITEM_SOURCE: Final = "item_features_source"
 SESSION_BATCH_SOURCE: Final = "user_session_batch"
-# jobs/build_features.py's totals look this far back; the activity/popularity views' TTL
+# jobs/build_features.py's totals look this far back (no view has a TTL: see definitions.py)
 FEATURE_LOOKBACK_DAYS: Final = 365
 RANKER_SERVICE: Final = "ranker_v1"  # every view below: training (user_id, item_id, time)
 RANKER_USER_SERVICE: Final = "ranker_user_v1"  # serving, per request: profile, activity, session

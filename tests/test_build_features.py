@@ -171,8 +171,8 @@ def test_each_day_sees_only_its_past_and_reruns_do_not_duplicate(spark, built):
 
 @pytest.mark.feast
 def test_feast_reads_the_latest_row_however_old(built):
-    """Rows come only when values change, so the views' TTLs must span the gaps: u2's only row
-    (two days before END) and i3's are what Feast serves and joins a month later."""
+    """Rows come only when values change (and no view has a TTL): u2's only row (two days
+    before END) and i3's are what Feast serves and joins a month later."""
     from tandem.features import feature_store as fs
     from tandem.features import online as FO
 

@@ -285,6 +285,29 @@ def test_online_store_failure_degrades(world, serve, store, reason):
     assert metrics.FALLBACKS.labels(reason)._value.get() == before + 2
 
 
+def test_a_request_ranked_without_its_user_rows_logs_no_feature_rows(world):
+    """Feature rows are logged to be compared with the training rows of the same user and time
+    (jobs/feature_skew.py); a request whose store read was late ranked on defaults, and its rows
+    differed from training in every user column (3 of the demo's 65 requests, PSI 0.26)."""
+    from serving.validation import RecommendQuery
+
+    cfg = ServingConfig(ranker_backend="lightgbm", online_store_timeout_ms=300.0,
+                        rank_deadline_ms=5000.0, feature_log_share=1.0)  # SlowStore takes 1 s
+    logged = {}
+    for store in (SynthStore(), SlowStore(), BrokenStore()):
+        app = _app(world, store, cfg)
+        try:
+            result = app.recommend(RecommendQuery("u1", 10, ts=S.NOW_MS))
+        finally:
+            app.close()
+        assert len(result.item_ids) == 10
+        logged[type(store).__name__] = (result.fallbacks, result.logged)
+    fallbacks, rows = logged["SynthStore"]
+    assert fallbacks == [] and len(rows.item_ids) > 10
+    assert logged["SlowStore"] == (["online_store_timeout"], None)
+    assert logged["BrokenStore"] == (["online_store_error"], None)
+
+
 def _broken(*args, **kwargs):
     raise RuntimeError("model part broken")
 

@@ -7,7 +7,9 @@
 3. trigger ``tandem_hourly`` and then ``tandem_daily`` through Airflow's REST API (exactly what the
    UI's Trigger button does) and follow their tasks;
 4. start the gRPC server on the promoted ``champion``, print recommendations for a few users;
-5. send a burst of events for one user through Kafka and show the feed reacting to it.
+5. send a burst of events for one user through Kafka and show the feed reacting to it;
+6. once serving's sampled ranker rows have landed, run the skew gate over the minutes served
+   (:mod:`tandem.cli.demo_skew`): ``<home>/reports/skew.json``.
 
 A second ``make demo`` reuses what is there: running services stay up, and the pipeline is skipped
 when a champion already exists (``--rerun`` forces it).
@@ -22,11 +24,13 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from tandem.cli import demo_skew
 from tandem.config import REPO_ROOT, Paths, kafka_bootstrap
 from tandem.ops import processes
 
@@ -289,8 +293,8 @@ def burst_events(user_id: str, items: list[str], now_ms: int, session: str) -> l
 
 def burst(stack: Stack, user_ids: list[str], titles) -> None:
     """Send 12 engagements with one genre through Kafka for the first of ``user_ids`` whose feed
-    has no session neighbours yet (an earlier demo's burst stays in its session for the session
-    TTL, and would show no change); show the feed change."""
+    has no session neighbours yet (an earlier demo's burst stays in that user's session row, and
+    would show no change); show the feed change."""
     from tandem.contracts import recommender_v1_pb2 as pb
     from tandem.streaming.producer import EventProducer
 
@@ -372,6 +376,7 @@ def run_demo(folder: Path, rerun: bool = False) -> None:
 
         start_standalone(paths, port=AIRFLOW_PORT, extra_env=_airflow_demo_env(stack))
     start_serving(stack)
+    served_from, rows_before = datetime.now(UTC), demo_skew.rows_logged(METRICS_PORT)
     titles = _titles(paths)
     console.rule("[bold]Recommendations")
     for user in ("1", "42", "500"):
@@ -379,6 +384,8 @@ def run_demo(folder: Path, rerun: bool = False) -> None:
     print_feed(paths, "new-user-7", recommend("new-user-7"), titles)
     burst(stack, [str(u) for u in range(42, 62)], titles)
     restarts.check()
+    demo_skew.check(console, paths, stack.env(), METRICS_PORT, served_from, rows_before,
+                    recommend)
     _print_access(stack, time.monotonic() - t_all)
 
 

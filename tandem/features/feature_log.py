@@ -3,6 +3,10 @@
 Serving samples ``share`` of the candidates it ranks (:func:`sample`: a seeded draw per request,
 so one request's sample is reproducible) and hands their input rows -- the very array the
 ranker scored -- to the impression sink with the feed (``tandem.data.impressions.Feed.logged``).
+A request whose online-store read failed or missed its deadline logs none: it ranked on default
+user and session features, which says how the store did (``tandem_fallbacks_total``), not
+whether serving and training define a feature alike; in the first ``make demo`` with a skew
+step, 3 such requests of 65 on a busy machine were the only rows that still differed.
 The Kafka impression logger turns them into ``feature_log.v1`` records (``schemas/``) on
 :data:`FEATURE_LOG_TOPIC`; the landing consumer (``--kind feature_log``) lands them as JSON lines
 under :func:`landing_dir` by arrival hour, as it lands events; ``jobs/feature_skew.py`` reads them
@@ -101,9 +105,15 @@ def read_logged(paths: Paths, start: datetime, end: datetime, max_rows: int,
         rows += [r for r in map(json.loads, files[k].read_text().splitlines())
                  if lo <= r[s.TS] < hi]
     within_driver_budget(len(rows) * LOGGED_ROW_BYTES, "the sampled feature log")
+    return logged_frame(rows[:max_rows])
+
+
+def logged_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """``feature_log.v1`` records as :func:`read_logged` returns them: one row per (request,
+    item) (a record landed twice counts once), a float64 column per feature name."""
     if not rows:
         return pd.DataFrame(columns=["request_id", s.USER_ID, s.ITEM_ID, s.TS, "device"])
-    frame = pd.DataFrame(rows[:max_rows]).drop_duplicates(["request_id", s.ITEM_ID])
+    frame = pd.DataFrame(list(rows)).drop_duplicates(["request_id", s.ITEM_ID])
     frame = frame.reset_index(drop=True)
     features = pd.DataFrame(frame.pop(FEATURES).tolist(), index=frame.index).astype(np.float64)
     return pd.concat([frame.drop(columns=[s.MODEL_VERSION]), features], axis=1)

@@ -289,8 +289,10 @@ def _has_rows(view) -> bool:
 def training_frame(store, entity_df: pd.DataFrame) -> pd.DataFrame:
     """Point-in-time joined raw features for ``entity_df`` (user_id, item_id, event_timestamp).
 
-    Every feature row joined to a label has ``event_timestamp <=`` the label's and lies within
-    its view's TTL; anything else comes back missing and turns into the default in the matrices.
+    Every feature row joined to a label is its entity's latest with ``event_timestamp <=`` the
+    label's (no view has a TTL: the online store serving reads keeps the latest row whatever its
+    age, ``feature_repo/definitions.py``); an entity without one comes back missing and turns
+    into the default in the matrices.
     Returns one row per ``entity_df`` row, in its order: each view of the ``ranker_v1`` service
     is joined on its own and left-joined back on a row key, so a view without rows (the session
     source before any push) or an offline store that drops unmatched rows (Feast's file/dask

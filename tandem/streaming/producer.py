@@ -48,6 +48,9 @@ IMPRESSIONS_LOGGED = Counter("tandem_impressions_logged_total",
                              "Impressions handed to the Kafka producer")
 IMPRESSIONS_DROPPED = Counter("tandem_impressions_dropped_total",
                               "Impressions not logged, by reason", ["reason"])
+# what the demo's skew step compares with the rows the feature-log consumer landed
+FEATURE_ROWS_LOGGED = Counter("tandem_feature_rows_logged_total",
+                              "Sampled ranker feature rows handed to the Kafka producer")
 FEATURE_ROWS_DROPPED = Counter("tandem_feature_rows_dropped_total",
                                "Sampled ranker feature rows not logged (a malformed sample)")
 
@@ -196,6 +199,7 @@ class ImpressionLogger:
                 if self._send(self._producer.send_record, self.feature_log_topic, rec,
                               feature_log.CONTRACT):
                     self.features_logged += 1
+                    FEATURE_ROWS_LOGGED.inc()
 
     def _send(self, send, *args) -> bool:
         """One send; a refusal or failure is counted as a drop, never raised."""
