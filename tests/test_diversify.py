@@ -202,7 +202,7 @@ def test_rerank_similarity_is_genre_sets_or_embeddings_as_configured():
     # with embeddings: item 1 = 0.25 - 0 = 0.25 > item 2 = 0 - 0.5 * 1 = -0.5
     np.testing.assert_array_equal(
         rerank(rel, rows, vectors, genres, 3, {**cfg, "mmr_similarity": "embedding"}), [0, 1, 2])
-    assert DIVERSIFY_CONFIG["mmr_similarity"] == "genre"
+    assert DIVERSIFY_CONFIG["mmr_similarity"] == "embedding"
     # no genres known: the embedding is all there is
     np.testing.assert_array_equal(
         rerank(rel, rows, vectors, None, 3, {**cfg, "mmr_similarity": "genre"}), [0, 1, 2])

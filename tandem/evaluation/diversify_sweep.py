@@ -27,7 +27,7 @@ from tandem.evaluation import metrics as M
 # or the served embeddings (tandem.policy.diversify)
 GRID: dict[str, tuple] = {"mmr_lambda": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
                           "genre_cap": (0, 4, 3, 2), "calibration": (0.0, 1.0, 3.0),
-                          "mmr_similarity": ("genre", "embedding")}
+                          "mmr_similarity": ("embedding", "genre")}
 KEYS = ("mmr_lambda", "genre_cap", "calibration", "mmr_similarity")
 
 

@@ -51,14 +51,14 @@ import numpy as np
 DIVERSIFY_CONFIG: dict[str, Any] = {
     "mmr_lambda": 0.7,  # relevance weight of :func:`mmr`
     "mmr_pool": 100,  # MMR runs over this many of the ranker's best
-    # what MMR's "similar" means (:data:`SIMILARITIES`): "genre", the cosine of the items' genre
-    # sets -- the spread the diversity target and ``make eval``'s diversity@10 measure -- or
-    # "embedding", the cosine of the served item vectors (two-tower), which mostly says "engaged
-    # with by the same users": the very signal the ranker's relevance is made of. On ml-100k's
-    # validation split the embedding penalty had to be paired with a genre cap of 4 to reach
-    # ALS's diversity (NDCG@10 0.190 vs 0.201 unre-ranked), the genre one reached it at
-    # lambda 0.8 without a cap (0.198); ``make eval``'s sweep chooses between them
-    "mmr_similarity": "genre",
+    # what MMR's "similar" means (:data:`SIMILARITIES`): "embedding", the cosine of the served
+    # item vectors (two-tower), or "genre", the cosine of the items' genre sets -- the spread
+    # ``make eval``'s diversity@10 measures. The embedding stays: on ml-100k's validation split
+    # (ranker of three inner splits) the genre penalty lifted diversity above ALS's without a
+    # cap but pulled coverage@10 below it (the same few off-genre films for every user): only
+    # lambda 0.8 met both, at NDCG@10 0.200, against 0.203 for the embedding at lambda 0.6 and
+    # a genre cap of 4; ``make eval``'s sweep chooses between them on that split
+    "mmr_similarity": "embedding",
     "genre_cap": 0,  # at most this many picks per genre (0 = off)
     # weight of the genre-calibration term of :func:`mmr` (0 = off). Off: on ml-100k's
     # validation split every weight tried cost NDCG@10 (session intent, lambda 0.7, no cap:
@@ -199,8 +199,8 @@ def rerank(relevance: np.ndarray, rows: np.ndarray, vectors: np.ndarray,
     ``rows`` [n] are the candidates' catalog rows; ``vectors`` [n_items, d] and ``genres``
     [n_items, n_genres] (> 0 where the item has the genre; may be None when the cap and the
     calibration are off) are catalog-wide and only the top ``mmr_pool`` rows are gathered.
-    MMR's similarity is the cosine of ``genres`` with ``cfg["mmr_similarity"]`` "genre" (the
-    default; ``vectors`` when ``genres`` is None), of ``vectors`` with "embedding".
+    MMR's similarity is the cosine of ``vectors`` with ``cfg["mmr_similarity"]`` "embedding"
+    (the default), of ``genres`` with "genre" (``vectors`` when ``genres`` is None).
     """
     top = np.argsort(-np.asarray(relevance), kind="stable")[: cfg["mmr_pool"]]
     cap, weight = cfg["genre_cap"], cfg.get("calibration", 0.0)
