@@ -106,7 +106,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Re-ranking chosen on the validation split ({chosen['validation_users']} "
                       f"held-out users of the first inner split): mmr_lambda "
                       f"{chosen['mmr_lambda']}, genre_cap {chosen['genre_cap']}, calibration "
-                      f"{chosen['calibration']} ({chosen['rule']};"
+                      f"{chosen['calibration']}, mmr_similarity {chosen['mmr_similarity']} "
+                      f"({chosen['rule']};"
                       f" {verdict}); {len(report['diversify_sweep']) // 2} settings swept."]
     bar = report.get("quality_bar")
     if bar:

@@ -16,8 +16,9 @@ class ServingConfig:
     """Knobs of the request path; an A/B variant may override any of them.
 
     Candidate counts per source, MMR (``mmr_lambda`` in [0, 1], over the top ``mmr_pool`` of the
-    ranked list; at most ``genre_cap`` items sharing a genre, 0 = off; ``calibration``: weight of
-    the list's genre mix matching the genres the session's newest items agree on, 0 = off;
+    ranked list, items alike by ``mmr_similarity``: their "genre" sets or "embedding" vectors;
+    at most ``genre_cap`` items sharing a genre, 0 = off; ``calibration``: weight of the
+    list's genre mix matching the genres the session's newest items agree on, 0 = off;
     ``intent_floor``: at least this many items of that intent's strongest genre, 0 = off),
     cold-start exploration
     (``exploration`` = ``epsilon_greedy`` | ``thompson`` | ``ucb`` with bonus weight ``ucb_c``),
@@ -37,6 +38,7 @@ class ServingConfig:
     fresh_days: float = 14.0
     mmr_lambda: float = DIVERSIFY_CONFIG["mmr_lambda"]  # one default for serving and eval
     mmr_pool: int = DIVERSIFY_CONFIG["mmr_pool"]
+    mmr_similarity: str = DIVERSIFY_CONFIG["mmr_similarity"]  # "genre" | "embedding"
     genre_cap: int = DIVERSIFY_CONFIG["genre_cap"]
     calibration: float = DIVERSIFY_CONFIG["calibration"]
     intent_floor: int = DIVERSIFY_CONFIG["intent_floor"]

@@ -346,8 +346,8 @@ class Engine(ColdPath, WarmUpCheck):
             order = rerank(scores, pool.rows, self.item_vectors,
                            self.item_features.static[:, F.ITEM_GENRE_SLICE], q.k,
                            {"mmr_lambda": cfg.mmr_lambda, "mmr_pool": cfg.mmr_pool,
-                            "genre_cap": cfg.genre_cap, "calibration": cfg.calibration,
-                            "intent_floor": cfg.intent_floor},
+                            "mmr_similarity": cfg.mmr_similarity, "genre_cap": cfg.genre_cap,
+                            "calibration": cfg.calibration, "intent_floor": cfg.intent_floor},
                            self.session_retrieval.intent(history)
                            if cfg.calibration > 0 or cfg.intent_floor > 0 else None)
         picked = pool.take(order)

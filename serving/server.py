@@ -60,6 +60,7 @@ from tandem.contracts import recommender_v1_pb2 as pb  # noqa: E402
 from tandem.contracts import recommender_v1_pb2_grpc as pb_grpc  # noqa: E402
 from tandem.models.bundle import DELTAS, BundleManifest  # noqa: E402
 from tandem.policy.ab import Experiment, Variant  # noqa: E402
+from tandem.policy.diversify import SIMILARITIES  # noqa: E402
 
 log = logging.getLogger("serving")
 
@@ -199,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
                          store_breaker_failures=args.breaker_failures,
                          store_breaker_cooldown_s=args.breaker_cooldown_s,
                          genre_cap=args.genre_cap, calibration=args.calibration,
+                         mmr_similarity=args.mmr_similarity,
                          intent_floor=args.intent_floor, shadow_sample=args.shadow_sample,
                          deltas_dir=_deltas_dir(args))
 
@@ -327,6 +329,10 @@ def arg_parser() -> argparse.ArgumentParser:
                              "RESOURCE_EXHAUSTED")
     parser.add_argument("--mmr-lambda", type=float,
                         default=ServingConfig.mmr_lambda)
+    parser.add_argument("--mmr-similarity", choices=SIMILARITIES,
+                        default=ServingConfig.mmr_similarity,
+                        help="what MMR calls similar: the items' genre sets or their embeddings "
+                             "(tandem.policy.diversify)")
     parser.add_argument("--max-k", type=int, default=100)
     parser.add_argument("--genre-cap", type=int, default=ServingConfig.genre_cap,
                         help="at most this many items per genre in a list; 0 = off")

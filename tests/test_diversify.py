@@ -1,6 +1,7 @@
 """MMR: lambda 1 keeps the ranker's order, lower lambda spreads near-duplicates apart."""
 
 import numpy as np
+import pytest
 
 from tandem.policy.diversify import mmr
 
@@ -183,3 +184,27 @@ def test_rerank_applies_the_configured_intent_floor():
     np.testing.assert_array_equal(rerank(REL5, rows, VECS5, catalog_genres, 3, cfg, b_target),
                                   [0, 1, 3])
     np.testing.assert_array_equal(rerank(REL5, rows, VECS5, catalog_genres, 3, cfg), [0, 1, 2])
+
+
+def test_rerank_similarity_is_genre_sets_or_embeddings_as_configured():
+    """``mmr_similarity``: "genre" penalises a second item of the same genre set, "embedding" a
+    second item near in the served vectors; items 0 and 1 share genre A, items 0 and 2 share an
+    embedding direction."""
+    from tandem.policy.diversify import DIVERSIFY_CONFIG, rerank
+
+    rel, rows = np.array([3.0, 2.0, 1.0]), np.arange(3)
+    vectors = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    genres = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float32)
+    cfg = {**DIVERSIFY_CONFIG, "mmr_lambda": 0.5, "intent_floor": 0}
+    # step 2 with genres: item 1 = 0.5 * 0.5 - 0.5 * 1 = -0.25 < item 2 = 0 - 0.5 * 0 = 0
+    np.testing.assert_array_equal(
+        rerank(rel, rows, vectors, genres, 3, {**cfg, "mmr_similarity": "genre"}), [0, 2, 1])
+    # with embeddings: item 1 = 0.25 - 0 = 0.25 > item 2 = 0 - 0.5 * 1 = -0.5
+    np.testing.assert_array_equal(
+        rerank(rel, rows, vectors, genres, 3, {**cfg, "mmr_similarity": "embedding"}), [0, 1, 2])
+    assert DIVERSIFY_CONFIG["mmr_similarity"] == "embedding"
+    # no genres known: the embedding is all there is
+    np.testing.assert_array_equal(
+        rerank(rel, rows, vectors, None, 3, {**cfg, "mmr_similarity": "genre"}), [0, 1, 2])
+    with pytest.raises(ValueError, match="mmr_similarity"):
+        rerank(rel, rows, vectors, genres, 3, {**cfg, "mmr_similarity": "cosine"})

@@ -100,7 +100,7 @@ def test_evaluate_end_to_end_on_a_tiny_world():
     # the diversify sweep: every grid setting on both splits, the two-stage row is the chosen
     # setting's test row, the choice follows the rule on the validation rows only
     sweep, chosen = report["diversify_sweep"], report["diversify_chosen"]
-    n = len(DS.GRID["mmr_lambda"]) * len(DS.GRID["genre_cap"]) * len(DS.GRID["calibration"])
+    n = int(np.prod([len(values) for values in DS.GRID.values()]))
     assert [r["split"] for r in sweep].count("validation") == n == len(sweep) - n
     picked = [r for r in sweep if r["split"] == "test"
               and all(r[key] == chosen[key] for key in DS.KEYS)]
@@ -114,21 +114,25 @@ def test_evaluate_end_to_end_on_a_tiny_world():
 
 
 def test_sweep_choice_is_the_best_validation_ndcg_that_keeps_alss_breadth():
-    rows = [{"mmr_lambda": 1.0, "genre_cap": 0, "calibration": 0.0, "ndcg@10": 0.30,
-             "coverage@10": 0.2, "diversity@10": 0.5},   # most relevant, narrower than ALS
-            {"mmr_lambda": 0.9, "genre_cap": 0, "calibration": 1.0, "ndcg@10": 0.25,
-             "coverage@10": 0.4, "diversity@10": 0.7},
-            {"mmr_lambda": 0.7, "genre_cap": 2, "calibration": 0.0, "ndcg@10": 0.25,
-             "coverage@10": 0.5, "diversity@10": 0.8},   # as good: the earlier setting wins
-            {"mmr_lambda": 0.5, "genre_cap": 2, "calibration": 0.0, "ndcg@10": 0.20,
-             "coverage@10": 0.6, "diversity@10": 0.9}]
+    rows = [{"mmr_lambda": 1.0, "genre_cap": 0, "calibration": 0.0, "mmr_similarity": "genre",
+             "ndcg@10": 0.30, "coverage@10": 0.2, "diversity@10": 0.5},  # narrower than ALS
+            {"mmr_lambda": 0.9, "genre_cap": 0, "calibration": 1.0, "mmr_similarity": "genre",
+             "ndcg@10": 0.25, "coverage@10": 0.4, "diversity@10": 0.7},
+            {"mmr_lambda": 0.7, "genre_cap": 2, "calibration": 0.0,
+             "mmr_similarity": "embedding", "ndcg@10": 0.25, "coverage@10": 0.5,
+             "diversity@10": 0.8},   # as good: the earlier setting wins
+            {"mmr_lambda": 0.5, "genre_cap": 2, "calibration": 0.0, "mmr_similarity": "genre",
+             "ndcg@10": 0.20, "coverage@10": 0.6, "diversity@10": 0.9}]
     als = {"ndcg@10": 0.2, "coverage@10": 0.3, "diversity@10": 0.6}
-    default = {"mmr_lambda": 0.7, "mmr_pool": 100, "genre_cap": 0, "calibration": 1.0}
+    default = {"mmr_lambda": 0.7, "mmr_pool": 100, "genre_cap": 0, "calibration": 1.0,
+               "mmr_similarity": "embedding"}
     assert DS.choose(rows, als, default, 10) == (
-        {"mmr_lambda": 0.9, "genre_cap": 0, "calibration": 1.0}, True)
+        {"mmr_lambda": 0.9, "genre_cap": 0, "calibration": 1.0, "mmr_similarity": "genre"},
+        True)
     wide = {**als, "diversity@10": 0.95}  # nothing is as diverse: the default stays
     assert DS.choose(rows, wide, default, 10) == (
-        {"mmr_lambda": 0.7, "genre_cap": 0, "calibration": 1.0}, False)
+        {"mmr_lambda": 0.7, "genre_cap": 0, "calibration": 1.0, "mmr_similarity": "embedding"},
+        False)
     grid = DS.settings({"mmr_lambda": (1.0, 0.5), "genre_cap": (0, 2)}, default)
     assert [(g["mmr_lambda"], g["genre_cap"], g["calibration"], g["mmr_pool"])
             for g in grid] == [(1.0, 0, 1.0, 100), (1.0, 2, 1.0, 100), (0.5, 0, 1.0, 100),
@@ -136,6 +140,10 @@ def test_sweep_choice_is_the_best_validation_ndcg_that_keeps_alss_breadth():
     with_calibration = DS.settings({"mmr_lambda": (1.0,), "genre_cap": (0,),
                                     "calibration": (0.0, 3.0)}, default)
     assert [g["calibration"] for g in with_calibration] == [0.0, 3.0]
+    assert {g["mmr_similarity"] for g in grid} == {"embedding"}  # base's, as the grid has none
+    both = DS.settings({"mmr_lambda": (0.8,), "genre_cap": (0,),
+                        "mmr_similarity": ("genre", "embedding")}, default)
+    assert [g["mmr_similarity"] for g in both] == ["genre", "embedding"]
 
 
 def test_evaluate_tunes_every_model_on_the_inner_split_only(monkeypatch):

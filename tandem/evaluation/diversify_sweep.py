@@ -1,4 +1,5 @@
-"""Choosing the re-ranking setting (MMR lambda, genre cap, calibration) on a validation split.
+"""Choosing the re-ranking setting (MMR lambda, genre cap, calibration, MMR similarity) on a
+validation split.
 
 ``make eval`` ranks each user's candidates once and then re-ranks the same scores with every
 setting of a small grid (:data:`GRID`): re-ranking is cheap (``tandem.policy.diversify.rerank``, one
@@ -22,19 +23,24 @@ import pandas as pd
 
 from tandem.evaluation import metrics as M
 
-# lambda 1.0 = the ranker's order; cap 0 = no genre quota (tandem.policy.diversify)
+# lambda 1.0 = the ranker's order; cap 0 = no genre quota; MMR's similarity over the genre sets
+# or the served embeddings (tandem.policy.diversify)
 GRID: dict[str, tuple] = {"mmr_lambda": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
-                          "genre_cap": (0, 4, 3, 2), "calibration": (0.0, 1.0, 3.0)}
-KEYS = ("mmr_lambda", "genre_cap", "calibration")
+                          "genre_cap": (0, 4, 3, 2), "calibration": (0.0, 1.0, 3.0),
+                          "mmr_similarity": ("embedding", "genre")}
+KEYS = ("mmr_lambda", "genre_cap", "calibration", "mmr_similarity")
 
 
 def settings(grid: Mapping[str, Sequence], base: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every (mmr_lambda, genre_cap, calibration) of ``grid`` over ``base`` (``mmr_pool`` and
-    the rest), lambda-major in grid order; a grid without ``calibration`` keeps ``base``'s."""
+    """Every (mmr_lambda, genre_cap, calibration, mmr_similarity) of ``grid`` over ``base``
+    (``mmr_pool`` and the rest), lambda-major in grid order; a grid without ``calibration`` or
+    ``mmr_similarity`` keeps ``base``'s."""
     calibrations = grid.get("calibration", (base.get("calibration", 0.0),))
-    return [{**base, "mmr_lambda": float(lam), "genre_cap": int(cap), "calibration": float(c)}
-            for lam, cap, c in itertools.product(grid["mmr_lambda"], grid["genre_cap"],
-                                                 calibrations)]
+    similarities = grid.get("mmr_similarity", (base.get("mmr_similarity", "embedding"),))
+    return [{**base, "mmr_lambda": float(lam), "genre_cap": int(cap), "calibration": float(c),
+             "mmr_similarity": str(sim)}
+            for lam, cap, c, sim in itertools.product(grid["mmr_lambda"], grid["genre_cap"],
+                                                      calibrations, similarities)]
 
 
 def list_metrics(pred: pd.DataFrame, rel: pd.DataFrame, n_items: int,
@@ -48,8 +54,8 @@ def list_metrics(pred: pd.DataFrame, rel: pd.DataFrame, n_items: int,
 
 def choose(validation: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
            default: Mapping[str, Any], k: int) -> tuple[dict[str, Any], bool]:
-    """(the chosen ``{mmr_lambda, genre_cap, calibration}``, whether a setting met the rule)
-    from ``validation`` rows (those keys and their metrics, grid order) and the
+    """(the chosen ``{mmr_lambda, genre_cap, calibration, mmr_similarity}``, whether a setting
+    met the rule) from ``validation`` rows (those keys and their metrics, grid order) and the
     ALS ``baseline``'s metrics on the same users; ``default`` when none qualifies."""
     ndcg, cov, div = f"ndcg@{k}", f"coverage@{k}", f"diversity@{k}"
     ok = [r for r in validation if r[cov] >= baseline[cov] and r[div] >= baseline[div]]

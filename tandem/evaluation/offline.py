@@ -66,8 +66,9 @@ def group_intents(fitted: Fitted, catalog: Catalog, cands: pd.DataFrame,
 def diversified(fitted: Fitted, catalog: Catalog, cands: pd.DataFrame, ranked: np.ndarray,
                 k: int, cfg: dict[str, Any], intents: np.ndarray | None = None) -> np.ndarray:
     """Positions into ``cands`` of each user's ``k`` shown items, in the order shown: serving's
-    re-ranking (``tandem.policy.diversify.rerank``: MMR over serving's item vectors -- the
-    two-tower's, unit ALS factors without it -- the genre cap and the calibration to each user's
+    re-ranking (``tandem.policy.diversify.rerank``: MMR over the genre sets or serving's item
+    vectors -- the two-tower's, unit ALS factors without it -- as ``cfg["mmr_similarity"]``
+    says, the genre cap and the calibration to each user's
     session intent, ``intents`` of :func:`group_intents`; None: no calibration) on the ranker's
     scores. One call per user (the request path's own loop), never per candidate."""
     vectors = (fitted.tower.item_vectors() if fitted.tower is not None
@@ -408,7 +409,8 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
                       f"{cfg['ranker_splits']} nested inner temporal splits of training data "
                       "(explicit negatives kept); sources refit on full training data",
             "diversify": "serving's re-ranking (tandem.policy.diversify.rerank) of the ranked "
-                         "lists; with a sweep, its (mmr_lambda, genre_cap, calibration) is chosen "
+                         "lists; with a sweep, its (mmr_lambda, genre_cap, calibration, "
+                         "mmr_similarity) is chosen "
                          "on the first inner split's held-out users "
                          "(tandem.evaluation.diversify_sweep), never on test",
         },
@@ -421,7 +423,8 @@ def evaluate(data: Dataset, cfg: dict[str, Any] = EVAL_CONFIG,
                        "default_val_ndcg@10": r.default_value, "trials": r.trials}
                    for m, r in studies.items()},
         "diversify": {key: cfg["diversify"][key] for key in ("mmr_lambda", "mmr_pool",
-                                                              "genre_cap", "calibration")},
+                                                              "genre_cap", "calibration",
+                                                              "mmr_similarity")},
         "diversify_sweep": sweep,
         "diversify_chosen": chosen,
         "timings_s": {"tuning": t_tune, "ranker_train_total": t_ranker, **fitted.timings,

@@ -72,7 +72,11 @@ EVAL_CONFIG: dict[str, Any] = {
     "als": A.ALS_CONFIG,
     "ranker": R.RANKER_CONFIG,
     "ranker_negative_rate": 0.3,  # share of negative candidates kept for ranker training
-    "ranker_splits": 2,  # nested inner temporal splits the ranker's requests come from
+    # nested inner temporal splits the ranker's requests come from: each adds one labelled
+    # request per user, at an earlier time. On ml-100k a third (over two) raised the ranker's own
+    # NDCG@10 on the validation split from 0.200 to 0.207 and on test from 0.207 to 0.210 (means
+    # over three LightGBM seeds); each costs one more fit of the sources
+    "ranker_splits": 3,
     # TwoTowerConfig overrides; None disables the source. One thread: deterministic, and
     # OpenMP spinning made 2 threads ~10x slower on a busy 2-core machine.
     "two_tower": {"num_threads": 1},
