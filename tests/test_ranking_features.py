@@ -56,6 +56,24 @@ def test_recency_features_one_user_path_matches_batch_path_bit_for_bit(row):
         assert (serving[:, 3] > 0).any()  # co-occurrences were found, not only zeros
 
 
+def test_recency_features_in_chunks_equal_one_gather(monkeypatch):
+    """Training rows are gathered a chunk at a time (bounded memory); chunk boundaries change no
+    bit, NaN rows included."""
+    rng = np.random.default_rng(3)
+    vectors = RF.unit_rows(rng.normal(size=(300, 16)).astype(np.float32))
+    space = RF.ItemSpace(vectors, sp.random(300, 300, density=0.05, format="csr",
+                                             dtype=np.float32, random_state=3))
+    recent = rng.integers(0, 300, size=(40, 5))
+    recent[rng.random(recent.shape) < 0.3] = RF.PAD
+    recent[0] = RF.PAD  # a user without recent items: NaN row
+    items, users = rng.integers(0, 300, 1000), rng.integers(0, 40, 1000)
+    whole = RF.recency_features(items, users, recent, space)
+    monkeypatch.setattr(RF, "_RECENCY_CHUNK", 7)
+    chunked = RF.recency_features(items, users, recent, space)
+    assert np.isnan(whole[users == 0]).all() and not np.isnan(whole[users != 0, 1]).any()
+    np.testing.assert_array_equal(chunked, whole)
+
+
 def test_device_codes():
     codes = RF.device_codes(np.array(["web", None, "tv", "fridge", ""], dtype=object))
     assert codes.tolist() == [1.0, 0.0, 4.0, 5.0, 0.0]

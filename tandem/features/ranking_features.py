@@ -36,6 +36,7 @@ SOURCES: tuple[str, ...] = ("als", "two_tower", "popularity", "sequence", "conte
 N_RECENT = 5
 PAD = -1  # empty slot in a recent-items row
 _FEW_COLUMNS = 256  # ItemSpace.cooc_values slices columns up to this many distinct ones
+_RECENCY_CHUNK = 65_536  # rows whose recent items' vectors recency_features gathers at once
 DEVICES: tuple[str, ...] = ("web", "ios", "android", "tv")  # code 1..4; other 5; missing 0
 
 SOURCE_FEATURES: tuple[str, ...] = (
@@ -152,7 +153,14 @@ def recency_features(items: np.ndarray, user_rows: np.ndarray, recent: np.ndarra
         per_candidate = recent[user_rows]
         valid = per_candidate >= 0
         safe = np.where(valid, per_candidate, 0)
-        cos = np.einsum("nf,nrf->nr", space.unit_vectors[items], space.unit_vectors[safe])
+        # the [rows, R, f] gather a chunk at a time: for a night's training rows at once it was
+        # the ranker job's largest array (10m rung: ~5M rows x 5 x 64 x 4 B, train_ranker passed
+        # 11 GB); each row's cosines are computed exactly as before
+        cos = np.empty((n, r), dtype=space.unit_vectors.dtype)
+        for lo in range(0, n, _RECENCY_CHUNK):
+            part = slice(lo, lo + _RECENCY_CHUNK)
+            cos[part] = np.einsum("nf,nrf->nr", space.unit_vectors[items[part]],
+                                  space.unit_vectors[safe[part]])
         has = valid.any(axis=1)
     cooc = space.cooc_values(np.repeat(items, r), safe.ravel()).reshape(n, r)
     count = np.maximum(valid.sum(axis=1), 1)
