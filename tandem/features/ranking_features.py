@@ -153,9 +153,9 @@ def recency_features(items: np.ndarray, user_rows: np.ndarray, recent: np.ndarra
         per_candidate = recent[user_rows]
         valid = per_candidate >= 0
         safe = np.where(valid, per_candidate, 0)
-        # the [rows, R, f] gather a chunk at a time: for a night's training rows at once it was
-        # the ranker job's largest array (10m rung: ~5M rows x 5 x 64 x 4 B, train_ranker passed
-        # 11 GB); each row's cosines are computed exactly as before
+        # the [rows, R, f] gather a chunk at a time: all of a night's training rows at once is
+        # ~6 GB at ~5M rows x 5 x 64 x 4 B (10m rung: train_ranker passed 11 GB while in it);
+        # each row's cosines are computed exactly as before
         cos = np.empty((n, r), dtype=space.unit_vectors.dtype)
         for lo in range(0, n, _RECENCY_CHUNK):
             part = slice(lo, lo + _RECENCY_CHUNK)
