@@ -57,7 +57,7 @@ EPS = 1e-4  # floor of a bin's share: an empty bin on one side must not give an 
 
 
 def report_path(paths: Paths) -> Path:
-    return paths.root / "reports" / "skew.json"
+    return paths.skew_report
 
 
 def training_features(store, logged: pd.DataFrame) -> pd.DataFrame:

@@ -128,6 +128,12 @@ class Paths:
         return self.root / "serving" / "bundles"
 
     @property
+    def skew_report(self) -> Path:
+        """``reports/skew.json``: the nightly skew gate's report (``jobs/feature_skew.py``),
+        which ``make demo`` also prints."""
+        return self.root / "reports" / "skew.json"
+
+    @property
     def run(self) -> Path:
         """pid files and logs of the processes ``make demo`` starts (``make stop`` reads them)."""
         return self.root / "run"

@@ -60,13 +60,11 @@ def run_gate(paths: Paths, start: datetime, end: datetime, env: dict[str, str]
     """``python -m jobs.feature_skew`` over ``[start, end)`` (exit 1: above the threshold, or
     a crash); returns (the report it wrote for this interval, {} when none; its exit code; its
     stderr)."""
-    from jobs.feature_skew import report_path
-
     done = subprocess.run([sys.executable, "-m", "jobs.feature_skew", "--home", str(paths.root),
                            "--start", start.isoformat(), "--end", end.isoformat()],
                           env=processes.child_env(env), cwd=REPO_ROOT, capture_output=True,
                           text=True, check=False)
-    path = report_path(paths)
+    path = paths.skew_report
     report = json.loads(path.read_text()) if path.exists() else {}
     if report.get("interval") != [start.isoformat(), end.isoformat()]:
         report = {}  # an earlier run's report: this one crashed before writing its own
