@@ -767,7 +767,6 @@ def _naive_run(args: argparse.Namespace, w: dict, requests: list, report: dict) 
     return naive_lat
 
 
-
 def shadow_side_by_side(w: dict, args: argparse.Namespace, requests: list) -> dict:
     """The same fixed-rate run against two fresh servers, one after the other with the same
     warm-up, whose active experiment differs only by a shadow variant (the champion scoring a

@@ -32,7 +32,6 @@ import logging
 import os
 import sys
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,10 +53,6 @@ CROSS, HOUR, DEVICE = "genre_affinity_cross", "ctx_hour", "ctx_device_code"
 COMPARED: tuple[str, ...] = (*F.USER_FEATURES, *F.ITEM_FEATURES, *F.SESSION_FEATURES, CROSS,
                              HOUR, DEVICE)
 EPS = 1e-4  # floor of a bin's share: an empty bin on one side must not give an infinite PSI
-
-
-def report_path(paths: Paths) -> Path:
-    return paths.skew_report
 
 
 def training_features(store, logged: pd.DataFrame) -> pd.DataFrame:
@@ -146,7 +141,7 @@ def run(spark, paths: Paths, start: datetime, end: datetime, cfg: dict[str, Any]
     report = compare(logged, training, cfg)
     report["not_compared"] = sorted(set(names) - set(COMPARED))
     report["interval"] = [start.isoformat(), end.isoformat()]
-    out = report_path(paths)
+    out = paths.skew_report
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     log.info("feature skew [%s, %s): max PSI %.4f (threshold %.2f) over %d rows -> %s", start,

@@ -162,7 +162,7 @@ def test_a_logged_vector_equals_the_training_row_of_the_same_entity_and_time(
     assert report["passed"] and report["max_psi"] == 0.0 and report["rows"] == n
     assert all(f["mean_diff"] == 0.0 and f["n"] == n for f in report["features"].values())
     assert "als_score" in report["not_compared"]
-    assert FS.report_path(paths).exists()
+    assert paths.skew_report.exists()
 
 
 @pytest.mark.feast

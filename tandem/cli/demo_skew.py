@@ -110,5 +110,5 @@ def check(console, paths: Paths, env: dict[str, str], metrics_port: int, served_
         console.print(f"  skipped: {report['skipped']}")
     console.print(skew_table(report))
     console.print(f"  done in {time.monotonic() - t0:.1f}s ({landed} rows landed; report "
-                  f"{paths.root / 'reports' / 'skew.json'})")
+                  f"{paths.skew_report})")
     return report
